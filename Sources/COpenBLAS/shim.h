@@ -1,0 +1,2 @@
+// cblas.h lives in the openblas-pthread include dir that pkg-config names.
+#include <cblas.h>

@@ -1,0 +1,48 @@
+import Foundation
+
+// Pointwise nonlinearities, clamp and dropout. Backward is written from the saved output where
+// that suffices (relu, sigmoid), so the input need not be kept.
+
+public func relu(_ x: Tensor) -> Tensor {
+    let out = mapValues(x) { $0 > 0 ? $0 : 0 }
+    let od = out.detached()
+    record(out, "relu", [x]) { g in [zipValues(g, od) { $1 > 0 ? $0 : 0 }] }
+    return out
+}
+
+/// max(0, x) + slope * min(0, x); PyTorch's default slope is 0.01.
+public func leakyRelu(_ x: Tensor, slope: Float = 0.01) -> Tensor {
+    let out = mapValues(x) { $0 > 0 ? $0 : $0 * slope }
+    let xd = x.detached()
+    record(out, "leaky_relu", [x]) { g in [zipValues(g, xd) { $1 > 0 ? $0 : $0 * slope }] }
+    return out
+}
+
+public func sigmoid(_ x: Tensor) -> Tensor {
+    let out = mapValues(x) { 1 / (1 + Foundation.exp(-$0)) }
+    let od = out.detached()
+    record(out, "sigmoid", [x]) { g in [zipValues(g, od) { $0 * $1 * (1 - $1) }] }
+    return out
+}
+
+/// Values limited to [low, high]; the gradient passes where low <= x <= high (as torch.clamp).
+public func clamp(_ x: Tensor, min low: Float, max high: Float) -> Tensor {
+    precondition(low <= high, "clamp: min \(low) > max \(high)")
+    let out = mapValues(x) { Swift.min(Swift.max($0, low), high) }
+    let xd = x.detached()
+    record(out, "clamp", [x]) { g in [zipValues(g, xd) { ($1 >= low && $1 <= high) ? $0 : 0 }] }
+    return out
+}
+
+/// Zeroes each value with probability p and scales the rest by 1/(1-p) when training;
+/// the identity otherwise.
+public func dropout(_ x: Tensor, p: Float, training: Bool, rng: inout SeededGenerator) -> Tensor {
+    precondition(p >= 0 && p < 1, "dropout probability \(p) outside [0, 1)")
+    guard training, p > 0 else { return x }
+    let mask = Tensor(zeros: x.shape)
+    let scale = 1 / (1 - p)
+    for i in 0..<mask.count { mask.pointer[i] = rng.nextUnitFloat() < p ? 0 : scale }
+    let out = zipValues(x, mask) { $0 * $1 }
+    record(out, "dropout", [x]) { g in [zipValues(g, mask) { $0 * $1 }] }
+    return out
+}

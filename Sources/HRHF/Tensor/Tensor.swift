@@ -1,0 +1,140 @@
+import Foundation
+
+/// Owned float32 memory. Tensors that are views of one another (reshape, detach) share it.
+public final class TensorStorage: @unchecked Sendable {
+    public let count: Int
+    public let pointer: UnsafeMutablePointer<Float>
+
+    public init(count: Int) {
+        precondition(count >= 0, "negative storage size")
+        self.count = count
+        pointer = .allocate(capacity: max(count, 1))
+        pointer.initialize(repeating: 0, count: max(count, 1))
+    }
+
+    deinit { pointer.deallocate() }
+
+    public var buffer: UnsafeMutableBufferPointer<Float> {
+        UnsafeMutableBufferPointer(start: pointer, count: count)
+    }
+}
+
+/// A contiguous float32 tensor (NCHW for images) with reference semantics, like PyTorch's.
+/// When it was computed from tensors that require gradients while grad mode is on,
+/// `gradFn` holds the backward function that the tape walks.
+public final class Tensor: @unchecked Sendable {
+    public let shape: [Int]
+    public let storage: TensorStorage
+    /// True for leaves the user marked, and for every result computed from such a tensor.
+    public var requiresGrad: Bool
+    /// Accumulated gradient of a leaf after `backward()`.
+    public var grad: Tensor?
+    var gradFn: GradFn?
+
+    public var count: Int { storage.count }
+    public var rank: Int { shape.count }
+    public var pointer: UnsafeMutablePointer<Float> { storage.pointer }
+    public var buffer: UnsafeMutableBufferPointer<Float> { storage.buffer }
+    public var isLeaf: Bool { gradFn == nil }
+
+    public init(shape: [Int], storage: TensorStorage, requiresGrad: Bool = false) {
+        precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
+        precondition(shape.reduce(1, *) == storage.count,
+                     "shape \(shape) does not match storage of \(storage.count) elements")
+        self.shape = shape
+        self.storage = storage
+        self.requiresGrad = requiresGrad
+    }
+
+    /// Zero-filled tensor.
+    public convenience init(zeros shape: [Int], requiresGrad: Bool = false) {
+        self.init(shape: shape, storage: TensorStorage(count: shape.reduce(1, *)),
+                  requiresGrad: requiresGrad)
+    }
+
+    public convenience init(shape: [Int], repeating value: Float, requiresGrad: Bool = false) {
+        self.init(zeros: shape, requiresGrad: requiresGrad)
+        pointer.update(repeating: value, count: count)
+    }
+
+    public convenience init(shape: [Int], values: [Float], requiresGrad: Bool = false) {
+        precondition(shape.reduce(1, *) == values.count,
+                     "shape \(shape) needs \(shape.reduce(1, *)) values, got \(values.count)")
+        self.init(zeros: shape, requiresGrad: requiresGrad)
+        values.withUnsafeBufferPointer { pointer.update(from: $0.baseAddress!, count: values.count) }
+    }
+
+    public convenience init(scalar: Float) {
+        self.init(shape: [], values: [scalar])
+    }
+
+    /// Standard normal values from a seeded generator.
+    public static func randn(_ shape: [Int], std: Float = 1, rng: inout SeededGenerator,
+                             requiresGrad: Bool = false) -> Tensor {
+        let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
+        for i in 0..<t.count { t.pointer[i] = rng.nextNormal() * std }
+        return t
+    }
+
+    /// Uniform values in [low, high) from a seeded generator.
+    public static func uniform(_ shape: [Int], low: Float, high: Float, rng: inout SeededGenerator,
+                               requiresGrad: Bool = false) -> Tensor {
+        let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
+        for i in 0..<t.count { t.pointer[i] = low + (high - low) * rng.nextUnitFloat() }
+        return t
+    }
+
+    public var array: [Float] { Array(buffer) }
+
+    /// The single value of a one-element tensor.
+    public var item: Float {
+        precondition(count == 1, "item() needs one element, tensor has shape \(shape)")
+        return pointer[0]
+    }
+
+    /// A tensor sharing this one's memory, outside the autograd graph.
+    public func detached() -> Tensor { Tensor(shape: shape, storage: storage) }
+
+    /// A new tensor with its own copy of the values, outside the autograd graph.
+    public func copy() -> Tensor {
+        let t = Tensor(zeros: shape)
+        t.pointer.update(from: pointer, count: count)
+        return t
+    }
+
+    /// Copies values from a tensor of the same element count (in place, outside autograd).
+    public func assign(_ other: Tensor) {
+        precondition(other.count == count, "assign: \(other.shape) into \(shape)")
+        pointer.update(from: other.pointer, count: count)
+    }
+
+    public func fill(_ value: Float) { pointer.update(repeating: value, count: count) }
+
+    /// Marks a leaf as needing a gradient; returns self for chaining.
+    @discardableResult
+    public func requiringGrad(_ flag: Bool = true) -> Tensor {
+        requiresGrad = flag
+        return self
+    }
+
+    public func zeroGrad() { grad = nil }
+
+    subscript(_ n: Int, _ c: Int, _ h: Int, _ w: Int) -> Float {
+        get { pointer[((n * shape[1] + c) * shape[2] + h) * shape[3] + w] }
+        set { pointer[((n * shape[1] + c) * shape[2] + h) * shape[3] + w] = newValue }
+    }
+}
+
+extension Tensor: CustomStringConvertible {
+    public var description: String {
+        let shown = array.prefix(8).map { String(format: "%.5g", $0) }.joined(separator: ", ")
+        return "Tensor(shape: \(shape), values: [\(shown)\(count > 8 ? ", ..." : "")])"
+    }
+}
+
+/// Reads the four NCHW dimensions of a rank-4 tensor.
+@inline(__always)
+func nchw(_ t: Tensor, _ op: String) -> (n: Int, c: Int, h: Int, w: Int) {
+    precondition(t.rank == 4, "\(op) expects an NCHW tensor, got shape \(t.shape)")
+    return (t.shape[0], t.shape[1], t.shape[2], t.shape[3])
+}
