@@ -1,0 +1,141 @@
+import Foundation
+
+/// torch.nn.Conv2d: parameters `weight` (Cout x Cin/groups x k x k) and optional `bias`,
+/// initialised as PyTorch does (Kaiming-uniform with a = sqrt(5), bias U(-1/sqrt(fan_in), ..)).
+public final class Conv2d: Module {
+    public let weight: Tensor
+    public let bias: Tensor?
+    public let stride: (Int, Int), padding: (Int, Int), dilation: (Int, Int), groups: Int
+
+    public init(_ inChannels: Int, _ outChannels: Int, kernelSize: Int, stride: Int = 1, padding: Int = 0,
+                dilation: Int = 1, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
+        precondition(inChannels % groups == 0 && outChannels % groups == 0, "Conv2d: channels not divisible by groups")
+        self.stride = (stride, stride)
+        self.padding = (padding, padding)
+        self.dilation = (dilation, dilation)
+        self.groups = groups
+        let fanIn = inChannels / groups * kernelSize * kernelSize
+        let bound = 1 / Float(fanIn).squareRoot()
+        weight = Tensor.uniform([outChannels, inChannels / groups, kernelSize, kernelSize],
+                                low: -bound, high: bound, rng: &rng)
+        self.bias = bias ? Tensor.uniform([outChannels], low: -bound, high: bound, rng: &rng) : nil
+        super.init()
+        registerParameter("weight", weight)
+        if let b = self.bias { registerParameter("bias", b) }
+    }
+
+    public var outChannels: Int { weight.shape[0] }
+
+    public override func forward(_ x: Tensor) -> Tensor {
+        conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding, dilation: dilation, groups: groups)
+    }
+}
+
+/// Input statistics of one batch-norm layer, recorded during a forward pass with gradient:
+/// the per-channel mean and biased variance over (N, H, W), beside the layer's running ones.
+public struct BatchNormInputStatistics {
+    public var layer: String
+    public var mean: Tensor
+    public var variance: Tensor
+    public var runningMean: Tensor
+    public var runningVar: Tensor
+}
+
+/// torch.nn.BatchNorm2d: `weight`, `bias`, buffers `running_mean`, `running_var` and
+/// `num_batches_tracked` (absent in MiB's inplace-ABN layers: `tracksBatches: false`).
+public final class BatchNorm2d: Module {
+    public let weight: Tensor, bias: Tensor
+    public let runningMean: Tensor, runningVar: Tensor
+    public let numBatchesTracked: Tensor?
+    public var momentum: Float, eps: Float
+    /// Called with the layer's input on every forward while set (the statistics hook).
+    public var inputObserver: ((Tensor) -> Void)?
+
+    public init(_ channels: Int, eps: Float = 1e-5, momentum: Float = 0.1, tracksBatches: Bool = true) {
+        weight = Tensor(shape: [channels], repeating: 1)
+        bias = Tensor(zeros: [channels])
+        runningMean = Tensor(zeros: [channels])
+        runningVar = Tensor(shape: [channels], repeating: 1)
+        numBatchesTracked = tracksBatches ? Tensor(zeros: []) : nil
+        self.eps = eps
+        self.momentum = momentum
+        super.init()
+        registerParameter("weight", weight)
+        registerParameter("bias", bias)
+        registerBuffer("running_mean", runningMean)
+        registerBuffer("running_var", runningVar)
+        if let n = numBatchesTracked { registerBuffer("num_batches_tracked", n) }
+    }
+
+    public override func forward(_ x: Tensor) -> Tensor {
+        inputObserver?(x)
+        if training, let n = numBatchesTracked { n.pointer[0] += 1 }
+        return batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
+                           training: training, momentum: momentum, eps: eps)
+    }
+}
+
+/// Records the input statistics of every batch-norm layer of a model during forward passes
+/// (DeepInversion's feature-statistics prior). The statistics are differentiable with
+/// respect to the input image. Detach when done.
+public final class BatchNormStatisticsRecorder {
+    private var layers: [(String, BatchNorm2d)] = []
+    public private(set) var records: [BatchNormInputStatistics] = []
+
+    public init(attachingTo model: Module) {
+        layers = model.namedModules().compactMap { name, m in (m as? BatchNorm2d).map { (name, $0) } }
+        for (name, bn) in layers {
+            bn.inputObserver = { [unowned self] x in
+                let mu = mean(x, axes: [0, 2, 3])
+                let centered = x - reshape(mu, [1, -1, 1, 1])
+                let variance = mean(square(centered), axes: [0, 2, 3])
+                self.records.append(BatchNormInputStatistics(layer: name, mean: mu, variance: variance,
+                                                             runningMean: bn.runningMean, runningVar: bn.runningVar))
+            }
+        }
+    }
+
+    public var layerCount: Int { layers.count }
+
+    /// Forgets the records of the previous forward pass.
+    public func reset() { records.removeAll() }
+
+    public func detach() {
+        for (_, bn) in layers { bn.inputObserver = nil }
+        layers.removeAll()
+        records.removeAll()
+    }
+
+    deinit { for (_, bn) in layers { bn.inputObserver = nil } }
+}
+
+public final class ReLU: Module {
+    public override func forward(_ x: Tensor) -> Tensor { relu(x) }
+}
+
+public final class LeakyReLU: Module {
+    public let slope: Float
+    public init(slope: Float = 0.01) {
+        self.slope = slope
+        super.init()
+    }
+    public override func forward(_ x: Tensor) -> Tensor { leakyRelu(x, slope: slope) }
+}
+
+public final class Identity: Module {
+    public override func forward(_ x: Tensor) -> Tensor { x }
+}
+
+/// torch.nn.Dropout with its own seeded generator.
+public final class Dropout: Module {
+    public let p: Float
+    private var rng: SeededGenerator
+
+    public init(p: Float, seed: UInt64 = 0) {
+        self.p = p
+        rng = SeededGenerator(seed: seed)
+        super.init()
+    }
+
+    public override func forward(_ x: Tensor) -> Tensor { dropout(x, p: p, training: training, rng: &rng) }
+}

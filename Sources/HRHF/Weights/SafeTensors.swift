@@ -1,0 +1,205 @@
+import Foundation
+
+/// A failure reading or writing a weight file, naming the file and, where it applies, the key.
+public struct WeightFileError: Error, CustomStringConvertible, Equatable {
+    public var file: String
+    public var key: String?
+    public var problem: String
+
+    public init(file: String, key: String? = nil, _ problem: String) {
+        self.file = file
+        self.key = key
+        self.problem = problem
+    }
+
+    public var description: String {
+        if let key { return "\(file): \(key): \(problem)" }
+        return "\(file): \(problem)"
+    }
+}
+
+/// Element types a tensor file may hold; all are converted to float32 on reading.
+public enum StoredDType: String, Sendable, CaseIterable {
+    case f32 = "F32", f16 = "F16", bf16 = "BF16", f64 = "F64"
+    case i64 = "I64", i32 = "I32", i16 = "I16", i8 = "I8", u8 = "U8", bool = "BOOL"
+
+    public var byteSize: Int {
+        switch self {
+        case .f64, .i64: return 8
+        case .f32, .i32: return 4
+        case .f16, .bf16, .i16: return 2
+        case .i8, .u8, .bool: return 1
+        }
+    }
+
+    /// Converts `count` little-endian values at `raw` into float32.
+    func decode(_ raw: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
+        switch self {
+        case .f32: for i in 0..<count { out[i] = Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self))) }
+        case .f64: for i in 0..<count { out[i] = Float(Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)))) }
+        case .f16: for i in 0..<count { out[i] = Float(halfBits: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) }
+        case .bf16: for i in 0..<count { out[i] = Float(bitPattern: UInt32(UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) << 16) }
+        case .i64: for i in 0..<count { out[i] = Float(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self))) }
+        case .i32: for i in 0..<count { out[i] = Float(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self))) }
+        case .i16: for i in 0..<count { out[i] = Float(Int16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: Int16.self))) }
+        case .i8: for i in 0..<count { out[i] = Float(raw.load(fromByteOffset: i, as: Int8.self)) }
+        case .u8, .bool: for i in 0..<count { out[i] = Float(raw.load(fromByteOffset: i, as: UInt8.self)) }
+        }
+    }
+}
+
+extension Float {
+    /// IEEE 754 half precision to single, without relying on Float16 support of the platform.
+    init(halfBits h: UInt16) {
+        let sign = UInt32(h >> 15) << 31
+        let exponent = Int((h >> 10) & 0x1F), mantissa = UInt32(h & 0x3FF)
+        if exponent == 0 {
+            // Zero or subnormal: mantissa * 2^-24.
+            let magnitude = Float(mantissa) * Float(sign: .plus, exponent: -24, significand: 1)
+            self = sign != 0 ? -magnitude : magnitude
+        } else if exponent == 31 {
+            self = Float(bitPattern: sign | 0x7F80_0000 | (mantissa << 13))
+        } else {
+            self = Float(bitPattern: sign | UInt32(exponent - 15 + 127) << 23 | (mantissa << 13))
+        }
+    }
+}
+
+/// A safetensors file: named float32 tensors in order, plus string metadata.
+public struct SafeTensorsFile {
+    public var tensors: [(name: String, tensor: Tensor)]
+    public var metadata: [String: String]
+
+    public init(tensors: [(name: String, tensor: Tensor)], metadata: [String: String] = [:]) {
+        self.tensors = tensors
+        self.metadata = metadata
+    }
+
+    public subscript(_ name: String) -> Tensor? { tensors.first { $0.name == name }?.tensor }
+
+    /// Reads a safetensors file, converting every dtype to float32 and checking every offset.
+    public static func read(_ url: URL) throws -> SafeTensorsFile {
+        let data: Data
+        do { data = try Data(contentsOf: url, options: .alwaysMapped) } catch {
+            throw WeightFileError(file: url.path, "cannot read: \(error.localizedDescription)")
+        }
+        return try parse(data, file: url.path)
+    }
+
+    /// Header bigger than this is refused (the format's own reader limit is 100 MB).
+    static let maxHeaderBytes = 100_000_000
+
+    public static func parse(_ data: Data, file: String) throws -> SafeTensorsFile {
+        guard data.count >= 8 else {
+            throw WeightFileError(file: file, "too short for a safetensors header (\(data.count) bytes)")
+        }
+        let headerSize = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        guard headerSize <= UInt64(maxHeaderBytes), 8 + Int(headerSize) <= data.count else {
+            throw WeightFileError(file: file, "header length \(headerSize) exceeds the file (\(data.count) bytes)")
+        }
+        let headerData = data.subdata(in: 8..<(8 + Int(headerSize)))
+        guard let header = (try? JSONSerialization.jsonObject(with: headerData)) as? [String: Any] else {
+            throw WeightFileError(file: file, "header is not a JSON object")
+        }
+        let payloadStart = 8 + Int(headerSize), payloadSize = data.count - payloadStart
+        var metadata: [String: String] = [:]
+        if let meta = header["__metadata__"] {
+            guard let m = meta as? [String: String] else {
+                throw WeightFileError(file: file, key: "__metadata__", "must map strings to strings")
+            }
+            metadata = m
+        }
+        var entries: [(name: String, dtype: StoredDType, shape: [Int], start: Int, end: Int)] = []
+        for (name, value) in header where name != "__metadata__" {
+            guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
+                  let shapeAny = info["shape"] as? [Any], let offsets = info["data_offsets"] as? [Any],
+                  offsets.count == 2 else {
+                throw WeightFileError(file: file, key: name, "entry needs dtype, shape and two data_offsets")
+            }
+            guard let dtype = StoredDType(rawValue: dtypeName) else {
+                throw WeightFileError(file: file, key: name, "unsupported dtype \(dtypeName)")
+            }
+            let shape = shapeAny.compactMap { ($0 as? NSNumber)?.intValue }
+            let bounds = offsets.compactMap { ($0 as? NSNumber)?.intValue }
+            guard shape.count == shapeAny.count, shape.allSatisfy({ $0 >= 0 }), bounds.count == 2 else {
+                throw WeightFileError(file: file, key: name, "shape and offsets must be non-negative integers")
+            }
+            var count = 1
+            for d in shape {
+                let (product, overflow) = count.multipliedReportingOverflow(by: d)
+                guard !overflow, product <= payloadSize else {
+                    throw WeightFileError(file: file, key: name, "shape \(shape) is larger than the file")
+                }
+                count = product
+            }
+            guard bounds[0] >= 0, bounds[0] <= bounds[1], bounds[1] <= payloadSize else {
+                throw WeightFileError(file: file, key: name,
+                                      "data offsets \(bounds) outside the data section of \(payloadSize) bytes")
+            }
+            guard bounds[1] - bounds[0] == count * dtype.byteSize else {
+                throw WeightFileError(file: file, key: name,
+                                      "holds \(bounds[1] - bounds[0]) bytes, shape \(shape) of \(dtypeName) needs \(count * dtype.byteSize)")
+            }
+            entries.append((name, dtype, shape, bounds[0], bounds[1]))
+        }
+        entries.sort { $0.start != $1.start ? $0.start < $1.start : $0.name < $1.name }
+        for (a, b) in zip(entries, entries.dropFirst()) where a.end > b.start {
+            throw WeightFileError(file: file, key: b.name, "data overlaps that of \(a.name)")
+        }
+        let tensors: [(String, Tensor)] = data.withUnsafeBytes { raw in
+            entries.map { e in
+                let t = Tensor(zeros: e.shape)
+                e.dtype.decode(raw.baseAddress! + payloadStart + e.start, count: t.count, into: t.pointer)
+                return (e.name, t)
+            }
+        }
+        return SafeTensorsFile(tensors: tensors, metadata: metadata)
+    }
+
+    /// The file's bytes: float32 tensors in the given order, header keys sorted, header padded
+    /// with spaces to 8-byte alignment. The same content always gives the same bytes.
+    public func serialized() throws -> Data {
+        var header: [String: Any] = [:]
+        var offset = 0
+        for (name, t) in tensors {
+            guard header[name] == nil, name != "__metadata__" else {
+                throw WeightFileError(file: "safetensors", key: name, "duplicate or reserved tensor name")
+            }
+            header[name] = ["dtype": "F32", "shape": t.shape, "data_offsets": [offset, offset + 4 * t.count]]
+            offset += 4 * t.count
+        }
+        if !metadata.isEmpty { header["__metadata__"] = metadata }
+        var json = try JSONSerialization.data(withJSONObject: header, options: [.sortedKeys, .withoutEscapingSlashes])
+        while json.count % 8 != 0 { json.append(0x20) }
+        var out = Data(capacity: 8 + json.count + offset)
+        withUnsafeBytes(of: UInt64(json.count).littleEndian) { out.append(contentsOf: $0) }
+        out.append(json)
+        for (_, t) in tensors {
+            // Little-endian hosts only (x86-64, arm64): the float bits are written as they are.
+            out.append(UnsafeBufferPointer(start: t.pointer, count: t.count))
+        }
+        return out
+    }
+
+    /// Writes to `NAME.partial` and renames when complete.
+    public func write(to url: URL) throws {
+        try writeAtomically(try serialized(), to: url)
+    }
+}
+
+/// Writes `data` to `url.partial`, then renames it over `url`, so a reader never sees half a file.
+public func writeAtomically(_ data: Data, to url: URL) throws {
+    let partial = URL(fileURLWithPath: url.path + ".partial")
+    do {
+        try data.write(to: partial)
+    } catch {
+        try? FileManager.default.removeItem(at: partial)
+        throw WeightFileError(file: url.path, "cannot write: \(error.localizedDescription)")
+    }
+    // rename(2) replaces the target in one step.
+    guard rename(partial.path, url.path) == 0 else {
+        let reason = String(cString: strerror(errno))
+        try? FileManager.default.removeItem(at: partial)
+        throw WeightFileError(file: url.path, "cannot rename the finished file into place: \(reason)")
+    }
+}

@@ -1,0 +1,118 @@
+import XCTest
+@testable import HRHF
+
+final class AutogradTests: XCTestCase {
+    func testNoGradScopeRecordsNothing() {
+        let x = randn([2, 3], seed: 1).requiringGrad()
+        let y = withNoGrad { exp(x) * 2 }
+        XCTAssertFalse(y.requiresGrad)
+        XCTAssertNil(y.gradFn)
+        XCTAssertTrue(GradMode.isEnabled, "grad mode restored after the scope")
+        let z = exp(x) * 2
+        XCTAssertTrue(z.requiresGrad)
+    }
+
+    func testInputOnlyGradientLeavesFrozenWeightsAlone() {
+        var rng = SeededGenerator(seed: 2)
+        let model = Sequential([Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
+                                Conv2d(4, 2, kernelSize: 1, rng: &rng)])
+        model.eval()
+        model.setRequiresGrad(false)
+        let x = randn([1, 3, 6, 6], seed: 3).requiringGrad()
+        sum(model(x)).backward()
+        XCTAssertNotNil(x.grad)
+        XCTAssertGreaterThan(x.grad!.array.map { Swift.abs($0) }.max()!, 0)
+        for (name, p) in model.namedParameters() { XCTAssertNil(p.grad, "\(name) of a frozen model got a gradient") }
+    }
+
+    func testWeightOnlyAndBothGradients() {
+        var rng = SeededGenerator(seed: 4)
+        let conv = Conv2d(2, 3, kernelSize: 3, padding: 1, rng: &rng)
+        let x = randn([1, 2, 4, 4], seed: 5)
+        sum(conv(x)).backward()
+        XCTAssertNil(x.grad)
+        XCTAssertNotNil(conv.weight.grad)
+        XCTAssertNotNil(conv.bias?.grad)
+        // Bias gradient of sum(conv(x)) is the number of output positions.
+        XCTAssertEqual(conv.bias!.grad!.array, [16, 16, 16])
+    }
+
+    func testGradientsAccumulateAcrossBackwardCallsAndReusedInputs() {
+        let x = Tensor(shape: [3], values: [1, 2, -3]).requiringGrad()
+        sum(x * x).backward()
+        XCTAssertEqual(x.grad!.array, [2, 4, -6])
+        sum(x * 3 + x).backward()
+        XCTAssertEqual(x.grad!.array, [6, 8, -2], "second backward adds 4 to each, as PyTorch accumulates")
+    }
+
+    func testDeepGraphDoesNotOverflowTheStack() {
+        let x = Tensor(shape: [1], values: [0.5]).requiringGrad()
+        var y = x
+        for _ in 0..<20_000 { y = y * 1.0001 }
+        y.backward()
+        XCTAssertEqual(x.grad!.item, pow(1.0001, 20_000), accuracy: 1e-2)
+    }
+
+    func testGraphIsReleasedAfterBackward() {
+        weak var intermediate: Tensor?
+        let x = randn([4], seed: 6).requiringGrad()
+        do {
+            let mid = exp(x)
+            intermediate = mid
+            let loss = sum(mid * 2)
+            loss.backward()
+        }
+        XCTAssertNil(intermediate, "intermediates are freed with the graph (no reference cycles)")
+    }
+
+    func testResultsDoNotDependOnThreadCount() {
+        func run(threads: Int) -> [[Float]] {
+            let saved = ParallelConfig.threads
+            ParallelConfig.threads = threads
+            defer { ParallelConfig.threads = saved }
+            var rng = SeededGenerator(seed: 7)
+            let conv = Conv2d(8, 8, kernelSize: 3, padding: 2, dilation: 2, rng: &rng)
+            let bn = BatchNorm2d(8)
+            let x = randn([2, 8, 40, 40], seed: 8).requiringGrad()
+            let y = softmax(resizeBilinear(bn(conv(x)), size: (57, 61)))
+            sum(y * y).backward()
+            return [y.array, x.grad!.array, conv.weight.grad!.array, bn.weight.grad!.array]
+        }
+        let one = run(threads: 1), two = run(threads: 2), four = run(threads: 4)
+        for i in 0..<one.count {
+            let a = Tensor(shape: [one[i].count], values: one[i])
+            // The toolkit's own kernels partition work without reordering sums; OpenBLAS may
+            // split its products differently, which moves the last bits only.
+            XCTAssertLessThanOrEqual(relativeError(Tensor(shape: [two[i].count], values: two[i]), a), 1e-5)
+            XCTAssertLessThanOrEqual(relativeError(Tensor(shape: [four[i].count], values: four[i]), a), 1e-5)
+        }
+    }
+
+    func testModuleStateDictNamesFollowPyTorch() {
+        var rng = SeededGenerator(seed: 9)
+        let down = Sequential([Conv2d(4, 8, kernelSize: 1, bias: false, rng: &rng), BatchNorm2d(8)])
+        let block = BasicBlock(inplanes: 4, planes: 8, downsample: down, rng: &rng)
+        XCTAssertEqual(block.stateDict().map(\.name), [
+            "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked",
+            "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked",
+            "downsample.0.weight", "downsample.1.weight", "downsample.1.bias", "downsample.1.running_mean",
+            "downsample.1.running_var", "downsample.1.num_batches_tracked",
+        ])
+    }
+
+    func testLoadStateDictReportsEveryProblemAndChangesNothing() {
+        var rng = SeededGenerator(seed: 10)
+        let conv = Conv2d(2, 3, kernelSize: 3, rng: &rng)
+        let before = conv.weight.array
+        var values = ["weight": Tensor(zeros: [3, 2, 3, 3]), "extra.weight": Tensor(zeros: [1])]
+        XCTAssertThrowsError(try conv.loadStateDict(values, source: "m.pth")) { error in
+            let text = "\(error)"
+            XCTAssertTrue(text.contains("m.pth") && text.contains("missing keys: bias") && text.contains("unexpected keys: extra.weight"), text)
+        }
+        values = ["weight": Tensor(zeros: [3, 2, 1, 1]), "bias": Tensor(zeros: [3])]
+        XCTAssertThrowsError(try conv.loadStateDict(values)) { error in
+            XCTAssertTrue("\(error)".contains("weight: shape [3, 2, 1, 1] where the model has [3, 2, 3, 3]"), "\(error)")
+        }
+        XCTAssertEqual(conv.weight.array, before)
+    }
+}

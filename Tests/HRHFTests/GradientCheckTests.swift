@@ -1,0 +1,172 @@
+import XCTest
+@testable import HRHF
+
+/// Finite-difference checks of every differentiable op (tolerances in `checkGradients`).
+final class GradientCheckTests: XCTestCase {
+    /// Values at least 0.1 away from zero, so kinks (relu, abs) are not straddled by the step.
+    func awayFromZero(_ shape: [Int], seed: UInt64) -> Tensor {
+        let t = randn(shape, seed: seed)
+        for i in 0..<t.count { t.pointer[i] = (t.pointer[i] < 0 ? -0.1 : 0.1) + t.pointer[i] }
+        return t
+    }
+
+    /// A shuffled ramp: distinct values 0.05 apart, so no max or top-k choice flips under the step.
+    func distinctValues(_ shape: [Int], seed: UInt64) -> Tensor {
+        var rng = SeededGenerator(seed: seed)
+        let n = shape.reduce(1, *)
+        var values = (0..<n).map { Float($0) * 0.05 - Float(n) * 0.025 }
+        values.shuffle(using: &rng)
+        return Tensor(shape: shape, values: values)
+    }
+
+    func testBroadcastArithmetic() {
+        let shapes: [([Int], [Int])] = [([2, 3, 4, 5], [2, 3, 4, 5]), ([2, 3, 4, 5], [1, 3, 1, 1]),
+                                        ([2, 1, 4, 5], [2, 3, 1, 5]), ([3, 4], [1]), ([2, 3, 2, 2], [3, 1, 1])]
+        for (i, (sa, sb)) in shapes.enumerated() {
+            let a = randn(sa, seed: UInt64(10 + i)), b = randn(sb, seed: UInt64(20 + i))
+            checkGradients([a, b]) { $0[0] + $0[1] }
+            checkGradients([a, b]) { $0[0] - $0[1] }
+            checkGradients([a, b]) { $0[0] * $0[1] }
+            let positive = mapValues(b) { 1.5 + Swift.abs($0) }
+            checkGradients([a, positive]) { $0[0] / $0[1] }
+        }
+        let a = randn([2, 3, 2, 2], seed: 3)
+        checkGradients([a]) { 2.5 * $0[0] - 1 }
+        checkGradients([a]) { 3 - $0[0] / 4 }
+    }
+
+    func testUnaryMaps() {
+        let x = randn([2, 3, 4], seed: 4)
+        let positive = mapValues(x) { 0.5 + Swift.abs($0) }
+        checkGradients([x]) { exp($0[0]) }
+        checkGradients([positive]) { log($0[0]) }
+        checkGradients([positive]) { sqrt($0[0]) }
+        checkGradients([x]) { square($0[0]) }
+        checkGradients([awayFromZero([2, 3, 4], seed: 5)]) { abs($0[0]) }
+        checkGradients([positive]) { pow($0[0], 1.7) }
+        checkGradients([x]) { sigmoid($0[0]) }
+    }
+
+    func testActivations() {
+        let x = awayFromZero([2, 3, 5, 4], seed: 6)
+        checkGradients([x]) { relu($0[0]) }
+        checkGradients([x]) { leakyRelu($0[0], slope: 0.01) }
+        checkGradients([x]) { leakyRelu($0[0], slope: 0.2) }
+        // Bounds chosen away from every value (all values are >= 0.1 from 0, and +-0.05 is too).
+        checkGradients([x]) { clamp($0[0], min: -0.05, max: 0.05) }
+        checkGradients([x]) { clamp($0[0], min: -0.7, max: 1.2) }
+        checkGradients([x]) { xs in
+            var rng = SeededGenerator(seed: 7)
+            return dropout(xs[0], p: 0.3, training: true, rng: &rng)
+        }
+    }
+
+    func testConvolutionCombinations() {
+        // (Cin, Cout, k, stride, padding, dilation, groups, bias)
+        let cases: [(Int, Int, Int, Int, Int, Int, Int, Bool)] = [
+            (3, 4, 3, 1, 1, 1, 1, true), (4, 6, 3, 2, 1, 1, 1, false), (4, 4, 3, 1, 2, 2, 1, true),
+            (6, 4, 3, 1, 1, 1, 2, true), (4, 4, 3, 2, 3, 3, 4, false), (5, 3, 1, 1, 0, 1, 1, true),
+            (4, 2, 1, 2, 0, 1, 1, false), (2, 3, 5, 2, 2, 1, 1, true), (3, 2, 3, 1, 0, 1, 1, true),
+        ]
+        for (i, c) in cases.enumerated() {
+            let x = randn([2, c.0, 7, 6], seed: UInt64(30 + i))
+            let w = randn([c.1, c.0 / c.6, c.2, c.2], seed: UInt64(40 + i), std: 0.3)
+            var inputs = [x, w]
+            if c.7 { inputs.append(randn([c.1], seed: UInt64(50 + i))) }
+            checkGradients(inputs, samples: 8) { t in
+                conv2d(t[0], weight: t[1], bias: t.count > 2 ? t[2] : nil, stride: (c.3, c.3),
+                       padding: (c.4, c.4), dilation: (c.5, c.5), groups: c.6)
+            }
+        }
+    }
+
+    func testBatchNormTrainAndEval() {
+        let x = randn([3, 4, 3, 5], seed: 60)
+        let w = randn([4], seed: 61), b = randn([4], seed: 62)
+        let rm = randn([4], seed: 63, std: 0.2), rv = mapValues(randn([4], seed: 64)) { 0.5 + Swift.abs($0) }
+        checkGradients([x, w, b]) { t in
+            batchNorm2d(t[0], weight: t[1], bias: t[2], runningMean: nil, runningVar: nil, training: true)
+        }
+        checkGradients([x, w, b]) { t in
+            batchNorm2d(t[0], weight: t[1], bias: t[2], runningMean: rm, runningVar: rv, training: false)
+        }
+    }
+
+    func testPoolingAndResize() {
+        checkGradients([distinctValues([2, 3, 9, 8], seed: 70)]) { maxPool2d($0[0], kernel: 3, stride: 2, padding: 1) }
+        checkGradients([distinctValues([1, 2, 6, 6], seed: 71)]) { maxPool2d($0[0], kernel: 2, stride: 2, padding: 0) }
+        checkGradients([randn([2, 3, 5, 4], seed: 72)]) { adaptiveAvgPool1x1($0[0]) }
+        checkGradients([randn([2, 2, 5, 7], seed: 73)]) { resizeBilinear($0[0], size: (11, 9)) }
+        checkGradients([randn([2, 2, 13, 10], seed: 74)]) { resizeBilinear($0[0], size: (4, 3)) }
+    }
+
+    func testSoftmaxFamily() {
+        let x = randn([2, 5, 3, 4], seed: 80, std: 2)
+        checkGradients([x]) { softmax($0[0]) }
+        checkGradients([x]) { logSoftmax($0[0]) }
+        checkGradients([x]) { logSumExp($0[0]) }
+        checkGradients([randn([4, 6], seed: 81)]) { logSoftmax($0[0]) }
+    }
+
+    func testCrossEntropyWithIgnoreAndWeights() {
+        var rng = SeededGenerator(seed: 90)
+        let x = randn([2, 4, 3, 5], seed: 91, std: 2)
+        let target = Labels(shape: [2, 3, 5], values: (0..<30).map { _ in
+            rng.nextUnitFloat() < 0.2 ? 255 : Int32(rng.next() % 4)
+        })
+        let weights = Tensor.uniform([2, 3, 5], low: 0.5, high: 2, rng: &rng)
+        XCTAssertTrue(target.values.contains(255) && target.values.contains(0))
+        checkGradients([x]) { crossEntropy($0[0], target) }
+        checkGradients([x]) { crossEntropy($0[0], target, pixelWeights: weights) }
+        checkGradients([x]) { crossEntropy($0[0], target, reduction: .sum) }
+        checkGradients([x]) { crossEntropy($0[0], target, pixelWeights: weights, reduction: .none) }
+    }
+
+    func testReductions() {
+        let x = randn([2, 3, 4, 5], seed: 100)
+        checkGradients([x]) { sum($0[0], axes: [1]) }
+        checkGradients([x]) { sum($0[0], axes: [0, 2, 3], keepDims: true) }
+        checkGradients([x]) { mean($0[0], axes: [-1, -2]) }
+        checkGradients([x]) { mean($0[0]) }
+        checkGradients([x]) { sum($0[0]) }
+    }
+
+    func testSpatialTopK() {
+        let x = distinctValues([2, 3, 4, 5], seed: 110)
+        checkGradients([x], samples: 40) { spatialTopK($0[0], k: 6).values }
+        checkGradients([x]) { mean(spatialTopK($0[0], k: 1).values) }
+    }
+
+    func testShapeOps() {
+        let a = randn([2, 3, 4, 5], seed: 120), b = randn([2, 2, 4, 5], seed: 121)
+        checkGradients([a]) { roll($0[0], dy: 1, dx: -2) }
+        checkGradients([a]) { roll($0[0], dy: -5, dx: 7) }
+        checkGradients([a]) { flipHorizontal($0[0]) }
+        checkGradients([a]) { flipVertical($0[0]) }
+        checkGradients([a, b]) { concatChannels([$0[0], $0[1]]) }
+        checkGradients([a]) { sliceChannels($0[0], 1..<3) }
+        checkGradients([a]) { sliceBatch($0[0], 1..<2) }
+        checkGradients([a, randn([1, 3, 4, 5], seed: 122)]) { concatBatch([$0[0], $0[1]]) }
+        checkGradients([a]) { reshape($0[0], [6, -1]) * reshape($0[0], [6, 20]) }
+    }
+
+    func testBatchNormStatisticsHookHasInputGradient() {
+        var rng = SeededGenerator(seed: 130)
+        let model = Sequential([Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
+                                Conv2d(4, 2, kernelSize: 1, rng: &rng), BatchNorm2d(2)])
+        model.eval()
+        model.setRequiresGrad(false)
+        let recorder = BatchNormStatisticsRecorder(attachingTo: model)
+        XCTAssertEqual(recorder.layerCount, 2)
+        let x = randn([2, 3, 5, 5], seed: 131)
+        // R_bn = sum_l ||mu_l - running_mean_l|| + ||var_l - running_var_l||, differentiated to x.
+        checkGradients([x]) { t in
+            recorder.reset()
+            _ = model(t[0])
+            return recorder.records.reduce(Tensor(scalar: 0)) { acc, r in
+                acc + sqrt(sum(square(r.mean - r.runningMean))) + sqrt(sum(square(r.variance - r.runningVar)))
+            }
+        }
+        XCTAssertNil(model.parameters.first?.grad, "frozen weights must get no gradient")
+    }
+}
