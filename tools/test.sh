@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install-deps.sh
-swift test "$@"
+swift test --disable-swift-testing "$@"
