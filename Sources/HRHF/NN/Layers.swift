@@ -41,8 +41,16 @@ public struct BatchNormInputStatistics {
     public var runningVar: Tensor
 }
 
+/// What follows the normalisation inside a batch-norm module. MiB's inplace-ABN layers are
+/// batch norm fused with leaky ReLU 0.01, or with nothing (`bn3`, `proj_bn`).
+public enum NormActivation: Sendable, Equatable {
+    case identity
+    case leakyRelu(Float)
+}
+
 /// torch.nn.BatchNorm2d: `weight`, `bias`, buffers `running_mean`, `running_var` and
-/// `num_batches_tracked` (absent in MiB's inplace-ABN layers: `tracksBatches: false`).
+/// `num_batches_tracked`. MiB's inplace-ABN is the same with an activation and without
+/// `num_batches_tracked` (`tracksBatches: false`).
 public final class BatchNorm2d: Module {
     public let weight: Tensor, bias: Tensor
     public let runningMean: Tensor, runningVar: Tensor
@@ -51,7 +59,11 @@ public final class BatchNorm2d: Module {
     /// Called with the layer's input on every forward while set (the statistics hook).
     public var inputObserver: ((Tensor) -> Void)?
 
-    public init(_ channels: Int, eps: Float = 1e-5, momentum: Float = 0.1, tracksBatches: Bool = true) {
+    public let activation: NormActivation
+
+    public init(_ channels: Int, eps: Float = 1e-5, momentum: Float = 0.1, tracksBatches: Bool = true,
+                activation: NormActivation = .identity) {
+        self.activation = activation
         weight = Tensor(shape: [channels], repeating: 1)
         bias = Tensor(zeros: [channels])
         runningMean = Tensor(zeros: [channels])
@@ -70,8 +82,12 @@ public final class BatchNorm2d: Module {
     public override func forward(_ x: Tensor) -> Tensor {
         inputObserver?(x)
         if training, let n = numBatchesTracked { n.pointer[0] += 1 }
-        return batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
-                           training: training, momentum: momentum, eps: eps)
+        let y = batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
+                            training: training, momentum: momentum, eps: eps)
+        switch activation {
+        case .identity: return y
+        case .leakyRelu(let slope): return leakyRelu(y, slope: slope)
+        }
     }
 }
 

@@ -93,11 +93,17 @@ open class Module {
     public var parameterCount: Int { parameters.reduce(0) { $0 + $1.count } }
 }
 
-/// Children applied in order, named "0", "1", ... as torch.nn.Sequential.
+/// Children applied in order, named "0", "1", ... as torch.nn.Sequential, or with the names
+/// given (Sequential(OrderedDict(...)) in PyTorch).
 public final class Sequential: Module {
     public init(_ modules: [Module]) {
         super.init()
         for (i, m) in modules.enumerated() { registerModule(String(i), m) }
+    }
+
+    public init(named modules: [(String, Module)]) {
+        super.init()
+        for (name, m) in modules { registerModule(name, m) }
     }
 
     public subscript(_ i: Int) -> Module { children[i].module }
@@ -135,4 +141,15 @@ extension Module {
             if let v = values[name] { t.assign(v) }
         }
     }
+}
+
+/// Children named "0", "1", ... that the owner applies itself (torch.nn.ModuleList).
+public final class ModuleList: Module {
+    public init(_ modules: [Module]) {
+        super.init()
+        for (i, m) in modules.enumerated() { registerModule(String(i), m) }
+    }
+
+    public subscript(_ i: Int) -> Module { children[i].module }
+    public var count: Int { children.count }
 }
