@@ -9,9 +9,12 @@ let package = Package(
     products: [
         .library(name: "HRHF", targets: ["HRHF"]),
         .executable(name: "hrhf-bench", targets: ["hrhf-bench"]),
+        .executable(name: "hrhf-convert", targets: ["hrhf-convert"]),
+        .executable(name: "hrhf-predict", targets: ["hrhf-predict"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
     ],
     targets: [
         .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas",
@@ -20,16 +23,22 @@ let package = Package(
         .systemLibrary(name: "CJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive",
                        providers: [.apt(["libarchive-dev"])]),
+        // setjmp/longjmp error handling for libpng and libjpeg stays inside C.
+        .target(name: "CImageIO", dependencies: ["CPNG", "CJPEG"]),
         .target(
             name: "HRHF",
-            dependencies: ["COpenBLAS"],
+            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO",
+                           .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
         ),
-        .executableTarget(
-            name: "hrhf-bench",
+        .target(
+            name: "HRHFCommandLine",
             dependencies: ["HRHF", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
-        .testTarget(name: "HRHFTests", dependencies: ["HRHF"], exclude: ["Fixtures"]),
+        .executableTarget(name: "hrhf-bench", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-convert", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-predict", dependencies: ["HRHFCommandLine"]),
+        .testTarget(name: "HRHFTests", dependencies: ["HRHF", "HRHFCommandLine"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -253,6 +253,51 @@ def small_fixtures():
                             "epoch": 29, "best_score": 0.731})
 
 
+class Exploit:
+    """An object whose unpickling would call a function: the restricted reader must refuse it."""
+
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return (self.fn, (self.arg,))
+
+
+def hostile_fixtures():
+    """Checkpoints a converter must refuse without running anything (Fixtures/models/hostile)."""
+    import builtins
+    import io
+    import pickle
+    import zipfile
+
+    out = os.path.join(OUT, "hostile")
+    os.makedirs(out, exist_ok=True)
+    marker = "/tmp/hrhf-pwned"
+    for name, payload in [("os_system", Exploit(os.system, "touch " + marker)),
+                          ("builtins_eval", Exploit(builtins.eval, "open('%s', 'w')" % marker))]:
+        body = pickle.dumps({"backbone.conv1.weight": payload}, protocol=2)
+        with zipfile.ZipFile(os.path.join(out, name + ".pth"), "w", zipfile.ZIP_STORED) as z:
+            z.writestr("archive/data.pkl", body)
+            z.writestr("archive/version", "3\n")
+        with open(os.path.join(out, name + "_legacy.pth"), "wb") as f:
+            pickle.dump(0x1950A86A20F9469CFC6C, f, protocol=2)
+            pickle.dump(1001, f, protocol=2)
+            pickle.dump({"protocol_version": 1001, "little_endian": True}, f, protocol=2)
+            f.write(body)
+    # A real checkpoint whose first storage record lost its second half.
+    src = os.path.join(OUT, "tv_small.pth")
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(os.path.join(out, "short_storage.pth"), "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            data = zin.read(info.filename)
+            if info.filename.endswith("/data/0"):
+                data = data[: len(data) // 2]
+            zout.writestr(info.filename, data)
+    # A storage class the reader does not know (complex numbers).
+    t = torch.zeros(2, dtype=torch.complex64)
+    torch.save({"backbone.conv1.weight": t}, os.path.join(out, "complex_dtype.pth"))
+    print("hostile fixtures:", sorted(os.listdir(out)))
+
+
 def full_check(build_dir):
     from PIL import Image
     from torchvision.models.segmentation import deeplabv3_resnet50, deeplabv3_resnet101
@@ -289,6 +334,7 @@ def main():
     ap.add_argument("--build-dir", default=os.path.join(ROOT, ".build", "release"))
     args = ap.parse_args()
     small_fixtures()
+    hostile_fixtures()
     if args.full:
         full_check(args.build_dir)
 

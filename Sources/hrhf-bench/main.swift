@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import HRHF
+import HRHFCommandLine
 
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(

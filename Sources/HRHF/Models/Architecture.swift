@@ -90,4 +90,22 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
     public static func preset(_ name: String) -> ArchitectureDescription? {
         presets.first { $0.name == name }
     }
+
+    /// A preset by name, or a description read from a JSON file.
+    public static func resolve(_ nameOrPath: String) throws -> ArchitectureDescription {
+        if let p = preset(nameOrPath) { return p }
+        guard nameOrPath.hasSuffix(".json") else {
+            throw WeightFileError(file: nameOrPath, "unknown architecture; --list-archs shows the known ones")
+        }
+        let url = URL(fileURLWithPath: nameOrPath)
+        do {
+            let arch = try JSONDecoder().decode(ArchitectureDescription.self, from: Data(contentsOf: url))
+            try arch.validate()
+            return arch
+        } catch let e as WeightFileError {
+            throw e
+        } catch {
+            throw WeightFileError(file: nameOrPath, "not a valid architecture description: \(error)")
+        }
+    }
 }

@@ -127,13 +127,18 @@ extension Module {
         if !missing.isEmpty { problems.append("missing keys: \(missing.joined(separator: ", "))") }
         let unexpected = values.keys.filter { !ownKeys.contains($0) && !allowUnexpected($0) }.sorted()
         if !unexpected.isEmpty { problems.append("unexpected keys: \(unexpected.joined(separator: ", "))") }
+        var shapeProblems: [String] = []
         for (name, t) in own {
             guard let v = values[name] else { continue }
             // A scalar buffer (num_batches_tracked) may arrive as shape [] or [1].
             if v.shape != t.shape && !(v.count == 1 && t.count == 1) {
-                problems.append("\(name): shape \(v.shape) where the model has \(t.shape)")
+                shapeProblems.append("\(name): shape \(v.shape) where the model has \(t.shape)")
             }
         }
+        if shapeProblems.count > 8 {
+            shapeProblems = Array(shapeProblems.prefix(8)) + ["and \(shapeProblems.count - 8) more shape mismatches"]
+        }
+        problems += shapeProblems
         guard problems.isEmpty else {
             throw WeightFileError(file: source, problems.joined(separator: "; "))
         }

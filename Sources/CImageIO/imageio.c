@@ -1,0 +1,252 @@
+#include "hrhf_imageio.h"
+
+#include <png.h>
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <jpeglib.h>
+
+void hrhf_free(void *p) { free(p); }
+
+static int fail(char *err, size_t errlen, const char *msg) {
+    snprintf(err, errlen, "%s", msg);
+    return -1;
+}
+
+// ---- PNG ------------------------------------------------------------------------------------
+
+typedef struct {
+    jmp_buf jump;
+    char message[256];
+} png_failure;
+
+static void png_error_fn(png_structp png, png_const_charp msg) {
+    png_failure *f = (png_failure *)png_get_error_ptr(png);
+    snprintf(f->message, sizeof f->message, "%s", msg);
+    longjmp(f->jump, 1);
+}
+
+static void png_warning_fn(png_structp png, png_const_charp msg) { (void)png; (void)msg; }
+
+static int png_read_common(const char *path, hrhf_image *out, int index_mode, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return fail(err, errlen, "cannot open file");
+    unsigned char sig[8];
+    if (fread(sig, 1, 8, fp) != 8 || png_sig_cmp(sig, 0, 8)) {
+        fclose(fp);
+        return fail(err, errlen, "not a PNG file (bad signature)");
+    }
+    png_failure failure;
+    failure.message[0] = 0;
+    png_structp png = png_create_read_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_fn, png_warning_fn);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!png || !info) {
+        png_destroy_read_struct(&png, &info, NULL);
+        fclose(fp);
+        return fail(err, errlen, "libpng could not start");
+    }
+    // Everything allocated after setjmp must be reachable from these volatile locals.
+    unsigned char *volatile pixels = NULL;
+    png_bytep *volatile rows = NULL;
+    if (setjmp(failure.jump)) {
+        free(pixels);
+        free(rows);
+        png_destroy_read_struct(&png, &info, NULL);
+        fclose(fp);
+        snprintf(err, errlen, "corrupt or truncated PNG: %s", failure.message);
+        return -1;
+    }
+    png_init_io(png, fp);
+    png_set_sig_bytes(png, 8);
+    png_set_user_limits(png, 1 << 15, 1 << 15);
+    png_read_info(png, info);
+    png_uint_32 width = png_get_image_width(png, info), height = png_get_image_height(png, info);
+    int color = png_get_color_type(png, info), depth = png_get_bit_depth(png, info);
+    out->bit_depth = depth;
+    out->has_palette = color == PNG_COLOR_TYPE_PALETTE;
+    if (index_mode) {
+        if (color != PNG_COLOR_TYPE_PALETTE && color != PNG_COLOR_TYPE_GRAY) {
+            png_destroy_read_struct(&png, &info, NULL);
+            fclose(fp);
+            return fail(err, errlen, "a label mask must be a palette or greyscale PNG");
+        }
+        if (depth < 8) png_set_packing(png);
+        if (depth == 16) png_set_swap(png);  // host (little-endian) order
+    } else {
+        if (color == PNG_COLOR_TYPE_PALETTE) png_set_palette_to_rgb(png);
+        if (color == PNG_COLOR_TYPE_GRAY && depth < 8) png_set_expand_gray_1_2_4_to_8(png);
+        if (png_get_valid(png, info, PNG_INFO_tRNS)) png_set_tRNS_to_alpha(png);
+        if (depth == 16) png_set_strip_16(png);
+        if (color == PNG_COLOR_TYPE_GRAY || color == PNG_COLOR_TYPE_GRAY_ALPHA) png_set_gray_to_rgb(png);
+        png_set_strip_alpha(png);
+    }
+    png_set_interlace_handling(png);
+    png_read_update_info(png, info);
+    size_t rowbytes = png_get_rowbytes(png, info);
+    int bytes_per_sample = index_mode ? (depth == 16 ? 2 : 1) : 1;
+    size_t expected = index_mode ? (size_t)width * bytes_per_sample : (size_t)width * 3;
+    if (rowbytes != expected) {
+        png_destroy_read_struct(&png, &info, NULL);
+        fclose(fp);
+        return fail(err, errlen, "unsupported PNG layout");
+    }
+    pixels = malloc(rowbytes * height);
+    rows = malloc(sizeof(png_bytep) * height);
+    if (!pixels || !rows) {
+        free(pixels);
+        free(rows);
+        png_destroy_read_struct(&png, &info, NULL);
+        fclose(fp);
+        return fail(err, errlen, "out of memory");
+    }
+    for (png_uint_32 y = 0; y < height; y++) rows[y] = pixels + y * rowbytes;
+    png_read_image(png, rows);
+    png_read_end(png, NULL);
+    png_destroy_read_struct(&png, &info, NULL);
+    fclose(fp);
+    free(rows);
+    out->width = (int)width;
+    out->height = (int)height;
+    if (index_mode) {
+        uint16_t *values = malloc(sizeof(uint16_t) * (size_t)width * height);
+        if (!values) {
+            free(pixels);
+            return fail(err, errlen, "out of memory");
+        }
+        for (size_t i = 0; i < (size_t)width * height; i++)
+            values[i] = bytes_per_sample == 2 ? ((uint16_t *)pixels)[i] : pixels[i];
+        free(pixels);
+        out->pixels = values;
+        out->channels = 1;
+    } else {
+        out->pixels = pixels;
+        out->channels = 3;
+    }
+    return 0;
+}
+
+int hrhf_png_read_rgb(const char *path, hrhf_image *out, char *err, size_t errlen) {
+    return png_read_common(path, out, 0, err, errlen);
+}
+
+int hrhf_png_read_index(const char *path, hrhf_image *out, char *err, size_t errlen) {
+    return png_read_common(path, out, 1, err, errlen);
+}
+
+int hrhf_png_write(const char *path, int width, int height, int channels, const uint8_t *pixels,
+                   const uint8_t *palette, char *err, size_t errlen) {
+    if (width <= 0 || height <= 0) return fail(err, errlen, "empty image");
+    if (!(channels == 1 || channels == 3 || channels == 4) || (palette && channels != 1))
+        return fail(err, errlen, "unsupported channel count");
+    FILE *fp = fopen(path, "wb");
+    if (!fp) return fail(err, errlen, "cannot create file");
+    png_failure failure;
+    failure.message[0] = 0;
+    png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_fn, png_warning_fn);
+    png_infop info = png ? png_create_info_struct(png) : NULL;
+    if (!png || !info) {
+        png_destroy_write_struct(&png, &info);
+        fclose(fp);
+        return fail(err, errlen, "libpng could not start");
+    }
+    if (setjmp(failure.jump)) {
+        png_destroy_write_struct(&png, &info);
+        fclose(fp);
+        snprintf(err, errlen, "cannot write PNG: %s", failure.message);
+        return -1;
+    }
+    png_init_io(png, fp);
+    int color = palette ? PNG_COLOR_TYPE_PALETTE
+                        : channels == 1 ? PNG_COLOR_TYPE_GRAY : channels == 3 ? PNG_COLOR_TYPE_RGB : PNG_COLOR_TYPE_RGBA;
+    png_set_IHDR(png, info, (png_uint_32)width, (png_uint_32)height, 8, color, PNG_INTERLACE_NONE,
+                 PNG_COMPRESSION_TYPE_DEFAULT, PNG_FILTER_TYPE_DEFAULT);
+    if (palette) {
+        png_color colors[256];
+        for (int i = 0; i < 256; i++) {
+            colors[i].red = palette[3 * i];
+            colors[i].green = palette[3 * i + 1];
+            colors[i].blue = palette[3 * i + 2];
+        }
+        png_set_PLTE(png, info, colors, 256);
+    }
+    // No time chunk and fixed settings: the same pixels always give the same bytes.
+    png_write_info(png, info);
+    for (int y = 0; y < height; y++) png_write_row(png, (png_const_bytep)(pixels + (size_t)y * width * channels));
+    png_write_end(png, NULL);
+    png_destroy_write_struct(&png, &info);
+    if (fclose(fp) != 0) return fail(err, errlen, "cannot finish writing the file");
+    return 0;
+}
+
+// ---- JPEG -----------------------------------------------------------------------------------
+
+typedef struct {
+    struct jpeg_error_mgr base;
+    jmp_buf jump;
+    char message[JMSG_LENGTH_MAX];
+    int warnings;
+} jpeg_failure;
+
+static void jpeg_error_exit_fn(j_common_ptr cinfo) {
+    jpeg_failure *f = (jpeg_failure *)cinfo->err;
+    (*cinfo->err->format_message)(cinfo, f->message);
+    longjmp(f->jump, 1);
+}
+
+static void jpeg_emit_message_fn(j_common_ptr cinfo, int level) {
+    jpeg_failure *f = (jpeg_failure *)cinfo->err;
+    if (level < 0 && f->warnings++ == 0) (*cinfo->err->format_message)(cinfo, f->message);
+}
+
+int hrhf_jpeg_read_rgb(const char *path, hrhf_image *out, char *err, size_t errlen) {
+    memset(out, 0, sizeof *out);
+    FILE *fp = fopen(path, "rb");
+    if (!fp) return fail(err, errlen, "cannot open file");
+    struct jpeg_decompress_struct cinfo;
+    jpeg_failure failure;
+    memset(&failure, 0, sizeof failure);
+    cinfo.err = jpeg_std_error(&failure.base);
+    failure.base.error_exit = jpeg_error_exit_fn;
+    failure.base.emit_message = jpeg_emit_message_fn;
+    unsigned char *volatile pixels = NULL;
+    if (setjmp(failure.jump)) {
+        free(pixels);
+        jpeg_destroy_decompress(&cinfo);
+        fclose(fp);
+        snprintf(err, errlen, "corrupt JPEG: %s", failure.message);
+        return -1;
+    }
+    jpeg_create_decompress(&cinfo);
+    jpeg_stdio_src(&cinfo, fp);
+    jpeg_read_header(&cinfo, TRUE);
+    cinfo.out_color_space = JCS_RGB;
+    jpeg_start_decompress(&cinfo);
+    if (cinfo.output_components != 3) longjmp(failure.jump, 1);
+    size_t stride = (size_t)cinfo.output_width * 3;
+    pixels = malloc(stride * cinfo.output_height);
+    if (!pixels) {
+        snprintf(failure.message, sizeof failure.message, "out of memory");
+        longjmp(failure.jump, 1);
+    }
+    while (cinfo.output_scanline < cinfo.output_height) {
+        JSAMPROW row = pixels + stride * cinfo.output_scanline;
+        jpeg_read_scanlines(&cinfo, &row, 1);
+    }
+    jpeg_finish_decompress(&cinfo);
+    out->width = (int)cinfo.output_width;
+    out->height = (int)cinfo.output_height;
+    out->channels = 3;
+    out->bit_depth = 8;
+    jpeg_destroy_decompress(&cinfo);
+    fclose(fp);
+    // libjpeg only warns on premature end of data and fills the rest: a damaged file here.
+    if (failure.warnings > 0) {
+        free(pixels);
+        snprintf(err, errlen, "corrupt or truncated JPEG: %s", failure.message);
+        return -1;
+    }
+    out->pixels = pixels;
+    return 0;
+}

@@ -1,0 +1,193 @@
+import CImageIO
+import Foundation
+
+/// A failure reading or writing an image, naming the file.
+public struct ImageError: Error, CustomStringConvertible, Equatable {
+    public var file: String
+    public var problem: String
+
+    public init(file: String, _ problem: String) {
+        self.file = file
+        self.problem = problem
+    }
+
+    public var description: String { "\(file): \(problem)" }
+}
+
+/// 8-bit RGB pixels, row-major, interleaved (HWC).
+public struct RGBImage: Equatable, Sendable {
+    public var width: Int, height: Int
+    public var pixels: [UInt8]
+
+    public init(width: Int, height: Int, pixels: [UInt8]) {
+        precondition(pixels.count == width * height * 3, "RGB image needs \(width * height * 3) bytes")
+        self.width = width
+        self.height = height
+        self.pixels = pixels
+    }
+
+    public init(width: Int, height: Int, fill: (UInt8, UInt8, UInt8) = (0, 0, 0)) {
+        self.init(width: width, height: height,
+                  pixels: [UInt8]((0..<(width * height)).flatMap { _ in [fill.0, fill.1, fill.2] }))
+    }
+}
+
+/// One integer per pixel: palette indices of a VOC mask, grey values of an ADE or Cityscapes
+/// annotation.
+public struct IndexMask: Equatable, Sendable {
+    public var width: Int, height: Int
+    public var values: [UInt16]
+
+    public init(width: Int, height: Int, values: [UInt16]) {
+        precondition(values.count == width * height, "mask needs \(width * height) values")
+        self.width = width
+        self.height = height
+        self.values = values
+    }
+}
+
+private func cMessage(_ buffer: [CChar]) -> String {
+    String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+}
+
+private func decode(_ url: URL, _ reader: (UnsafePointer<CChar>, UnsafeMutablePointer<hrhf_image>,
+                                           UnsafeMutablePointer<CChar>, Int) -> Int32) throws -> hrhf_image {
+    var image = hrhf_image()
+    var err = [CChar](repeating: 0, count: 512)
+    let status = url.path.withCString { path in reader(path, &image, &err, err.count) }
+    guard status == 0 else { throw ImageError(file: url.path, cMessage(err)) }
+    return image
+}
+
+public enum ImageIO {
+    /// Reads a PNG or JPEG (decided by the file's first bytes) as 8-bit RGB.
+    public static func readRGB(_ url: URL) throws -> RGBImage {
+        guard let handle = FileHandle(forReadingAtPath: url.path) else {
+            throw ImageError(file: url.path, "cannot open file")
+        }
+        let magic = [UInt8](handle.readData(ofLength: 8))
+        try? handle.close()
+        let image: hrhf_image
+        if magic.starts(with: [0x89, 0x50, 0x4E, 0x47]) {
+            image = try decode(url) { hrhf_png_read_rgb($0, $1, $2, $3) }
+        } else if magic.starts(with: [0xFF, 0xD8]) {
+            image = try decode(url) { hrhf_jpeg_read_rgb($0, $1, $2, $3) }
+        } else {
+            throw ImageError(file: url.path, "neither a PNG nor a JPEG file")
+        }
+        defer { hrhf_free(image.pixels) }
+        let count = Int(image.width) * Int(image.height) * 3
+        let bytes = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt8.self), count: count)
+        return RGBImage(width: Int(image.width), height: Int(image.height), pixels: Array(bytes))
+    }
+
+    /// Reads a palette or greyscale PNG's raw values (a label mask).
+    public static func readIndexPNG(_ url: URL) throws -> IndexMask {
+        let image = try decode(url) { hrhf_png_read_index($0, $1, $2, $3) }
+        defer { hrhf_free(image.pixels) }
+        let count = Int(image.width) * Int(image.height)
+        let values = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt16.self), count: count)
+        return IndexMask(width: Int(image.width), height: Int(image.height), values: Array(values))
+    }
+
+    /// PNG bytes on disk, written to `NAME.partial` and renamed when complete.
+    private static func writePNG(_ url: URL, width: Int, height: Int, channels: Int, pixels: [UInt8],
+                                 palette: [UInt8]?) throws {
+        let partial = url.path + ".partial"
+        var err = [CChar](repeating: 0, count: 512)
+        let status = pixels.withUnsafeBufferPointer { px in
+            if let palette {
+                return palette.withUnsafeBufferPointer { pal in
+                    hrhf_png_write(partial, Int32(width), Int32(height), Int32(channels), px.baseAddress, pal.baseAddress,
+                                   &err, err.count)
+                }
+            }
+            return hrhf_png_write(partial, Int32(width), Int32(height), Int32(channels), px.baseAddress, nil, &err, err.count)
+        }
+        guard status == 0 else {
+            unlink(partial)
+            throw ImageError(file: url.path, cMessage(err))
+        }
+        guard rename(partial, url.path) == 0 else {
+            unlink(partial)
+            throw ImageError(file: url.path, "cannot rename the finished file into place")
+        }
+    }
+
+    public static func writePNG(_ image: RGBImage, to url: URL) throws {
+        try writePNG(url, width: image.width, height: image.height, channels: 3, pixels: image.pixels, palette: nil)
+    }
+
+    /// An 8-bit palette PNG of class indices with the VOC palette (255 is the ignore colour).
+    public static func writePalettePNG(_ mask: IndexMask, to url: URL, palette: [UInt8] = vocPalette) throws {
+        guard mask.values.allSatisfy({ $0 <= 255 }) else {
+            throw ImageError(file: url.path, "palette PNG values must be at most 255")
+        }
+        try writePNG(url, width: mask.width, height: mask.height, channels: 1,
+                     pixels: mask.values.map { UInt8($0) }, palette: palette)
+    }
+
+    /// An 8-bit greyscale PNG.
+    public static func writeGreyPNG(_ mask: IndexMask, to url: URL) throws {
+        guard mask.values.allSatisfy({ $0 <= 255 }) else {
+            throw ImageError(file: url.path, "8-bit PNG values must be at most 255")
+        }
+        try writePNG(url, width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
+                     palette: nil)
+    }
+}
+
+/// PASCAL VOC's colour map: 256 RGB triples built from the bits of the index.
+public let vocPalette: [UInt8] = (0..<256).flatMap { (i: Int) -> [UInt8] in
+    var r = 0, g = 0, b = 0, c = i
+    for j in 0..<8 {
+        r |= ((c >> 0) & 1) << (7 - j)
+        g |= ((c >> 1) & 1) << (7 - j)
+        b |= ((c >> 2) & 1) << (7 - j)
+        c >>= 3
+    }
+    return [UInt8(r), UInt8(g), UInt8(b)]
+}
+
+/// Input normalisation of a model: x = (pixel / 255 - mean) / std per channel.
+public struct Normalization: Codable, Equatable, Sendable {
+    public var mean: [Float]
+    public var std: [Float]
+
+    public init(mean: [Float], std: [Float]) {
+        self.mean = mean
+        self.std = std
+    }
+
+    public static let imagenet = Normalization(mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225])
+
+    /// A 1 x 3 x H x W tensor of the normalised image.
+    public func tensor(_ image: RGBImage) -> Tensor {
+        let plane = image.width * image.height
+        let t = Tensor(zeros: [1, 3, image.height, image.width])
+        let p = t.pointer
+        image.pixels.withUnsafeBufferPointer { px in
+            for c in 0..<3 {
+                let scale = 1 / (255 * std[c]), shift = -mean[c] / std[c]
+                for i in 0..<plane { p[c * plane + i] = Float(px[3 * i + c]) * scale + shift }
+            }
+        }
+        return t
+    }
+
+    /// The image a normalised 3 x H x W slice (image `index` of a batch) shows, clipped to 0-255.
+    public func image(_ t: Tensor, index: Int = 0) -> RGBImage {
+        let (_, c, h, w) = nchw(t, "image")
+        precondition(c == 3, "an RGB image needs 3 channels, got \(c)")
+        let plane = h * w
+        let base = t.pointer + index * 3 * plane
+        var pixels = [UInt8](repeating: 0, count: plane * 3)
+        for ch in 0..<3 {
+            for i in 0..<plane {
+                let v = (base[ch * plane + i] * std[ch] + mean[ch]) * 255
+                pixels[3 * i + ch] = UInt8(max(0, min(255, v.rounded())))
+            }
+        }
+        return RGBImage(width: w, height: h, pixels: pixels)
+    }
+}

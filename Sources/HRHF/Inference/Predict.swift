@@ -1,0 +1,56 @@
+import Foundation
+
+/// The class of each pixel (argmax over channels) of every image in a batch of logits.
+public func argmaxMasks(_ logits: Tensor) -> [IndexMask] {
+    let (n, c, h, w) = nchw(logits, "argmax")
+    let plane = h * w
+    return (0..<n).map { b in
+        var values = [UInt16](repeating: 0, count: plane)
+        let base = logits.pointer + b * c * plane
+        for i in 0..<plane {
+            var best = base[i], index = 0
+            for k in 1..<max(c, 1) where base[k * plane + i] > best {
+                best = base[k * plane + i]
+                index = k
+            }
+            values[i] = UInt16(index)
+        }
+        return IndexMask(width: w, height: h, values: values)
+    }
+}
+
+/// The image with each labelled pixel blended half and half with its class colour
+/// (background 0 and ignore 255 left as they are).
+public func overlay(_ image: RGBImage, _ mask: IndexMask, palette: [UInt8] = vocPalette) -> RGBImage {
+    precondition(image.width == mask.width && image.height == mask.height, "overlay: sizes differ")
+    var out = image
+    for i in 0..<mask.values.count {
+        let k = Int(mask.values[i])
+        guard k != 0 && k != 255 else { continue }
+        for ch in 0..<3 {
+            out.pixels[3 * i + ch] = UInt8((Int(image.pixels[3 * i + ch]) + Int(palette[3 * (k % 256) + ch]) + 1) / 2)
+        }
+    }
+    return out
+}
+
+/// Evaluation-mode inference of a native model on images.
+public struct Predictor {
+    public let model: DeepLabV3
+    public let card: ModelCard
+
+    public init(model: DeepLabV3, card: ModelCard) {
+        self.model = model
+        self.card = card
+        model.eval()
+    }
+
+    /// The normalised input (resized bilinearly to `size` when given) and the logits at the
+    /// input's size.
+    public func logits(for image: RGBImage, size: (Int, Int)? = nil) -> (input: Tensor, logits: Tensor) {
+        var x = card.normalization.tensor(image)
+        if let size { x = resizeBilinear(x, size: size) }
+        let logits = withNoGrad { model.run(x).logits }
+        return (x, logits)
+    }
+}

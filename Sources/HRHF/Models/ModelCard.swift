@@ -1,0 +1,119 @@
+import Foundation
+
+/// One output class of a model: logits channel k is class `id` k.
+public struct ClassInfo: Codable, Equatable, Sendable {
+    public var id: Int
+    public var name: String
+
+    public init(id: Int, name: String) {
+        self.id = id
+        self.name = name
+    }
+}
+
+/// Which classes one incremental step added (step 0: background and the base classes).
+public struct IncrementalStep: Codable, Equatable, Sendable {
+    public var step: Int
+    public var classes: [Int]
+    public var note: String?
+
+    public init(step: Int, classes: [Int], note: String? = nil) {
+        self.step = step
+        self.classes = classes
+        self.note = note
+    }
+}
+
+/// Where converted weights came from.
+public struct SourceInfo: Codable, Equatable, Sendable {
+    public var file: String
+    public var sha256: String
+    public var format: String
+    public var flavor: String
+}
+
+/// The self-description stored in every native weight file's safetensors metadata.
+public struct ModelCard: Codable, Equatable, Sendable {
+    public static let formatName = "hrhf-model"
+    public static let currentVersion = 1
+
+    public var format = ModelCard.formatName
+    public var formatVersion = ModelCard.currentVersion
+    public var architecture: ArchitectureDescription
+    public var classes: [ClassInfo]
+    public var history: [IncrementalStep]
+    public var normalization: Normalization
+    public var source: SourceInfo?
+    /// Free-form facts: the training command, its measured figures, the dataset.
+    public var notes: [String: String]
+
+    public init(architecture: ArchitectureDescription, classNames: [String], normalization: Normalization = .imagenet,
+                source: SourceInfo? = nil, notes: [String: String] = [:]) {
+        self.architecture = architecture
+        classes = classNames.enumerated().map { ClassInfo(id: $0.offset, name: $0.element) }
+        var start = 0
+        history = architecture.classesPerStep.enumerated().map { step, count in
+            defer { start += count }
+            return IncrementalStep(step: step, classes: Array(start..<(start + count)))
+        }
+        self.normalization = normalization
+        self.source = source
+        self.notes = notes
+    }
+
+    public func validate(file: String) throws {
+        guard format == Self.formatName else { throw WeightFileError(file: file, "model card format is \(format)") }
+        guard formatVersion <= Self.currentVersion else {
+            throw WeightFileError(file: file, "model card version \(formatVersion) is newer than this toolkit's")
+        }
+        try architecture.validate()
+        guard classes.count == architecture.numClasses else {
+            throw WeightFileError(file: file, "card lists \(classes.count) classes, the architecture has \(architecture.numClasses) outputs")
+        }
+        guard normalization.mean.count == 3, normalization.std.count == 3, normalization.std.allSatisfy({ $0 > 0 }) else {
+            throw WeightFileError(file: file, "normalisation needs three means and three positive deviations")
+        }
+    }
+
+    public var classNames: [String] { classes.map(\.name) }
+}
+
+/// The native model file: safetensors whose metadata key `hrhf.card` holds the card as JSON.
+public enum ModelFile {
+    static let cardKey = "hrhf.card"
+
+    public static func save(_ model: DeepLabV3, card: ModelCard, to url: URL) throws {
+        try card.validate(file: url.path)
+        precondition(card.architecture == model.architecture, "card and model describe different networks")
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let json = String(decoding: try encoder.encode(card), as: UTF8.self)
+        try SafeTensorsFile(tensors: model.stateDict(), metadata: [cardKey: json, "format": "pt"]).write(to: url)
+    }
+
+    public static func readCard(_ file: SafeTensorsFile, path: String) throws -> ModelCard {
+        guard let json = file.metadata[cardKey] else {
+            throw WeightFileError(file: path, "no model card (metadata key \(cardKey)): not a native HRHF model; convert it with hrhf-convert")
+        }
+        do {
+            let card = try JSONDecoder().decode(ModelCard.self, from: Data(json.utf8))
+            try card.validate(file: path)
+            return card
+        } catch let e as WeightFileError {
+            throw e
+        } catch {
+            throw WeightFileError(file: path, "model card is not valid: \(error)")
+        }
+    }
+
+    /// Builds the network the card describes and loads every weight, checking names and shapes.
+    public static func load(_ url: URL) throws -> (model: DeepLabV3, card: ModelCard) {
+        let file = try SafeTensorsFile.read(url)
+        let card = try readCard(file, path: url.path)
+        let model = try DeepLabV3(card.architecture)
+        try model.loadStateDict(Dictionary(file.tensors.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a }),
+                                source: url.path)
+        model.eval()
+        return (model, card)
+    }
+}

@@ -1,0 +1,103 @@
+import CArchive
+import Foundation
+
+/// A failure reading an archive (zip checkpoint or tar pack), naming the file and entry.
+public struct ArchiveError: Error, CustomStringConvertible, Equatable {
+    public var file: String
+    public var entry: String?
+    public var problem: String
+
+    public init(file: String, entry: String? = nil, _ problem: String) {
+        self.file = file
+        self.entry = entry
+        self.problem = problem
+    }
+
+    public var description: String {
+        entry.map { "\(file): entry \($0): \(problem)" } ?? "\(file): \(problem)"
+    }
+}
+
+/// Sequential reading of a zip or tar archive through libarchive.
+public final class ArchiveReader {
+    public enum Format { case zip, tar }
+
+    public enum EntryKind: Equatable {
+        case file, directory, symlink, hardlink, other(UInt32)
+    }
+
+    public struct Entry {
+        public var name: String
+        public var kind: EntryKind
+        public var size: Int64
+    }
+
+    public let path: String
+    private let handle: OpaquePointer
+
+    public init(path: String, format: Format) throws {
+        self.path = path
+        guard let a = archive_read_new() else { throw ArchiveError(file: path, "libarchive could not start") }
+        handle = a
+        switch format {
+        case .zip: archive_read_support_format_zip(a)
+        case .tar: archive_read_support_format_tar(a)
+        }
+        archive_read_support_filter_none(a)
+        guard FileManager.default.fileExists(atPath: path) else {
+            archive_read_free(a)
+            throw ArchiveError(file: path, "no such file")
+        }
+        if archive_read_open_filename(a, path, 1 << 16) != ARCHIVE_OK {
+            let message = Self.message(a)
+            archive_read_free(a)
+            throw ArchiveError(file: path, "not a readable \(format) archive: \(message)")
+        }
+    }
+
+    deinit { archive_read_free(handle) }
+
+    private static func message(_ a: OpaquePointer) -> String {
+        archive_error_string(a).map { String(cString: $0) } ?? "unknown error"
+    }
+
+    /// The next entry's header, or nil at the end.
+    public func next() throws -> Entry? {
+        var entry: OpaquePointer?
+        let status = archive_read_next_header(handle, &entry)
+        if status == ARCHIVE_EOF { return nil }
+        guard status == ARCHIVE_OK || status == ARCHIVE_WARN, let entry else {
+            throw ArchiveError(file: path, "corrupt archive: \(Self.message(handle))")
+        }
+        let name = archive_entry_pathname(entry).map { String(cString: $0) } ?? ""
+        let type = UInt32(archive_entry_filetype(entry))
+        var kind: EntryKind
+        switch type & HRHF_AE_IFMT {
+        case HRHF_AE_IFREG: kind = .file
+        case HRHF_AE_IFDIR: kind = .directory
+        case HRHF_AE_IFLNK: kind = .symlink
+        default: kind = .other(type)
+        }
+        if archive_entry_hardlink(entry) != nil { kind = .hardlink }
+        if archive_entry_symlink(entry) != nil { kind = .symlink }
+        return Entry(name: name, kind: kind, size: archive_entry_size_is_set(entry) != 0 ? archive_entry_size(entry) : -1)
+    }
+
+    /// The current entry's data, at most `limit` bytes (more is an error naming the entry).
+    public func readData(entry: String, limit: Int) throws -> Data {
+        var data = Data()
+        var buffer = [UInt8](repeating: 0, count: 1 << 16)
+        while true {
+            let n = buffer.withUnsafeMutableBytes { archive_read_data(handle, $0.baseAddress, $0.count) }
+            if n == 0 { break }
+            guard n > 0 else {
+                throw ArchiveError(file: path, entry: entry, "cannot read data: \(Self.message(handle))")
+            }
+            guard data.count + n <= limit else {
+                throw ArchiveError(file: path, entry: entry, "larger than the limit of \(limit) bytes")
+            }
+            data.append(contentsOf: buffer[0..<n])
+        }
+        return data
+    }
+}
