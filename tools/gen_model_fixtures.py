@@ -2,7 +2,7 @@
 """Reference DeepLabV3 models for the converter and model tests.
 
     /opt/torchvenv/bin/python tools/gen_model_fixtures.py            # writes the small fixtures
-    /opt/torchvenv/bin/python tools/gen_model_fixtures.py --full     # also checks full ResNet-50/101
+    swift build -c release && /opt/torchvenv/bin/python tools/gen_model_fixtures.py --full   # full ResNet-50/101 check
 
 Small fixtures (committed, Tests/HRHFTests/Fixtures/models/):
   tv_small.*   torchvision DeepLabV3 (Bottleneck, reduced width and depth, aux head, output
@@ -309,16 +309,26 @@ def full_check(build_dir):
     Image.fromarray(image).save(png)
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     x = ((torch.from_numpy(image).float() / 255 - mean) / std).permute(2, 0, 1)[None]
-    for arch, make in [("deeplabv3-resnet50", deeplabv3_resnet50), ("deeplabv3-resnet101", deeplabv3_resnet101)]:
-        model = make(weights=None, weights_backbone=None, num_classes=21, aux_loss=True)
+    def mib_resnet101():
+        return MiBModel([3, 4, 23, 3], 64, 256, [16, 1, 1, 1, 1], 16)
+
+    cases = [("deeplabv3-resnet50", lambda: deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21, aux_loss=True), False),
+             ("deeplabv3-resnet101", lambda: deeplabv3_resnet101(weights=None, weights_backbone=None, num_classes=21, aux_loss=True), False),
+             ("deeplabv3-resnet101-mib", mib_resnet101, True)]
+    for arch, make, mib in cases:
+        model = make()
         randomise(model, 4)
         pth = os.path.join(tmp, arch + ".pth")
-        torch.save(model.state_dict(), pth)
+        if mib:  # as MiB saves: PyTorch 1.2's legacy format, model_state, module. prefix
+            torch.save({"model_state": OrderedDict(("module." + k, v) for k, v in model.state_dict().items()), "epoch": 30},
+                       pth, _use_new_zipfile_serialization=False)
+        else:
+            torch.save(model.state_dict(), pth)
         ref = reference_logits(model, x)["out"]
         out = os.path.join(tmp, arch + ".safetensors")
         start = time.time()
         subprocess.run([os.path.join(build_dir, "hrhf-convert"), pth, "--arch", arch, "--classes", "voc",
-                        "--out", out], check=True)
+                        "--out", out] + (["--step-classes", "16,1,1,1,1"] if mib else []), check=True)
         convert_seconds = time.time() - start
         npy = os.path.join(tmp, arch + ".npy")
         subprocess.run([os.path.join(build_dir, "hrhf-predict"), "--model", out, png, "--out", tmp, "--logits", npy],
@@ -330,13 +340,14 @@ def full_check(build_dir):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--full", action="store_true", help="also check full ResNet-50/101 through the executables")
+    ap.add_argument("--full", action="store_true", help="check full ResNet-50/101 through the executables instead")
     ap.add_argument("--build-dir", default=os.path.join(ROOT, ".build", "release"))
     args = ap.parse_args()
-    small_fixtures()
-    hostile_fixtures()
     if args.full:
         full_check(args.build_dir)
+        return
+    small_fixtures()
+    hostile_fixtures()
 
 
 if __name__ == "__main__":
