@@ -1,0 +1,115 @@
+import XCTest
+@testable import HRHF
+
+/// PNG and JPEG decoding against Pillow (Fixtures/images, tools/gen_image_fixtures.py), writing,
+/// and clean refusal of damaged files.
+final class ImageTests: XCTestCase {
+    let dir = Fixtures.directory.appendingPathComponent("images")
+
+    func expected(_ key: String) throws -> [Float] { try Fixtures.tensor("images/expected.safetensors", key).array }
+
+    func testPNGVariantsDecodeExactlyAsPillow() throws {
+        for name in ["rgb", "rgba", "grey", "grey_alpha", "palette", "interlaced", "grey16"] {
+            let image = try ImageIO.readRGB(dir.appendingPathComponent("\(name).png"))
+            XCTAssertEqual(image.width, 17, name)
+            XCTAssertEqual(image.height, 13, name)
+            XCTAssertEqual(image.pixels.map { Float($0) }, try expected("\(name)/rgb"), name)
+        }
+    }
+
+    func testIndexMasksKeepRawValues() throws {
+        for name in ["palette", "grey", "grey16"] {
+            let mask = try ImageIO.readIndexPNG(dir.appendingPathComponent("\(name).png"))
+            XCTAssertEqual(mask.values.map { Float($0) }, try expected("\(name)/index"), name)
+        }
+        let palette = try ImageIO.readIndexPNG(dir.appendingPathComponent("palette.png"))
+        XCTAssertTrue(palette.values.contains(255), "the ignore label survives")
+        XCTAssertThrowsError(try ImageIO.readIndexPNG(dir.appendingPathComponent("rgb.png"))) { e in
+            XCTAssertTrue("\(e)".contains("rgb.png") && "\(e)".contains("palette or greyscale"), "\(e)")
+        }
+    }
+
+    func testJPEGVariantsMatchPillowWithinOneLevel() throws {
+        // Both use libjpeg's default islow IDCT and fancy upsampling; allow one grey level for
+        // a different build of the library.
+        for name in ["baseline", "progressive", "greyscale"] {
+            let image = try ImageIO.readRGB(dir.appendingPathComponent("\(name).jpg"))
+            let reference = try expected("\(name)/rgb")
+            let worst = zip(image.pixels, reference).map { Swift.abs(Float($0) - $1) }.max() ?? 0
+            XCTAssertLessThanOrEqual(worst, 1, name)
+        }
+    }
+
+    func testDamagedFilesAreRefusedWithTheFileNamed() {
+        for (name, phrase) in [("truncated.png", "corrupt or truncated PNG"), ("truncated.jpg", "JPEG"),
+                               ("not_an_image.png", "neither a PNG nor a JPEG")] {
+            let url = dir.appendingPathComponent(name)
+            XCTAssertThrowsError(try ImageIO.readRGB(url), name) { e in
+                XCTAssertTrue("\(e)".hasPrefix(url.path) && "\(e)".contains(phrase), "\(e)")
+            }
+        }
+        XCTAssertThrowsError(try ImageIO.readRGB(URL(fileURLWithPath: "/nonexistent/x.png"))) { e in
+            XCTAssertTrue("\(e)".contains("/nonexistent/x.png"), "\(e)")
+        }
+    }
+
+    func testWriteThenReadRoundTrips() throws {
+        let out = temporaryDirectory()
+        var rng = SeededGenerator(seed: 3)
+        let image = RGBImage(width: 9, height: 5, pixels: (0..<135).map { _ in UInt8(rng.next() % 256) })
+        try ImageIO.writePNG(image, to: out.appendingPathComponent("a.png"))
+        XCTAssertEqual(try ImageIO.readRGB(out.appendingPathComponent("a.png")), image)
+        let mask = IndexMask(width: 9, height: 5, values: (0..<45).map { UInt16($0 % 21) } )
+        try ImageIO.writePalettePNG(mask, to: out.appendingPathComponent("m.png"))
+        XCTAssertEqual(try ImageIO.readIndexPNG(out.appendingPathComponent("m.png")), mask)
+        // The palette is VOC's: class 1 is (128, 0, 0), 15 (person) is (192, 128, 128).
+        XCTAssertEqual(Array(vocPalette[3..<6]), [128, 0, 0])
+        XCTAssertEqual(Array(vocPalette[45..<48]), [192, 128, 128])
+        let colours = try ImageIO.readRGB(out.appendingPathComponent("m.png"))
+        XCTAssertEqual(Array(colours.pixels[3..<6]), [128, 0, 0])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.appendingPathComponent("m.png.partial").path))
+    }
+
+    func testNormalizationRoundTrip() {
+        let image = RGBImage(width: 2, height: 1, pixels: [0, 128, 255, 10, 20, 30])
+        let t = Normalization.imagenet.tensor(image)
+        XCTAssertEqual(t.shape, [1, 3, 1, 2])
+        XCTAssertEqual(t[0, 0, 0, 0], (0 - 0.485) / 0.229, accuracy: 1e-6)
+        XCTAssertEqual(t[0, 2, 0, 0], (1 - 0.406) / 0.225, accuracy: 1e-6)
+        XCTAssertEqual(Normalization.imagenet.image(t), image)
+    }
+
+    func testNPYRoundTripAndHeader() throws {
+        let t = randn([2, 3, 4, 5], seed: 4)
+        let url = temporaryDirectory().appendingPathComponent("x.npy")
+        try NPY.write(t, to: url)
+        let data = try Data(contentsOf: url)
+        XCTAssertEqual((10 + Int(data[8]) + Int(data[9]) << 8) % 64, 0, "header aligned to 64 bytes")
+        XCTAssertTrue(String(decoding: data[10..<80], as: UTF8.self).contains("'shape': (2, 3, 4, 5)"))
+        let back = try NPY.read(url)
+        XCTAssertEqual(back.shape, t.shape)
+        XCTAssertEqual(back.array, t.array)
+    }
+
+    func testPredictCommandWritesMasksOverlaysAndLogits() throws {
+        let work = temporaryDirectory()
+        let (model, card, _) = try Converter.convert(Fixtures.directory.appendingPathComponent("models/tv_small.pth"),
+                                                     ConversionOptions(architecture: ModelParityTests.tvSmall,
+                                                                       classNames: DatasetClasses.voc))
+        let modelURL = work.appendingPathComponent("m.safetensors")
+        try ModelFile.save(model, card: card, to: modelURL)
+        let imageURL = dir.appendingPathComponent("rgb.png")
+        let npy = work.appendingPathComponent("logits.npy")
+        let r = try runTool("hrhf-predict", ["--model", modelURL.path, imageURL.path, "--out", work.path, "--logits", npy.path])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let logits = try NPY.read(npy)
+        XCTAssertEqual(logits.shape, [1, 5, 13, 17])
+        // The same logits as the library computes for the same image.
+        let reference = Predictor(model: model, card: card).logits(for: try ImageIO.readRGB(imageURL)).logits
+        assertClose(logits, reference, "CLI logits")
+        let mask = try ImageIO.readIndexPNG(work.appendingPathComponent("rgb_mask.png"))
+        XCTAssertEqual(mask, argmaxMasks(reference)[0])
+        let overlayImage = try ImageIO.readRGB(work.appendingPathComponent("rgb_overlay.png"))
+        XCTAssertEqual(overlayImage.width, 17)
+    }
+}
