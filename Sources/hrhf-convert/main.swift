@@ -38,9 +38,17 @@ struct Convert: ParsableCommand {
     @Flag(name: .customLong("list-archs"), help: "List the known architectures and class lists.")
     var listArchs = false
 
+    @Option(name: .customLong("write-cards"), help: "Write a JSON card per architecture and class list into DIR (the zoo's cards).")
+    var writeCards: String?
+
     func run() throws {
         if listArchs {
             print(architectureListing())
+            return
+        }
+        if let writeCards {
+            let written = try writeZooCards(to: URL(fileURLWithPath: writeCards))
+            print("wrote \(written.count) cards to \(writeCards)")
             return
         }
         guard let input, let arch, let out else {

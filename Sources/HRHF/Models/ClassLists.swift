@@ -47,3 +47,32 @@ public enum DatasetClasses {
         named[spec.lowercased()] ?? spec.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces) }
     }
 }
+
+/// The zoo's JSON cards: `archs/NAME.json` (an architecture description, usable as --arch) and
+/// `classes/NAME.json` (a class list). Written from the built-in presets; a test keeps the
+/// committed copies equal to them.
+public func zooCards() throws -> [(path: String, data: Data)] {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+    var cards: [(String, Data)] = []
+    for arch in ArchitectureDescription.presets {
+        cards.append(("archs/\(arch.name).json", try encoder.encode(arch) + Data("\n".utf8)))
+    }
+    for (name, list) in DatasetClasses.named.sorted(by: { $0.key < $1.key }) {
+        let classes = list.enumerated().map { ClassInfo(id: $0.offset, name: $0.element) }
+        cards.append(("classes/\(name).json", try encoder.encode(classes) + Data("\n".utf8)))
+    }
+    return cards
+}
+
+@discardableResult
+public func writeZooCards(to directory: URL) throws -> [String] {
+    var written: [String] = []
+    for (path, data) in try zooCards() {
+        let url = directory.appendingPathComponent(path)
+        try FileManager.default.createDirectory(at: url.deletingLastPathComponent(), withIntermediateDirectories: true)
+        try writeAtomically(data, to: url)
+        written.append(path)
+    }
+    return written
+}
