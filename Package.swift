@@ -11,6 +11,9 @@ let package = Package(
         .executable(name: "hrhf-bench", targets: ["hrhf-bench"]),
         .executable(name: "hrhf-convert", targets: ["hrhf-convert"]),
         .executable(name: "hrhf-predict", targets: ["hrhf-predict"]),
+        .executable(name: "hrhf-data", targets: ["hrhf-data"]),
+        .executable(name: "hrhf-train", targets: ["hrhf-train"]),
+        .executable(name: "hrhf-eval", targets: ["hrhf-eval"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -38,6 +41,9 @@ let package = Package(
         .executableTarget(name: "hrhf-bench", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-convert", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-predict", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-data", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-train", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-eval", dependencies: ["HRHFCommandLine"]),
         .testTarget(name: "HRHFTests", dependencies: ["HRHF", "HRHFCommandLine"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]

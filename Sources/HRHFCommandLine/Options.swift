@@ -29,3 +29,31 @@ public func parseSize(_ text: String) throws -> (Int, Int) {
     guard parts.count == 2, parts.allSatisfy({ $0 > 0 }) else { throw ValidationError("expected a size HxW, got \(text)") }
     return (parts[0], parts[1])
 }
+
+/// Where the data is and which incremental protocol applies.
+public struct DataOptions: ParsableArguments {
+    @Option(help: "Dataset root directory.")
+    public var data: String
+
+    @Option(help: "Layout: shapes, voc, ade or cityscapes.")
+    public var dataset: String = "shapes"
+
+    @Option(help: "Task: 15-5, 15-1, 19-1, 10-1, 10-5-5, 100-50, ..., or class ranges such as 1-15,16-20.")
+    public var task: String = "15-5"
+
+    @Option(help: "overlap or disjoint.")
+    public var setting: IncrementalSetting = .overlap
+
+    public init() {}
+
+    public func open(split: String) throws -> SegmentationDataset {
+        try openDataset(dataset, root: URL(fileURLWithPath: data), split: split)
+    }
+
+    public func task(_ dataset: SegmentationDataset) throws -> IncrementalTask {
+        let foreground = dataset.classNames.count - (dataset.classNames.first == "background" ? 1 : 0)
+        return try IncrementalTask.named(task, foreground: foreground)
+    }
+}
+
+extension IncrementalSetting: ExpressibleByArgument {}

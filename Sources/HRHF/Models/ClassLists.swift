@@ -36,8 +36,8 @@ public enum DatasetClasses {
     /// The procedural Shapes dataset: background and 20 shape families.
     public static let shapes = [
         "background", "disc", "square", "triangle", "ring", "cross", "star", "hexagon", "ellipse", "crescent",
-        "diamond", "heart", "arrow", "pentagon", "frame", "stripes", "checker", "spiral", "plus-ring", "chevron",
-        "dots",
+        "diamond", "heart", "arrow", "pentagon", "frame", "bar", "l-shape", "semicircle", "target", "chevron",
+        "trefoil",
     ]
 
     public static let named: [String: [String]] = ["voc": voc, "ade": ade, "cityscapes": cityscapes, "shapes": shapes]

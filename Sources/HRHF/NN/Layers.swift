@@ -145,7 +145,7 @@ public final class Identity: Module {
 /// torch.nn.Dropout with its own seeded generator.
 public final class Dropout: Module {
     public let p: Float
-    private var rng: SeededGenerator
+    var rng: SeededGenerator
 
     public init(p: Float, seed: UInt64 = 0) {
         self.p = p

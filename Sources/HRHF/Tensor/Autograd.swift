@@ -15,7 +15,8 @@ final class GradFn {
 }
 
 /// Whether operations are recorded on the tape. Off inside `withNoGrad` (inference, teachers,
-/// EMA updates).
+/// EMA updates). Process-wide, like the training loop that sets it: background threads (the
+/// batch loader) build tensors that need no gradient and never change it.
 public enum GradMode {
     nonisolated(unsafe) public private(set) static var isEnabled = true
 

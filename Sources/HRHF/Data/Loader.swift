@@ -1,0 +1,175 @@
+import Foundation
+
+/// A training or evaluation batch: normalised images and their labels.
+public struct Batch {
+    public var images: Tensor
+    public var labels: Labels
+    public var names: [String]
+}
+
+/// Random scale (0.5 to 2.0 of the image side), random crop to `cropSize` (padded with the
+/// mean colour and the ignore label where the scaled image is smaller), horizontal flip:
+/// DeepLab's and MiB's training augmentation.
+public struct Augmentation: Sendable {
+    public var cropSize: Int
+    public var scaleRange: ClosedRange<Float>
+    public var flip: Bool
+
+    public init(cropSize: Int, scaleRange: ClosedRange<Float> = 0.5...2.0, flip: Bool = true) {
+        self.cropSize = cropSize
+        self.scaleRange = scaleRange
+        self.flip = flip
+    }
+}
+
+/// Bilinear resize of 8-bit RGB (align_corners false), as the float op does.
+public func resizeImage(_ image: RGBImage, width: Int, height: Int) -> RGBImage {
+    if width == image.width && height == image.height { return image }
+    let ty = LinearTaps(inSize: image.height, outSize: height), tx = LinearTaps(inSize: image.width, outSize: width)
+    var out = [UInt8](repeating: 0, count: width * height * 3)
+    image.pixels.withUnsafeBufferPointer { src in
+        for y in 0..<height {
+            for x in 0..<width {
+                for c in 0..<3 {
+                    func px(_ yy: Int, _ xx: Int) -> Float { Float(src[(yy * image.width + xx) * 3 + c]) }
+                    let v = ty.w0[y] * (tx.w0[x] * px(ty.i0[y], tx.i0[x]) + tx.w1[x] * px(ty.i0[y], tx.i1[x]))
+                        + ty.w1[y] * (tx.w0[x] * px(ty.i1[y], tx.i0[x]) + tx.w1[x] * px(ty.i1[y], tx.i1[x]))
+                    out[(y * width + x) * 3 + c] = UInt8(max(0, min(255, v.rounded())))
+                }
+            }
+        }
+    }
+    return RGBImage(width: width, height: height, pixels: out)
+}
+
+/// Nearest-neighbour resize of a mask (PyTorch's "nearest": source = floor(dst * in / out)).
+public func resizeMask(_ mask: IndexMask, width: Int, height: Int) -> IndexMask {
+    if width == mask.width && height == mask.height { return mask }
+    var out = [UInt16](repeating: 0, count: width * height)
+    for y in 0..<height {
+        let sy = min(mask.height - 1, y * mask.height / height)
+        for x in 0..<width {
+            out[y * width + x] = mask.values[sy * mask.width + min(mask.width - 1, x * mask.width / width)]
+        }
+    }
+    return IndexMask(width: width, height: height, values: out)
+}
+
+extension Augmentation {
+    /// The augmented image and labels, `cropSize` square.
+    public func apply(_ image: RGBImage, _ labels: IndexMask, rng: inout SeededGenerator) -> (RGBImage, IndexMask) {
+        let s = scaleRange.lowerBound + (scaleRange.upperBound - scaleRange.lowerBound) * rng.nextUnitFloat()
+        let w = max(1, Int((Float(image.width) * s).rounded())), h = max(1, Int((Float(image.height) * s).rounded()))
+        let scaled = resizeImage(image, width: w, height: h), scaledLabels = resizeMask(labels, width: w, height: h)
+        let c = cropSize
+        let x0 = w > c ? Int(rng.next() % UInt64(w - c + 1)) : 0
+        let y0 = h > c ? Int(rng.next() % UInt64(h - c + 1)) : 0
+        let mirror = flip && rng.nextUnitFloat() < 0.5
+        // Padding: ImageNet's mean colour (zero after normalisation) and the ignore label.
+        var pixels = [UInt8](repeating: 0, count: c * c * 3)
+        for i in 0..<(c * c) { pixels[3 * i] = 124; pixels[3 * i + 1] = 116; pixels[3 * i + 2] = 104 }
+        var values = [UInt16](repeating: 255, count: c * c)
+        for y in 0..<min(c, h) {
+            for x in 0..<min(c, w) {
+                let sx = x0 + x, sy = y0 + y
+                let dx = mirror ? min(c, w) - 1 - x : x
+                for ch in 0..<3 { pixels[(y * c + dx) * 3 + ch] = scaled.pixels[(sy * w + sx) * 3 + ch] }
+                values[y * c + dx] = scaledLabels.values[sy * w + sx]
+            }
+        }
+        return (RGBImage(width: c, height: c, pixels: pixels), IndexMask(width: c, height: c, values: values))
+    }
+}
+
+/// Deterministic batches of a dataset: batch `k` depends only on the seed and `k` (the epoch's
+/// shuffled order and each sample's augmentation come from generators keyed on them), so a
+/// resumed run sees the same batches. The next batch is prepared on a background thread while
+/// the caller computes.
+public final class BatchLoader: @unchecked Sendable {
+    public let dataset: SegmentationDataset
+    public let indices: [Int]
+    public let batchSize: Int
+    public let augmentation: Augmentation?
+    public let normalization: Normalization
+    public let labelTransform: @Sendable (IndexMask) -> IndexMask
+    public let seed: UInt64
+
+    private let queue = DispatchQueue(label: "hrhf.batch-loader")
+
+    /// A batch being prepared in the background.
+    private final class Job: @unchecked Sendable {
+        let iteration: Int
+        var result: Result<Batch, Error>?
+        let done = DispatchSemaphore(value: 0)
+        init(_ iteration: Int) { self.iteration = iteration }
+    }
+
+    private var pending: Job?
+
+    public init(dataset: SegmentationDataset, indices: [Int], batchSize: Int, augmentation: Augmentation?,
+                normalization: Normalization, seed: UInt64, labelTransform: @escaping @Sendable (IndexMask) -> IndexMask) {
+        precondition(!indices.isEmpty, "no images to load")
+        self.dataset = dataset
+        self.indices = indices
+        self.batchSize = batchSize
+        self.augmentation = augmentation
+        self.normalization = normalization
+        self.labelTransform = labelTransform
+        self.seed = seed
+    }
+
+    /// Batches per pass over the images (the last partial batch is dropped, as drop_last).
+    public var batchesPerEpoch: Int { max(1, indices.count / batchSize) }
+
+    func order(epoch: Int) -> [Int] {
+        var rng = SeededGenerator(seed: seed &+ UInt64(epoch) &* 0x9E37_79B9_7F4A_7C15)
+        return indices.shuffled(using: &rng)
+    }
+
+    /// Builds batch `iteration` now, on the calling thread.
+    public func makeBatch(_ iteration: Int) throws -> Batch {
+        let epoch = iteration / batchesPerEpoch, position = iteration % batchesPerEpoch
+        let order = self.order(epoch: epoch)
+        let picks = (0..<batchSize).map { order[(position * batchSize + $0) % order.count] }
+        var images: [Tensor] = [], labelValues: [Int32] = [], names: [String] = []
+        var shape: (Int, Int)?
+        for (slot, index) in picks.enumerated() {
+            let sample = try dataset.sample(index)
+            var image = sample.image, labels = labelTransform(sample.labels)
+            if let augmentation {
+                var rng = SeededGenerator(seed: seed ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot) &* 0x94D0_49BB_1331_11EB)
+                (image, labels) = augmentation.apply(image, labels, rng: &rng)
+            }
+            if let shape, shape != (image.height, image.width) {
+                throw DatasetError(file: dataset.imageURL(index).path,
+                                   "images of one batch differ in size: use a crop size or batch size 1")
+            }
+            shape = (image.height, image.width)
+            images.append(normalization.tensor(image))
+            labelValues += labels.values.map { Int32($0) }
+            names.append(sample.name)
+        }
+        let (h, w) = shape!
+        return Batch(images: concatBatch(images), labels: Labels(shape: [picks.count, h, w], values: labelValues), names: names)
+    }
+
+    /// Batch `iteration`, taken from the background thread when it was prepared there; starts
+    /// preparing `iteration + 1`. (Batches hold no tensors that need gradients, so building
+    /// them records nothing on the tape and needs no change of the process-wide grad mode.)
+    public func batch(_ iteration: Int) throws -> Batch {
+        var result: Result<Batch, Error>
+        if let job = pending {
+            job.done.wait()
+            result = job.iteration == iteration ? job.result! : Result { try makeBatch(iteration) }
+        } else {
+            result = Result { try makeBatch(iteration) }
+        }
+        let job = Job(iteration + 1)
+        pending = job
+        queue.async { [self] in
+            job.result = Result { try self.makeBatch(job.iteration) }
+            job.done.signal()
+        }
+        return try result.get()
+    }
+}
