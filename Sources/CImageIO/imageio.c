@@ -1,3 +1,4 @@
+#define _GNU_SOURCE
 #include "hrhf_imageio.h"
 
 #include <png.h>
@@ -29,9 +30,9 @@ static void png_error_fn(png_structp png, png_const_charp msg) {
 
 static void png_warning_fn(png_structp png, png_const_charp msg) { (void)png; (void)msg; }
 
-static int png_read_common(const char *path, hrhf_image *out, int index_mode, char *err, size_t errlen) {
+// Reads from `fp` and closes it.
+static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
-    FILE *fp = fopen(path, "rb");
     if (!fp) return fail(err, errlen, "cannot open file");
     unsigned char sig[8];
     if (fread(sig, 1, 8, fp) != 8 || png_sig_cmp(sig, 0, 8)) {
@@ -127,21 +128,46 @@ static int png_read_common(const char *path, hrhf_image *out, int index_mode, ch
     return 0;
 }
 
-int hrhf_png_read_rgb(const char *path, hrhf_image *out, char *err, size_t errlen) {
-    return png_read_common(path, out, 0, err, errlen);
+int hrhf_png_decode_rgb(const uint8_t *data, size_t length, hrhf_image *out, char *err, size_t errlen) {
+    if (length == 0) return fail(err, errlen, "empty data");
+    return png_read_common(fmemopen((void *)data, length, "rb"), out, 0, err, errlen);
 }
 
-int hrhf_png_read_index(const char *path, hrhf_image *out, char *err, size_t errlen) {
-    return png_read_common(path, out, 1, err, errlen);
+int hrhf_png_decode_index(const uint8_t *data, size_t length, hrhf_image *out, char *err, size_t errlen) {
+    if (length == 0) return fail(err, errlen, "empty data");
+    return png_read_common(fmemopen((void *)data, length, "rb"), out, 1, err, errlen);
 }
 
-int hrhf_png_write(const char *path, int width, int height, int channels, const uint8_t *pixels,
-                   const uint8_t *palette, char *err, size_t errlen) {
-    if (width <= 0 || height <= 0) return fail(err, errlen, "empty image");
-    if (!(channels == 1 || channels == 3 || channels == 4) || (palette && channels != 1))
-        return fail(err, errlen, "unsupported channel count");
-    FILE *fp = fopen(path, "wb");
+static int png_write_common(FILE *fp, int width, int height, int channels, const uint8_t *pixels,
+                            const uint8_t *palette, char *err, size_t errlen);
+
+int hrhf_png_encode(int width, int height, int channels, const uint8_t *pixels, const uint8_t *palette,
+                    uint8_t **data, size_t *length, char *err, size_t errlen) {
+    char *buffer = NULL;
+    size_t size = 0;
+    FILE *fp = open_memstream(&buffer, &size);
+    int status = png_write_common(fp, width, height, channels, pixels, palette, err, errlen);
+    if (status != 0) {
+        free(buffer);
+        return status;
+    }
+    *data = (uint8_t *)buffer;
+    *length = size;
+    return 0;
+}
+
+// Writes to `fp` and closes it.
+static int png_write_common(FILE *fp, int width, int height, int channels, const uint8_t *pixels,
+                            const uint8_t *palette, char *err, size_t errlen) {
     if (!fp) return fail(err, errlen, "cannot create file");
+    if (width <= 0 || height <= 0) {
+        fclose(fp);
+        return fail(err, errlen, "empty image");
+    }
+    if (!(channels == 1 || channels == 3 || channels == 4) || (palette && channels != 1)) {
+        fclose(fp);
+        return fail(err, errlen, "unsupported channel count");
+    }
     png_failure failure;
     failure.message[0] = 0;
     png_structp png = png_create_write_struct(PNG_LIBPNG_VER_STRING, &failure, png_error_fn, png_warning_fn);
@@ -200,10 +226,11 @@ static void jpeg_emit_message_fn(j_common_ptr cinfo, int level) {
     if (level < 0 && f->warnings++ == 0) (*cinfo->err->format_message)(cinfo, f->message);
 }
 
-int hrhf_jpeg_read_rgb(const char *path, hrhf_image *out, char *err, size_t errlen) {
+int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, hrhf_image *out, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
-    FILE *fp = fopen(path, "rb");
-    if (!fp) return fail(err, errlen, "cannot open file");
+    if (length == 0) return fail(err, errlen, "empty data");
+    FILE *fp = fmemopen((void *)data, length, "rb");
+    if (!fp) return fail(err, errlen, "cannot open data");
     struct jpeg_decompress_struct cinfo;
     jpeg_failure failure;
     memset(&failure, 0, sizeof failure);

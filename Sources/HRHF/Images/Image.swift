@@ -50,30 +50,41 @@ private func cMessage(_ buffer: [CChar]) -> String {
     String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
-private func decode(_ url: URL, _ reader: (UnsafePointer<CChar>, UnsafeMutablePointer<hrhf_image>,
-                                           UnsafeMutablePointer<CChar>, Int) -> Int32) throws -> hrhf_image {
+private func decodeBytes(_ data: Data, name: String,
+                         _ decoder: (UnsafePointer<UInt8>, Int, UnsafeMutablePointer<hrhf_image>,
+                                     UnsafeMutablePointer<CChar>, Int) -> Int32) throws -> hrhf_image {
     var image = hrhf_image()
     var err = [CChar](repeating: 0, count: 512)
-    let status = url.path.withCString { path in reader(path, &image, &err, err.count) }
-    guard status == 0 else { throw ImageError(file: url.path, cMessage(err)) }
+    guard !data.isEmpty else { throw ImageError(file: name, "empty file") }
+    let status = data.withUnsafeBytes { raw in
+        decoder(raw.bindMemory(to: UInt8.self).baseAddress!, raw.count, &image, &err, err.count)
+    }
+    guard status == 0 else { throw ImageError(file: name, cMessage(err)) }
     return image
+}
+
+private func readFile(_ url: URL) throws -> Data {
+    do { return try Data(contentsOf: url) } catch {
+        throw ImageError(file: url.path, "cannot open file")
+    }
 }
 
 public enum ImageIO {
     /// Reads a PNG or JPEG (decided by the file's first bytes) as 8-bit RGB.
     public static func readRGB(_ url: URL) throws -> RGBImage {
-        guard let handle = FileHandle(forReadingAtPath: url.path) else {
-            throw ImageError(file: url.path, "cannot open file")
-        }
-        let magic = [UInt8](handle.readData(ofLength: 8))
-        try? handle.close()
+        try decodeRGB(try readFile(url), name: url.path)
+    }
+
+    /// Decodes PNG or JPEG bytes; `name` is what errors call them (a file, a pack entry).
+    public static func decodeRGB(_ data: Data, name: String) throws -> RGBImage {
+        let magic = [UInt8](data.prefix(4))
         let image: hrhf_image
         if magic.starts(with: [0x89, 0x50, 0x4E, 0x47]) {
-            image = try decode(url) { hrhf_png_read_rgb($0, $1, $2, $3) }
+            image = try decodeBytes(data, name: name) { hrhf_png_decode_rgb($0, $1, $2, $3, $4) }
         } else if magic.starts(with: [0xFF, 0xD8]) {
-            image = try decode(url) { hrhf_jpeg_read_rgb($0, $1, $2, $3) }
+            image = try decodeBytes(data, name: name) { hrhf_jpeg_decode_rgb($0, $1, $2, $3, $4) }
         } else {
-            throw ImageError(file: url.path, "neither a PNG nor a JPEG file")
+            throw ImageError(file: name, "neither a PNG nor a JPEG file")
         }
         defer { hrhf_free(image.pixels) }
         let count = Int(image.width) * Int(image.height) * 3
@@ -83,58 +94,70 @@ public enum ImageIO {
 
     /// Reads a palette or greyscale PNG's raw values (a label mask).
     public static func readIndexPNG(_ url: URL) throws -> IndexMask {
-        let image = try decode(url) { hrhf_png_read_index($0, $1, $2, $3) }
+        try decodeIndexPNG(try readFile(url), name: url.path)
+    }
+
+    public static func decodeIndexPNG(_ data: Data, name: String) throws -> IndexMask {
+        let image = try decodeBytes(data, name: name) { hrhf_png_decode_index($0, $1, $2, $3, $4) }
         defer { hrhf_free(image.pixels) }
         let count = Int(image.width) * Int(image.height)
         let values = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt16.self), count: count)
         return IndexMask(width: Int(image.width), height: Int(image.height), values: Array(values))
     }
 
-    /// PNG bytes on disk, written to `NAME.partial` and renamed when complete.
-    private static func writePNG(_ url: URL, width: Int, height: Int, channels: Int, pixels: [UInt8],
-                                 palette: [UInt8]?) throws {
-        let partial = url.path + ".partial"
+    /// PNG bytes; the same pixels always give the same bytes.
+    private static func encode(width: Int, height: Int, channels: Int, pixels: [UInt8], palette: [UInt8]?,
+                               name: String) throws -> Data {
         var err = [CChar](repeating: 0, count: 512)
+        var out: UnsafeMutablePointer<UInt8>?
+        var length = 0
         let status = pixels.withUnsafeBufferPointer { px in
             if let palette {
                 return palette.withUnsafeBufferPointer { pal in
-                    hrhf_png_write(partial, Int32(width), Int32(height), Int32(channels), px.baseAddress, pal.baseAddress,
-                                   &err, err.count)
+                    hrhf_png_encode(Int32(width), Int32(height), Int32(channels), px.baseAddress, pal.baseAddress,
+                                    &out, &length, &err, err.count)
                 }
             }
-            return hrhf_png_write(partial, Int32(width), Int32(height), Int32(channels), px.baseAddress, nil, &err, err.count)
+            return hrhf_png_encode(Int32(width), Int32(height), Int32(channels), px.baseAddress, nil, &out, &length,
+                                   &err, err.count)
         }
-        guard status == 0 else {
-            unlink(partial)
-            throw ImageError(file: url.path, cMessage(err))
-        }
-        guard rename(partial, url.path) == 0 else {
-            unlink(partial)
-            throw ImageError(file: url.path, "cannot rename the finished file into place")
-        }
+        guard status == 0, let out else { throw ImageError(file: name, cMessage(err)) }
+        defer { hrhf_free(out) }
+        return Data(bytes: out, count: length)
     }
 
+    public static func encodePNG(_ image: RGBImage, name: String = "image") throws -> Data {
+        try encode(width: image.width, height: image.height, channels: 3, pixels: image.pixels, palette: nil, name: name)
+    }
+
+    /// An 8-bit palette PNG of class indices (VOC palette by default; 255 is the ignore colour).
+    public static func encodePalettePNG(_ mask: IndexMask, palette: [UInt8] = vocPalette, name: String = "mask") throws -> Data {
+        guard mask.values.allSatisfy({ $0 <= 255 }) else { throw ImageError(file: name, "palette PNG values must be at most 255") }
+        return try encode(width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
+                          palette: palette, name: name)
+    }
+
+    public static func encodeGreyPNG(_ mask: IndexMask, name: String = "mask") throws -> Data {
+        guard mask.values.allSatisfy({ $0 <= 255 }) else { throw ImageError(file: name, "8-bit PNG values must be at most 255") }
+        return try encode(width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
+                          palette: nil, name: name)
+    }
+
+    /// Files are written to `NAME.partial` and renamed when complete.
     public static func writePNG(_ image: RGBImage, to url: URL) throws {
-        try writePNG(url, width: image.width, height: image.height, channels: 3, pixels: image.pixels, palette: nil)
+        try write(try encodePNG(image, name: url.path), to: url)
     }
 
-    /// An 8-bit palette PNG of class indices with the VOC palette (255 is the ignore colour).
     public static func writePalettePNG(_ mask: IndexMask, to url: URL, palette: [UInt8] = vocPalette) throws {
-        guard mask.values.allSatisfy({ $0 <= 255 }) else {
-            throw ImageError(file: url.path, "palette PNG values must be at most 255")
-        }
-        try writePNG(url, width: mask.width, height: mask.height, channels: 1,
-                     pixels: mask.values.map { UInt8($0) }, palette: palette)
+        try write(try encodePalettePNG(mask, palette: palette, name: url.path), to: url)
     }
 
-    /// An 8-bit greyscale PNG.
     public static func writeGreyPNG(_ mask: IndexMask, to url: URL) throws {
-        guard mask.values.allSatisfy({ $0 <= 255 }) else {
-            throw ImageError(file: url.path, "8-bit PNG values must be at most 255")
-        }
-        try writePNG(url, width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
-                     palette: nil)
+        try write(try encodeGreyPNG(mask, name: url.path), to: url)
     }
+
+    /// writeAtomically's errors already name the file.
+    private static func write(_ data: Data, to url: URL) throws { try writeAtomically(data, to: url) }
 }
 
 /// PASCAL VOC's colour map: 256 RGB triples built from the bits of the index.
