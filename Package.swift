@@ -14,6 +14,8 @@ let package = Package(
         .executable(name: "hrhf-data", targets: ["hrhf-data"]),
         .executable(name: "hrhf-train", targets: ["hrhf-train"]),
         .executable(name: "hrhf-eval", targets: ["hrhf-eval"]),
+        .executable(name: "hrhf-synth", targets: ["hrhf-synth"]),
+        .executable(name: "hrhf-pack", targets: ["hrhf-pack"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -44,6 +46,8 @@ let package = Package(
         .executableTarget(name: "hrhf-data", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-train", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-eval", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-synth", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-pack", dependencies: ["HRHFCommandLine"]),
         .testTarget(name: "HRHFTests", dependencies: ["HRHF", "HRHFCommandLine"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]

@@ -137,6 +137,19 @@ final class GradientCheckTests: XCTestCase {
         checkGradients([x]) { mean(spatialTopK($0[0], k: 1).values) }
     }
 
+    func testSpatialTopKMeanWithAPerPlaneK() {
+        let x = distinctValues([2, 3, 4, 5], seed: 111)
+        let k = [3, 0, 20, 1, 7, 5]
+        checkGradients([x], samples: 40) { spatialTopKMean($0[0], k: k) }
+        // The means themselves: the k largest of each plane.
+        let out = spatialTopKMean(x, k: k)
+        for p in 0..<6 {
+            let plane = Array(x.array[(p * 20)..<((p + 1) * 20)]).sorted(by: >)
+            let expected = k[p] == 0 ? 0 : plane.prefix(k[p]).reduce(0, +) / Float(k[p])
+            XCTAssertEqual(out.pointer[p], expected, accuracy: 1e-5)
+        }
+    }
+
     func testShapeOps() {
         let a = randn([2, 3, 4, 5], seed: 120), b = randn([2, 2, 4, 5], seed: 121)
         checkGradients([a]) { roll($0[0], dy: 1, dx: -2) }
@@ -148,6 +161,7 @@ final class GradientCheckTests: XCTestCase {
         checkGradients([a]) { sliceBatch($0[0], 1..<2) }
         checkGradients([a, randn([1, 3, 4, 5], seed: 122)]) { concatBatch([$0[0], $0[1]]) }
         checkGradients([a]) { reshape($0[0], [6, -1]) * reshape($0[0], [6, 20]) }
+        checkGradients([a]) { cropSpatial($0[0], rows: 1..<3, columns: 0..<4) }
     }
 
     func testBatchNormStatisticsHookHasInputGradient() {

@@ -78,6 +78,50 @@ public func spatialTopK(_ x: Tensor, k: Int) -> (values: Tensor, indices: [Int32
     return (values, indices)
 }
 
+/// Mean of the k largest spatial values of each plane of an N x C x H x W tensor, with its own
+/// k per plane (`k[n * C + c]`; 0 skips the plane and gives 0): SegInversion's Scale-Aware
+/// Aggregation ranks each class map of each image to its own target size. N x C out; the
+/// gradient, 1/k, goes to the selected positions. Selection only, no sort: O(H W) per plane.
+public func spatialTopKMean(_ x: Tensor, k: [Int]) -> Tensor {
+    precondition(x.rank >= 3, "spatialTopKMean expects N x C x spatial, got \(x.shape)")
+    let n = x.shape[0], c = x.shape[1], plane = x.count / max(n * c, 1)
+    precondition(k.count == n * c, "spatialTopKMean: \(k.count) k values for \(n * c) planes")
+    precondition(k.allSatisfy { $0 >= 0 && $0 <= plane }, "spatialTopKMean: k outside 0...\(plane)")
+    let out = Tensor(zeros: [n, c])
+    var selected = [[Int32]](repeating: [], count: n * c)
+    let px = x.pointer, po = out.pointer
+    let lock = NSLock()
+    parallelBlocks(n * c) { r in
+        var order = [Int32](repeating: 0, count: plane)
+        for p in r where k[p] > 0 {
+            let base = px + p * plane
+            for i in 0..<plane { order[i] = Int32(i) }
+            var total: Double = 0
+            order.withUnsafeMutableBufferPointer { o in
+                selectTopK(o, k: k[p]) { a, b in
+                    let va = base[Int(a)], vb = base[Int(b)]
+                    return va > vb || (va == vb && a < b)
+                }
+                for j in 0..<k[p] { total += Double(base[Int(o[j])]) }
+            }
+            po[p] = Float(total / Double(k[p]))
+            let chosen = Array(order[0..<k[p]])
+            lock.lock(); selected[p] = chosen; lock.unlock()
+        }
+    }
+    let inShape = x.shape
+    record(out, "spatial_topk_mean", [x]) { g in
+        let gx = Tensor(zeros: inShape)
+        let pg = g.pointer, pgx = gx.pointer
+        for p in 0..<(n * c) where k[p] > 0 {
+            let share = pg[p] / Float(k[p])
+            for i in selected[p] { pgx[p * plane + Int(i)] += share }
+        }
+        return [gx]
+    }
+    return out
+}
+
 /// Moves the k elements that come first under `by` to the front (quickselect, in place).
 private func selectTopK(_ a: UnsafeMutableBufferPointer<Int32>, k: Int, by before: (Int32, Int32) -> Bool) {
     var lo = 0, hi = a.count - 1

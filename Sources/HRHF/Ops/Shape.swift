@@ -183,3 +183,31 @@ public func flipVertical(_ x: Tensor) -> Tensor {
     record(out, "flip_h", [x]) { g in [flipPlanes(g, horizontal: false)] }
     return out
 }
+
+/// Rows `rows` and columns `columns` of every plane of an NCHW tensor (x[:, :, r0:r1, c0:c1]).
+public func cropSpatial(_ x: Tensor, rows: Range<Int>, columns: Range<Int>) -> Tensor {
+    let (n, c, h, w) = nchw(x, "crop")
+    precondition(rows.lowerBound >= 0 && rows.upperBound <= h && columns.lowerBound >= 0 && columns.upperBound <= w,
+                 "crop \(rows) x \(columns) outside \(h) x \(w)")
+    let oh = rows.count, ow = columns.count
+    let out = Tensor(zeros: [n, c, oh, ow])
+    let px = x.pointer, po = out.pointer
+    parallelBlocks(n * c, minBlock: max(1, parallelGrain / max(oh * ow, 1))) { r in
+        for p in r {
+            for y in 0..<oh {
+                (po + (p * oh + y) * ow).update(from: px + (p * h + rows.lowerBound + y) * w + columns.lowerBound, count: ow)
+            }
+        }
+    }
+    record(out, "crop", [x]) { g in
+        let gx = Tensor(zeros: [n, c, h, w])
+        let pg = g.pointer, pgx = gx.pointer
+        for p in 0..<(n * c) {
+            for y in 0..<oh {
+                (pgx + (p * h + rows.lowerBound + y) * w + columns.lowerBound).update(from: pg + (p * oh + y) * ow, count: ow)
+            }
+        }
+        return [gx]
+    }
+    return out
+}

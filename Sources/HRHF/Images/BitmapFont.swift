@@ -1,0 +1,93 @@
+import Foundation
+
+/// A 5 x 7 pixel font for labels on contact sheets: digits, letters (drawn upper case) and a
+/// little punctuation. Each glyph is seven rows of five bits, high bit on the left.
+enum BitmapFont {
+    static let glyphs: [Character: [UInt8]] = [
+        "A": [0x0E, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11], "B": [0x1E, 0x11, 0x11, 0x1E, 0x11, 0x11, 0x1E],
+        "C": [0x0E, 0x11, 0x10, 0x10, 0x10, 0x11, 0x0E], "D": [0x1E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1E],
+        "E": [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x1F], "F": [0x1F, 0x10, 0x10, 0x1E, 0x10, 0x10, 0x10],
+        "G": [0x0E, 0x11, 0x10, 0x17, 0x11, 0x11, 0x0F], "H": [0x11, 0x11, 0x11, 0x1F, 0x11, 0x11, 0x11],
+        "I": [0x0E, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E], "J": [0x07, 0x02, 0x02, 0x02, 0x02, 0x12, 0x0C],
+        "K": [0x11, 0x12, 0x14, 0x18, 0x14, 0x12, 0x11], "L": [0x10, 0x10, 0x10, 0x10, 0x10, 0x10, 0x1F],
+        "M": [0x11, 0x1B, 0x15, 0x15, 0x11, 0x11, 0x11], "N": [0x11, 0x11, 0x19, 0x15, 0x13, 0x11, 0x11],
+        "O": [0x0E, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E], "P": [0x1E, 0x11, 0x11, 0x1E, 0x10, 0x10, 0x10],
+        "Q": [0x0E, 0x11, 0x11, 0x11, 0x15, 0x12, 0x0D], "R": [0x1E, 0x11, 0x11, 0x1E, 0x14, 0x12, 0x11],
+        "S": [0x0F, 0x10, 0x10, 0x0E, 0x01, 0x01, 0x1E], "T": [0x1F, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04],
+        "U": [0x11, 0x11, 0x11, 0x11, 0x11, 0x11, 0x0E], "V": [0x11, 0x11, 0x11, 0x11, 0x11, 0x0A, 0x04],
+        "W": [0x11, 0x11, 0x11, 0x15, 0x15, 0x15, 0x0A], "X": [0x11, 0x11, 0x0A, 0x04, 0x0A, 0x11, 0x11],
+        "Y": [0x11, 0x11, 0x11, 0x0A, 0x04, 0x04, 0x04], "Z": [0x1F, 0x01, 0x02, 0x04, 0x08, 0x10, 0x1F],
+        "0": [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E], "1": [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E],
+        "2": [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F], "3": [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E],
+        "4": [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02], "5": [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
+        "6": [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E], "7": [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
+        "8": [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E], "9": [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
+        "-": [0, 0, 0, 0x1F, 0, 0, 0], ".": [0, 0, 0, 0, 0, 0x0C, 0x0C], "%": [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        ":": [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0], ",": [0, 0, 0, 0, 0x0C, 0x04, 0x08], "/": [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        "(": [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02], ")": [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
+        "+": [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0], "=": [0, 0, 0x1F, 0, 0x1F, 0, 0], " ": [0, 0, 0, 0, 0, 0, 0],
+    ]
+
+    /// Draws `text` with its top-left corner at (x, y), clipped to the image; unknown
+    /// characters are drawn as '?' boxes. Returns the x after the text.
+    @discardableResult
+    static func draw(_ text: String, into image: inout RGBImage, x: Int, y: Int, colour: (UInt8, UInt8, UInt8)) -> Int {
+        var cx = x
+        for ch in text.uppercased() {
+            let rows = glyphs[ch] ?? [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F]
+            for (r, bits) in rows.enumerated() {
+                for c in 0..<5 where bits & (0x10 >> UInt8(c)) != 0 {
+                    let px = cx + c, py = y + r
+                    guard px >= 0, py >= 0, px < image.width, py < image.height else { continue }
+                    let i = (py * image.width + px) * 3
+                    image.pixels[i] = colour.0
+                    image.pixels[i + 1] = colour.1
+                    image.pixels[i + 2] = colour.2
+                }
+            }
+            cx += 6
+        }
+        return cx
+    }
+}
+
+/// Copies `source` into `target` with its top-left corner at (x, y).
+func paste(_ source: RGBImage, into target: inout RGBImage, x: Int, y: Int) {
+    for sy in 0..<source.height where y + sy < target.height {
+        for sx in 0..<source.width where x + sx < target.width {
+            for c in 0..<3 { target.pixels[((y + sy) * target.width + x + sx) * 3 + c] = source.pixels[(sy * source.width + sx) * 3 + c] }
+        }
+    }
+}
+
+/// A grid of pack images, each beside its pseudo-label overlay, captioned with the target
+/// classes and their target/achieved areas.
+public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 16) throws -> RGBImage {
+    let records = Array(pack.manifest.images.prefix(limit))
+    guard let first = records.first else { throw PackError(file: pack.url.path, "the pack has no images") }
+    let names = pack.manifest.teacher.card.classNames
+    let tile = try pack.image(first)
+    let w = tile.width, h = tile.height
+    let captionLines = pack.manifest.generator.options.maxClasses
+    let cellW = 2 * w + 12, cellH = h + 10 + 9 * captionLines
+    let rows = (records.count + columns - 1) / columns
+    var sheet = RGBImage(width: columns * cellW + 4, height: rows * cellH + 4, fill: (24, 24, 24))
+    for (i, r) in records.enumerated() {
+        let x = 4 + (i % columns) * cellW, y = 4 + (i / columns) * cellH
+        let image = try pack.image(r), label = try pack.label(r)
+        paste(image, into: &sheet, x: x, y: y)
+        paste(overlay(image, label), into: &sheet, x: x + w + 4, y: y)
+        for (line, (c, (target, achieved))) in zip(r.targets, zip(r.targetAreas, r.achievedAreas)).enumerated() {
+            let name = c < names.count ? names[c] : "\(c)"
+            let colour = (vocPalette[3 * c], vocPalette[3 * c + 1], vocPalette[3 * c + 2])
+            let cx = BitmapFont.draw("\u{20}", into: &sheet, x: x, y: y + h + 3 + 9 * line, colour: colour)
+            for dy in 0..<7 { for dx in 0..<5 {
+                let i = ((y + h + 3 + 9 * line + dy) * sheet.width + x + dx) * 3
+                if i + 2 < sheet.pixels.count { sheet.pixels[i] = colour.0; sheet.pixels[i + 1] = colour.1; sheet.pixels[i + 2] = colour.2 }
+            } }
+            BitmapFont.draw(String(format: "%@ %.0f%%/%.0f%%", name, 100 * target, 100 * achieved), into: &sheet,
+                            x: cx + 2, y: y + h + 3 + 9 * line, colour: (230, 230, 230))
+        }
+    }
+    return sheet
+}

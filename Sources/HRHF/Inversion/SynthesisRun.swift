@@ -1,0 +1,137 @@
+import Foundation
+
+/// A whole `hrhf-synth` run: batches of SegInversion written to a work directory as they
+/// finish (so `--resume` continues after a kill), then assembled into the pack.
+public struct SynthesisJob {
+    public var teacherURL: URL
+    public var model: DeepLabV3
+    public var card: ModelCard
+    public var classes: [Int]
+    public var count: Int
+    public var options: InversionOptions
+    public var seed: UInt64
+    /// (K, N): make the K-th of N disjoint parts, K from 1.
+    public var shard: (index: Int, count: Int)?
+    public var out: URL
+
+    public init(teacherURL: URL, model: DeepLabV3, card: ModelCard, classes: [Int], count: Int, options: InversionOptions,
+                seed: UInt64, shard: (index: Int, count: Int)? = nil, out: URL) {
+        self.teacherURL = teacherURL
+        self.model = model
+        self.card = card
+        self.classes = classes
+        self.count = count
+        self.options = options
+        self.seed = seed
+        self.shard = shard
+        self.out = out
+    }
+
+    public var workDirectory: URL { URL(fileURLWithPath: out.path + ".partial.d") }
+    public var batchCount: Int { (count + options.batchSize - 1) / options.batchSize }
+
+    /// This run's batches: all, or every N-th starting at K-1 for a shard.
+    public var batches: [Int] {
+        guard let shard else { return Array(0..<batchCount) }
+        return (0..<batchCount).filter { $0 % shard.count == shard.index - 1 }
+    }
+
+    /// What a resumed run must share with the interrupted one.
+    struct Identity: Codable, Equatable {
+        var options: InversionOptions
+        var seed: UInt64
+        var count: Int
+        var classes: [Int]
+        var teacherSHA256: String
+        var shard: [Int]?
+    }
+
+    public struct Outcome {
+        public var manifest: PackManifest
+        public var seconds: Double
+        public var imagesMade: Int
+        public var resumedImages: Int
+        public var imagesPerMinute: Double { seconds > 0 ? Double(imagesMade) / seconds * 60 : 0 }
+    }
+
+    /// Thrown when `stopAfterBatches` cuts a run short (tests simulate a kill with it).
+    public struct Interrupted: Error {}
+
+    /// Runs (or continues, with `resume`) and writes the pack. `progress` sees
+    /// (finished teacher iterations, total iterations of this run, current loss).
+    public func run(resume: Bool, stopAfterBatches: Int? = nil, progress: ((Int, Int, Float) -> Void)? = nil) throws -> Outcome {
+        let fm = FileManager.default
+        let teacherSHA = try sha256Hex(file: teacherURL)
+        let identity = Identity(options: options, seed: seed, count: count, classes: classes, teacherSHA256: teacherSHA,
+                                shard: shard.map { [$0.index, $0.count] })
+        let identityURL = workDirectory.appendingPathComponent("job.json")
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        if fm.fileExists(atPath: workDirectory.path) {
+            guard resume else {
+                throw PackError(file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
+            }
+            guard let data = try? Data(contentsOf: identityURL), let previous = try? JSONDecoder().decode(Identity.self, from: data),
+                  previous == identity else {
+                throw PackError(file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
+            }
+        } else {
+            for sub in ["batches", "images", "labels"] {
+                try fm.createDirectory(at: workDirectory.appendingPathComponent(sub), withIntermediateDirectories: true)
+            }
+            try writeAtomically(try encoder.encode(identity), to: identityURL)
+        }
+        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: options)
+        var records: [SynthesisRecord] = []
+        var made = 0, resumed = 0
+        let start = Date()
+        let mine = batches
+        for (position, b) in mine.enumerated() {
+            let recordURL = workDirectory.appendingPathComponent(String(format: "batches/%06d.json", b))
+            if let data = try? Data(contentsOf: recordURL), let done = try? JSONDecoder().decode([SynthesisRecord].self, from: data) {
+                records += done
+                resumed += done.count
+                progress?((position + 1) * options.iterations, mine.count * options.iterations, .nan)
+                continue
+            }
+            if let stop = stopAfterBatches, made >= stop * options.batchSize { throw Interrupted() }
+            let first = b * options.batchSize, n = min(options.batchSize, count - first)
+            let images = inversion.synthesize(batch: b, firstIndex: first, count: n, seed: seed) { it, total, loss in
+                progress?(position * total + it, mine.count * total, loss)
+            }
+            for s in images {
+                try ImageIO.writePNG(s.image, to: workDirectory.appendingPathComponent(s.record.image))
+                try ImageIO.writePalettePNG(s.label, to: workDirectory.appendingPathComponent(s.record.label))
+            }
+            // The batch's record file is written last: its presence marks the batch complete.
+            try writeAtomically(try encoder.encode(images.map(\.record)), to: recordURL)
+            records += images.map(\.record)
+            made += n
+        }
+        records.sort { $0.index < $1.index }
+        let manifest = PackManifest(
+            generator: .init(name: "hrhf-synth", version: toolkitVersion, options: options, seed: seed, count: count),
+            teacher: .init(file: teacherURL.lastPathComponent, sha256: teacherSHA, card: card),
+            classes: classes.map { ClassInfo(id: $0, name: $0 < card.classes.count ? card.classes[$0].name : "class \($0)") },
+            shard: shard.map { .init(index: $0.index, count: $0.count) },
+            images: records,
+            // Throughput is left out of the manifest: the same seed must give the same bytes.
+            quality: SynthesisQuality(records: records, imagesPerMinute: nil))
+        try SyntheticPack.write(manifest: manifest, files: { try Data(contentsOf: workDirectory.appendingPathComponent($0)) }, to: out)
+        try? fm.removeItem(at: workDirectory)
+        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made, resumedImages: resumed)
+    }
+}
+
+/// Parses "1-15", "1,3,5-7" into class ids.
+public func parseClassList(_ text: String) throws -> [Int] {
+    var out: [Int] = []
+    for part in text.split(separator: ",") {
+        let bounds = part.split(separator: "-").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard (bounds.count == 1 || bounds.count == 2), let lo = bounds.first, let hi = bounds.last, lo <= hi else {
+            throw DatasetError(file: text, "expected class ids such as 1-15 or 1,3,5-7")
+        }
+        out += Array(lo...hi)
+    }
+    return out
+}

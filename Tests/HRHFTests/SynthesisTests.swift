@@ -1,0 +1,231 @@
+import XCTest
+@testable import HRHF
+
+final class SynthesisTests: XCTestCase {
+    /// A tiny teacher with random weights: enough to exercise every code path quickly.
+    static let tinyArch = ArchitectureDescription(name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1],
+                                                  baseWidth: 4, outputStride: 8, headChannels: 8, classesPerStep: [6])
+
+    static func tinyTeacher() throws -> (URL, DeepLabV3, ModelCard) {
+        let model = try DeepLabV3(tinyArch, seed: 11)
+        // Random running statistics, so evaluation mode is not the identity.
+        var rng = SeededGenerator(seed: 12)
+        for (name, t) in model.namedBuffers() where name.hasSuffix("running_var") {
+            for i in 0..<t.count { t.pointer[i] = 0.5 + rng.nextUnitFloat() }
+        }
+        let card = ModelCard(architecture: tinyArch, classNames: Array(DatasetClasses.shapes.prefix(6)))
+        let url = temporaryDirectory().appendingPathComponent("teacher.safetensors")
+        try ModelFile.save(model, card: card, to: url)
+        return (url, model, card)
+    }
+
+    static func smallOptions() -> InversionOptions {
+        var o = InversionOptions()
+        o.iterations = 3
+        o.warmup = 1
+        o.batchSize = 2
+        o.resolution = 16
+        o.jitter = 2
+        return o
+    }
+
+    func testSAALossesHaveFiniteDifferenceGradients() throws {
+        let (_, model, card) = try Self.tinyTeacher()
+        var o = Self.smallOptions()
+        o.weightTV1 = 0.1
+        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: o)
+        var rng = SeededGenerator(seed: 3)
+        let targets = inversion.drawTargets(count: 2, rng: &rng)
+        let x = randn([2, 3, 16, 16], seed: 4)
+        // Each term on its own. The ranking inside top-k can change under a step, so the step is
+        // small (1e-3) and the tolerances allow for float32 noise at that step.
+        let pick: [(SegInversion.Terms) -> Tensor] = [{ $0.inside }, { $0.outside }, { $0.absent }, { $0.tv2 + $0.tv1 }, { $0.l2 }]
+        for term in pick {
+            checkGradients([x], samples: 12, step: 1e-3, atol: 3e-3, rtol: 2e-2) { t in term(inversion.terms(t[0], targets: targets)) }
+        }
+        // The statistics term through the first batch-norm layer (before max pooling: deeper
+        // layers sit behind pooling and ReLU kinks that a finite step in a 16-pixel image keeps
+        // crossing; their backward is covered op by op and by the hook's own check).
+        checkGradients([x], samples: 12, step: 1e-2) { t in
+            _ = inversion.terms(t[0], targets: targets)
+            let r = inversion.recorder.records[0]
+            return sqrt(sum(square(r.mean - r.runningMean))) + sqrt(sum(square(r.variance - r.runningVar)))
+        }
+        XCTAssertTrue(model.parameters.allSatisfy { $0.grad == nil }, "no weight gradients")
+    }
+
+    func testTargetsRespectTheAreaBoundsAndTheClassList() throws {
+        let (_, model, card) = try Self.tinyTeacher()
+        var o = Self.smallOptions()
+        o.maxClasses = 3
+        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: [2, 3, 5], options: o)
+        var rng = SeededGenerator(seed: 9)
+        for t in inversion.drawTargets(count: 200, rng: &rng) {
+            XCTAssertTrue((1...3).contains(t.classes.count))
+            XCTAssertTrue(Set(t.classes).isSubset(of: [2, 3, 5]))
+            XCTAssertLessThanOrEqual(t.areas.reduce(0, +), o.areaTotalMax + 1e-5)
+            XCTAssertTrue(t.areas.allSatisfy { $0 <= o.areaMax })
+        }
+        XCTAssertThrowsError(try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
+    }
+
+    func testPearson() {
+        XCTAssertEqual(pearson([1, 2, 3], [2, 4, 6]), 1, accuracy: 1e-12)
+        XCTAssertEqual(pearson([1, 2, 3], [3, 2, 1]), -1, accuracy: 1e-12)
+        XCTAssertEqual(pearson([1, 2, 3, 4], [1, 3, 2, 4]), 0.8, accuracy: 1e-12)
+    }
+
+    func makeJob(_ teacher: (URL, DeepLabV3, ModelCard), out: URL, count: Int = 5, shard: (Int, Int)? = nil) -> SynthesisJob {
+        SynthesisJob(teacherURL: teacher.0, model: teacher.1, card: teacher.2, classes: [1, 2, 3, 4, 5], count: count,
+                     options: Self.smallOptions(), seed: 21, shard: shard, out: out)
+    }
+
+    func testPackIsReproducibleShardableResumableAndReadable() throws {
+        let teacher = try Self.tinyTeacher()
+        let dir = temporaryDirectory()
+        let a = dir.appendingPathComponent("a.tar"), b = dir.appendingPathComponent("b.tar")
+        let outcome = try makeJob(teacher, out: a).run(resume: false)
+        XCTAssertEqual(outcome.manifest.images.count, 5)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: a.path + ".partial"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: a.path + ".partial.d"))
+        _ = try makeJob(teacher, out: b).run(resume: false)
+        XCTAssertEqual(try sha256Hex(file: a), try sha256Hex(file: b), "same seed and options, same bytes")
+
+        // Two shards merged equal one run.
+        let s1 = dir.appendingPathComponent("s1.tar"), s2 = dir.appendingPathComponent("s2.tar")
+        _ = try makeJob(teacher, out: s1, shard: (1, 2)).run(resume: false)
+        _ = try makeJob(teacher, out: s2, shard: (2, 2)).run(resume: false)
+        let merged = dir.appendingPathComponent("merged.tar")
+        _ = try SyntheticPack.merge([try SyntheticPack(url: s1), try SyntheticPack(url: s2)], to: merged)
+        XCTAssertEqual(try sha256Hex(file: merged), try sha256Hex(file: a))
+        XCTAssertThrowsError(try SyntheticPack.merge([try SyntheticPack(url: s1)], to: dir.appendingPathComponent("x.tar"))) { e in
+            XCTAssertTrue("\(e)".contains("a shard is missing"), "\(e)")
+        }
+
+        // A killed run resumes from its last complete batch to the same pack.
+        let c = dir.appendingPathComponent("c.tar")
+        XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false, stopAfterBatches: 1))
+        XCTAssertTrue(FileManager.default.fileExists(atPath: c.path + ".partial.d/batches/000000.json"))
+        XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false)) { e in XCTAssertTrue("\(e)".contains("--resume")) }
+        let resumed = try makeJob(teacher, out: c).run(resume: true)
+        XCTAssertEqual(resumed.resumedImages, 2)
+        XCTAssertEqual(resumed.imagesMade, 3)
+        XCTAssertEqual(try sha256Hex(file: c), try sha256Hex(file: a))
+
+        // The pack reads back: manifest, records, images and pseudo-labels.
+        let pack = try SyntheticPack(url: a)
+        XCTAssertEqual(pack.manifest.generator.seed, 21)
+        XCTAssertEqual(pack.manifest.teacher.sha256, try sha256Hex(file: teacher.0))
+        let r = pack.manifest.images[3]
+        XCTAssertEqual(r.image, "images/000003.png")
+        XCTAssertEqual(try pack.image(r).width, 16)
+        XCTAssertEqual(try pack.label(r).values.count, 256)
+        XCTAssertEqual(r.achievedAreas.count, r.targets.count)
+        let sheet = try contactSheet(pack)
+        XCTAssertGreaterThan(sheet.width, 64)
+
+        // Standard tools read it.
+        let tar = Process()
+        tar.executableURL = URL(fileURLWithPath: "/usr/bin/tar")
+        tar.arguments = ["-tf", a.path]
+        let pipe = Pipe()
+        tar.standardOutput = pipe
+        try tar.run()
+        let listing = String(decoding: pipe.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        tar.waitUntilExit()
+        XCTAssertEqual(tar.terminationStatus, 0)
+        let names = listing.split(separator: "\n").map(String.init)
+        XCTAssertEqual(names.first, "manifest.json")
+        XCTAssertEqual(names.last, "SHA256SUMS")
+        XCTAssertEqual(names.count, 12)
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") || FileManager.default.isExecutableFile(atPath: "/usr/local/bin/python3") {
+            let py = Process()
+            py.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+            py.arguments = ["python3", "-c", "import tarfile,sys; t=tarfile.open(sys.argv[1]); print(len(t.getnames()))", a.path]
+            let out = Pipe()
+            py.standardOutput = out
+            try py.run()
+            let text = String(decoding: out.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+            py.waitUntilExit()
+            XCTAssertEqual(text.trimmingCharacters(in: .whitespacesAndNewlines), "12")
+        }
+    }
+
+    /// A valid pack's entries, for building damaged ones.
+    func entries(of url: URL) throws -> [(String, Data)] {
+        let reader = try ArchiveReader(path: url.path, format: .tar)
+        var out: [(String, Data)] = []
+        while let e = try reader.next() { out.append((e.name, try reader.readData(entry: e.name, limit: 1 << 24))) }
+        return out
+    }
+
+    func assertRefused(_ build: (TarWriter) throws -> Void, _ expected: String, limit: Int = SyntheticPack.defaultEntryLimit,
+                       file: StaticString = #filePath, line: UInt = #line) throws {
+        let url = temporaryDirectory().appendingPathComponent("hostile.tar")
+        let w = try TarWriter(url: url)
+        try build(w)
+        try w.finish()
+        XCTAssertThrowsError(try SyntheticPack(url: url, entryLimit: limit), file: file, line: line) { e in
+            XCTAssertTrue("\(e)".hasPrefix(url.path) && "\(e)".contains(expected), "\(e)", file: file, line: line)
+        }
+    }
+
+    func testHostileAndDamagedPacksAreRefusedNamingTheEntry() throws {
+        let teacher = try Self.tinyTeacher()
+        let good = temporaryDirectory().appendingPathComponent("good.tar")
+        _ = try makeJob(teacher, out: good, count: 2).run(resume: false)
+        let valid = try entries(of: good)
+        func copy(_ w: TarWriter, replacing: [String: Data] = [:]) throws {
+            for (n, d) in valid { try w.add(n, replacing[n] ?? d) }
+        }
+        let manifest = valid[0].1
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("/etc/evil", Data("x".utf8)) }, "entry /etc/evil: absolute paths")
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/../../evil", Data("x".utf8)) }, "entry images/../../evil: paths with ..")
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/link", Data(), kind: .symlink("/etc/passwd")) }, "entry images/link: links")
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/hard", Data(), kind: .hardlink("manifest.json")) }, "entry images/hard: links")
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("dev", Data(), kind: .characterDevice) }, "entry dev: device")
+        let limit = manifest.count + 100
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/big.png", Data(count: limit + 1)) },
+                          "entry images/big.png: \(limit + 1) bytes is over the limit", limit: limit)
+        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("manifest.json", manifest) }, "entry manifest.json: appears twice")
+        let future = String(decoding: manifest, as: UTF8.self).replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 9")
+        try assertRefused({ w in try copy(w, replacing: ["manifest.json": Data(future.utf8)]) }, "entry manifest.json: format version 9")
+        try assertRefused({ w in for (n, d) in valid.dropFirst() { try w.add(n, d) } }, "manifest.json: missing, or not the first entry")
+        // One flipped byte in an image fails the checksum.
+        var damaged = valid[1].1
+        damaged[damaged.count / 2] ^= 0x01
+        try assertRefused({ w in try copy(w, replacing: [valid[1].0: damaged]) }, "entry \(valid[1].0): checksum mismatch")
+        // An entry the checksums do not list.
+        try assertRefused({ w in
+            for (n, d) in valid.dropLast() { try w.add(n, d) }
+            try w.add("extra.txt", Data("x".utf8))
+            try w.add(valid.last!.0, valid.last!.1)
+        }, "entry extra.txt: not listed in SHA256SUMS")
+    }
+
+    func testCommandsVerifyAndRefuseAFlippedByte() throws {
+        let teacher = try Self.tinyTeacher()
+        let dir = temporaryDirectory()
+        let pack = dir.appendingPathComponent("p.tar")
+        let r = try runTool("hrhf-synth", ["--model", teacher.0.path, "--classes", "1-5", "--count", "2", "--iterations", "2",
+                                          "--synth-batch", "2", "--resolution", "16", "--out", pack.path, "--threads", "1"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertTrue(r.stdout.contains("area correlation") && r.stdout.contains("class fidelity"), r.stdout)
+        let ok = try runTool("hrhf-pack", ["verify", pack.path, "--model", teacher.0.path])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertTrue(ok.stdout.contains("teacher matches"))
+        var bytes = try Data(contentsOf: pack)
+        bytes[bytes.count / 2] ^= 0x01
+        let bad = dir.appendingPathComponent("bad.tar")
+        try bytes.write(to: bad)
+        let refused = try runTool("hrhf-pack", ["verify", bad.path])
+        XCTAssertNotEqual(refused.status, 0)
+        XCTAssertTrue(refused.stderr.contains("bad.tar"), refused.stderr)
+        let other = try DeepLabV3(Self.tinyArch, seed: 99)
+        let otherURL = dir.appendingPathComponent("other.safetensors")
+        try ModelFile.save(other, card: teacher.2, to: otherURL)
+        let wrongTeacher = try runTool("hrhf-pack", ["verify", pack.path, "--model", otherURL.path])
+        XCTAssertNotEqual(wrongTeacher.status, 0)
+        XCTAssertTrue(wrongTeacher.stderr.contains("teacher SHA-256"), wrongTeacher.stderr)
+    }
+}
