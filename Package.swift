@@ -16,6 +16,7 @@ let package = Package(
         .executable(name: "hrhf-eval", targets: ["hrhf-eval"]),
         .executable(name: "hrhf-synth", targets: ["hrhf-synth"]),
         .executable(name: "hrhf-pack", targets: ["hrhf-pack"]),
+        .executable(name: "hrhf-distill", targets: ["hrhf-distill"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -48,6 +49,7 @@ let package = Package(
         .executableTarget(name: "hrhf-eval", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-synth", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-pack", dependencies: ["HRHFCommandLine"]),
+        .executableTarget(name: "hrhf-distill", dependencies: ["HRHFCommandLine"]),
         .testTarget(name: "HRHFTests", dependencies: ["HRHF", "HRHFCommandLine"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]

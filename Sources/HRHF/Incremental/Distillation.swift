@@ -1,0 +1,251 @@
+import Foundation
+
+/// The new model of step t: the old one with `newClasses` more outputs. New classifier rows
+/// start as the background row; their bias and the background's are b_bg - log(newClasses + 1)
+/// (MiB's initialisation, so the background's probability is shared, not changed).
+public func extendModel(_ old: DeepLabV3, card: ModelCard, newClassNames: [String], step: Int) throws -> (DeepLabV3, ModelCard) {
+    let added = newClassNames.count
+    precondition(added >= 1, "a step adds at least one class")
+    var arch = old.architecture
+    arch.classesPerStep.append(added)
+    let model = try DeepLabV3(arch)
+    let oldState = Dictionary(old.stateDict().map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
+    let oldClasses = old.numClasses
+    let headChannels = arch.headChannels
+    for (name, t) in model.stateDict() {
+        if let v = oldState[name], v.shape == t.shape { t.assign(v) }
+    }
+    let bgWeight = Array(old.classifiers[0].weight.array[0..<headChannels])
+    let bgBias = old.classifiers[0].bias!.pointer[0]
+    let shared = bgBias - Foundation.log(Float(added + 1))
+    switch arch.flavor {
+    case .torchvision:
+        // One classifier: copy the old rows, then fill the new ones.
+        let w = model.classifiers[0].weight, b = model.classifiers[0].bias!
+        let ow = old.classifiers[0].weight, ob = old.classifiers[0].bias!
+        w.pointer.update(from: ow.pointer, count: ow.count)
+        b.pointer.update(from: ob.pointer, count: ob.count)
+        for k in oldClasses..<(oldClasses + added) {
+            for i in 0..<headChannels { w.pointer[k * headChannels + i] = bgWeight[i] }
+            b.pointer[k] = shared
+        }
+        b.pointer[0] = shared
+    case .mib:
+        // One classifier per step: the new one is `cls.<step>`.
+        let w = model.classifiers.last!.weight, b = model.classifiers.last!.bias!
+        for k in 0..<added {
+            for i in 0..<headChannels { w.pointer[k * headChannels + i] = bgWeight[i] }
+            b.pointer[k] = shared
+        }
+        model.classifiers[0].bias!.pointer[0] = shared
+    }
+    // The auxiliary head's classifier grows the same way.
+    if arch.auxHead, let aw = model.stateDict().first(where: { $0.name == "aux_classifier.4.weight" })?.tensor,
+       let ab = model.stateDict().first(where: { $0.name == "aux_classifier.4.bias" })?.tensor,
+       let ow = oldState["aux_classifier.4.weight"], let ob = oldState["aux_classifier.4.bias"] {
+        let inChannels = ow.shape[1]
+        aw.pointer.update(from: ow.pointer, count: ow.count)
+        ab.pointer.update(from: ob.pointer, count: ob.count)
+        let shift = ob.pointer[0] - Foundation.log(Float(added + 1))
+        for k in oldClasses..<(oldClasses + added) {
+            for i in 0..<inChannels { aw.pointer[k * inChannels + i] = ow.pointer[i] }
+            ab.pointer[k] = shift
+        }
+        ab.pointer[0] = shift
+    }
+    var newCard = card
+    newCard.architecture = arch
+    newCard.classes += newClassNames.enumerated().map { ClassInfo(id: oldClasses + $0.offset, name: $0.element) }
+    newCard.history.append(IncrementalStep(step: step, classes: Array(oldClasses..<(oldClasses + added))))
+    return (model, newCard)
+}
+
+/// How the background of real images is handled (METHOD.md).
+public enum BackgroundHandling: String, Codable, Sendable, CaseIterable {
+    /// Plain cross-entropy on the step's labels (old objects stay background: fine-tuning).
+    case plain
+    /// MiB's unbiased cross-entropy.
+    case unbiased
+    /// Old-model pseudo-labels on background pixels, entropy-thresholded (PLOP).
+    case pseudo
+    /// GSC's prototypical pseudo re-labelling.
+    case proto
+}
+
+/// Every switch and weight of a distillation step; `--method` presets fill them.
+public struct DistillationOptions: Codable, Equatable, Sendable {
+    public var method = "hrhf+gsc"
+    public var background = BackgroundHandling.proto
+    /// Share of each batch drawn from the synthetic packs (0: real images only).
+    public var fakeRatio: Float = 0.5
+    /// Unbiased KD on the real half (MiB's, weight 10 in MiB).
+    public var realKDWeight: Float = 10
+    /// LwF's plain KD on real images.
+    public var plainKDWeight: Float = 0
+    public var kdTemperature: Float = 1
+    /// Fake half: unbiased KD and cross-entropy with the old model's confident labels.
+    public var fakeKDWeight: Float = 10
+    public var fakeCEWeight: Float = 1
+    public var fakeConfidence: Float = 0.7
+    /// Feature distillation (mean squared difference of the head's output) on the fake half.
+    public var featureWeight: Float = 0
+    /// GSC step-aware gradient compensation of the cross-entropy.
+    public var gradientCompensation = true
+    public var compensationMin: Float = 0.5
+    public var compensationMax: Float = 2
+    public var softWeight: Float = 1
+    public var softTemperature: Float = 2
+    public var sharpWeight: Float = 0.1
+    public var sharpConfidence: Float = 0.9
+    public var relationWeight: Float = 1
+    /// Prototypes: mean feature of pixels the old model labels with confidence >= this.
+    public var prototypeConfidence: Float = 0.9
+    /// Re-label when the prototype softmax of the old argmax class is >= tauP ...
+    public var prototypeTau: Float = 0.5
+    /// ... and the old model's confidence is >= tauConf.
+    public var prototypeOldConfidence: Float = 0.7
+    public var prototypeTemperature: Float = 1
+    /// Pseudo-labels: normalised entropy below this (and below the class's batch median).
+    public var pseudoEntropy: Float = 0.5
+    /// Joint training: every seen class's labels on all images (the upper bound).
+    public var joint = false
+
+    public init() {}
+
+    /// The methods of the comparison table as presets of the switches above.
+    public static func preset(_ method: String) throws -> DistillationOptions {
+        var o = DistillationOptions()
+        o.method = method
+        func noGSC() { o.gradientCompensation = false; o.softWeight = 0; o.sharpWeight = 0; o.relationWeight = 0 }
+        switch method {
+        case "ft":
+            noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0
+        case "lwf":
+            noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0; o.plainKDWeight = 10
+        case "mib":
+            noGSC(); o.background = .unbiased; o.fakeRatio = 0
+        case "plop":
+            noGSC(); o.background = .pseudo; o.fakeRatio = 0; o.realKDWeight = 0; o.plainKDWeight = 10
+        case "gsc":
+            o.background = .proto; o.fakeRatio = 0
+        case "hrhf":
+            noGSC(); o.background = .unbiased
+        case "hrhf+gsc":
+            break
+        case "joint":
+            noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0; o.joint = true
+        default:
+            throw DatasetError(file: method, "unknown method: ft, lwf, mib, plop, gsc, hrhf, hrhf+gsc or joint")
+        }
+        return o
+    }
+}
+
+/// Class prototypes of the old model: the mean head feature of the pixels it labels with high
+/// confidence, per old class (nil where no pixel qualifies).
+public struct Prototypes {
+    public var vectors: [[Float]?]
+    public var channels: Int
+
+    /// From images (a pack's, without old data; or the step's own when there is no pack).
+    public static func compute(old: DeepLabV3, images: [Tensor], confidence: Float) -> Prototypes {
+        let classes = old.numClasses, channels = old.architecture.headChannels
+        var sums = [[Double]](repeating: [Double](repeating: 0, count: channels), count: classes)
+        var counts = [Int](repeating: 0, count: classes)
+        withNoGrad {
+            for x in images {
+                let out = old.run(x, upsample: false)
+                let p = softmax(out.logits)
+                let (n, c, h, w) = nchw(p, "prototypes")
+                let f = out.features
+                for b in 0..<n {
+                    for i in 0..<(h * w) {
+                        var best: Float = -1, k = 0
+                        for j in 0..<c where p.pointer[(b * c + j) * h * w + i] > best { best = p.pointer[(b * c + j) * h * w + i]; k = j }
+                        guard best >= confidence else { continue }
+                        counts[k] += 1
+                        for ch in 0..<channels { sums[k][ch] += Double(f.pointer[(b * channels + ch) * h * w + i]) }
+                    }
+                }
+            }
+        }
+        return Prototypes(vectors: (0..<classes).map { k in counts[k] > 0 ? sums[k].map { Float($0 / Double(counts[k])) } : nil },
+                          channels: channels)
+    }
+
+    /// GSC's prototypical re-labelling of the background pixels of real labels: a background
+    /// pixel whose old-model argmax is old class c becomes c when softmax(-||phi - p_k|| / T)
+    /// over the old classes gives c at least tauP and the old model's confidence is at least
+    /// tauConf; where the prototype's nearest class disagrees with the old argmax it becomes 255.
+    public func relabel(_ labels: Labels, oldLogitsLowRes: Tensor, oldFeatures: Tensor, options: DistillationOptions) -> Labels {
+        let p = softmax(oldLogitsLowRes)
+        let (n, c, fh, fw) = nchw(p, "relabel")
+        let (_, h, w) = (labels.shape[0], labels.shape[1], labels.shape[2])
+        var values = labels.values
+        for b in 0..<n {
+            // Decide at feature resolution, apply to the nearest feature of each pixel.
+            var decision = [Int32](repeating: -1, count: fh * fw)
+            for i in 0..<(fh * fw) {
+                var best: Float = -1, k = 0
+                for j in 0..<c where p.pointer[(b * c + j) * fh * fw + i] > best { best = p.pointer[(b * c + j) * fh * fw + i]; k = j }
+                guard k != 0 else { continue }
+                var distances = [Float](repeating: .infinity, count: c)
+                for j in 0..<c {
+                    guard let v = vectors[j] else { continue }
+                    var d: Float = 0
+                    for ch in 0..<channels {
+                        let diff = oldFeatures.pointer[(b * channels + ch) * fh * fw + i] - v[ch]
+                        d += diff * diff
+                    }
+                    distances[j] = d.squareRoot()
+                }
+                let logits = distances.map { $0.isFinite ? -$0 / options.prototypeTemperature : -Float.infinity }
+                let m = logits.max() ?? 0
+                let e = logits.map { Foundation.exp($0 - m) }
+                let z = e.reduce(0, +)
+                let nearest = logits.firstIndex(of: m) ?? 0
+                if nearest != k { decision[i] = 255; continue }
+                if e[k] / z >= options.prototypeTau && best >= options.prototypeOldConfidence { decision[i] = Int32(k) }
+            }
+            for y in 0..<h {
+                let fy = min(fh - 1, y * fh / h)
+                for x in 0..<w {
+                    let j = (b * h + y) * w + x
+                    guard values[j] == 0 else { continue }
+                    let d = decision[fy * fw + min(fw - 1, x * fw / w)]
+                    if d >= 0 { values[j] = d }
+                }
+            }
+        }
+        return Labels(shape: labels.shape, values: values)
+    }
+}
+
+/// PLOP-style pseudo-labels: background pixels of real labels take the old model's argmax
+/// when it is an old foreground class and the prediction's normalised entropy is below both
+/// `threshold` and the median entropy of that class's pixels in the batch.
+public func pseudoLabel(_ labels: Labels, oldLogits: Tensor, threshold: Float) -> Labels {
+    let p = softmax(oldLogits)
+    let (n, c, h, w) = nchw(p, "pseudo-label")
+    let hw = h * w
+    var argmax = [Int](repeating: 0, count: n * hw), entropy = [Float](repeating: 0, count: n * hw)
+    var perClass = [[Float]](repeating: [], count: c)
+    let norm = Foundation.log(Float(c))
+    for j in 0..<(n * hw) {
+        var best: Float = -1, k = 0, e: Float = 0
+        for q in 0..<c {
+            let v = p.pointer[(j / hw * c + q) * hw + j % hw]
+            if v > best { best = v; k = q }
+            if v > 0 { e -= v * Foundation.log(v) }
+        }
+        argmax[j] = k
+        entropy[j] = e / norm
+        if labels.values[j] == 0 { perClass[k].append(entropy[j]) }
+    }
+    let medians = perClass.map { v -> Float in v.isEmpty ? 0 : v.sorted()[v.count / 2] }
+    var values = labels.values
+    for j in 0..<(n * hw) where values[j] == 0 && argmax[j] != 0 && entropy[j] <= min(threshold, medians[argmax[j]]) {
+        values[j] = Int32(argmax[j])
+    }
+    return Labels(shape: labels.shape, values: values)
+}

@@ -1,0 +1,115 @@
+import Foundation
+
+/// Steps `firstStep...lastStep` of a task in one go, as a user would script them: each step
+/// distils from the previous model; between steps a new pack is synthesised from the new model
+/// over every old foreground class when the method uses packs. Finished steps (their model
+/// file exists) are skipped, an interrupted step resumes from its checkpoint.
+public struct IncrementalRun {
+    public var old: URL
+    public var train: SegmentationDataset
+    public var val: SegmentationDataset?
+    public var task: IncrementalTask
+    public var firstStep: Int
+    public var lastStep: Int
+    public var setting: IncrementalSetting
+    public var packs: [URL]
+    public var options: DistillationOptions
+    public var config: TrainingConfig
+    public var synthCount: Int
+    public var synthOptions: InversionOptions
+    public var out: URL
+    public var evalLimit: Int?
+
+    public init(old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
+                lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions, config: TrainingConfig,
+                synthCount: Int, synthOptions: InversionOptions, out: URL, evalLimit: Int? = nil) {
+        self.old = old
+        self.train = train
+        self.val = val
+        self.task = task
+        self.firstStep = firstStep
+        self.lastStep = lastStep
+        self.setting = setting
+        self.packs = packs
+        self.options = options
+        self.config = config
+        self.synthCount = synthCount
+        self.synthOptions = synthOptions
+        self.out = out
+        self.evalLimit = evalLimit
+    }
+
+    /// Where step `s`'s model goes: `out` for the last step, `OUT-stepS.safetensors` before.
+    public func modelURL(step s: Int) -> URL {
+        s == lastStep ? out : URL(fileURLWithPath: out.deletingPathExtension().path + "-step\(s).safetensors")
+    }
+
+    public func packURL(afterStep s: Int) -> URL {
+        URL(fileURLWithPath: out.deletingPathExtension().path + "-step\(s)-pack.tar")
+    }
+
+    /// Events for the caller's display.
+    public enum Event {
+        case stepStarted(step: Int, images: Int, iterations: Int, resumedAt: Int)
+        case iteration(step: Int, done: Int, total: Int, loss: Float, parts: [String: Float])
+        case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
+        case synthesis(afterStep: Int, done: Int, total: Int)
+        case packWritten(afterStep: Int, manifest: PackManifest, url: URL)
+    }
+
+    public func run(_ event: @escaping (Event) -> Void) throws -> [IoUReport] {
+        var reports: [IoUReport] = []
+        var previous = old
+        var currentPacks = packs
+        for step in firstStep...lastStep {
+            let target = modelURL(step: step)
+            let (oldModel, oldCard) = try ModelFile.load(previous)
+            if FileManager.default.fileExists(atPath: target.path) {
+                previous = target
+            } else {
+                let loaded = try currentPacks.map { try SyntheticPack(url: $0) }
+                var stepConfig = config
+                stepConfig.seed = config.seed &+ UInt64(step)
+                let runner = try DistillationStep(old: oldModel, oldCard: oldCard, train: train, task: task, step: step, setting: setting,
+                                                  packs: loaded, options: options, config: stepConfig)
+                let trainer = runner.makeTrainer(checkpoint: URL(fileURLWithPath: target.path + ".ckpt"))
+                try trainer.resume()
+                event(.stepStarted(step: step, images: runner.realLoader.indices.count, iterations: stepConfig.iterations,
+                                   resumedAt: trainer.iteration))
+                let start = Date()
+                var parts: [String: Float] = [:]
+                try trainer.run(loss: { it in
+                    let (total, p) = try runner.loss(it)
+                    parts = p
+                    return total
+                }) { done, loss in event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts)) }
+                var report: IoUReport?
+                var card = runner.card
+                if let val {
+                    report = try evaluate(model: runner.model, normalization: card.normalization, dataset: val, proto: runner.proto,
+                                          limit: evalLimit)
+                    card.notes["step\(step)_val_miou_all"] = String(format: "%.4f", report!.all ?? 0)
+                }
+                card.notes["step\(step)_method"] = options.method
+                try ModelFile.save(runner.model, card: card, to: target)
+                try? FileManager.default.removeItem(atPath: target.path + ".ckpt")
+                event(.stepFinished(step: step, report: report, seconds: Date().timeIntervalSince(start), model: target))
+                if let report { reports.append(report) }
+                previous = target
+            }
+            // The next step's pack, from this step's model, over all its old foreground classes.
+            if step < lastStep && options.fakeRatio > 0 || step < lastStep && options.background == .proto && !packs.isEmpty {
+                let packURL = packURL(afterStep: step)
+                if !FileManager.default.fileExists(atPath: packURL.path) {
+                    let (model, card) = try ModelFile.load(previous)
+                    let job = SynthesisJob(teacherURL: previous, model: model, card: card, classes: Array(1..<model.numClasses),
+                                           count: synthCount, options: synthOptions, seed: config.seed &+ UInt64(100 + step), out: packURL)
+                    let outcome = try job.run(resume: true) { done, total, _ in event(.synthesis(afterStep: step, done: done, total: total)) }
+                    event(.packWritten(afterStep: step, manifest: outcome.manifest, url: packURL))
+                }
+                currentPacks = [packURL]
+            }
+        }
+        return reports
+    }
+}

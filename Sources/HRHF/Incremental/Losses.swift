@@ -1,0 +1,178 @@
+import Foundation
+
+// The losses of incremental steps (METHOD.md): MiB's unbiased cross-entropy and knowledge
+// distillation, LwF's plain distillation, and GSC's gradient compensation, soft, sharp and
+// relation terms. Logits are N x C x H x W; the old model's outputs are constants.
+
+/// Negative log-likelihood of log-probabilities (N x C x H x W) at the labels, ignoring 255,
+/// optionally weighted per pixel; mean over pixels not ignored (0 when there are none).
+public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 255, pixelWeights: Tensor? = nil) -> Tensor {
+    let (n, c, inner) = channelLayout(logProbs, "nll_loss")
+    precondition(target.count == n * inner, "nll_loss: target \(target.shape) does not match \(logProbs.shape)")
+    let labels = target.values
+    let valid = labels.reduce(0) { $0 + ($1 == ignoreIndex ? 0 : 1) }
+    let scale = valid > 0 ? 1 / Float(valid) : 0
+    let weights = pixelWeights?.detached()
+    var total = 0.0
+    let px = logProbs.pointer
+    for j in 0..<(n * inner) where labels[j] != ignoreIndex {
+        let y = Int(labels[j])
+        precondition(y >= 0 && y < c, "nll_loss: label \(y) outside 0..<\(c)")
+        total -= Double(px[(j / inner * c + y) * inner + j % inner] * (weights?.pointer[j] ?? 1))
+    }
+    let out = Tensor(scalar: Float(total) * scale)
+    let shape = logProbs.shape
+    record(out, "nll_loss", [logProbs]) { g in
+        let gx = Tensor(zeros: shape)
+        for j in 0..<(n * inner) where labels[j] != ignoreIndex {
+            gx.pointer[(j / inner * c + Int(labels[j])) * inner + j % inner] = -g.item * scale * (weights?.pointer[j] ?? 1)
+        }
+        return [gx]
+    }
+    return out
+}
+
+/// MiB's unbiased cross-entropy: the background's probability is that of background or any
+/// old class (channels 0..<oldClasses), since old objects are labelled background in new
+/// images. Labels hold 0, new classes (>= oldClasses) or 255.
+public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
+    let c = logits.shape[1]
+    precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
+    let den = logSumExp(logits)
+    let background = logSumExp(sliceChannels(logits, 0..<oldClasses)) - den
+    let new = sliceChannels(logits, oldClasses..<c) - den
+    // Channel 0: background-or-old; channel k: new class oldClasses + k - 1.
+    let mapped = Labels(shape: target.shape, values: target.values.map { y in
+        y == 255 ? 255 : (Int(y) >= oldClasses ? y - Int32(oldClasses) + 1 : 0)
+    })
+    return nllLoss(concatChannels([background, new]), mapped, pixelWeights: pixelWeights)
+}
+
+/// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
+/// new classes are summed into background, then compared with the old model's distribution:
+/// -mean over pixels of (sum_c q_c log p'_c) / |old classes|, at temperature T on both sides.
+public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil) -> Tensor {
+    let old = oldLogits.shape[1], c = newLogits.shape[1]
+    precondition(old < c, "unbiased KD: the new model must have more classes")
+    let x = newLogits * (1 / temperature)
+    let q = withNoGrad { softmax(oldLogits * (1 / temperature)) }
+    let den = logSumExp(x)
+    let background = logSumExp(concatChannels([sliceChannels(x, 0..<1), sliceChannels(x, old..<c)])) - den
+    var perPixel = sliceChannels(q, 0..<1) * background
+    if old > 1 { perPixel = perPixel + sum(sliceChannels(q, 1..<old) * (sliceChannels(x, 1..<old) - den), axes: [1], keepDims: true) }
+    return -maskedMean(perPixel, mask) * (1 / Float(old))
+}
+
+/// LwF's distillation as MiB implements it: the new model's log-softmax over the old classes
+/// against the old model's softmax, averaged over classes and pixels.
+public func plainDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1) -> Tensor {
+    let old = oldLogits.shape[1]
+    let logP = logSoftmax(sliceChannels(newLogits, 0..<old) * (1 / temperature))
+    let q = withNoGrad { softmax(oldLogits * (1 / temperature)) }
+    return -sum(logP * q) * (1 / Float(logP.count))
+}
+
+/// Mean of an N x 1 x H x W map, over the pixels where `mask` (same shape, 0/1) is 1.
+func maskedMean(_ x: Tensor, _ mask: Tensor?) -> Tensor {
+    guard let mask else { return mean(x) }
+    let count = mask.array.reduce(0, +)
+    return count > 0 ? sum(x * mask) * (1 / count) : sum(x * 0)
+}
+
+/// GSC soft distillation: KL(old || new) between the temperature-softened distributions over
+/// the old classes, on every pixel, times T^2.
+public func softDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float) -> Tensor {
+    let old = oldLogits.shape[1]
+    let logP = logSoftmax(sliceChannels(newLogits, 0..<old) * (1 / temperature))
+    let (q, logQ) = withNoGrad { (softmax(oldLogits * (1 / temperature)), logSoftmax(oldLogits * (1 / temperature))) }
+    let pixels = Float(q.count / old)
+    return sum(q * (logQ - logP)) * (temperature * temperature / pixels)
+}
+
+/// GSC sharpness: the entropy of the new model's prediction, averaged over the pixels where
+/// the old model is confident (max probability at least `confidence`); minimised.
+public func sharpEntropy(_ newLogits: Tensor, _ oldLogits: Tensor, confidence: Float) -> Tensor {
+    let mask = withNoGrad { () -> Tensor in
+        let q = softmax(oldLogits)
+        let (n, c, h, w) = nchw(q, "sharp")
+        let m = Tensor(zeros: [n, 1, h, w])
+        for b in 0..<n {
+            for i in 0..<(h * w) {
+                var best: Float = 0
+                for k in 0..<c { best = max(best, q.pointer[(b * c + k) * h * w + i]) }
+                m.pointer[b * h * w + i] = best >= confidence ? 1 : 0
+            }
+        }
+        return m
+    }
+    let logP = logSoftmax(newLogits)
+    let entropy = -sum(exp(logP) * logP, axes: [1], keepDims: true)
+    return maskedMean(entropy, mask)
+}
+
+/// GSC relation distillation: for each old class the old model predicts in the batch, the mean
+/// probability vector (over old classes) of the new and of the old model on those pixels are
+/// row c of two class-relation matrices; the loss is the mean absolute difference.
+public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Tensor {
+    let old = oldLogits.shape[1]
+    let pNew = softmax(sliceChannels(newLogits, 0..<old))
+    let (q, argmax) = withNoGrad { (softmax(oldLogits), argmaxMasks(oldLogits)) }
+    let (n, _, h, w) = nchw(q, "relation")
+    var total: Tensor?
+    var rows = 0
+    for c in 0..<old {
+        let mask = Tensor(zeros: [n, 1, h, w])
+        var count: Float = 0
+        for b in 0..<n {
+            for i in 0..<(h * w) where Int(argmax[b].values[i]) == c {
+                mask.pointer[b * h * w + i] = 1
+                count += 1
+            }
+        }
+        guard count > 0 else { continue }
+        let rowNew = sum(pNew * mask, axes: [0, 2, 3]) * (1 / count)
+        let rowOld = withNoGrad { sum(q * mask, axes: [0, 2, 3]) * (1 / count) }
+        let term = sum(abs(rowNew - rowOld))
+        total = total.map { $0 + term } ?? term
+        rows += 1
+    }
+    guard let total else { return sum(pNew * 0) }
+    return total * (1 / Float(rows * old))
+}
+
+/// GSC step-aware gradient compensation: pixel weights for the cross-entropy. For a pixel of
+/// an old class (background included) g = 1 - p(y) under the new model (detached);
+/// w = g^z / mean(g^z over the pixels of the same step group), z = |old| / |current| classes;
+/// new-class pixels weigh 1; weights clamped to [wMin, wMax]. Ignored pixels get 0.
+public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
+                                        z: Float, wMin: Float = 0.5, wMax: Float = 2) -> Tensor {
+    withNoGrad {
+        let p = softmax(logits)
+        let (n, c, h, w) = nchw(p, "gradient compensation")
+        let hw = h * w
+        let weights = Tensor(zeros: target.shape)
+        var g = [Float](repeating: 0, count: n * hw)
+        var groupSum = [Double](repeating: 0, count: currentStep + 1), groupCount = [Int](repeating: 0, count: currentStep + 1)
+        for j in 0..<(n * hw) {
+            let y = Int(target.values[j])
+            guard y != 255, y < c else { continue }
+            let step = stepOfClass[y]
+            guard step < currentStep else { continue }
+            g[j] = Foundation.pow(max(1 - p.pointer[(j / hw * c + y) * hw + j % hw], 0), z)
+            groupSum[step] += Double(g[j])
+            groupCount[step] += 1
+        }
+        for j in 0..<(n * hw) {
+            let y = Int(target.values[j])
+            guard y != 255, y < c else { continue }
+            let step = stepOfClass[y]
+            if step >= currentStep {
+                weights.pointer[j] = 1
+            } else {
+                let mean = groupSum[step] / Double(max(groupCount[step], 1))
+                weights.pointer[j] = mean > 0 ? min(max(Float(Double(g[j]) / mean), wMin), wMax) : 1
+            }
+        }
+        return weights
+    }
+}

@@ -1,0 +1,108 @@
+import ArgumentParser
+import Foundation
+import HRHF
+import HRHFCommandLine
+
+struct Distill: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "hrhf-distill",
+        abstract: "Learn a step's new classes from real images plus synthetic packs: half-real half-fake distillation with Gradient-Semantic Compensation, and the baselines.")
+
+    @Option(help: "The model of the previous step (native).") var old: String
+    @Option(help: "Synthetic packs of the old classes (repeatable).") var pack: [String] = []
+    @OptionGroup var data: DataOptions
+    @Option(help: "The step to learn.") var step: Int = 1
+    @Option(name: .customLong("last-step"), help: "Run steps --step through this one, synthesising a pack after each.") var lastStep: Int?
+    @Option(help: "ft, lwf, mib, plop, gsc, hrhf, hrhf+gsc or joint.") var method: String = "hrhf+gsc"
+    @Option(help: "Override the method's background handling: plain, unbiased, pseudo or proto.") var background: String?
+    @Option(name: .customLong("fake-ratio"), help: "Override the share of each batch from the packs.") var fakeRatio: Float?
+    @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images.") var kd: Float?
+    @Option(name: .customLong("fake-kd"), help: "Override the KD weight on fake images.") var fakeKD: Float?
+    @Option(name: .customLong("feature-weight"), help: "Feature distillation on the fake half.") var featureWeight: Float?
+    @Option(name: .customLong("gradient-compensation"), help: "Override GSC's gradient compensation (true/false).") var gradientCompensation: Bool?
+    @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
+    @Option(name: .customLong("sharp"), help: "Override GSC's sharpness weight.") var sharp: Float?
+    @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
+    @Option(help: "Training iterations per step.") var iterations: Int = 1000
+    @Option(help: "Images per batch (real and fake together).") var batch: Int = 8
+    @Option(help: "Square training crop.") var crop: Int = 128
+    @Option(help: "Learning rate (SGD nesterov, poly).") var lr: Float = 0.005
+    @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int = 200
+    @Option(help: "Random seed.") var seed: UInt64 = 0
+    @Option(name: .customLong("synth-count"), help: "Images of the pack made after each step of a multi-step run.") var synthCount: Int = 64
+    @OptionGroup var synthesis: SynthesisOptionGroup
+    @Option(name: .customLong("eval-limit"), help: "Validation images per evaluation (default all).") var evalLimit: Int?
+    @Option(help: "Write the evaluations as JSON.") var json: String?
+    @Option(help: "Append PLOP-format CSV lines.") var csv: String?
+    @Option(help: "The final model.") var out: String
+    @OptionGroup var compute: ComputeOptions
+
+    func run() throws {
+        compute.apply()
+        var options = try DistillationOptions.preset(method)
+        if let background {
+            guard let b = BackgroundHandling(rawValue: background) else { throw ValidationError("unknown --background \(background)") }
+            options.background = b
+        }
+        if let fakeRatio { options.fakeRatio = fakeRatio }
+        if let kd { options.realKDWeight = kd }
+        if let fakeKD { options.fakeKDWeight = fakeKD }
+        if let featureWeight { options.featureWeight = featureWeight }
+        if let gradientCompensation { options.gradientCompensation = gradientCompensation }
+        if let soft { options.softWeight = soft }
+        if let sharp { options.sharpWeight = sharp }
+        if let relation { options.relationWeight = relation }
+        let train = try data.open(split: "train")
+        let val = try? data.open(split: "val")
+        let task = try data.task(train)
+        let last = lastStep ?? step
+        guard step >= 1, last >= step, last < task.steps.count else {
+            throw ValidationError("steps \(step)-\(last) are outside task \(task.name) (steps 1-\(task.steps.count - 1))")
+        }
+        let config = TrainingConfig(iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
+                                    checkpointEvery: checkpointEvery)
+        let run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step, lastStep: last,
+                                 setting: data.setting, packs: pack.map { URL(fileURLWithPath: $0) }, options: options, config: config,
+                                 synthCount: synthCount, synthOptions: synthesis.options, out: URL(fileURLWithPath: out),
+                                 evalLimit: evalLimit)
+        var progress: ProgressLine?
+        var summary: [[String]] = []
+        var allReports: [IoUReport] = []
+        _ = try run.run { event in
+            switch event {
+            case let .stepStarted(s, images, total, resumedAt):
+                print("step \(s) of \(task.name) (\(data.setting.rawValue)), method \(method): classes \(task.classes(at: s).map(String.init).joined(separator: ",")), "
+                      + "\(images) real images, \(pack.isEmpty && s == step ? "no pack" : "packs"), \(total) iterations"
+                      + (resumedAt > 0 ? ", resumed at \(resumedAt)" : ""))
+                progress = ProgressLine("step \(s)", total: total, unit: "it")
+            case let .iteration(_, done, _, loss, parts):
+                let detail = parts.keys.sorted().map { String(format: "%@ %.3f", $0, parts[$0]!) }.joined(separator: " ")
+                progress?.update(done, detail: String(format: "loss %.3f  ", loss) + detail)
+            case let .stepFinished(s, report, seconds, model):
+                progress?.finish()
+                if let report {
+                    print(report.table())
+                    allReports.append(report)
+                    try? writeReport(report, json: nil, csv: csv, classCount: report.perClass.count)
+                }
+                summary.append(["\(s)", IoUReport.percent(report?.old), IoUReport.percent(report?.new), IoUReport.percent(report?.all),
+                                formatDuration(seconds), model.path])
+            case let .synthesis(s, done, total):
+                if done == 1 || progress == nil { progress = ProgressLine("pack after step \(s)", total: total, unit: "it") }
+                progress?.update(done)
+            case let .packWritten(_, manifest, url):
+                progress?.finish()
+                print(qualitySummary(manifest, out: url.path, imagesPerMinute: nil, seconds: nil))
+            }
+        }
+        if let json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            try writeAtomically(try encoder.encode(allReports), to: URL(fileURLWithPath: json))
+        }
+        print(formatTable(header: ["step", "old mIoU %", "new mIoU %", "all mIoU %", "time", "model"], rows: summary))
+        print(IoUReport.convention)
+    }
+}
+
+Distill.main()

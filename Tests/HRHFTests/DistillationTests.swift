@@ -1,0 +1,163 @@
+import XCTest
+@testable import HRHF
+
+final class DistillationTests: XCTestCase {
+    func labelsWithIgnore(_ shape: [Int], classes: Int, seed: UInt64) -> Labels {
+        var rng = SeededGenerator(seed: seed)
+        return Labels(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in rng.nextUnitFloat() < 0.15 ? 255 : Int32(rng.next() % UInt64(classes)) })
+    }
+
+    func testLossesHaveFiniteDifferenceGradients() {
+        let new = randn([2, 6, 3, 4], seed: 1, std: 1.5), old = randn([2, 4, 3, 4], seed: 2, std: 1.5)
+        var rng = SeededGenerator(seed: 3)
+        let realLabels = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 4, 5, 255][Int(rng.next() % 4)] })
+        let weights = Tensor.uniform([2, 3, 4], low: 0.5, high: 2, rng: &rng)
+        checkGradients([new]) { nllLoss(logSoftmax($0[0]), self.labelsWithIgnore([2, 3, 4], classes: 6, seed: 4), pixelWeights: weights) }
+        checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4) }
+        checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4, pixelWeights: weights) }
+        checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 1) }
+        checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 2) }
+        checkGradients([new]) { plainDistillation($0[0], old, temperature: 1) }
+        checkGradients([new]) { softDistillation($0[0], old, temperature: 2) }
+        checkGradients([new]) { sharpEntropy($0[0], old, confidence: 0.4) }
+        checkGradients([new]) { relationDistillation($0[0], old) }
+    }
+
+    func testUnbiasedCrossEntropyAndKDValues() {
+        // One pixel, 3 old classes (0, 1, 2), 2 new (3, 4).
+        let logits = Tensor(shape: [1, 5, 1, 1], values: [0.5, 1.0, -0.3, 2.0, 0.1])
+        let p = softmax(logits).array
+        let bgLabel = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [0]), oldClasses: 3).item
+        XCTAssertEqual(bgLabel, -Foundation.log(p[0] + p[1] + p[2]), accuracy: 1e-5, "background absorbs the old classes")
+        let newLabel = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [3]), oldClasses: 3).item
+        XCTAssertEqual(newLabel, -Foundation.log(p[3]), accuracy: 1e-5)
+        let oldLogits = Tensor(shape: [1, 3, 1, 1], values: [0.2, -1, 0.7])
+        let q = softmax(oldLogits).array
+        let kd = unbiasedDistillation(logits, oldLogits).item
+        let expected = -(q[0] * Foundation.log(p[0] + p[3] + p[4]) + q[1] * Foundation.log(p[1]) + q[2] * Foundation.log(p[2])) / 3
+        XCTAssertEqual(kd, expected, accuracy: 1e-5, "new classes fold into background")
+        // Soft: KL over the old classes is zero when the new model agrees with the old one.
+        let same = concatChannels([oldLogits, Tensor(shape: [1, 2, 1, 1], values: [3, -2])])
+        XCTAssertEqual(softDistillation(same, oldLogits, temperature: 2).item, 0, accuracy: 1e-6)
+        XCTAssertGreaterThan(softDistillation(logits, oldLogits, temperature: 2).item, 0)
+    }
+
+    func testGradientCompensationWeights() {
+        // Two old-class pixels of step 0 with p(y) 0.9 and 0.5, one new-class pixel, one ignored.
+        let logits = Tensor(shape: [1, 3, 1, 4], values: [
+            Foundation.log(0.9), Foundation.log(0.5), 0, 0,
+            Foundation.log(0.1), Foundation.log(0.5), 0, 0,
+            -30, -30, 0, 0,
+        ])
+        let labels = Labels(shape: [1, 1, 4], values: [0, 0, 2, 255])
+        let w = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2)
+        // g^z = 0.01 and 0.25, mean 0.13: 0.0769 -> clamped to 0.5; 1.923.
+        XCTAssertEqual(w.pointer[0], 0.5, accuracy: 1e-5)
+        XCTAssertEqual(w.pointer[1], 0.25 / 0.13, accuracy: 1e-4)
+        XCTAssertEqual(w.pointer[2], 1, "new-class pixels weigh 1")
+        XCTAssertEqual(w.pointer[3], 0)
+    }
+
+    func testClassifierInitialisationKeepsOldProbabilities() throws {
+        for (arch, file) in [(ModelParityTests.tvSmall, "tv_small"), (ModelParityTests.mibSmall, "mib_small")] {
+            let old = try DeepLabV3(arch)
+            let weights = try Fixtures.file("models/\(file).safetensors")
+            try old.loadStateDict(Dictionary(uniqueKeysWithValues: weights.tensors.map { ($0.name, $0.tensor) }))
+            old.eval()
+            let card = ModelCard(architecture: arch, classNames: Array(DatasetClasses.voc.prefix(arch.numClasses)))
+            let (new, newCard) = try extendModel(old, card: card, newClassNames: ["a", "b", "c"], step: arch.classesPerStep.count)
+            new.eval()
+            XCTAssertEqual(new.numClasses, old.numClasses + 3)
+            XCTAssertEqual(newCard.history.last?.classes, Array(old.numClasses..<(old.numClasses + 3)))
+            XCTAssertEqual(newCard.classes.last?.name, "c")
+            let x = try Fixtures.tensor("models/\(file)_logits.safetensors", "input")
+            let (pOld, pNew) = withNoGrad { (softmax(old.run(x).logits), softmax(new.run(x).logits)) }
+            let (n, c, h, w) = nchw(pOld, "test")
+            let cNew = pNew.shape[1]
+            var worst: Float = 0
+            for b in 0..<n {
+                for i in 0..<(h * w) {
+                    var folded: Float = 0
+                    for k in [0] + Array(c..<cNew) { folded += pNew.pointer[(b * cNew + k) * h * w + i] }
+                    worst = max(worst, Swift.abs(folded - pOld.pointer[(b * c) * h * w + i]))
+                    for k in 1..<c { worst = max(worst, Swift.abs(pNew.pointer[(b * cNew + k) * h * w + i] - pOld.pointer[(b * c + k) * h * w + i])) }
+                }
+            }
+            XCTAssertLessThan(worst, 1e-5, "\(file): background + new = old background, old classes unchanged")
+        }
+    }
+
+    func testPrototypeRelabelling() {
+        // Two old classes (0 bg, 1 cat), prototypes at (0, 0) and (1, 1) in a 2-channel space.
+        let protos = Prototypes(vectors: [[0, 0], [1, 1]], channels: 2)
+        // Three low-res locations: old argmax cat with a cat-like feature (relabel), cat with a
+        // background-like feature (disagree: 255), and background.
+        let logits = Tensor(shape: [1, 2, 1, 3], values: [0, 0, 5, 5, 5, 0])
+        let features = Tensor(shape: [1, 2, 1, 3], values: [1, 0, 0, 1, 0, 0])
+        let labels = Labels(shape: [1, 1, 3], values: [0, 0, 0])
+        var o = DistillationOptions()
+        o.prototypeTau = 0.6
+        o.prototypeOldConfidence = 0.9
+        let out = protos.relabel(labels, oldLogitsLowRes: logits, oldFeatures: features, options: o)
+        XCTAssertEqual(out.values, [1, 255, 0])
+        // Pixels labelled with a new class are never touched.
+        let kept = protos.relabel(Labels(shape: [1, 1, 3], values: [7, 0, 0]), oldLogitsLowRes: logits, oldFeatures: features, options: o)
+        XCTAssertEqual(kept.values[0], 7)
+        // Pseudo-labels: confident old predictions on background pixels only.
+        let pseudo = pseudoLabel(Labels(shape: [1, 1, 3], values: [0, 0, 4]),
+                                 oldLogits: Tensor(shape: [1, 2, 1, 3], values: [0, 9, 0, 9, 0, 9]), threshold: 0.5)
+        XCTAssertEqual(pseudo.values, [1, 0, 4])
+    }
+
+    static func stepFixture(method: String, iterations: Int = 4) throws -> (DistillationStep, URL) {
+        let (url, model, card) = try SynthesisTests.tinyTeacher()
+        let packURL = temporaryDirectory().appendingPathComponent("p.tar")
+        var o = SynthesisTests.smallOptions()
+        o.resolution = 24
+        _ = try SynthesisJob(teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 4, options: o, seed: 1,
+                             out: packURL).run(resume: false)
+        let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
+        let task = try IncrementalTask.named("1-5,6-8", foreground: 20)
+        let config = TrainingConfig(iterations: iterations, batchSize: 4, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
+        let step = try DistillationStep(old: model, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
+                                        packs: [try SyntheticPack(url: packURL)], options: try DistillationOptions.preset(method),
+                                        config: config)
+        return (step, url)
+    }
+
+    func testHalfRealHalfFakeBatches() throws {
+        let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
+        XCTAssertEqual(step.realPerBatch, 2)
+        XCTAssertEqual(try step.fakeSampler!.batch(0).shape, [2, 3, 24, 24])
+        XCTAssertEqual(try step.fakeSampler!.batch(3).array, try step.fakeSampler!.batch(3).array, "deterministic")
+        XCTAssertEqual(try step.realLoader.batch(0).images.shape, [2, 3, 24, 24])
+        XCTAssertEqual(step.model.numClasses, 9)
+        let (loss, parts) = try step.loss(0)
+        XCTAssertTrue(loss.item.isFinite)
+        XCTAssertEqual(Set(parts.keys), ["ce", "kd", "fake_ce", "fake_kd", "soft", "sharp", "rel"])
+        let (mib, _) = try Self.stepFixture(method: "mib")
+        XCTAssertNil(mib.fakeSampler)
+        XCTAssertEqual(mib.realPerBatch, 4)
+        XCTAssertEqual(Set(try mib.loss(0).parts.keys), ["ce", "kd"])
+        XCTAssertThrowsError(try DistillationOptions.preset("nope"))
+    }
+
+    func testInterruptedStepResumesToTheSameWeights() throws {
+        func run(interrupt: Bool) throws -> [Float] {
+            let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
+            let ckpt = temporaryDirectory().appendingPathComponent("s.ckpt")
+            let trainer = step.makeTrainer(checkpoint: ckpt)
+            if interrupt {
+                try trainer.run(stopAfter: 2, loss: { try step.loss($0).total })
+                let (again, _) = try Self.stepFixture(method: "hrhf+gsc")
+                let resumed = again.makeTrainer(checkpoint: ckpt)
+                XCTAssertTrue(try resumed.resume())
+                try resumed.run(loss: { try again.loss($0).total })
+                return again.model.stateDict().flatMap { $0.tensor.array }
+            }
+            try trainer.run(loss: { try step.loss($0).total })
+            return step.model.stateDict().flatMap { $0.tensor.array }
+        }
+        XCTAssertEqual(try run(interrupt: false), try run(interrupt: true))
+    }
+}
