@@ -17,8 +17,29 @@ struct Bench: ParsableCommand {
     @Option(help: "Images per convolution call.")
     var batch: Int = 1
 
+    @Option(help: "Instead of the kernel table, time one whole-network workload (eval, train or invert) of this architecture.")
+    var network: String?
+
+    @Option(help: "The workload for --network: eval (batch 1), train (forward+backward, batch 2), invert (input gradient, batch 4).")
+    var workload: String = "eval"
+
+    @Option(help: "Image side for --network.")
+    var size: Int = 256
+
     func run() throws {
         setComputeThreads(threads)
+        if let network {
+            guard let w = NetworkWorkload(rawValue: workload) else { throw ValidationError("--workload must be eval, train or invert") }
+            var arch = try ArchitectureDescription.resolve(network)
+            arch.classesPerStep = [21]
+            let r = try benchmarkNetwork(arch, workload: w, size: size, repeats: repeats)
+            let sgemm = measureSgemmGFLOPS()
+            // One machine-readable line, for tools/bench-vs-torch.sh.
+            print(String(format: "hrhf %@ %@ batch=%d seconds=%.4f gflop=%.2f gflops=%.1f sgemm=%.1f peak_mb=%.0f",
+                         network, workload, w.batch, r.medianSeconds, r.gflopPerRun, r.gflopPerRun / r.medianSeconds, sgemm,
+                         r.peakResidentMB))
+            return
+        }
         print("hrhf-bench: \(threads) thread(s), batch \(batch), median of \(repeats) runs after warm-up")
         let sgemm = measureSgemmGFLOPS()
         print(String(format: "sgemm 2048^3: %.1f GFLOP/s (the baseline below)", sgemm))

@@ -191,6 +191,7 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let k = geo.colRows
+    FlopCounter.flops += geo.flopsPerImage * Double(batch)
     let col = geo.isPointwise ? nil : im2colScratch.get(k * plane)
     for b in 0..<batch {
         for g in 0..<geo.groups {
@@ -220,6 +221,7 @@ func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointe
                          batch: Int, gradInput: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let k = geo.colRows
+    FlopCounter.flops += geo.flopsPerImage * Double(batch)
     let col = geo.isPointwise ? nil : im2colScratch.get(k * plane)
     for b in 0..<batch {
         for g in 0..<geo.groups {
@@ -242,6 +244,7 @@ func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Fl
                           batch: Int, gradWeight: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let k = geo.colRows
+    FlopCounter.flops += geo.flopsPerImage * Double(batch)
     let col = geo.isPointwise ? nil : im2colScratch.get(k * plane)
     for b in 0..<batch {
         for g in 0..<geo.groups {

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The Shapes incremental benchmark (overlap setting): tasks 15-5 and 15-1 for ft, lwf, mib, gsc,
+# hrhf, hrhf+gsc and joint from the zoo model, plus one ablation row per GSC component on 15-5.
+# Writes bench/results.md (old / new / all mIoU at the last step) and every run's JSON.
+#   bash tools/benchmark.sh [ITERATIONS_15_5] [ITERATIONS_PER_STEP_15_1]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/install-deps.sh
+swift build -c release
+bin=.build/release
+it155=${1:-600}
+it151=${2:-200}
+mkdir -p bench
+if [ ! -f data/shapes/shapes.json ]; then
+  "$bin/hrhf-data" shapes --out data/shapes --train 4000 --val 500 --size 128 --seed 0
+fi
+model=zoo/shapes-15-5-step0.safetensors
+common=(--data data/shapes --dataset shapes --setting overlap --eval-limit 300)
+synth=(--count 64 --iterations 150 --seed 0)
+[ -f bench/pack-15.tar ] || "$bin/hrhf-synth" --model "$model" --classes 1-15 "${synth[@]}" --out bench/pack-15.tar
+
+run() {  # name task laststep iterations method [extra...]
+  local name=$1 task=$2 last=$3 its=$4 method=$5; shift 5
+  [ -f "bench/$name.json" ] && return 0
+  local packs=()
+  case $method in hrhf|hrhf+gsc|gsc) packs=(--pack bench/pack-15.tar) ;; esac
+  "$bin/hrhf-distill" --old "$model" "${packs[@]}" "${common[@]}" --task "$task" --step 1 --last-step "$last" \
+    --method "$method" --iterations "$its" --synth-count 64 --out "bench/$name.safetensors" \
+    --json "bench/$name.json" "$@" 2>&1 | tail -n 4
+}
+
+for m in ft lwf mib gsc hrhf hrhf+gsc joint; do run "15-5-$m" 15-5 1 "$it155" "$m"; done
+run "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc --gradient-compensation false
+run "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc --soft 0 --sharp 0
+run "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc --relation 0
+run "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc --background unbiased
+for m in ft lwf mib gsc hrhf hrhf+gsc joint; do run "15-1-$m" 15-1 5 "$it151" "$m"; done
+
+python3 - "$it155" "$it151" <<'PY'
+import json, os, sys
+rows = []
+def fmt(v): return "-" if v is None else f"{100 * v:.1f}"
+for task in ["15-5", "15-1"]:
+    names = [f for f in sorted(os.listdir("bench")) if f.startswith(task + "-") and f.endswith(".json")]
+    order = ["ft", "lwf", "mib", "gsc", "hrhf", "hrhf+gsc", "joint"]
+    names.sort(key=lambda f: (order.index(f[len(task) + 1:-5]) if f[len(task) + 1:-5] in order else 99, f))
+    for f in names:
+        last = json.load(open(os.path.join("bench", f)))[-1]
+        rows.append((task, f[len(task) + 1:-5], last["old"], last["new"], last["all"]))
+with open("bench/results.md", "w") as out:
+    out.write(f"Shapes, overlap setting, {sys.argv[1]} iterations for 15-5 and {sys.argv[2]} per step for 15-1, "
+              "mIoU % at the last step on 300 validation images. Old = step-0 foreground classes 1-15 (background excluded); "
+              "new = classes 16-20; all = classes 0-20, background included.\n\n")
+    out.write("| task | method | old | new | all |\n| --- | --- | ---: | ---: | ---: |\n")
+    for t, m, o, n, a in rows:
+        out.write(f"| {t} | {m} | {fmt(o)} | {fmt(n)} | {fmt(a)} |\n")
+print(open("bench/results.md").read())
+PY
