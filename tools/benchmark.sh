@@ -16,7 +16,7 @@ if [ ! -f data/shapes/shapes.json ]; then
 fi
 model=zoo/shapes-15-5-step0.safetensors
 common=(--data data/shapes --dataset shapes --setting overlap --eval-limit 300)
-synth=(--count 64 --iterations 150 --seed 0)
+synth=(--count 64 --seed 0)
 [ -f bench/pack-15.tar ] || "$bin/hrhf-synth" --model "$model" --classes 1-15 "${synth[@]}" --out bench/pack-15.tar
 
 run() {  # name task laststep iterations method [extra...]
