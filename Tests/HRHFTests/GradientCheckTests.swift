@@ -150,6 +150,21 @@ final class GradientCheckTests: XCTestCase {
         }
     }
 
+    func testClassConditionalMeans() {
+        let x = randn([2, 3, 2, 3], seed: 112)
+        var rng = SeededGenerator(seed: 113)
+        let assignment = (0..<12).map { _ in Int32(rng.next() % 5) - 1 }
+        checkGradients([x]) { classConditionalMeans($0[0], assignment: assignment, classes: 4) }
+        let means = classConditionalMeans(x, assignment: assignment, classes: 4)
+        for k in 0..<4 {
+            let pixels = (0..<12).filter { assignment[$0] == Int32(k) }
+            for ch in 0..<3 {
+                let values = pixels.map { x.pointer[($0 / 6 * 3 + ch) * 6 + $0 % 6] }
+                XCTAssertEqual(means.pointer[k * 3 + ch], values.isEmpty ? 0 : values.reduce(0, +) / Float(values.count), accuracy: 1e-6)
+            }
+        }
+    }
+
     func testShapeOps() {
         let a = randn([2, 3, 4, 5], seed: 120), b = randn([2, 2, 4, 5], seed: 121)
         checkGradients([a]) { roll($0[0], dy: 1, dx: -2) }

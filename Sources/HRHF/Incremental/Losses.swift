@@ -93,17 +93,9 @@ public func softDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperatu
 /// the old model is confident (max probability at least `confidence`); minimised.
 public func sharpEntropy(_ newLogits: Tensor, _ oldLogits: Tensor, confidence: Float) -> Tensor {
     let mask = withNoGrad { () -> Tensor in
-        let q = softmax(oldLogits)
-        let (n, c, h, w) = nchw(q, "sharp")
-        let m = Tensor(zeros: [n, 1, h, w])
-        for b in 0..<n {
-            for i in 0..<(h * w) {
-                var best: Float = 0
-                for k in 0..<c { best = max(best, q.pointer[(b * c + k) * h * w + i]) }
-                m.pointer[b * h * w + i] = best >= confidence ? 1 : 0
-            }
-        }
-        return m
+        let (n, _, h, w) = nchw(oldLogits, "sharp")
+        let best = channelArgmax(softmax(oldLogits)).values
+        return Tensor(shape: [n, 1, h, w], values: best.map { $0 >= confidence ? 1 : 0 })
     }
     let logP = logSoftmax(newLogits)
     let entropy = -sum(exp(logP) * logP, axes: [1], keepDims: true)
@@ -112,32 +104,22 @@ public func sharpEntropy(_ newLogits: Tensor, _ oldLogits: Tensor, confidence: F
 
 /// GSC relation distillation: for each old class the old model predicts in the batch, the mean
 /// probability vector (over old classes) of the new and of the old model on those pixels are
-/// row c of two class-relation matrices; the loss is the mean absolute difference.
+/// row c of two class-relation matrices; the loss is the mean absolute difference over the
+/// rows of the classes present.
 public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Tensor {
     let old = oldLogits.shape[1]
     let pNew = softmax(sliceChannels(newLogits, 0..<old))
-    let (q, argmax) = withNoGrad { (softmax(oldLogits), argmaxMasks(oldLogits)) }
-    let (n, _, h, w) = nchw(q, "relation")
-    var total: Tensor?
-    var rows = 0
-    for c in 0..<old {
-        let mask = Tensor(zeros: [n, 1, h, w])
-        var count: Float = 0
-        for b in 0..<n {
-            for i in 0..<(h * w) where Int(argmax[b].values[i]) == c {
-                mask.pointer[b * h * w + i] = 1
-                count += 1
-            }
-        }
-        guard count > 0 else { continue }
-        let rowNew = sum(pNew * mask, axes: [0, 2, 3]) * (1 / count)
-        let rowOld = withNoGrad { sum(q * mask, axes: [0, 2, 3]) * (1 / count) }
-        let term = sum(abs(rowNew - rowOld))
-        total = total.map { $0 + term } ?? term
-        rows += 1
+    let (q, assignment) = withNoGrad { () -> (Tensor, [Int32]) in
+        let q = softmax(oldLogits)
+        return (q, channelArgmax(q).indices)
     }
-    guard let total else { return sum(pNew * 0) }
-    return total * (1 / Float(rows * old))
+    var present = [Bool](repeating: false, count: old)
+    for a in assignment { present[Int(a)] = true }
+    let rows = present.filter { $0 }.count
+    let rowsNew = classConditionalMeans(pNew, assignment: assignment, classes: old)
+    let rowsOld = withNoGrad { classConditionalMeans(q, assignment: assignment, classes: old) }
+    // Absent classes have zero rows in both, so they add nothing.
+    return sum(abs(rowsNew - rowsOld)) * (1 / Float(max(rows, 1) * old))
 }
 
 /// GSC step-aware gradient compensation: pixel weights for the cross-entropy. For a pixel of

@@ -206,15 +206,7 @@ public final class DistillationStep {
 
 /// The old model's argmax where its probability is at least `threshold`, else 255.
 public func confidentLabels(_ logits: Tensor, threshold: Float) -> Labels {
-    let p = softmax(logits)
-    let (n, c, h, w) = nchw(p, "confident labels")
-    var values = [Int32](repeating: 255, count: n * h * w)
-    for b in 0..<n {
-        for i in 0..<(h * w) {
-            var best: Float = -1, k = 0
-            for j in 0..<c where p.pointer[(b * c + j) * h * w + i] > best { best = p.pointer[(b * c + j) * h * w + i]; k = j }
-            if best >= threshold { values[b * h * w + i] = Int32(k) }
-        }
-    }
-    return Labels(shape: [n, h, w], values: values)
+    let (n, _, h, w) = nchw(logits, "confident labels")
+    let (indices, best) = channelArgmax(softmax(logits))
+    return Labels(shape: [n, h, w], values: zip(indices, best).map { $1 >= threshold ? $0 : 255 })
 }

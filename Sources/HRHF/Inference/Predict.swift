@@ -2,20 +2,10 @@ import Foundation
 
 /// The class of each pixel (argmax over channels) of every image in a batch of logits.
 public func argmaxMasks(_ logits: Tensor) -> [IndexMask] {
-    let (n, c, h, w) = nchw(logits, "argmax")
-    let plane = h * w
+    let (n, _, h, w) = nchw(logits, "argmax")
+    let indices = channelArgmax(logits).indices
     return (0..<n).map { b in
-        var values = [UInt16](repeating: 0, count: plane)
-        let base = logits.pointer + b * c * plane
-        for i in 0..<plane {
-            var best = base[i], index = 0
-            for k in 1..<max(c, 1) where base[k * plane + i] > best {
-                best = base[k * plane + i]
-                index = k
-            }
-            values[i] = UInt16(index)
-        }
-        return IndexMask(width: w, height: h, values: values)
+        IndexMask(width: w, height: h, values: indices[(b * h * w)..<((b + 1) * h * w)].map { UInt16($0) })
     }
 }
 

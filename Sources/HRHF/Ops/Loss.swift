@@ -49,13 +49,14 @@ public func crossEntropy(_ logits: Tensor, _ target: Labels, ignoreIndex: Int32 
         for y in pt where y != ignoreIndex {
             precondition(y >= 0 && Int(y) < c, "cross_entropy: label \(y) outside 0..<\(c) (ignore is \(ignoreIndex))")
         }
-        forEachPixel(n: n, c: c, inner: inner) { o in
-            let j = (o / (c * inner)) * inner + o % inner
-            let y = pt[j]
-            guard y != ignoreIndex else { return }
-            let lse = pixelLogSumExp(px + o, c, inner)
-            plse[j] = lse
-            pl[j] = (lse - px[o + Int(y) * inner]) * (pw?[j] ?? 1)
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, base = b * c * inner + i0
+            blockLogSumExp(px + base, c: c, inner: inner, count: count, into: plse + j0)
+            for i in 0..<count {
+                let y = pt[j0 + i]
+                guard y != ignoreIndex else { continue }
+                pl[j0 + i] = (plse[j0 + i] - px[base + Int(y) * inner + i]) * (pw?[j0 + i] ?? 1)
+            }
         }
     }
     let valid = target.values.reduce(0) { $0 + ($1 == ignoreIndex ? 0 : 1) }
@@ -79,15 +80,19 @@ public func crossEntropy(_ logits: Tensor, _ target: Labels, ignoreIndex: Int32 
         let pg = g.pointer, pgx = gx.pointer, pxd = ld.pointer, pwd = weights?.pointer
         let plse = lses.pointer
         labels.withUnsafeBufferPointer { pt in
-            forEachPixel(n: n, c: c, inner: inner) { o in
-                let j = (o / (c * inner)) * inner + o % inner
-                let y = pt[j]
-                guard y != ignoreIndex else { return }
-                let up = (reduction == .none ? pg[j] : pg[0] * scale) * (pwd?[j] ?? 1)
-                for k in 0..<c {
-                    pgx[o + k * inner] = up * Foundation.exp(pxd[o + k * inner] - plse[j])
+            forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+                let j0 = b * inner + i0, base = b * c * inner + i0
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { up in
+                    for i in 0..<count {
+                        let y = pt[j0 + i]
+                        up[i] = y == ignoreIndex ? 0 : (reduction == .none ? pg[j0 + i] : pg[0] * scale) * (pwd?[j0 + i] ?? 1)
+                    }
+                    for k in 0..<c {
+                        let xr = pxd + base + k * inner, r = pgx + base + k * inner
+                        for i in 0..<count where up[i] != 0 { r[i] = up[i] * Foundation.exp(xr[i] - plse[j0 + i]) }
+                    }
+                    for i in 0..<count where up[i] != 0 { pgx[base + Int(pt[j0 + i]) * inner + i] -= up[i] }
                 }
-                pgx[o + Int(y) * inner] -= up
             }
         }
         return [gx]

@@ -33,23 +33,73 @@ func pixelLogSumExp(_ p: UnsafeMutablePointer<Float>, _ c: Int, _ stride: Int) -
     return m + Foundation.log(s)
 }
 
+/// Pixels per block of the channel-wise kernels: each block walks every channel's row of
+/// contiguous pixels (unit stride), instead of striding across channels pixel by pixel.
+let pixelBlock = 512
+
+/// Calls body(image, first pixel, pixel count) over blocks of contiguous pixels, in parallel.
+@inline(__always)
+func forEachPixelBlock(n: Int, c: Int, inner: Int, _ body: (Int, Int, Int) -> Void) {
+    let blocksPerImage = (inner + pixelBlock - 1) / pixelBlock
+    parallelBlocks(n * blocksPerImage, minBlock: max(1, parallelGrain / max(c * pixelBlock, 1))) { r in
+        for blk in r {
+            let b = blk / blocksPerImage, i0 = (blk % blocksPerImage) * pixelBlock
+            body(b, i0, min(pixelBlock, inner - i0))
+        }
+    }
+}
+
+/// Log-sum-exp over channels of `count` contiguous pixels starting at `base` (channel stride
+/// `inner`), into `out`.
+@inline(__always)
+func blockLogSumExp(_ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>) {
+    out.update(repeating: -.infinity, count: count)
+    for k in 0..<c {
+        let row = base + k * inner
+        for i in 0..<count { out[i] = max(out[i], row[i]) }
+    }
+    let sums = UnsafeMutablePointer<Float>.allocate(capacity: count)
+    defer { sums.deallocate() }
+    sums.update(repeating: 0, count: count)
+    for k in 0..<c {
+        let row = base + k * inner
+        for i in 0..<count where out[i] > -.infinity { sums[i] += Foundation.exp(row[i] - out[i]) }
+    }
+    for i in 0..<count where out[i] > -.infinity { out[i] += Foundation.log(sums[i]) }
+}
+
 public func softmax(_ x: Tensor) -> Tensor {
     let (n, c, inner) = channelLayout(x, "softmax")
     let out = Tensor(zeros: x.shape)
     let px = x.pointer, po = out.pointer
-    forEachPixel(n: n, c: c, inner: inner) { o in
-        let lse = pixelLogSumExp(px + o, c, inner)
-        for k in 0..<c { po[o + k * inner] = Foundation.exp(px[o + k * inner] - lse) }
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let base = b * c * inner + i0
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { lse in
+            blockLogSumExp(px + base, c: c, inner: inner, count: count, into: lse.baseAddress!)
+            for k in 0..<c {
+                let src = px + base + k * inner, dst = po + base + k * inner
+                for i in 0..<count { dst[i] = Foundation.exp(src[i] - lse[i]) }
+            }
+        }
     }
     let od = out.detached()
     record(out, "softmax", [x]) { g in
         // dx = y * (g - sum_c g y)
         let gx = Tensor(zeros: g.shape)
         let pg = g.pointer, py = od.pointer, pgx = gx.pointer
-        forEachPixel(n: n, c: c, inner: inner) { o in
-            var dot: Float = 0
-            for k in 0..<c { dot += pg[o + k * inner] * py[o + k * inner] }
-            for k in 0..<c { pgx[o + k * inner] = py[o + k * inner] * (pg[o + k * inner] - dot) }
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let base = b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { dot in
+                dot.initialize(repeating: 0)
+                for k in 0..<c {
+                    let gr = pg + base + k * inner, yr = py + base + k * inner
+                    for i in 0..<count { dot[i] += gr[i] * yr[i] }
+                }
+                for k in 0..<c {
+                    let gr = pg + base + k * inner, yr = py + base + k * inner, r = pgx + base + k * inner
+                    for i in 0..<count { r[i] = yr[i] * (gr[i] - dot[i]) }
+                }
+            }
         }
         return [gx]
     }
@@ -60,20 +110,33 @@ public func logSoftmax(_ x: Tensor) -> Tensor {
     let (n, c, inner) = channelLayout(x, "log_softmax")
     let out = Tensor(zeros: x.shape)
     let px = x.pointer, po = out.pointer
-    forEachPixel(n: n, c: c, inner: inner) { o in
-        let lse = pixelLogSumExp(px + o, c, inner)
-        for k in 0..<c { po[o + k * inner] = px[o + k * inner] - lse }
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let base = b * c * inner + i0
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { lse in
+            blockLogSumExp(px + base, c: c, inner: inner, count: count, into: lse.baseAddress!)
+            for k in 0..<c {
+                let src = px + base + k * inner, dst = po + base + k * inner
+                for i in 0..<count { dst[i] = src[i] - lse[i] }
+            }
+        }
     }
     let od = out.detached()
     record(out, "log_softmax", [x]) { g in
         // dx = g - softmax * sum_c g
         let gx = Tensor(zeros: g.shape)
         let pg = g.pointer, py = od.pointer, pgx = gx.pointer
-        forEachPixel(n: n, c: c, inner: inner) { o in
-            var total: Float = 0
-            for k in 0..<c { total += pg[o + k * inner] }
-            for k in 0..<c {
-                pgx[o + k * inner] = pg[o + k * inner] - Foundation.exp(py[o + k * inner]) * total
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let base = b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { total in
+                total.initialize(repeating: 0)
+                for k in 0..<c {
+                    let gr = pg + base + k * inner
+                    for i in 0..<count { total[i] += gr[i] }
+                }
+                for k in 0..<c {
+                    let gr = pg + base + k * inner, yr = py + base + k * inner, r = pgx + base + k * inner
+                    for i in 0..<count { r[i] = gr[i] - Foundation.exp(yr[i]) * total[i] }
+                }
             }
         }
         return [gx]
@@ -88,17 +151,89 @@ public func logSumExp(_ x: Tensor) -> Tensor {
     shape[1] = 1
     let out = Tensor(zeros: shape)
     let px = x.pointer, po = out.pointer
-    forEachPixel(n: n, c: c, inner: inner) { o in
-        po[(o / (c * inner)) * inner + o % inner] = pixelLogSumExp(px + o, c, inner)
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        blockLogSumExp(px + b * c * inner + i0, c: c, inner: inner, count: count, into: po + b * inner + i0)
     }
     let xd = x.detached(), od = out.detached()
     record(out, "logsumexp", [x]) { g in
         // dx = g * softmax(x)
         let gx = Tensor(zeros: xd.shape)
         let pg = g.pointer, pl = od.pointer, pgx = gx.pointer, pxd = xd.pointer
-        forEachPixel(n: n, c: c, inner: inner) { o in
-            let j = (o / (c * inner)) * inner + o % inner
-            for k in 0..<c { pgx[o + k * inner] = pg[j] * Foundation.exp(pxd[o + k * inner] - pl[j]) }
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let base = b * c * inner + i0, j = b * inner + i0
+            for k in 0..<c {
+                let xr = pxd + base + k * inner, r = pgx + base + k * inner
+                for i in 0..<count { r[i] = pg[j + i] * Foundation.exp(xr[i] - pl[j + i]) }
+            }
+        }
+        return [gx]
+    }
+    return out
+}
+
+/// The channel with the largest value at every pixel, and that value (first maximum wins).
+public func channelArgmax(_ x: Tensor) -> (indices: [Int32], values: [Float]) {
+    let (n, c, inner) = channelLayout(x, "argmax")
+    var indices = [Int32](repeating: 0, count: n * inner), values = [Float](repeating: 0, count: n * inner)
+    let px = x.pointer
+    indices.withUnsafeMutableBufferPointer { pi in
+        values.withUnsafeMutableBufferPointer { pv in
+            let pi = pi.baseAddress!, pv = pv.baseAddress!
+            forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+                let j0 = b * inner + i0, base = b * c * inner + i0
+                (pv + j0).update(from: px + base, count: count)
+                (pi + j0).update(repeating: 0, count: count)
+                for k in 1..<max(c, 1) {
+                    let row = px + base + k * inner
+                    for i in 0..<count where row[i] > pv[j0 + i] {
+                        pv[j0 + i] = row[i]
+                        pi[j0 + i] = Int32(k)
+                    }
+                }
+            }
+        }
+    }
+    return (indices, values)
+}
+
+/// Row k of the result is the mean of the channel vectors of the pixels assigned to class k
+/// (`assignment[n * H * W + i]`, -1 for none): K x C out, zero rows for classes without
+/// pixels. The gradient of a row is shared equally by its pixels.
+public func classConditionalMeans(_ x: Tensor, assignment: [Int32], classes k: Int) -> Tensor {
+    let (n, c, inner) = channelLayout(x, "class means")
+    precondition(assignment.count == n * inner, "class means: \(assignment.count) assignments for \(n * inner) pixels")
+    var counts = [Float](repeating: 0, count: k)
+    for a in assignment where a >= 0 { counts[Int(a)] += 1 }
+    let out = Tensor(zeros: [k, c])
+    let px = x.pointer, po = out.pointer
+    // Parallel over channels: each channel's sums are its own.
+    parallelBlocks(c) { r in
+        for ch in r {
+            var sums = [Double](repeating: 0, count: k)
+            for b in 0..<n {
+                let row = px + (b * c + ch) * inner
+                for i in 0..<inner {
+                    let a = Int(assignment[b * inner + i])
+                    if a >= 0 { sums[a] += Double(row[i]) }
+                }
+            }
+            for q in 0..<k where counts[q] > 0 { po[q * c + ch] = Float(sums[q] / Double(counts[q])) }
+        }
+    }
+    let shape = x.shape
+    record(out, "class_means", [x]) { g in
+        let gx = Tensor(zeros: shape)
+        let pg = g.pointer, pgx = gx.pointer
+        parallelBlocks(c) { r in
+            for ch in r {
+                for b in 0..<n {
+                    let row = pgx + (b * c + ch) * inner
+                    for i in 0..<inner {
+                        let a = Int(assignment[b * inner + i])
+                        if a >= 0 { row[i] = pg[a * c + ch] / counts[a] }
+                    }
+                }
+            }
         }
         return [gx]
     }
