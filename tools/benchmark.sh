@@ -8,14 +8,14 @@ cd "$(dirname "$0")/.."
 bash tools/install-deps.sh
 swift build -c release
 bin=.build/release
-it155=${1:-600}
-it151=${2:-200}
+it155=${1:-300}
+it151=${2:-60}
 mkdir -p bench
 if [ ! -f data/shapes/shapes.json ]; then
   "$bin/hrhf-data" shapes --out data/shapes --train 4000 --val 500 --size 128 --seed 0
 fi
 model=zoo/shapes-15-5-step0.safetensors
-common=(--data data/shapes --dataset shapes --setting overlap --eval-limit 300)
+common=(--data data/shapes --dataset shapes --setting overlap --eval-limit 200)
 synth=(--count 64 --seed 0)
 [ -f bench/pack-15.tar ] || "$bin/hrhf-synth" --model "$model" --classes 1-15 "${synth[@]}" --out bench/pack-15.tar
 
@@ -25,7 +25,7 @@ run() {  # name task laststep iterations method [extra...]
   local packs=()
   case $method in hrhf|hrhf+gsc|gsc) packs=(--pack bench/pack-15.tar) ;; esac
   "$bin/hrhf-distill" --old "$model" "${packs[@]}" "${common[@]}" --task "$task" --step 1 --last-step "$last" \
-    --method "$method" --iterations "$its" --synth-count 64 --out "bench/$name.safetensors" \
+    --method "$method" --iterations "$its" --synth-count 16 --synth-iterations 150 --out "bench/$name.safetensors" \
     --json "bench/$name.json" "$@" 2>&1 | tail -n 4
 }
 
@@ -49,7 +49,7 @@ for task in ["15-5", "15-1"]:
         rows.append((task, f[len(task) + 1:-5], last["old"], last["new"], last["all"]))
 with open("bench/results.md", "w") as out:
     out.write(f"Shapes, overlap setting, {sys.argv[1]} iterations for 15-5 and {sys.argv[2]} per step for 15-1, "
-              "mIoU % at the last step on 300 validation images. Old = step-0 foreground classes 1-15 (background excluded); "
+              "mIoU % at the last step on 200 validation images. Old = step-0 foreground classes 1-15 (background excluded); "
               "new = classes 16-20; all = classes 0-20, background included.\n\n")
     out.write("| task | method | old | new | all |\n| --- | --- | ---: | ---: | ---: |\n")
     for t, m, o, n, a in rows:

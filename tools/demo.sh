@@ -13,7 +13,7 @@ if [ ! -f data/shapes/shapes.json ]; then
   "$bin/hrhf-data" shapes --out data/shapes --train 4000 --val 500 --size 128 --seed 0
 fi
 model=zoo/shapes-15-5-step0.safetensors
-"$bin/hrhf-synth" --model "$model" --classes 1-15 --count 32 --iterations 150 --seed 0 --out out/pack.tar
+"$bin/hrhf-synth" --model "$model" --classes 1-15 --count 32 --synth-iterations 150 --seed 0 --out out/pack.tar
 "$bin/hrhf-pack" verify out/pack.tar --model "$model"
 "$bin/hrhf-pack" sheet out/pack.tar --out out/pack-sheet.png
 "$bin/hrhf-distill" --old "$model" --pack out/pack.tar --data data/shapes --dataset shapes --task 15-5 --step 1 \

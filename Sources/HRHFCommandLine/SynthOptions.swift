@@ -8,7 +8,7 @@ public struct SynthesisOptionGroup: ParsableArguments {
     public init() {}
     static let d = InversionOptions()
 
-    @Option(help: "Optimisation steps per batch.") public var iterations: Int = d.iterations
+    @Option(name: .customLong("synth-iterations"), help: "Optimisation steps per synthesis batch.") public var iterations: Int = d.iterations
     @Option(help: "Adam learning rate on the images (betas 0.5, 0.9; cosine schedule).") public var synthLr: Float = d.learningRate
     @Option(help: "Warm-up iterations of the learning rate.") public var warmup: Int = d.warmup
     @Option(name: .customLong("synth-batch"), help: "Images optimised together.") public var synthBatch: Int = d.batchSize

@@ -26,7 +26,7 @@ struct Distill: ParsableCommand {
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Images per batch (real and fake together).") var batch: Int = 8
     @Option(help: "Square training crop.") var crop: Int = 128
-    @Option(help: "Learning rate (SGD nesterov, poly).") var lr: Float = 0.005
+    @Option(help: "Learning rate (SGD nesterov, poly).") var lr: Float = 0.01
     @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int = 200
     @Option(help: "Random seed.") var seed: UInt64 = 0
     @Option(name: .customLong("synth-count"), help: "Images of the pack made after each step of a multi-step run.") var synthCount: Int = 64

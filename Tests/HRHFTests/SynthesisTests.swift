@@ -207,7 +207,7 @@ final class SynthesisTests: XCTestCase {
         let teacher = try Self.tinyTeacher()
         let dir = temporaryDirectory()
         let pack = dir.appendingPathComponent("p.tar")
-        let r = try runTool("hrhf-synth", ["--model", teacher.0.path, "--classes", "1-5", "--count", "2", "--iterations", "2",
+        let r = try runTool("hrhf-synth", ["--model", teacher.0.path, "--classes", "1-5", "--count", "2", "--synth-iterations", "2",
                                           "--synth-batch", "2", "--resolution", "16", "--out", pack.path, "--threads", "1"])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stdout.contains("area correlation") && r.stdout.contains("class fidelity"), r.stdout)

@@ -21,9 +21,9 @@ public struct InversionOptions: Codable, Equatable, Sendable {
     /// SAA (out): pixels ranked after K (1 + margin) must not be the class.
     public var margin: Float = 0.2
     /// Absent classes: their top `absentFraction * H * W` probabilities are pushed down.
-    public var absentFraction: Float = 0.01
+    public var absentFraction: Float = 0.02
     public var lambdaOut: Float = 2
-    public var lambdaAbsent: Float = 1
+    public var lambdaAbsent: Float = 5
     public var weightBN: Float = 0.05
     /// The first batch-norm layer's statistics weigh this much more (DeepInversion's 10).
     public var firstBNMultiplier: Float = 10
