@@ -39,7 +39,7 @@ struct Predict: ParsableCommand {
         for (i, path) in images.enumerated() {
             let url = URL(fileURLWithPath: path)
             var image = try ImageIO.readRGB(url)
-            let (input, output) = predictor.logits(for: image, size: size)
+            let (input, output) = try predictor.logits(for: image, size: size, name: path)
             if size != nil { image = card.normalization.image(input) }
             let mask = argmaxMasks(output)[0]
             let stem = url.deletingPathExtension().lastPathComponent

@@ -56,6 +56,15 @@ final class ConverterTests: XCTestCase {
         XCTAssertEqual(report.sha256.count, 64)
     }
 
+    func testMiBModelsRefuseInputsBeyondTheirPoolingWindow() throws {
+        let model = try DeepLabV3(ModelParityTests.mibSmall)
+        XCTAssertNoThrow(try model.checkInput(height: 512, width: 400, name: "ok.png"))
+        XCTAssertThrowsError(try model.checkInput(height: 600, width: 400, name: "big.png")) { e in
+            XCTAssertTrue("\(e)".hasPrefix("big.png") && "\(e)".contains("--size"), "\(e)")
+        }
+        XCTAssertNoThrow(try DeepLabV3(ModelParityTests.tvSmall).checkInput(height: 2000, width: 2000, name: "any.png"))
+    }
+
     func testStepClassesMustMatchTheCheckpoint() {
         var o = options(ModelParityTests.mibSmall)
         o.stepClasses = [5, 1]

@@ -105,7 +105,7 @@ final class ImageTests: XCTestCase {
         let logits = try NPY.read(npy)
         XCTAssertEqual(logits.shape, [1, 5, 13, 17])
         // The same logits as the library computes for the same image.
-        let reference = Predictor(model: model, card: card).logits(for: try ImageIO.readRGB(imageURL)).logits
+        let reference = try Predictor(model: model, card: card).logits(for: try ImageIO.readRGB(imageURL)).logits
         assertClose(logits, reference, "CLI logits")
         let mask = try ImageIO.readIndexPNG(work.appendingPathComponent("rgb_mask.png"))
         XCTAssertEqual(mask, argmaxMasks(reference)[0])

@@ -37,7 +37,8 @@ public struct Predictor {
 
     /// The normalised input (resized bilinearly to `size` when given) and the logits at the
     /// input's size.
-    public func logits(for image: RGBImage, size: (Int, Int)? = nil) -> (input: Tensor, logits: Tensor) {
+    public func logits(for image: RGBImage, size: (Int, Int)? = nil, name: String = "image") throws -> (input: Tensor, logits: Tensor) {
+        try model.checkInput(height: size?.0 ?? image.height, width: size?.1 ?? image.width, name: name)
         var x = card.normalization.tensor(image)
         if let size { x = resizeBilinear(x, size: size) }
         let logits = withNoGrad { model.run(x).logits }

@@ -88,6 +88,7 @@ public final class SegInversion {
         guard !classes.isEmpty, classes.allSatisfy({ $0 >= 1 && $0 < teacher.numClasses }) else {
             throw WeightFileError(file: "synthesis", "classes \(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
         }
+        try teacher.checkInput(height: options.resolution, width: options.resolution, name: "synthesis resolution")
         self.teacher = teacher
         self.normalization = normalization
         self.classes = classes

@@ -112,6 +112,7 @@ public func evaluate(model: DeepLabV3, normalization: Normalization, dataset: Se
     let n = min(limit ?? dataset.count, dataset.count)
     for i in 0..<n {
         let sample = try dataset.sample(i)
+        try model.checkInput(height: sample.image.height, width: sample.image.width, name: dataset.imageURL(i).path)
         let logits = withNoGrad { model.run(normalization.tensor(sample.image)).logits }
         let prediction = argmaxMasks(logits)[0]
         matrix.add(prediction: prediction, label: proto.testLabels(sample.labels))

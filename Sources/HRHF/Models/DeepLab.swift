@@ -153,6 +153,18 @@ public final class DeepLabV3: Module {
 
     public var numClasses: Int { architecture.numClasses }
 
+    /// Refuses, with a clear message, inputs this network cannot evaluate: MiB's pooling
+    /// branch is implemented for feature maps up to its 32-cell window (inputs up to 32 times
+    /// the output stride a side, 512 pixels at stride 16).
+    public func checkInput(height: Int, width: Int, name: String) throws {
+        guard architecture.flavor == .mib else { return }
+        let limit = MiBDeepLabHead.evalPoolingSize * architecture.outputStride
+        guard height <= limit && width <= limit else {
+            throw WeightFileError(file: name, "\(width)x\(height) is larger than the \(limit)x\(limit) this MiB-flavour model evaluates "
+                                  + "(its pooling window covers 32 feature cells); resize it with --size")
+        }
+    }
+
     /// Logits (upsampled bilinearly to the input size when `upsample`), features, aux logits.
     public func run(_ x: Tensor, upsample: Bool = true) -> SegmentationOutput {
         _ = nchw(x, "DeepLabV3")
