@@ -11,34 +11,15 @@ Labels are stored as float32 values. Every tensor name is `case/role`.
 """
 import json
 import os
-import struct
 import sys
+
+from fixture_io import save_safetensors
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 OUT = os.path.join(os.path.dirname(__file__), "..", "Tests", "HRHFTests", "Fixtures", "core_ops.safetensors")
-
-
-def save_safetensors(path, tensors, metadata=None):
-    header, chunks, offset = {}, [], 0
-    for name in sorted(tensors):
-        data = tensors[name].detach().to(torch.float32).contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, sort_keys=True).encode()
-    blob += b" " * (-len(blob) % 8)
-    tmp = path + ".partial"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for c in chunks:
-            f.write(c)
-    os.replace(tmp, path)
 
 
 def f32(t):

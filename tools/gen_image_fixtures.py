@@ -7,31 +7,15 @@ pixels PIL decodes for them, plus damaged files.
 Writes Tests/HRHFTests/Fixtures/images/: NAME.png / NAME.jpg and expected.safetensors holding
 NAME/rgb (H x W x 3, as PIL's convert("RGB") gives) or NAME/index (H x W raw values).
 """
-import io
 import json
 import os
-import struct
+
+from fixture_io import save_safetensors
 
 import numpy as np
 from PIL import Image
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "Tests", "HRHFTests", "Fixtures", "images")
-
-
-def save_safetensors(path, arrays):
-    header, chunks, offset = {}, [], 0
-    for name in sorted(arrays):
-        data = np.ascontiguousarray(arrays[name], dtype="<f4").tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arrays[name].shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    blob = json.dumps(header, sort_keys=True).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for c in chunks:
-            f.write(c)
 
 
 def main():

@@ -29,6 +29,8 @@ import tempfile
 import time
 from collections import OrderedDict
 
+from fixture_io import save_safetensors
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -40,24 +42,6 @@ from torchvision.models._utils import IntermediateLayerGetter
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 OUT = os.path.join(ROOT, "Tests", "HRHFTests", "Fixtures", "models")
-
-
-def save_safetensors(path, tensors, metadata=None):
-    header, chunks, offset = {}, [], 0
-    for name in sorted(tensors):
-        data = tensors[name].detach().to(torch.float32).contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
-        chunks.append(data)
-        offset += len(data)
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, sort_keys=True).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for c in chunks:
-            f.write(c)
 
 
 class DilatedBasicBlock(BasicBlock):

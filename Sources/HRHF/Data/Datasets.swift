@@ -1,17 +1,7 @@
 import Foundation
 
 /// A failure reading a dataset, naming the file.
-public struct DatasetError: Error, CustomStringConvertible, Equatable {
-    public var file: String
-    public var problem: String
-
-    public init(file: String, _ problem: String) {
-        self.file = file
-        self.problem = problem
-    }
-
-    public var description: String { "\(file): \(problem)" }
-}
+public typealias DatasetError = FileError
 
 /// One image and its label mask (class ids; 255 ignore), already in the dataset's class ids.
 public struct SegmentationSample: Sendable {

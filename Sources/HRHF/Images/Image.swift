@@ -1,8 +1,8 @@
 import CImageIO
 import Foundation
 
-/// A failure reading or writing an image, naming the file.
-public struct ImageError: Error, CustomStringConvertible, Equatable {
+/// A failure reading or writing a file (an image, a dataset file), naming the file.
+public struct FileError: Error, CustomStringConvertible, Equatable {
     public var file: String
     public var problem: String
 
@@ -13,6 +13,9 @@ public struct ImageError: Error, CustomStringConvertible, Equatable {
 
     public var description: String { "\(file): \(problem)" }
 }
+
+/// A failure reading or writing an image, naming the file.
+public typealias ImageError = FileError
 
 /// 8-bit RGB pixels, row-major, interleaved (HWC).
 public struct RGBImage: Equatable, Sendable {

@@ -155,14 +155,13 @@ public struct Prototypes {
         withNoGrad {
             for x in images {
                 let out = old.run(x, upsample: false)
-                let p = softmax(out.logits)
-                let (n, c, h, w) = nchw(p, "prototypes")
+                let (n, _, h, w) = nchw(out.logits, "prototypes")
+                let (labels, best) = channelArgmax(softmax(out.logits))
                 let f = out.features
                 for b in 0..<n {
                     for i in 0..<(h * w) {
-                        var best: Float = -1, k = 0
-                        for j in 0..<c where p.pointer[(b * c + j) * h * w + i] > best { best = p.pointer[(b * c + j) * h * w + i]; k = j }
-                        guard best >= confidence else { continue }
+                        let k = Int(labels[b * h * w + i])
+                        guard best[b * h * w + i] >= confidence else { continue }
                         counts[k] += 1
                         for ch in 0..<channels { sums[k][ch] += Double(f.pointer[(b * channels + ch) * h * w + i]) }
                     }
@@ -178,16 +177,15 @@ public struct Prototypes {
     /// over the old classes gives c at least tauP and the old model's confidence is at least
     /// tauConf; where the prototype's nearest class disagrees with the old argmax it becomes 255.
     public func relabel(_ labels: Labels, oldLogitsLowRes: Tensor, oldFeatures: Tensor, options: DistillationOptions) -> Labels {
-        let p = softmax(oldLogitsLowRes)
-        let (n, c, fh, fw) = nchw(p, "relabel")
+        let (n, c, fh, fw) = nchw(oldLogitsLowRes, "relabel")
+        let (oldArgmax, oldConfidence) = channelArgmax(softmax(oldLogitsLowRes))
         let (_, h, w) = (labels.shape[0], labels.shape[1], labels.shape[2])
         var values = labels.values
         for b in 0..<n {
             // Decide at feature resolution, apply to the nearest feature of each pixel.
             var decision = [Int32](repeating: -1, count: fh * fw)
             for i in 0..<(fh * fw) {
-                var best: Float = -1, k = 0
-                for j in 0..<c where p.pointer[(b * c + j) * fh * fw + i] > best { best = p.pointer[(b * c + j) * fh * fw + i]; k = j }
+                let k = Int(oldArgmax[b * fh * fw + i]), best = oldConfidence[b * fh * fw + i]
                 guard k != 0 else { continue }
                 var distances = [Float](repeating: .infinity, count: c)
                 for j in 0..<c {
@@ -225,23 +223,15 @@ public struct Prototypes {
 /// when it is an old foreground class and the prediction's normalised entropy is below both
 /// `threshold` and the median entropy of that class's pixels in the batch.
 public func pseudoLabel(_ labels: Labels, oldLogits: Tensor, threshold: Float) -> Labels {
-    let p = softmax(oldLogits)
-    let (n, c, h, w) = nchw(p, "pseudo-label")
+    let logP = logSoftmax(oldLogits)
+    let (n, c, h, w) = nchw(logP, "pseudo-label")
     let hw = h * w
-    var argmax = [Int](repeating: 0, count: n * hw), entropy = [Float](repeating: 0, count: n * hw)
+    let argmax = channelArgmax(logP).indices.map(Int.init)
+    // Normalised entropy per pixel: -sum p log p / log C.
+    let entropyMap = sum(exp(logP) * logP, axes: [1]) * (-1 / Foundation.log(Float(c)))
+    let entropy = entropyMap.array
     var perClass = [[Float]](repeating: [], count: c)
-    let norm = Foundation.log(Float(c))
-    for j in 0..<(n * hw) {
-        var best: Float = -1, k = 0, e: Float = 0
-        for q in 0..<c {
-            let v = p.pointer[(j / hw * c + q) * hw + j % hw]
-            if v > best { best = v; k = q }
-            if v > 0 { e -= v * Foundation.log(v) }
-        }
-        argmax[j] = k
-        entropy[j] = e / norm
-        if labels.values[j] == 0 { perClass[k].append(entropy[j]) }
-    }
+    for j in 0..<(n * hw) where labels.values[j] == 0 { perClass[argmax[j]].append(entropy[j]) }
     let medians = perClass.map { v -> Float in v.isEmpty ? 0 : v.sorted()[v.count / 2] }
     var values = labels.values
     for j in 0..<(n * hw) where values[j] == 0 && argmax[j] != 0 && entropy[j] <= min(threshold, medians[argmax[j]]) {
