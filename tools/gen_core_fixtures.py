@@ -9,7 +9,6 @@ are computed by torch in float64 from those same float32 values and stored as fl
 Swift float32 results are compared with the exact answer, not with another float32 rounding.
 Labels are stored as float32 values. Every tensor name is `case/role`.
 """
-import json
 import os
 import sys
 

@@ -7,7 +7,6 @@ pixels PIL decodes for them, plus damaged files.
 Writes Tests/HRHFTests/Fixtures/images/: NAME.png / NAME.jpg and expected.safetensors holding
 NAME/rgb (H x W x 3, as PIL's convert("RGB") gives) or NAME/index (H x W raw values).
 """
-import json
 import os
 
 from fixture_io import save_safetensors
