@@ -23,6 +23,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
     @Option(name: .customLong("sharp"), help: "Override GSC's sharpness weight.") var sharp: Float?
     @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
+    @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Images per batch (real and fake together).") var batch: Int = 8
     @Option(help: "Square training crop.") var crop: Int = 128
@@ -52,6 +53,7 @@ struct Distill: ParsableCommand {
         if let soft { options.softWeight = soft }
         if let sharp { options.sharpWeight = sharp }
         if let relation { options.relationWeight = relation }
+        if let freezeBN { options.freezeBatchNorm = freezeBN }
         let train = try data.open(split: "train")
         let val = try? data.open(split: "val")
         let task = try data.task(train)

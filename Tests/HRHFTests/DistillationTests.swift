@@ -142,6 +142,19 @@ final class DistillationTests: XCTestCase {
         XCTAssertThrowsError(try DistillationOptions.preset("nope"))
     }
 
+    func testFrozenBatchNormKeepsTheOldStatistics() throws {
+        let (step, _) = try Self.stepFixture(method: "hrhf+gsc", iterations: 2)
+        XCTAssertTrue(step.options.freezeBatchNorm)
+        let before = step.model.namedBuffers().map { $0.tensor.array }
+        let weightsBefore = step.model.parameters.map { $0.array }
+        let trainer = step.makeTrainer(checkpoint: nil)
+        try trainer.run(loss: { try step.loss($0).total })
+        XCTAssertEqual(step.model.namedBuffers().map { $0.tensor.array }, before, "running statistics untouched")
+        XCTAssertNotEqual(step.model.parameters.map { $0.array }, weightsBefore, "weights still learn")
+        let (mib, _) = try Self.stepFixture(method: "mib", iterations: 1)
+        XCTAssertFalse(mib.options.freezeBatchNorm)
+    }
+
     func testInterruptedStepResumesToTheSameWeights() throws {
         func run(interrupt: Bool) throws -> [Float] {
             let (step, _) = try Self.stepFixture(method: "hrhf+gsc")

@@ -109,6 +109,9 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     public var pseudoEntropy: Float = 0.5
     /// Joint training: every seen class's labels on all images (the upper bound).
     public var joint = false
+    /// Batch norm keeps the old model's running statistics during the step: half of every
+    /// batch is synthetic, and its statistics are not those of real test images.
+    public var freezeBatchNorm = false
 
     public init() {}
 
@@ -129,9 +132,9 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
         case "gsc":
             o.background = .proto; o.fakeRatio = 0
         case "hrhf":
-            noGSC(); o.background = .unbiased
+            noGSC(); o.background = .unbiased; o.freezeBatchNorm = true
         case "hrhf+gsc":
-            break
+            o.freezeBatchNorm = true
         case "joint":
             noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0; o.joint = true
         default:

@@ -199,8 +199,10 @@ public final class DistillationStep {
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let opts = String(decoding: (try? encoder.encode(options)) ?? Data(), as: UTF8.self)
-        return Trainer(model: model, config: config, checkpoint: checkpoint,
-                       identity: ["hrhf.job": "distill \(proto.task.name) step \(proto.step) \(proto.setting.rawValue)", "hrhf.options": opts])
+        let trainer = Trainer(model: model, config: config, checkpoint: checkpoint,
+                              identity: ["hrhf.job": "distill \(proto.task.name) step \(proto.step) \(proto.setting.rawValue)", "hrhf.options": opts])
+        trainer.frozenBatchNorm = options.freezeBatchNorm
+        return trainer
     }
 }
 

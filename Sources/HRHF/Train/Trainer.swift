@@ -47,6 +47,9 @@ public final class Trainer {
     public private(set) var iteration = 0
     /// Facts stored with checkpoints (the task, step, method) that must match on resume.
     public let identity: [String: String]
+    /// Keep batch norm in evaluation mode while training (running statistics fixed, affine
+    /// parameters still learned): for batches whose statistics differ from the test images'.
+    public var frozenBatchNorm = false
 
     public init(model: Module, parameters: [Tensor]? = nil, config: TrainingConfig, checkpoint: URL?,
                 identity: [String: String] = [:]) {
@@ -104,6 +107,9 @@ public final class Trainer {
     public func run(stopAfter: Int? = nil, loss: (Int) throws -> Tensor, report: (Int, Float) -> Void = { _, _ in }) throws {
         let end = min(config.iterations, stopAfter.map { iteration + $0 } ?? config.iterations)
         model.train()
+        if frozenBatchNorm {
+            for (_, m) in model.namedModules() where m is BatchNorm2d { m.train(false) }
+        }
         while iteration < end {
             optimizer.learningRate = LearningRateSchedule.poly(power: config.polyPower)
                 .rate(base: config.learningRate, iteration: iteration, total: config.iterations)
