@@ -34,7 +34,10 @@ run "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc --gradient-compensa
 run "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc --soft 0 --sharp 0
 run "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc --relation 0
 run "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc --background unbiased
-for m in ft lwf mib gsc hrhf hrhf+gsc joint; do run "15-1-$m" 15-1 5 "$it151" "$m"; done
+# The pack methods with the real half kept at MiB's 8 images (12 per batch, 4 of them fake).
+run "15-5-hrhf-8real4fake" 15-5 1 "$it155" hrhf --batch 12 --fake-ratio 0.34
+run "15-5-hrhf+gsc-8real4fake" 15-5 1 "$it155" hrhf+gsc --batch 12 --fake-ratio 0.34
+for m in ft mib lwf hrhf+gsc hrhf gsc joint; do run "15-1-$m" 15-1 5 "$it151" "$m"; done
 
 python3 - "$it155" "$it151" <<'PY'
 import json, os, sys
