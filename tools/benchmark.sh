@@ -39,23 +39,4 @@ run "15-5-hrhf-8real4fake" 15-5 1 "$it155" hrhf --batch 12 --fake-ratio 0.34
 run "15-5-hrhf+gsc-8real4fake" 15-5 1 "$it155" hrhf+gsc --batch 12 --fake-ratio 0.34
 for m in ft mib lwf hrhf+gsc hrhf gsc joint; do run "15-1-$m" 15-1 5 "$it151" "$m"; done
 
-python3 - "$it155" "$it151" <<'PY'
-import json, os, sys
-rows = []
-def fmt(v): return "-" if v is None else f"{100 * v:.1f}"
-for task in ["15-5", "15-1"]:
-    names = [f for f in sorted(os.listdir("bench")) if f.startswith(task + "-") and f.endswith(".json")]
-    order = ["ft", "lwf", "mib", "gsc", "hrhf", "hrhf+gsc", "joint"]
-    names.sort(key=lambda f: (order.index(f[len(task) + 1:-5]) if f[len(task) + 1:-5] in order else 99, f))
-    for f in names:
-        last = json.load(open(os.path.join("bench", f)))[-1]
-        rows.append((task, f[len(task) + 1:-5], last["old"], last["new"], last["all"]))
-with open("bench/results.md", "w") as out:
-    out.write(f"Shapes, overlap setting, {sys.argv[1]} iterations for 15-5 and {sys.argv[2]} per step for 15-1, "
-              "mIoU % at the last step on 200 validation images. Old = step-0 foreground classes 1-15 (background excluded); "
-              "new = classes 16-20; all = classes 0-20, background included.\n\n")
-    out.write("| task | method | old | new | all |\n| --- | --- | ---: | ---: | ---: |\n")
-    for t, m, o, n, a in rows:
-        out.write(f"| {t} | {m} | {fmt(o)} | {fmt(n)} | {fmt(a)} |\n")
-print(open("bench/results.md").read())
-PY
+python3 tools/bench_table.py "$it155" "$it151"
