@@ -15,43 +15,38 @@ public func extendModel(_ old: DeepLabV3, card: ModelCard, newClassNames: [Strin
     for (name, t) in model.stateDict() {
         if let v = oldState[name], v.shape == t.shape { t.assign(v) }
     }
-    let bgWeight = Array(old.classifiers[0].weight.array[0..<headChannels])
-    let bgBias = old.classifiers[0].bias!.pointer[0]
-    let shared = bgBias - Foundation.log(Float(added + 1))
-    switch arch.flavor {
-    case .torchvision:
-        // One classifier: copy the old rows, then fill the new ones.
-        let w = model.classifiers[0].weight, b = model.classifiers[0].bias!
-        let ow = old.classifiers[0].weight, ob = old.classifiers[0].bias!
+    /// A grown 1x1 classifier: the old rows copied, each new row the background row, the new
+    /// biases and the background's b_bg - log(added + 1).
+    func grow(_ w: Tensor, _ b: Tensor, from ow: Tensor, _ ob: Tensor) {
+        let inChannels = ow.shape[1]
         w.pointer.update(from: ow.pointer, count: ow.count)
         b.pointer.update(from: ob.pointer, count: ob.count)
+        let shared = ob.pointer[0] - Foundation.log(Float(added + 1))
         for k in oldClasses..<(oldClasses + added) {
-            for i in 0..<headChannels { w.pointer[k * headChannels + i] = bgWeight[i] }
+            for i in 0..<inChannels { w.pointer[k * inChannels + i] = ow.pointer[i] }
             b.pointer[k] = shared
         }
         b.pointer[0] = shared
+    }
+    switch arch.flavor {
+    case .torchvision:
+        grow(model.classifiers[0].weight, model.classifiers[0].bias!, from: old.classifiers[0].weight, old.classifiers[0].bias!)
     case .mib:
-        // One classifier per step: the new one is `cls.<step>`.
+        // One classifier per step: the new one is `cls.<step>`, all of its rows new.
+        let ow = old.classifiers[0].weight, ob = old.classifiers[0].bias!
+        let shared = ob.pointer[0] - Foundation.log(Float(added + 1))
         let w = model.classifiers.last!.weight, b = model.classifiers.last!.bias!
         for k in 0..<added {
-            for i in 0..<headChannels { w.pointer[k * headChannels + i] = bgWeight[i] }
+            for i in 0..<headChannels { w.pointer[k * headChannels + i] = ow.pointer[i] }
             b.pointer[k] = shared
         }
         model.classifiers[0].bias!.pointer[0] = shared
     }
     // The auxiliary head's classifier grows the same way.
-    if arch.auxHead, let aw = model.stateDict().first(where: { $0.name == "aux_classifier.4.weight" })?.tensor,
-       let ab = model.stateDict().first(where: { $0.name == "aux_classifier.4.bias" })?.tensor,
+    let newState = Dictionary(model.stateDict().map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
+    if arch.auxHead, let aw = newState["aux_classifier.4.weight"], let ab = newState["aux_classifier.4.bias"],
        let ow = oldState["aux_classifier.4.weight"], let ob = oldState["aux_classifier.4.bias"] {
-        let inChannels = ow.shape[1]
-        aw.pointer.update(from: ow.pointer, count: ow.count)
-        ab.pointer.update(from: ob.pointer, count: ob.count)
-        let shift = ob.pointer[0] - Foundation.log(Float(added + 1))
-        for k in oldClasses..<(oldClasses + added) {
-            for i in 0..<inChannels { aw.pointer[k * inChannels + i] = ow.pointer[i] }
-            ab.pointer[k] = shift
-        }
-        ab.pointer[0] = shift
+        grow(aw, ab, from: ow, ob)
     }
     var newCard = card
     newCard.architecture = arch
