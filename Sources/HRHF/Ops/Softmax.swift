@@ -10,29 +10,6 @@ func channelLayout(_ x: Tensor, _ op: String) -> (n: Int, c: Int, inner: Int) {
     return (x.shape[0], x.shape[1], x.shape[2...].reduce(1, *))
 }
 
-/// Calls body(pointer offset of the pixel's channel 0, stride between channels) for every
-/// pixel, in parallel over pixel blocks.
-@inline(__always)
-func forEachPixel(n: Int, c: Int, inner: Int, _ body: (Int) -> Void) {
-    parallelBlocks(n * inner, minBlock: max(1, parallelGrain / max(c, 1))) { r in
-        for p in r {
-            let b = p / inner, i = p % inner
-            body(b * c * inner + i)
-        }
-    }
-}
-
-/// Max and log-sum-exp of one pixel's channel values.
-@inline(__always)
-func pixelLogSumExp(_ p: UnsafeMutablePointer<Float>, _ c: Int, _ stride: Int) -> Float {
-    var m = -Float.infinity
-    for k in 0..<c { m = max(m, p[k * stride]) }
-    if m == -.infinity { return m }
-    var s: Float = 0
-    for k in 0..<c { s += Foundation.exp(p[k * stride] - m) }
-    return m + Foundation.log(s)
-}
-
 /// Pixels per block of the channel-wise kernels: each block walks every channel's row of
 /// contiguous pixels (unit stride), instead of striding across channels pixel by pixel.
 let pixelBlock = 512
