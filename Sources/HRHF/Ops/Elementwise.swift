@@ -207,7 +207,9 @@ func zipValues(_ a: Tensor, _ b: Tensor, _ body: (Float, Float) -> Float) -> Ten
 }
 
 public func exp(_ x: Tensor) -> Tensor {
-    let out = mapValues(x) { Foundation.exp($0) }
+    let out = Tensor(zeros: x.shape)
+    let px = x.pointer, po = out.pointer
+    parallelBlocks(x.count, minBlock: parallelGrain) { r in vectorExp(px + r.lowerBound, po + r.lowerBound, count: r.count) }
     let od = out.detached()
     record(out, "exp", [x]) { g in [zipValues(g, od) { $0 * $1 }] }
     return out

@@ -89,7 +89,8 @@ public func crossEntropy(_ logits: Tensor, _ target: Labels, ignoreIndex: Int32 
                     }
                     for k in 0..<c {
                         let xr = pxd + base + k * inner, r = pgx + base + k * inner
-                        for i in 0..<count where up[i] != 0 { r[i] = up[i] * Foundation.exp(xr[i] - plse[j0 + i]) }
+                        vectorExp(xr, minus: plse + j0, r, count: count)
+                        for i in 0..<count { r[i] = up[i] != 0 ? up[i] * r[i] : 0 }
                     }
                     for i in 0..<count where up[i] != 0 { pgx[base + Int(pt[j0 + i]) * inner + i] -= up[i] }
                 }

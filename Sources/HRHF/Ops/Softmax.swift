@@ -30,19 +30,27 @@ func forEachPixelBlock(n: Int, c: Int, inner: Int, _ body: (Int, Int, Int) -> Vo
 /// `inner`), into `out`.
 @inline(__always)
 func blockLogSumExp(_ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>) {
+    blockChannelMax(base, c: c, inner: inner, count: count, into: out)
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+        let sums = scratch.baseAddress!, e = sums + count
+        sums.update(repeating: 0, count: count)
+        for k in 0..<c {
+            vectorExp(base + k * inner, minus: out, e, count: count)
+            for i in 0..<count { sums[i] += e[i] }
+        }
+        // A pixel whose channels are all -inf keeps -inf (its sums are NaN).
+        for i in 0..<count where out[i] > -.infinity { out[i] += Foundation.log(sums[i]) }
+    }
+}
+
+/// Maximum over channels of `count` contiguous pixels starting at `base`, into `out`.
+@inline(__always)
+func blockChannelMax(_ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>) {
     out.update(repeating: -.infinity, count: count)
     for k in 0..<c {
         let row = base + k * inner
         for i in 0..<count { out[i] = max(out[i], row[i]) }
     }
-    let sums = UnsafeMutablePointer<Float>.allocate(capacity: count)
-    defer { sums.deallocate() }
-    sums.update(repeating: 0, count: count)
-    for k in 0..<c {
-        let row = base + k * inner
-        for i in 0..<count where out[i] > -.infinity { sums[i] += Foundation.exp(row[i] - out[i]) }
-    }
-    for i in 0..<count where out[i] > -.infinity { out[i] += Foundation.log(sums[i]) }
 }
 
 public func softmax(_ x: Tensor) -> Tensor {
@@ -51,11 +59,20 @@ public func softmax(_ x: Tensor) -> Tensor {
     let px = x.pointer, po = out.pointer
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let base = b * c * inner + i0
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { lse in
-            blockLogSumExp(px + base, c: c, inner: inner, count: count, into: lse.baseAddress!)
+        // One exp per element: exp(x - max) into the output, then divide by the sum.
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+            let peak = scratch.baseAddress!, sums = peak + count
+            blockChannelMax(px + base, c: c, inner: inner, count: count, into: peak)
+            sums.update(repeating: 0, count: count)
             for k in 0..<c {
-                let src = px + base + k * inner, dst = po + base + k * inner
-                for i in 0..<count { dst[i] = Foundation.exp(src[i] - lse[i]) }
+                let dst = po + base + k * inner
+                vectorExp(px + base + k * inner, minus: peak, dst, count: count)
+                for i in 0..<count { sums[i] += dst[i] }
+            }
+            for i in 0..<count { sums[i] = 1 / sums[i] }
+            for k in 0..<c {
+                let dst = po + base + k * inner
+                for i in 0..<count { dst[i] *= sums[i] }
             }
         }
     }
@@ -112,7 +129,8 @@ public func logSoftmax(_ x: Tensor) -> Tensor {
                 }
                 for k in 0..<c {
                     let gr = pg + base + k * inner, yr = py + base + k * inner, r = pgx + base + k * inner
-                    for i in 0..<count { r[i] = gr[i] - Foundation.exp(yr[i]) * total[i] }
+                    vectorExp(yr, r, count: count)
+                    for i in 0..<count { r[i] = gr[i] - r[i] * total[i] }
                 }
             }
         }
@@ -140,7 +158,8 @@ public func logSumExp(_ x: Tensor) -> Tensor {
             let base = b * c * inner + i0, j = b * inner + i0
             for k in 0..<c {
                 let xr = pxd + base + k * inner, r = pgx + base + k * inner
-                for i in 0..<count { r[i] = pg[j + i] * Foundation.exp(xr[i] - pl[j + i]) }
+                vectorExp(xr, minus: pl + j, r, count: count)
+                for i in 0..<count { r[i] *= pg[j + i] }
             }
         }
         return [gx]

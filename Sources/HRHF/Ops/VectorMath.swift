@@ -1,0 +1,72 @@
+import Foundation
+
+// A vectorised exp for the channel kernels (softmax, log-softmax, logsumexp and their
+// gradients), where glibc's scalar expf was the largest single cost of a distillation
+// iteration. Cephes' single-precision polynomial on a Cody-Waite reduced argument, 8 lanes
+// at a time: relative error a few 1e-7 over the normal range (tested against Foundation.exp);
+// 0 below -87.3 where expf returns denormals (an absolute difference under 1.2e-38); +inf
+// above 88.4; NaN stays NaN.
+
+private let expHi: Float = 88.3762626647949
+private let expLo: Float = -87.3365447504
+private let log2e: Float = 1.44269504088896341
+private let ln2Hi: Float = 0.693359375
+private let ln2Lo: Float = -2.12194440e-4
+
+@inline(__always)
+func simdExp(_ x: SIMD8<Float>) -> SIMD8<Float> {
+    let clamped = x.clamped(lowerBound: SIMD8(repeating: expLo), upperBound: SIMD8(repeating: expHi))
+    let n = (clamped * log2e).rounded(.toNearestOrEven)
+    var r = clamped - n * ln2Hi
+    r = r - n * ln2Lo
+    var p = SIMD8<Float>(repeating: 1.9875691500e-4)
+    p = p * r + 1.3981999507e-3
+    p = p * r + 8.3334519073e-3
+    p = p * r + 4.1665795894e-2
+    p = p * r + 1.6666665459e-1
+    p = p * r + 5.0000001201e-1
+    p = p * (r * r) + r + 1
+    // 2^n through the exponent bits.
+    let bits = (SIMD8<Int32>(n, rounding: .towardZero) &+ 127) &<< 23
+    var y = p * unsafeBitCast(bits, to: SIMD8<Float>.self)
+    y.replace(with: 0, where: x .< expLo)
+    y.replace(with: .infinity, where: x .> expHi)
+    y.replace(with: x, where: x .!= x)
+    return y
+}
+
+/// y[i] = exp(x[i] - shift) for i < count (x and y may be the same buffer).
+@inline(__always)
+func vectorExp(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count: Int, shift: Float = 0) {
+    var i = 0
+    let s = SIMD8<Float>(repeating: shift)
+    while i + 8 <= count {
+        let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
+        UnsafeMutableRawPointer(y + i).storeBytes(of: simdExp(v - s), as: SIMD8<Float>.self)
+        i += 8
+    }
+    if i < count {
+        var v = SIMD8<Float>(repeating: 0)
+        for k in 0..<(count - i) { v[k] = x[i + k] }
+        let e = simdExp(v - s)
+        for k in 0..<(count - i) { y[i + k] = e[k] }
+    }
+}
+
+/// y[i] = exp(x[i] - shift[i]) for i < count.
+@inline(__always)
+func vectorExp(_ x: UnsafePointer<Float>, minus shift: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count: Int) {
+    var i = 0
+    while i + 8 <= count {
+        let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
+        let s = UnsafeRawPointer(shift + i).loadUnaligned(as: SIMD8<Float>.self)
+        UnsafeMutableRawPointer(y + i).storeBytes(of: simdExp(v - s), as: SIMD8<Float>.self)
+        i += 8
+    }
+    if i < count {
+        var v = SIMD8<Float>(repeating: 0)
+        for k in 0..<(count - i) { v[k] = x[i + k] - shift[i + k] }
+        let e = simdExp(v)
+        for k in 0..<(count - i) { y[i + k] = e[k] }
+    }
+}
