@@ -14,6 +14,8 @@ final class DistillationTests: XCTestCase {
         let weights = Tensor.uniform([2, 3, 4], low: 0.5, high: 2, rng: &rng)
         checkGradients([new]) { nllLoss(logSoftmax($0[0]), self.labelsWithIgnore([2, 3, 4], classes: 6, seed: 4), pixelWeights: weights) }
         checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4) }
+        let relabelled = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 2, 4, 5, 255][Int(rng.next() % 5)] })
+        checkGradients([new]) { unbiasedCrossEntropy($0[0], relabelled, oldClasses: 4) }
         checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4, pixelWeights: weights) }
         checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 1) }
         checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 2) }
@@ -31,6 +33,8 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(bgLabel, -Foundation.log(p[0] + p[1] + p[2]), accuracy: 1e-5, "background absorbs the old classes")
         let newLabel = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [3]), oldClasses: 3).item
         XCTAssertEqual(newLabel, -Foundation.log(p[3]), accuracy: 1e-5)
+        let relabelled = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [2]), oldClasses: 3).item
+        XCTAssertEqual(relabelled, -Foundation.log(p[2]), accuracy: 1e-5, "a re-labelled old pixel is scored on its class")
         let oldLogits = Tensor(shape: [1, 3, 1, 1], values: [0.2, -1, 0.7])
         let q = softmax(oldLogits).array
         let kd = unbiasedDistillation(logits, oldLogits).item
@@ -56,6 +60,19 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(w.pointer[1], 0.25 / 0.13, accuracy: 1e-4)
         XCTAssertEqual(w.pointer[2], 1, "new-class pixels weigh 1")
         XCTAssertEqual(w.pointer[3], 0)
+        // Under the unbiased CE, background's p is p(0) + p(1): 1.0 and 1.0 here, so g = 0 for both
+        // (mean 0: weight 1), the new-class pixel still 1.
+        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, unbiasedBackground: 2)
+        XCTAssertEqual(Array(wu.array.prefix(3)), [1, 1, 1])
+        // Three old classes, labels 0 and 1 (a re-labelled pixel).
+        let l3 = Tensor(shape: [1, 4, 1, 2], values: [Foundation.log(0.6), Foundation.log(0.6), Foundation.log(0.1), Foundation.log(0.2),
+                                                       Foundation.log(0.1), Foundation.log(0.1), Foundation.log(0.2), Foundation.log(0.1)])
+        let w3 = gradientCompensationWeights(l3, Labels(shape: [1, 1, 2], values: [0, 1]), stepOfClass: [0, 0, 0, 1], currentStep: 1,
+                                             z: 1, wMin: 0.1, wMax: 10, unbiasedBackground: 3)
+        // Pixel 0 (p = 0.6, 0.1, 0.1, 0.2; label 0): g = 1 - (0.6 + 0.1 + 0.1) = 0.2. Pixel 1
+        // (p = 0.6, 0.2, 0.1, 0.1; label 1): g = 1 - 0.2 = 0.8. Mean 0.5.
+        XCTAssertEqual(w3.pointer[0], 0.2 / 0.5, accuracy: 1e-4)
+        XCTAssertEqual(w3.pointer[1], 0.8 / 0.5, accuracy: 1e-4)
     }
 
     func testClassifierInitialisationKeepsOldProbabilities() throws {

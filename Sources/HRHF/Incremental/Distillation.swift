@@ -63,7 +63,8 @@ public enum BackgroundHandling: String, Codable, Sendable, CaseIterable {
     case unbiased
     /// Old-model pseudo-labels on background pixels, entropy-thresholded (PLOP).
     case pseudo
-    /// GSC's prototypical pseudo re-labelling.
+    /// GSC's prototypical pseudo re-labelling; the background pixels it leaves are scored with
+    /// the unbiased cross-entropy, since prototypes find only some of the old objects.
     case proto
 }
 

@@ -34,18 +34,15 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 
 /// MiB's unbiased cross-entropy: the background's probability is that of background or any
 /// old class (channels 0..<oldClasses), since old objects are labelled background in new
-/// images. Labels hold 0, new classes (>= oldClasses) or 255.
+/// images. A pixel labelled with an old class (GSC's prototypical re-labelling) is scored on
+/// that class alone; new classes (>= oldClasses) on theirs; 255 is ignored.
 public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
-    let den = logSumExp(logits)
-    let background = logSumExp(sliceChannels(logits, 0..<oldClasses)) - den
-    let new = sliceChannels(logits, oldClasses..<c) - den
-    // Channel 0: background-or-old; channel k: new class oldClasses + k - 1.
-    let mapped = Labels(shape: target.shape, values: target.values.map { y in
-        y == 255 ? 255 : (Int(y) >= oldClasses ? y - Int32(oldClasses) + 1 : 0)
-    })
-    return nllLoss(concatChannels([background, new]), mapped, pixelWeights: pixelWeights)
+    let logP = logSoftmax(logits)
+    let background = logSumExp(sliceChannels(logits, 0..<oldClasses)) - logSumExp(logits)
+    // Channel 0: background-or-old; channel k >= 1: class k.
+    return nllLoss(concatChannels([background, sliceChannels(logP, 1..<c)]), target, pixelWeights: pixelWeights)
 }
 
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
@@ -123,13 +120,24 @@ public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Te
 }
 
 /// GSC step-aware gradient compensation: pixel weights for the cross-entropy. For a pixel of
-/// an old class (background included) g = 1 - p(y) under the new model (detached);
+/// an old class (background included) g = 1 - p(y) under the new model (detached; with
+/// `unbiasedBackground`, p(0) is the probability of background or any old class, matching the
+/// unbiased cross-entropy);
 /// w = g^z / mean(g^z over the pixels of the same step group), z = |old| / |current| classes;
 /// new-class pixels weigh 1; weights clamped to [wMin, wMax]. Ignored pixels get 0.
 public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
-                                        z: Float, wMin: Float = 0.5, wMax: Float = 2) -> Tensor {
+                                        z: Float, wMin: Float = 0.5, wMax: Float = 2, unbiasedBackground oldClasses: Int? = nil) -> Tensor {
     withNoGrad {
         let p = softmax(logits)
+        if let oldClasses {
+            // Under the unbiased cross-entropy the background's probability is that of background or old.
+            let (n, c, h, w) = nchw(p, "gradient compensation")
+            for b in 0..<n {
+                for k in 1..<oldClasses {
+                    for i in 0..<(h * w) { p.pointer[b * c * h * w + i] += p.pointer[(b * c + k) * h * w + i] }
+                }
+            }
+        }
         let (n, c, h, w) = nchw(p, "gradient compensation")
         let hw = h * w
         let weights = Tensor(zeros: target.shape)

@@ -141,14 +141,18 @@ public final class DistillationStep {
             }
         }
         let z = Float(oldClasses) / Float(model.numClasses - oldClasses)
-        func weights(_ logits: Tensor, _ l: Labels) -> Tensor? {
+        // Old objects in new images are labelled background: the unbiased CE lets background stand
+        // for "background or old" (MiB), also beside prototypical re-labelling (GSC).
+        let unbiased = options.background == .unbiased || options.background == .proto
+        func weights(_ logits: Tensor, _ l: Labels, unbiased: Bool) -> Tensor? {
             options.gradientCompensation
                 ? gradientCompensationWeights(logits, l, stepOfClass: stepOfClass, currentStep: proto.step, z: z,
-                                              wMin: options.compensationMin, wMax: options.compensationMax) : nil
+                                              wMin: options.compensationMin, wMax: options.compensationMax,
+                                              unbiasedBackground: unbiased ? oldClasses : nil) : nil
         }
-        let ceReal = options.background == .unbiased
-            ? unbiasedCrossEntropy(newReal, labels, oldClasses: oldClasses, pixelWeights: weights(newReal, labels))
-            : crossEntropy(newReal, labels, pixelWeights: weights(newReal, labels))
+        let ceReal = unbiased
+            ? unbiasedCrossEntropy(newReal, labels, oldClasses: oldClasses, pixelWeights: weights(newReal, labels, unbiased: true))
+            : crossEntropy(newReal, labels, pixelWeights: weights(newReal, labels, unbiased: false))
         var total = ceReal
         parts["ce"] = ceReal.item
         if options.realKDWeight > 0 {
@@ -165,7 +169,7 @@ public final class DistillationStep {
             let newFake = sliceBatch(newOut.logits, nR..<n)
             let oldFake = withNoGrad { sliceBatch(oldLogits, nR..<n) }
             let fakeLabels = withNoGrad { confidentLabels(oldFake, threshold: options.fakeConfidence) }
-            let ce = crossEntropy(newFake, fakeLabels, pixelWeights: weights(newFake, fakeLabels))
+            let ce = crossEntropy(newFake, fakeLabels, pixelWeights: weights(newFake, fakeLabels, unbiased: false))
             let kd = unbiasedDistillation(newFake, oldFake, temperature: options.kdTemperature)
             total = total + options.fakeCEWeight * ce + options.fakeKDWeight * kd
             parts["fake_ce"] = ce.item
