@@ -10,19 +10,26 @@ final class PyTorchParityTests: XCTestCase {
 
     func testConv2dCases() throws {
         let names = ["plain", "strided", "dilated", "grouped", "pointwise", "strided_pointwise", "k7s2", "dilated_pad_wide"]
-        for name in names {
-            let p = "conv/\(name)/"
-            let x = try t(p + "x").requiringGrad(), w = try t(p + "weight").requiringGrad()
-            let config = try t(p + "config").array.map { Int($0) }
-            let bias = try Fixtures.file(file)[p + "bias"]?.copy().requiringGrad()
-            let y = conv2d(x, weight: w, bias: bias, stride: (config[0], config[0]), padding: (config[1], config[1]),
-                           dilation: (config[2], config[2]), groups: config[3])
-            XCTAssertEqual(y.shape, try t(p + "y").shape, name)
-            assertClose(y, try t(p + "y"), "\(name) output")
-            y.backward(gradient: try t(p + "gy"))
-            assertClose(x.grad, try t(p + "gx"), "\(name) input gradient")
-            assertClose(w.grad, try t(p + "gweight"), "\(name) weight gradient")
-            if let bias { assertClose(bias.grad, try t(p + "gbias"), "\(name) bias gradient") }
+        // 1 thread: one product per image; 2: whole images per worker (the fixtures' batch is
+        // even); 3: columns and input channels split between workers.
+        let saved = ParallelConfig.threads
+        defer { ParallelConfig.threads = saved }
+        for threads in [1, 2, 3] {
+            ParallelConfig.threads = threads
+            for name in names {
+                let p = "conv/\(name)/", label = "\(name) at \(threads) threads"
+                let x = try t(p + "x").requiringGrad(), w = try t(p + "weight").requiringGrad()
+                let config = try t(p + "config").array.map { Int($0) }
+                let bias = try Fixtures.file(file)[p + "bias"]?.copy().requiringGrad()
+                let y = conv2d(x, weight: w, bias: bias, stride: (config[0], config[0]), padding: (config[1], config[1]),
+                               dilation: (config[2], config[2]), groups: config[3])
+                XCTAssertEqual(y.shape, try t(p + "y").shape, label)
+                assertClose(y, try t(p + "y"), "\(label) output")
+                y.backward(gradient: try t(p + "gy"))
+                assertClose(x.grad, try t(p + "gx"), "\(label) input gradient")
+                assertClose(w.grad, try t(p + "gweight"), "\(label) weight gradient")
+                if let bias { assertClose(bias.grad, try t(p + "gbias"), "\(label) bias gradient") }
+            }
         }
     }
 

@@ -6,14 +6,28 @@ import Foundation
 // Backward: dW = dY * col^T, dcol = W^T * dY then col2im; each is skipped when its input
 // needs no gradient (model inversion asks for the image gradient only).
 
-/// C = alpha * op(A) * op(B) + beta * C, row-major, on OpenBLAS's own threads.
+/// C = alpha * op(A) * op(B) + beta * C, row-major. OpenBLAS runs single-threaded (see
+/// `blasRunsSingleThreaded`): the convolutions split their products between the toolkit's own
+/// threads, which keeps both cores busy through im2col, col2im and bias passes too.
 @inline(__always)
 func sgemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
            a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
            c: UnsafeMutablePointer<Float>, ldc: Int) {
+    _ = blasRunsSingleThreaded
     cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
                 blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta,
                 c, blasint(ldc))
+}
+
+/// Set once, before the first product: OpenBLAS's own threads would fight the toolkit's.
+let blasRunsSingleThreaded: Void = openblas_set_num_threads(1)
+
+/// Runs `body` with OpenBLAS on `threads` threads (the sgemm reference rate of the benchmarks).
+public func withBLASThreads<T>(_ threads: Int, _ body: () -> T) -> T {
+    _ = blasRunsSingleThreaded
+    openblas_set_num_threads(Int32(threads))
+    defer { openblas_set_num_threads(1) }
+    return body()
 }
 
 /// Geometry of one convolution.
@@ -56,73 +70,101 @@ final class ScratchBuffer: @unchecked Sendable {
     }
 }
 
-/// Convolutions run one at a time (parallelism is inside them), so one scratch per role.
-let im2colScratch = ScratchBuffer()
+/// One im2col scratch per worker of a convolution (convolutions run one at a time; each
+/// worker of one uses its own).
+final class WorkerScratch: @unchecked Sendable {
+    private var buffers: [ScratchBuffer] = []
+    private let lock = NSLock()
 
-/// Fills the im2col matrix of one image and group: row (c, ki, kj), column (oy, ox).
-func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, into col: UnsafeMutablePointer<Float>) {
+    func get(worker: Int, _ count: Int) -> UnsafeMutablePointer<Float> {
+        lock.lock()
+        while buffers.count <= worker { buffers.append(ScratchBuffer()) }
+        let buffer = buffers[worker]
+        lock.unlock()
+        return buffer.get(count)
+    }
+}
+
+let im2colScratch = WorkerScratch()
+
+/// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
+/// (c, ki, kj), column oy * outW + ox) into `col`, a rows.count x columns.count matrix.
+func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, rows: Range<Int>, columns: Range<Int>,
+            into col: UnsafeMutablePointer<Float>) {
+    let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
+    let (kh, kw) = (geo.kernelH, geo.kernelW)
+    let width = columns.count
+    guard width > 0 else { return }
+    for row in rows {
+        let c = row / (kh * kw), ki = (row / kw) % kh, kj = row % kw
+        let channel = src + c * h * w
+        let dst = col + (row - rows.lowerBound) * width - columns.lowerBound
+        let xOffset = kj * geo.dilationW - geo.padW
+        // Output columns whose input column lies inside the image.
+        let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
+        let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
+        for oy in (columns.lowerBound / ow)...((columns.upperBound - 1) / ow) {
+            // This output row's share of the columns.
+            let first = max(columns.lowerBound, oy * ow) - oy * ow, last = min(columns.upperBound, (oy + 1) * ow) - oy * ow
+            let drow = dst + oy * ow
+            let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
+            let lo = max(first, oxLo), hi = min(last, oxHi)
+            if iy < 0 || iy >= h || lo >= hi {
+                (drow + first).update(repeating: 0, count: last - first)
+                continue
+            }
+            if lo > first { (drow + first).update(repeating: 0, count: lo - first) }
+            if hi < last { (drow + hi).update(repeating: 0, count: last - hi) }
+            let srow = channel + iy * w + xOffset
+            if geo.strideW == 1 {
+                (drow + lo).update(from: srow + lo, count: hi - lo)
+            } else {
+                for ox in lo..<hi { drow[ox] = srow[ox * geo.strideW] }
+            }
+        }
+    }
+}
+
+/// Adds rows of an im2col-shaped gradient (those of channels `channels`, `col` starting at the
+/// first of them) back into the input gradient of one image and group.
+func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, channels: Range<Int>, into dst: UnsafeMutablePointer<Float>) {
     let (h, w, oh, ow) = (geo.inH, geo.inW, geo.outH, geo.outW)
     let (kh, kw) = (geo.kernelH, geo.kernelW)
     let plane = oh * ow
-    parallelBlocks(geo.colRows, minBlock: max(1, 4096 / max(plane, 1))) { rows in
-        for row in rows {
-            let c = row / (kh * kw), ki = (row / kw) % kh, kj = row % kw
-            let channel = src + c * h * w
-            let dst = col + row * plane
-            let xOffset = kj * geo.dilationW - geo.padW
-            // Output columns whose input column lies inside the image.
-            let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
-            let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
-            for oy in 0..<oh {
-                let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
-                let drow = dst + oy * ow
-                if iy < 0 || iy >= h || oxLo >= oxHi {
-                    drow.update(repeating: 0, count: ow)
-                    continue
-                }
-                if oxLo > 0 { drow.update(repeating: 0, count: oxLo) }
-                if oxHi < ow { (drow + oxHi).update(repeating: 0, count: ow - oxHi) }
-                let srow = channel + iy * w + xOffset
-                if geo.strideW == 1 {
-                    (drow + oxLo).update(from: srow + oxLo, count: oxHi - oxLo)
-                } else {
-                    for ox in oxLo..<oxHi { drow[ox] = srow[ox * geo.strideW] }
+    for c in channels {
+        let channel = dst + c * h * w
+        for ki in 0..<kh {
+            for kj in 0..<kw {
+                let src = col + (((c - channels.lowerBound) * kh + ki) * kw + kj) * plane
+                let xOffset = kj * geo.dilationW - geo.padW
+                let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
+                let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
+                if oxLo >= oxHi { continue }
+                for oy in 0..<oh {
+                    let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
+                    if iy < 0 || iy >= h { continue }
+                    let srow = src + oy * ow
+                    let drow = channel + iy * w + xOffset
+                    if geo.strideW == 1 {
+                        for ox in oxLo..<oxHi { drow[ox] += srow[ox] }
+                    } else {
+                        for ox in oxLo..<oxHi { drow[ox * geo.strideW] += srow[ox] }
+                    }
                 }
             }
         }
     }
 }
 
-/// Adds the im2col-shaped gradient of one image and group back into the input gradient.
-/// Parallel over channels: each channel's rows touch only that channel.
-func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, into dst: UnsafeMutablePointer<Float>) {
-    let (h, w, oh, ow) = (geo.inH, geo.inW, geo.outH, geo.outW)
-    let (kh, kw) = (geo.kernelH, geo.kernelW)
-    let plane = oh * ow
-    parallelBlocks(geo.groupIn) { channels in
-        for c in channels {
-            let channel = dst + c * h * w
-            for ki in 0..<kh {
-                for kj in 0..<kw {
-                    let src = col + ((c * kh + ki) * kw + kj) * plane
-                    let xOffset = kj * geo.dilationW - geo.padW
-                    let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
-                    let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
-                    if oxLo >= oxHi { continue }
-                    for oy in 0..<oh {
-                        let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
-                        if iy < 0 || iy >= h { continue }
-                        let srow = src + oy * ow
-                        let drow = channel + iy * w + xOffset
-                        if geo.strideW == 1 {
-                            for ox in oxLo..<oxHi { drow[ox] += srow[ox] }
-                        } else {
-                            for ox in oxLo..<oxHi { drow[ox * geo.strideW] += srow[ox] }
-                        }
-                    }
-                }
-            }
-        }
+/// Splits `count` items into `parts` contiguous ranges and runs body(worker, range) on each in
+/// parallel. The split depends only on the thread count, so runs repeat bit for bit.
+func forEachWorker(_ count: Int, parts: Int, _ body: (Int, Range<Int>) -> Void) {
+    let parts = max(1, min(parts, count))
+    if parts == 1 { body(0, 0..<count); return }
+    let base = count / parts, extra = count % parts
+    DispatchQueue.concurrentPerform(iterations: parts) { t in
+        let start = t * base + min(t, extra)
+        body(t, start..<(start + base + (t < extra ? 1 : 0)))
     }
 }
 
@@ -187,31 +229,50 @@ func channelSums(_ g: Tensor) -> Tensor {
     return out
 }
 
+/// How a convolution's work is split between workers: whole images when the batch divides
+/// evenly among them (the largest products), otherwise each image's columns (forward) or input
+/// channels (backward) among all of them.
+func splitsByImage(batch: Int, workers: Int) -> Bool { workers > 1 && batch % workers == 0 }
+
 func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let k = geo.colRows
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
-    let col = geo.isPointwise ? nil : im2colScratch.get(k * plane)
-    for b in 0..<batch {
+    // Output columns `columns` of image b, on worker t.
+    func run(_ t: Int, _ b: Int, _ columns: Range<Int>) {
+        let width = columns.count
+        guard width > 0 else { return }
+        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, k * width)
         for g in 0..<geo.groups {
             let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
-            let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane
+            let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane + columns.lowerBound
             let wg = weight + g * geo.groupOut * k
             if let col {
-                im2col(src, geo, into: col)
-                sgemm(m: geo.groupOut, n: plane, k: k, a: wg, lda: k, b: col, ldb: plane, c: dst, ldc: plane)
+                im2col(src, geo, rows: 0..<k, columns: columns, into: col)
+                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: col, ldb: width, c: dst, ldc: plane)
             } else {
-                sgemm(m: geo.groupOut, n: plane, k: k, a: wg, lda: k, b: src, ldb: plane, c: dst, ldc: plane)
+                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, c: dst, ldc: plane)
             }
         }
         if let bias {
-            let base = out + b * geo.outChannels * plane
-            parallelBlocks(geo.outChannels, minBlock: max(1, parallelGrain / max(plane, 1))) { r in
-                for co in r {
-                    let p = base + co * plane, v = bias[co]
-                    for i in 0..<plane { p[i] += v }
-                }
+            for co in 0..<geo.outChannels {
+                let p = out + (b * geo.outChannels + co) * plane + columns.lowerBound, v = bias[co]
+                for i in 0..<width { p[i] += v }
+            }
+        }
+    }
+    let workers = ParallelConfig.threads
+    if splitsByImage(batch: batch, workers: workers) {
+        forEachWorker(batch, parts: workers) { t, images in for b in images { run(t, b, 0..<plane) } }
+    } else {
+        // Column slices a multiple of 16 wide keep the products' panels aligned.
+        let slices = max(1, min(workers, plane / 16))
+        for b in 0..<batch {
+            forEachWorker(slices, parts: slices) { t, _ in
+                let per = (plane / slices + 15) / 16 * 16
+                let lo = min(plane, t * per), hi = t == slices - 1 ? plane : min(plane, (t + 1) * per)
+                run(t, b, lo..<hi)
             }
         }
     }
@@ -220,46 +281,58 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
 func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                          batch: Int, gradInput: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
-    let k = geo.colRows
+    let k = geo.colRows, taps = geo.kernelH * geo.kernelW
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
-    let col = geo.isPointwise ? nil : im2colScratch.get(k * plane)
-    for b in 0..<batch {
+    // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
+    func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
+        let rows = channels.count * taps
+        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * plane)
         for g in 0..<geo.groups {
             let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
-            let wg = weight + g * geo.groupOut * k
+            let wg = weight + g * geo.groupOut * k + channels.lowerBound * taps
             let gx = gradInput + (b * geo.inChannels + g * geo.groupIn) * inPlane
             if let col {
-                sgemm(transA: true, m: k, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane,
-                      c: col, ldc: plane)
-                col2im(col, geo, into: gx)
+                sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, c: col, ldc: plane)
+                col2im(col, geo, channels: channels, into: gx)
             } else {
-                sgemm(transA: true, m: k, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane,
-                      c: gx, ldc: plane)
+                sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane,
+                      c: gx + channels.lowerBound * inPlane, ldc: plane)
             }
         }
+    }
+    let workers = ParallelConfig.threads
+    if splitsByImage(batch: batch, workers: workers) {
+        forEachWorker(batch, parts: workers) { t, images in for b in images { run(t, b, 0..<geo.groupIn) } }
+    } else {
+        for b in 0..<batch { forEachWorker(geo.groupIn, parts: workers) { t, channels in run(t, b, channels) } }
     }
 }
 
 func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                           batch: Int, gradWeight: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
-    let k = geo.colRows
+    let k = geo.colRows, taps = geo.kernelH * geo.kernelW
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
-    let col = geo.isPointwise ? nil : im2colScratch.get(k * plane)
-    for b in 0..<batch {
-        for g in 0..<geo.groups {
-            let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
-            let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
-            let gw = gradWeight + g * geo.groupOut * k
-            let colOrInput: UnsafePointer<Float>
-            if let col {
-                im2col(src, geo, into: col)
-                colOrInput = UnsafePointer(col)
-            } else {
-                colOrInput = src
+    // Each worker owns the columns of dW of its input channels, summed over the batch in order
+    // (so the result does not depend on how images would be split).
+    forEachWorker(geo.groupIn, parts: ParallelConfig.threads) { t, channels in
+        let rows = channels.count * taps
+        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * plane)
+        for b in 0..<batch {
+            for g in 0..<geo.groups {
+                let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
+                let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
+                let gw = gradWeight + g * geo.groupOut * k + channels.lowerBound * taps
+                let colOrInput: UnsafePointer<Float>
+                if let col {
+                    im2col(src, geo, rows: (channels.lowerBound * taps)..<(channels.upperBound * taps), columns: 0..<plane, into: col)
+                    colOrInput = UnsafePointer(col)
+                } else {
+                    colOrInput = src + channels.lowerBound * inPlane
+                }
+                sgemm(transB: true, m: geo.groupOut, n: rows, k: plane, a: gy, lda: plane, b: colOrInput, ldb: plane,
+                      beta: b == 0 ? 0 : 1, c: gw, ldc: k)
             }
-            sgemm(transB: true, m: geo.groupOut, n: k, k: plane, a: gy, lda: plane, b: colOrInput, ldb: plane,
-                  beta: b == 0 ? 0 : 1, c: gw, ldc: k)
         }
     }
 }

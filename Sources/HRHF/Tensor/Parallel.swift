@@ -2,7 +2,7 @@ import Foundation
 
 /// Runs `body(range)` over `0..<count` split into contiguous blocks, on all cores when the
 /// work is large enough. Each index is handled by exactly one block, so results never depend
-/// on the thread count. Must not be called around BLAS calls (OpenBLAS has its own threads).
+/// on the thread count.
 @inline(__always)
 public func parallelBlocks(_ count: Int, minBlock: Int = 1, _ body: (Range<Int>) -> Void) {
     guard count > 0 else { return }
