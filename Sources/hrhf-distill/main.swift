@@ -18,6 +18,9 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("fake-ratio"), help: "Override the share of each batch from the packs.") var fakeRatio: Float?
     @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images.") var kd: Float?
     @Option(name: .customLong("fake-kd"), help: "Override the KD weight on fake images.") var fakeKD: Float?
+    @Option(name: .customLong("fake-ce"), help: "Override the cross-entropy weight on fake images.") var fakeCE: Float?
+    @Option(name: .customLong("fake-background"), help: "Fake half's background: plain, or folded (background or new, as its KD).") var fakeBackground: String?
+    @Option(name: .customLong("compensation-range"), help: "Clamp of GSC's compensation weights, MIN,MAX (default 0.5,2).") var compensationRange: String?
     @Option(name: .customLong("feature-weight"), help: "Feature distillation on the fake half.") var featureWeight: Float?
     @Option(name: .customLong("gradient-compensation"), help: "Override GSC's gradient compensation (true/false).") var gradientCompensation: Bool?
     @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
@@ -49,6 +52,18 @@ struct Distill: ParsableCommand {
         if let kd { options.realKDWeight = kd }
         if let fakeKD { options.fakeKDWeight = fakeKD }
         if let featureWeight { options.featureWeight = featureWeight }
+        if let fakeCE { options.fakeCEWeight = fakeCE }
+        if let fakeBackground {
+            guard ["plain", "folded"].contains(fakeBackground) else { throw ValidationError("--fake-background is plain or folded, not \(fakeBackground)") }
+            options.fakeFoldsNewClasses = fakeBackground == "folded"
+        }
+        if let compensationRange {
+            let parts = compensationRange.split(separator: ",").compactMap { Float(String($0)) }
+            guard parts.count == 2, parts[0] > 0, parts[0] <= parts[1] else {
+                throw ValidationError("--compensation-range takes MIN,MAX with 0 < MIN <= MAX, not \(compensationRange)")
+            }
+            (options.compensationMin, options.compensationMax) = (parts[0], parts[1])
+        }
         if let gradientCompensation { options.gradientCompensation = gradientCompensation }
         if let soft { options.softWeight = soft }
         if let sharp { options.sharpWeight = sharp }

@@ -17,6 +17,8 @@ final class DistillationTests: XCTestCase {
         let relabelled = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 2, 4, 5, 255][Int(rng.next() % 5)] })
         checkGradients([new]) { unbiasedCrossEntropy($0[0], relabelled, oldClasses: 4) }
         checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4, pixelWeights: weights) }
+        let fakeLabels = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 1, 3, 255][Int(rng.next() % 4)] })
+        checkGradients([new]) { foldedCrossEntropy($0[0], fakeLabels, oldClasses: 4, pixelWeights: weights) }
         checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 1) }
         checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 2) }
         checkGradients([new]) { plainDistillation($0[0], old, temperature: 1) }
@@ -35,6 +37,10 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(newLabel, -Foundation.log(p[3]), accuracy: 1e-5)
         let relabelled = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [2]), oldClasses: 3).item
         XCTAssertEqual(relabelled, -Foundation.log(p[2]), accuracy: 1e-5, "a re-labelled old pixel is scored on its class")
+        let folded = foldedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [0]), oldClasses: 3).item
+        XCTAssertEqual(folded, -Foundation.log(p[0] + p[3] + p[4]), accuracy: 1e-5, "fake background absorbs the new classes")
+        let foldedOld = foldedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [2]), oldClasses: 3).item
+        XCTAssertEqual(foldedOld, -Foundation.log(p[2]), accuracy: 1e-5)
         let oldLogits = Tensor(shape: [1, 3, 1, 1], values: [0.2, -1, 0.7])
         let q = softmax(oldLogits).array
         let kd = unbiasedDistillation(logits, oldLogits).item
@@ -62,13 +68,13 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(w.pointer[3], 0)
         // Under the unbiased CE, background's p is p(0) + p(1): 1.0 and 1.0 here, so g = 0 for both
         // (mean 0: weight 1), the new-class pixel still 1.
-        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, unbiasedBackground: 2)
+        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, backgroundIncludes: 1..<2)
         XCTAssertEqual(Array(wu.array.prefix(3)), [1, 1, 1])
         // Three old classes, labels 0 and 1 (a re-labelled pixel).
         let l3 = Tensor(shape: [1, 4, 1, 2], values: [Foundation.log(0.6), Foundation.log(0.6), Foundation.log(0.1), Foundation.log(0.2),
                                                        Foundation.log(0.1), Foundation.log(0.1), Foundation.log(0.2), Foundation.log(0.1)])
         let w3 = gradientCompensationWeights(l3, Labels(shape: [1, 1, 2], values: [0, 1]), stepOfClass: [0, 0, 0, 1], currentStep: 1,
-                                             z: 1, wMin: 0.1, wMax: 10, unbiasedBackground: 3)
+                                             z: 1, wMin: 0.1, wMax: 10, backgroundIncludes: 1..<3)
         // Pixel 0 (p = 0.6, 0.1, 0.1, 0.2; label 0): g = 1 - (0.6 + 0.1 + 0.1) = 0.2. Pixel 1
         // (p = 0.6, 0.2, 0.1, 0.1; label 1): g = 1 - 0.2 = 0.8. Mean 0.5.
         XCTAssertEqual(w3.pointer[0], 0.2 / 0.5, accuracy: 1e-4)

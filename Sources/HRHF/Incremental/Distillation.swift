@@ -83,6 +83,9 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     public var fakeKDWeight: Float = 10
     public var fakeCEWeight: Float = 1
     public var fakeConfidence: Float = 0.7
+    /// Score the fake half's background as background-or-new (as its KD does) instead of
+    /// background alone.
+    public var fakeFoldsNewClasses = false
     /// Feature distillation (mean squared difference of the head's output) on the fake half.
     public var featureWeight: Float = 0
     /// GSC step-aware gradient compensation of the cross-entropy.

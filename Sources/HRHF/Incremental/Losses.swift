@@ -45,6 +45,18 @@ public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses:
     return nllLoss(concatChannels([background, sliceChannels(logP, 1..<c)]), target, pixelWeights: pixelWeights)
 }
 
+/// Cross-entropy of fake images (old classes only) with the new classes folded into background,
+/// as the unbiased KD beside it does: a synthetic background is no evidence about what the new
+/// classes look like. Labels hold old classes (< oldClasses) or 255.
+public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
+    let c = logits.shape[1]
+    precondition(oldClasses >= 1 && oldClasses < c, "folded CE: \(oldClasses) old of \(c) classes")
+    let den = logSumExp(logits)
+    let background = logSumExp(concatChannels([sliceChannels(logits, 0..<1), sliceChannels(logits, oldClasses..<c)])) - den
+    let parts = oldClasses > 1 ? [background, sliceChannels(logits, 1..<oldClasses) - den] : [background]
+    return nllLoss(concatChannels(parts), target, pixelWeights: pixelWeights)
+}
+
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
 /// new classes are summed into background, then compared with the old model's distribution:
 /// -mean over pixels of (sum_c q_c log p'_c) / |old classes|, at temperature T on both sides.
@@ -121,19 +133,19 @@ public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Te
 
 /// GSC step-aware gradient compensation: pixel weights for the cross-entropy. For a pixel of
 /// an old class (background included) g = 1 - p(y) under the new model (detached; with
-/// `unbiasedBackground`, p(0) is the probability of background or any old class, matching the
-/// unbiased cross-entropy);
+/// `backgroundIncludes`, p(0) adds those classes' probabilities, as the unbiased or folded
+/// cross-entropy does);
 /// w = g^z / mean(g^z over the pixels of the same step group), z = |old| / |current| classes;
 /// new-class pixels weigh 1; weights clamped to [wMin, wMax]. Ignored pixels get 0.
 public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
-                                        z: Float, wMin: Float = 0.5, wMax: Float = 2, unbiasedBackground oldClasses: Int? = nil) -> Tensor {
+                                        z: Float, wMin: Float = 0.5, wMax: Float = 2, backgroundIncludes merged: Range<Int>? = nil) -> Tensor {
     withNoGrad {
         let p = softmax(logits)
-        if let oldClasses {
-            // Under the unbiased cross-entropy the background's probability is that of background or old.
+        if let merged {
+            // The background's probability as the cross-entropy beside it scores it.
             let (n, c, h, w) = nchw(p, "gradient compensation")
             for b in 0..<n {
-                for k in 1..<oldClasses {
+                for k in merged {
                     for i in 0..<(h * w) { p.pointer[b * c * h * w + i] += p.pointer[(b * c + k) * h * w + i] }
                 }
             }

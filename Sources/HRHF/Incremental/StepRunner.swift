@@ -144,15 +144,15 @@ public final class DistillationStep {
         // Old objects in new images are labelled background: the unbiased CE lets background stand
         // for "background or old" (MiB), also beside prototypical re-labelling (GSC).
         let unbiased = options.background == .unbiased || options.background == .proto
-        func weights(_ logits: Tensor, _ l: Labels, unbiased: Bool) -> Tensor? {
+        func weights(_ logits: Tensor, _ l: Labels, backgroundIncludes: Range<Int>?) -> Tensor? {
             options.gradientCompensation
                 ? gradientCompensationWeights(logits, l, stepOfClass: stepOfClass, currentStep: proto.step, z: z,
                                               wMin: options.compensationMin, wMax: options.compensationMax,
-                                              unbiasedBackground: unbiased ? oldClasses : nil) : nil
+                                              backgroundIncludes: backgroundIncludes) : nil
         }
         let ceReal = unbiased
-            ? unbiasedCrossEntropy(newReal, labels, oldClasses: oldClasses, pixelWeights: weights(newReal, labels, unbiased: true))
-            : crossEntropy(newReal, labels, pixelWeights: weights(newReal, labels, unbiased: false))
+            ? unbiasedCrossEntropy(newReal, labels, oldClasses: oldClasses, pixelWeights: weights(newReal, labels, backgroundIncludes: 1..<oldClasses))
+            : crossEntropy(newReal, labels, pixelWeights: weights(newReal, labels, backgroundIncludes: nil))
         var total = ceReal
         parts["ce"] = ceReal.item
         if options.realKDWeight > 0 {
@@ -169,7 +169,10 @@ public final class DistillationStep {
             let newFake = sliceBatch(newOut.logits, nR..<n)
             let oldFake = withNoGrad { sliceBatch(oldLogits, nR..<n) }
             let fakeLabels = withNoGrad { confidentLabels(oldFake, threshold: options.fakeConfidence) }
-            let ce = crossEntropy(newFake, fakeLabels, pixelWeights: weights(newFake, fakeLabels, unbiased: false))
+            let ce = options.fakeFoldsNewClasses
+                ? foldedCrossEntropy(newFake, fakeLabels, oldClasses: oldClasses,
+                                     pixelWeights: weights(newFake, fakeLabels, backgroundIncludes: oldClasses..<model.numClasses))
+                : crossEntropy(newFake, fakeLabels, pixelWeights: weights(newFake, fakeLabels, backgroundIncludes: nil))
             let kd = unbiasedDistillation(newFake, oldFake, temperature: options.kdTemperature)
             total = total + options.fakeCEWeight * ce + options.fakeKDWeight * kd
             parts["fake_ce"] = ce.item
