@@ -3,6 +3,8 @@
 # hrhf, hrhf+gsc and joint from the zoo model, plus one ablation row per GSC component on 15-5.
 # Writes bench/results.md (old / new / all mIoU at the last step) and every run's JSON.
 #   bash tools/benchmark.sh [ITERATIONS_15_5] [ITERATIONS_PER_STEP_15_1]
+# Runs JOBS runs at once (default: one per core, each on one thread: the small model keeps one
+# core busier than two). Finished runs (their JSON exists) are skipped, so it can be resumed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install-deps.sh
@@ -22,21 +24,30 @@ synth=(--count 64 --seed 0)
 run() {  # name task laststep iterations method [extra...]
   local name=$1 task=$2 last=$3 its=$4 method=$5; shift 5
   [ -f "bench/$name.json" ] && return 0
-  local packs=()
+  local packs=() batch=(--batch 8)
   case $method in hrhf|hrhf+gsc|gsc) packs=(--pack bench/pack-15.tar) ;; esac
+  # Half real, half fake on top of the same 8 real images per batch every method sees.
+  case $method in hrhf|hrhf+gsc) batch=(--batch 16) ;; esac
   "$bin/hrhf-distill" --old "$model" "${packs[@]}" "${common[@]}" --task "$task" --step 1 --last-step "$last" \
-    --method "$method" --iterations "$its" --synth-count 16 --synth-iterations 150 --out "bench/$name.safetensors" \
-    --json "bench/$name.json" "$@" 2>&1 | tail -n 4
+    --method "$method" --iterations "$its" "${batch[@]}" --synth-count 16 --synth-iterations 150 --out "bench/$name.safetensors" \
+    --json "bench/$name.json" --threads 1 "$@" > "bench/$name.log" 2>&1 || { echo "$name failed: see bench/$name.log"; return 1; }
+  echo "$name: $(tail -n 3 "bench/$name.log" | head -n 1)"
+}
+jobs_max=${JOBS:-$(nproc)}
+queue() {  # like run, at most jobs_max at once
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
+  run "$@" &
 }
 
-for m in ft lwf mib gsc hrhf hrhf+gsc joint; do run "15-5-$m" 15-5 1 "$it155" "$m"; done
-run "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc --gradient-compensation false
-run "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc --soft 0 --sharp 0
-run "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc --relation 0
-run "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc --background unbiased
-# The pack methods with the real half kept at MiB's 8 images (12 per batch, 4 of them fake).
-run "15-5-hrhf-8real4fake" 15-5 1 "$it155" hrhf --batch 12 --fake-ratio 0.34
-run "15-5-hrhf+gsc-8real4fake" 15-5 1 "$it155" hrhf+gsc --batch 12 --fake-ratio 0.34
-for m in ft mib lwf hrhf+gsc hrhf gsc joint; do run "15-1-$m" 15-1 5 "$it151" "$m"; done
+# The longest runs first, so the queue ends with short ones.
+for m in hrhf+gsc hrhf gsc joint mib lwf ft; do queue "15-1-$m" 15-1 5 "$it151" "$m"; done
+for m in hrhf+gsc hrhf gsc joint mib lwf ft; do queue "15-5-$m" 15-5 1 "$it155" "$m"; done
+queue "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc --gradient-compensation false
+queue "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc --soft 0 --sharp 0
+queue "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc --relation 0
+queue "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc --background unbiased
+# MiB with 16 real images per batch: the pack methods' batches are 16 images too.
+queue "15-5-mib-batch16" 15-5 1 "$it155" mib --batch 16
+wait
 
 python3 tools/bench_table.py "$it155" "$it151"

@@ -13,11 +13,20 @@ private let log2e: Float = 1.44269504088896341
 private let ln2Hi: Float = 0.693359375
 private let ln2Lo: Float = -2.12194440e-4
 
+/// 1.5 * 2^23: adding it rounds a float to an integer held in the low mantissa bits (the
+/// generic SIMD float-to-int conversions are not vectorised: they cost more than expf itself).
+private let roundingMagic: Float = 12582912.0
+private let roundingMagicBits: Int32 = 0x4B40_0000
+
 @inline(__always)
 func simdExp(_ x: SIMD8<Float>) -> SIMD8<Float> {
-    let clamped = x.clamped(lowerBound: SIMD8(repeating: expLo), upperBound: SIMD8(repeating: expHi))
-    let n = (clamped * log2e).rounded(.toNearestOrEven)
-    var r = clamped - n * ln2Hi
+    var c = x
+    c.replace(with: SIMD8(repeating: expLo), where: x .< expLo)
+    c.replace(with: SIMD8(repeating: expHi), where: x .> expHi)
+    // n = round(x / ln 2), r = x - n ln 2 (in two parts for precision), exp(x) = 2^n exp(r).
+    let t = c * log2e + roundingMagic
+    let n = t - roundingMagic
+    var r = c - n * ln2Hi
     r = r - n * ln2Lo
     var p = SIMD8<Float>(repeating: 1.9875691500e-4)
     p = p * r + 1.3981999507e-3
@@ -26,8 +35,8 @@ func simdExp(_ x: SIMD8<Float>) -> SIMD8<Float> {
     p = p * r + 1.6666665459e-1
     p = p * r + 5.0000001201e-1
     p = p * (r * r) + r + 1
-    // 2^n through the exponent bits.
-    let bits = (SIMD8<Int32>(n, rounding: .towardZero) &+ 127) &<< 23
+    // 2^n through the exponent bits: t's bit pattern is the magic's plus n.
+    let bits = (unsafeBitCast(t, to: SIMD8<Int32>.self) &- roundingMagicBits &+ 127) &<< 23
     var y = p * unsafeBitCast(bits, to: SIMD8<Float>.self)
     y.replace(with: 0, where: x .< expLo)
     y.replace(with: .infinity, where: x .> expHi)
