@@ -31,9 +31,11 @@ let package = Package(
                        providers: [.apt(["libarchive-dev"])]),
         // setjmp/longjmp error handling for libpng and libjpeg stays inside C.
         .target(name: "CImageIO", dependencies: ["CPNG", "CJPEG"]),
+        // glibc's malloc tuning (mallopt is not in Swift's Glibc module).
+        .target(name: "CMemory"),
         .target(
             name: "HRHF",
-            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO",
+            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory",
                            .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
         ),

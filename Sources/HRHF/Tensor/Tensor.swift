@@ -1,3 +1,4 @@
+import CMemory
 import Foundation
 
 /// Owned float32 memory. Tensors that are views of one another (reshape, detach) share it.
@@ -7,17 +8,27 @@ public final class TensorStorage: @unchecked Sendable {
 
     public init(count: Int) {
         precondition(count >= 0, "negative storage size")
+        _ = mallocKeepsFreedMemory
         self.count = count
-        pointer = .allocate(capacity: max(count, 1))
-        pointer.initialize(repeating: 0, count: max(count, 1))
+        // calloc: memory fresh from the kernel is already zero, so it is not written twice.
+        guard let raw = calloc(max(count, 1), MemoryLayout<Float>.stride) else {
+            fatalError("out of memory allocating \(count) floats")
+        }
+        pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
     }
 
-    deinit { pointer.deallocate() }
+    deinit { free(pointer) }
 
     public var buffer: UnsafeMutableBufferPointer<Float> {
         UnsafeMutableBufferPointer(start: pointer, count: count)
     }
 }
+
+/// Training allocates and frees the same large activations every iteration. glibc would hand
+/// blocks over 128 KB back to the kernel on free and fault them in, zeroed, on the next
+/// iteration (a fifth of a distillation step's time went to that); keeping them in the heap
+/// up to glibc's 32 MB limit lets the next iteration reuse them.
+let mallocKeepsFreedMemory: Void = hrhf_keep_freed_memory()
 
 /// A contiguous float32 tensor (NCHW for images) with reference semantics, like PyTorch's.
 /// When it was computed from tensors that require gradients while grad mode is on,
