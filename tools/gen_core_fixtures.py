@@ -41,6 +41,11 @@ def main():
         ("strided_pointwise", 1, 4, 3, 7, 7, 1, 2, 0, 1, 1, False),
         ("k7s2", 1, 3, 4, 15, 13, 7, 2, 3, 1, 1, False),
         ("dilated_pad_wide", 1, 3, 2, 6, 6, 3, 1, 4, 4, 1, True),
+        # Taps that read only padding (ASPP's large rates on small maps): only the centre is live,
+        # then a row and a column of taps dead, then a strided 1x1 whose only tap misses.
+        ("dead_taps", 2, 3, 4, 5, 5, 3, 1, 6, 6, 1, True),
+        ("dead_tap_rows", 1, 4, 3, 4, 7, 3, 1, 5, 5, 1, False),
+        ("no_live_tap", 1, 2, 3, 1, 1, 1, 3, 1, 1, 1, True),
     ]
     for name, n, cin, cout, h, w, k, s, p, d, g, b in conv_cases:
         x32, x = f32(torch.randn(n, cin, h, w))

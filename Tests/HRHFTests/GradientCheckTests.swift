@@ -67,6 +67,9 @@ final class GradientCheckTests: XCTestCase {
             (3, 4, 3, 1, 1, 1, 1, true), (4, 6, 3, 2, 1, 1, 1, false), (4, 4, 3, 1, 2, 2, 1, true),
             (6, 4, 3, 1, 1, 1, 2, true), (4, 4, 3, 2, 3, 3, 4, false), (5, 3, 1, 1, 0, 1, 1, true),
             (4, 2, 1, 2, 0, 1, 1, false), (2, 3, 5, 2, 2, 1, 1, true), (3, 2, 3, 1, 0, 1, 1, true),
+            // Dilation 7 on a 7x6 map: taps reading only padding are skipped (only the centre
+            // column of taps is live horizontally, the centre row vertically).
+            (3, 4, 3, 1, 7, 7, 1, true), (4, 4, 3, 1, 6, 6, 2, false),
         ]
         for (i, c) in cases.enumerated() {
             let x = randn([2, c.0, 7, 6], seed: UInt64(30 + i))

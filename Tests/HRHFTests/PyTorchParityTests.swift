@@ -9,7 +9,8 @@ final class PyTorchParityTests: XCTestCase {
     func t(_ key: String) throws -> Tensor { try Fixtures.tensor(file, key) }
 
     func testConv2dCases() throws {
-        let names = ["plain", "strided", "dilated", "grouped", "pointwise", "strided_pointwise", "k7s2", "dilated_pad_wide"]
+        let names = ["plain", "strided", "dilated", "grouped", "pointwise", "strided_pointwise", "k7s2", "dilated_pad_wide",
+                     "dead_taps", "dead_tap_rows", "no_live_tap"]
         // 1 thread: one product per image; 2: whole images per worker (the fixtures' batch is
         // even); 3: columns and input channels split between workers.
         let saved = ParallelConfig.threads

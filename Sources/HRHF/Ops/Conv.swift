@@ -45,10 +45,57 @@ public struct Conv2dGeometry: Equatable, Sendable {
     var isPointwise: Bool {
         kernelH == 1 && kernelW == 1 && strideH == 1 && strideW == 1 && padH == 0 && padW == 0
     }
-    /// Multiply-adds times two, for one image.
+    /// Multiply-adds times two, for one image, of the taps that read the image (see `liveTaps`).
     public var flopsPerImage: Double {
-        2 * Double(outChannels) * Double(colRows) * Double(outH * outW)
+        2 * Double(outChannels) * Double(groupIn * liveTaps.count) * Double(outH * outW)
     }
+
+    /// The kernel taps (ki * kernelW + kj) that read at least one pixel inside the image. A
+    /// dilated tap can fall in the padding for every output pixel (ASPP's rate 36 on a 32x32
+    /// map keeps only the centre tap): its products with zeros are skipped.
+    public var liveTaps: [Int] {
+        func live(_ k: Int, stride: Int, pad: Int, dilation: Int, inSize: Int, outSize: Int) -> Bool {
+            // Input positions read by tap k: k * dilation - pad + o * stride, o in 0..<outSize.
+            let first = k * dilation - pad, last = first + (outSize - 1) * stride
+            guard last >= 0, first < inSize else { return false }
+            // Some o lands in [0, inSize): the smallest o with a non-negative position.
+            let o = first >= 0 ? 0 : (-first + stride - 1) / stride
+            return o < outSize && first + o * stride < inSize
+        }
+        var taps: [Int] = []
+        for ki in 0..<kernelH where live(ki, stride: strideH, pad: padH, dilation: dilationH, inSize: inH, outSize: outH) {
+            for kj in 0..<kernelW where live(kj, stride: strideW, pad: padW, dilation: dilationW, inSize: inW, outSize: outW) {
+                taps.append(ki * kernelW + kj)
+            }
+        }
+        return taps
+    }
+}
+
+/// The weight as the products see it: Cout x (Cin/groups * live taps). The weight itself when
+/// every tap is live; otherwise a compact copy without the dead taps' columns.
+struct LiveTapWeight {
+    let taps: [Int]
+    let pointer: UnsafePointer<Float>
+    private let copy: UnsafeMutablePointer<Float>?
+
+    init(_ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry) {
+        taps = geo.liveTaps
+        let all = geo.kernelH * geo.kernelW
+        if taps.count == all {
+            copy = nil
+            pointer = weight
+        } else {
+            let rows = geo.outChannels * geo.groupIn, l = taps.count
+            let c = UnsafeMutablePointer<Float>.allocate(capacity: max(rows * l, 1))
+            for r in 0..<rows { for (j, t) in taps.enumerated() { c[r * l + j] = weight[r * all + t] } }
+            copy = c
+            pointer = UnsafePointer(c)
+        }
+    }
+
+    var isCompact: Bool { copy != nil }
+    func release() { copy?.deallocate() }
 }
 
 /// Scratch memory reused across calls so the hot path does not allocate once warm.
@@ -88,15 +135,16 @@ final class WorkerScratch: @unchecked Sendable {
 let im2colScratch = WorkerScratch()
 
 /// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
-/// (c, ki, kj), column oy * outW + ox) into `col`, a rows.count x columns.count matrix.
-func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, rows: Range<Int>, columns: Range<Int>,
+/// (c, j) for channel c and live tap taps[j], column oy * outW + ox) into `col`, a
+/// rows.count x columns.count matrix.
+func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], rows: Range<Int>, columns: Range<Int>,
             into col: UnsafeMutablePointer<Float>) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
-    let (kh, kw) = (geo.kernelH, geo.kernelW)
+    let kw = geo.kernelW, l = taps.count
     let width = columns.count
     guard width > 0 else { return }
     for row in rows {
-        let c = row / (kh * kw), ki = (row / kw) % kh, kj = row % kw
+        let c = row / l, tap = taps[row % l], ki = tap / kw, kj = tap % kw
         let channel = src + c * h * w
         let dst = col + (row - rows.lowerBound) * width - columns.lowerBound
         let xOffset = kj * geo.dilationW - geo.padW
@@ -126,30 +174,29 @@ func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, rows: Range<Int>
 }
 
 /// Adds rows of an im2col-shaped gradient (those of channels `channels`, `col` starting at the
-/// first of them) back into the input gradient of one image and group.
-func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, channels: Range<Int>, into dst: UnsafeMutablePointer<Float>) {
+/// first of them; one row per live tap) back into the input gradient of one image and group.
+func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, into dst: UnsafeMutablePointer<Float>) {
     let (h, w, oh, ow) = (geo.inH, geo.inW, geo.outH, geo.outW)
-    let (kh, kw) = (geo.kernelH, geo.kernelW)
+    let kw = geo.kernelW, l = taps.count
     let plane = oh * ow
     for c in channels {
         let channel = dst + c * h * w
-        for ki in 0..<kh {
-            for kj in 0..<kw {
-                let src = col + (((c - channels.lowerBound) * kh + ki) * kw + kj) * plane
-                let xOffset = kj * geo.dilationW - geo.padW
-                let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
-                let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
-                if oxLo >= oxHi { continue }
-                for oy in 0..<oh {
-                    let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
-                    if iy < 0 || iy >= h { continue }
-                    let srow = src + oy * ow
-                    let drow = channel + iy * w + xOffset
-                    if geo.strideW == 1 {
-                        for ox in oxLo..<oxHi { drow[ox] += srow[ox] }
-                    } else {
-                        for ox in oxLo..<oxHi { drow[ox * geo.strideW] += srow[ox] }
-                    }
+        for (j, tap) in taps.enumerated() {
+            let ki = tap / kw, kj = tap % kw
+            let src = col + ((c - channels.lowerBound) * l + j) * plane
+            let xOffset = kj * geo.dilationW - geo.padW
+            let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
+            let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
+            if oxLo >= oxHi { continue }
+            for oy in 0..<oh {
+                let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
+                if iy < 0 || iy >= h { continue }
+                let srow = src + oy * ow
+                let drow = channel + iy * w + xOffset
+                if geo.strideW == 1 {
+                    for ox in oxLo..<oxHi { drow[ox] += srow[ox] }
+                } else {
+                    for ox in oxLo..<oxHi { drow[ox * geo.strideW] += srow[ox] }
                 }
             }
         }
@@ -237,8 +284,17 @@ func splitsByImage(batch: Int, workers: Int) -> Bool { workers > 1 && batch % wo
 func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
-    let k = geo.colRows
+    let live = LiveTapWeight(weight, geo)
+    defer { live.release() }
+    let taps = live.taps, k = geo.groupIn * taps.count
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    guard k > 0 else {
+        // Every tap reads padding only: the output is the bias.
+        for b in 0..<batch {
+            for co in 0..<geo.outChannels { (out + (b * geo.outChannels + co) * plane).update(repeating: bias?[co] ?? 0, count: plane) }
+        }
+        return
+    }
     // Output columns `columns` of image b, on worker t.
     func run(_ t: Int, _ b: Int, _ columns: Range<Int>) {
         let width = columns.count
@@ -247,9 +303,9 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
         for g in 0..<geo.groups {
             let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
             let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane + columns.lowerBound
-            let wg = weight + g * geo.groupOut * k
+            let wg = live.pointer + g * geo.groupOut * k
             if let col {
-                im2col(src, geo, rows: 0..<k, columns: columns, into: col)
+                im2col(src, geo, taps: taps, rows: 0..<k, columns: columns, into: col)
                 sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: col, ldb: width, c: dst, ldc: plane)
             } else {
                 sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, c: dst, ldc: plane)
@@ -281,19 +337,22 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
 func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                          batch: Int, gradInput: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
-    let k = geo.colRows, taps = geo.kernelH * geo.kernelW
+    let live = LiveTapWeight(weight, geo)
+    defer { live.release() }
+    let taps = live.taps, k = geo.groupIn * taps.count
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    guard k > 0 else { return }  // no tap reads the image: its gradient stays zero
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
-        let rows = channels.count * taps
+        let rows = channels.count * taps.count
         let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * plane)
         for g in 0..<geo.groups {
             let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
-            let wg = weight + g * geo.groupOut * k + channels.lowerBound * taps
+            let wg = live.pointer + g * geo.groupOut * k + channels.lowerBound * taps.count
             let gx = gradInput + (b * geo.inChannels + g * geo.groupIn) * inPlane
             if let col {
                 sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, c: col, ldc: plane)
-                col2im(col, geo, channels: channels, into: gx)
+                col2im(col, geo, taps: taps, channels: channels, into: gx)
             } else {
                 sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane,
                       c: gx + channels.lowerBound * inPlane, ldc: plane)
@@ -311,21 +370,28 @@ func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointe
 func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                           batch: Int, gradWeight: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
-    let k = geo.colRows, taps = geo.kernelH * geo.kernelW
+    let taps = geo.liveTaps, all = geo.kernelH * geo.kernelW
+    let k = geo.groupIn * taps.count
+    let compact = taps.count < all
+    // Dead taps read only padding: their gradient is zero. The live ones go through a compact
+    // Cout x (Cin/groups * live taps) matrix, scattered back at the end.
+    let target = compact ? UnsafeMutablePointer<Float>.allocate(capacity: max(geo.outChannels * k, 1)) : gradWeight
+    defer { if compact { target.deallocate() } }
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
     // Each worker owns the columns of dW of its input channels, summed over the batch in order
     // (so the result does not depend on how images would be split).
-    forEachWorker(geo.groupIn, parts: ParallelConfig.threads) { t, channels in
-        let rows = channels.count * taps
+    if k > 0 { forEachWorker(geo.groupIn, parts: ParallelConfig.threads) { t, channels in
+        let rows = channels.count * taps.count
         let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * plane)
         for b in 0..<batch {
             for g in 0..<geo.groups {
                 let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
                 let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
-                let gw = gradWeight + g * geo.groupOut * k + channels.lowerBound * taps
+                let gw = target + g * geo.groupOut * k + channels.lowerBound * taps.count
                 let colOrInput: UnsafePointer<Float>
                 if let col {
-                    im2col(src, geo, rows: (channels.lowerBound * taps)..<(channels.upperBound * taps), columns: 0..<plane, into: col)
+                    im2col(src, geo, taps: taps, rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
+                           columns: 0..<plane, into: col)
                     colOrInput = UnsafePointer(col)
                 } else {
                     colOrInput = src + channels.lowerBound * inPlane
@@ -333,6 +399,12 @@ func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Fl
                 sgemm(transB: true, m: geo.groupOut, n: rows, k: plane, a: gy, lda: plane, b: colOrInput, ldb: plane,
                       beta: b == 0 ? 0 : 1, c: gw, ldc: k)
             }
+        }
+    } }
+    if compact {
+        gradWeight.update(repeating: 0, count: geo.outChannels * geo.groupIn * all)
+        for r in 0..<(geo.outChannels * geo.groupIn) {
+            for (j, t) in taps.enumerated() { gradWeight[r * all + t] = target[r * taps.count + j] }
         }
     }
 }
