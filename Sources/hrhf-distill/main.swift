@@ -15,7 +15,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("last-step"), help: "Run steps --step through this one, synthesising a pack after each.") var lastStep: Int?
     @Option(help: "ft, lwf, mib, plop, gsc, hrhf, hrhf+gsc or joint.") var method: String = "hrhf+gsc"
     @Option(help: "Override the method's background handling: plain, unbiased, pseudo or proto.") var background: String?
-    @Option(name: .customLong("fake-ratio"), help: "Override the share of each batch from the packs.") var fakeRatio: Float?
+    @Option(name: .customLong("fake-ratio"), help: "Override the share of each batch from the packs (0.5: as many fake images as real ones).") var fakeRatio: Float?
     @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images.") var kd: Float?
     @Option(name: .customLong("fake-kd"), help: "Override the KD weight on fake images.") var fakeKD: Float?
     @Option(name: .customLong("fake-ce"), help: "Override the cross-entropy weight on fake images.") var fakeCE: Float?
@@ -28,7 +28,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
     @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
-    @Option(help: "Images per batch (real and fake together).") var batch: Int = 8
+    @Option(help: "Real images per batch; the pack methods add fake ones (--fake-ratio of the whole batch).") var batch: Int = 8
     @Option(help: "Square training crop.") var crop: Int = 128
     @Option(help: "Learning rate (SGD nesterov, poly).") var lr: Float = 0.01
     @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int = 200

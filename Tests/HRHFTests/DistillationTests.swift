@@ -150,10 +150,11 @@ final class DistillationTests: XCTestCase {
 
     func testHalfRealHalfFakeBatches() throws {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
-        XCTAssertEqual(step.realPerBatch, 2)
-        XCTAssertEqual(try step.fakeSampler!.batch(0).shape, [2, 3, 24, 24])
+        // Batch 4 real images; fake ratio 0.5 adds as many fake ones.
+        XCTAssertEqual(step.realPerBatch, 4)
+        XCTAssertEqual(try step.fakeSampler!.batch(0).shape, [4, 3, 24, 24])
         XCTAssertEqual(try step.fakeSampler!.batch(3).array, try step.fakeSampler!.batch(3).array, "deterministic")
-        XCTAssertEqual(try step.realLoader.batch(0).images.shape, [2, 3, 24, 24])
+        XCTAssertEqual(try step.realLoader.batch(0).images.shape, [4, 3, 24, 24])
         XCTAssertEqual(step.model.numClasses, 9)
         let (loss, parts) = try step.loss(0)
         XCTAssertTrue(loss.item.isFinite)
@@ -163,6 +164,14 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(mib.realPerBatch, 4)
         XCTAssertEqual(Set(try mib.loss(0).parts.keys), ["ce", "kd"])
         XCTAssertThrowsError(try DistillationOptions.preset("nope"))
+        // A quarter fake: 4 real + round(4 * 0.25 / 0.75) = 1 fake; a ratio of 1 leaves no real images.
+        var quarter = try DistillationOptions.preset("hrhf")
+        quarter.fakeRatio = 0.25
+        let (q, _) = try Self.stepFixture(method: "hrhf", options: quarter)
+        XCTAssertEqual(q.realPerBatch, 4)
+        XCTAssertEqual(try q.fakeSampler!.batch(0).shape[0], 1)
+        quarter.fakeRatio = 1
+        XCTAssertThrowsError(try Self.stepFixture(method: "hrhf", options: quarter))
     }
 
     func testFrozenBatchNormKeepsTheOldStatistics() throws {

@@ -72,7 +72,8 @@ public enum BackgroundHandling: String, Codable, Sendable, CaseIterable {
 public struct DistillationOptions: Codable, Equatable, Sendable {
     public var method = "hrhf+gsc"
     public var background = BackgroundHandling.proto
-    /// Share of each batch drawn from the synthetic packs (0: real images only).
+    /// Share of each batch drawn from the synthetic packs (0: real images only), added to the
+    /// real images of the batch.
     public var fakeRatio: Float = 0.5
     /// Unbiased KD on the real half (MiB's, weight 10 in MiB).
     public var realKDWeight: Float = 10

@@ -76,9 +76,11 @@ public final class DistillationStep {
         self.config = config
         let usesPacks = options.fakeRatio > 0
         guard !usesPacks || !packs.isEmpty else { throw WeightFileError(file: "packs", "method \(options.method) needs --pack") }
-        let fake = usesPacks ? max(1, Int((Float(config.batchSize) * options.fakeRatio).rounded())) : 0
-        realPerBatch = config.batchSize - fake
-        guard realPerBatch >= 1 else { throw WeightFileError(file: "batch", "no room for real images: lower the fake ratio") }
+        guard options.fakeRatio < 1 else { throw WeightFileError(file: "fake ratio", "\(options.fakeRatio) leaves no real images: use a ratio below 1") }
+        // Every method sees the same real images per batch; the pack methods add fake ones so
+        // that they are `fakeRatio` of the whole batch (as many as the real ones at 0.5).
+        realPerBatch = config.batchSize
+        let fake = usesPacks ? max(1, Int((Float(config.batchSize) * options.fakeRatio / (1 - options.fakeRatio)).rounded())) : 0
         // Joint training (the upper bound) sees every image of every step so far, all labels.
         let indices: [Int]
         let transform: @Sendable (IndexMask) -> IndexMask
