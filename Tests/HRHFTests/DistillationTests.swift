@@ -113,18 +113,26 @@ final class DistillationTests: XCTestCase {
     func testPrototypeRelabelling() {
         // Two old classes (0 bg, 1 cat), prototypes at (0, 0) and (1, 1) in a 2-channel space.
         let protos = Prototypes(vectors: [[0, 0], [1, 1]], channels: 2)
-        // Three low-res locations: old argmax cat with a cat-like feature (relabel), cat with a
-        // background-like feature (disagree: 255), and background.
-        let logits = Tensor(shape: [1, 2, 1, 3], values: [0, 0, 5, 5, 5, 0])
+        // Three feature cells: a cat-like feature, a background-like one, and a background one;
+        // six pixels, two per cell. The old model says cat (confidently) on pixels 0, 2, 3 and
+        // background elsewhere: pixel 0 is relabelled cat, pixel 1 (background per pixel, though
+        // its cell is cat-like) stays background, pixels 2 and 3 disagree with their cell's
+        // prototype (255), pixels 4 and 5 stay background.
+        let logits = Tensor(shape: [1, 2, 1, 6], values: [0, 5, 0, 0, 5, 5,
+                                                          5, 0, 5, 5, 0, 0])
         let features = Tensor(shape: [1, 2, 1, 3], values: [1, 0, 0, 1, 0, 0])
-        let labels = Labels(shape: [1, 1, 3], values: [0, 0, 0])
+        let labels = Labels(shape: [1, 1, 6], values: [0, 0, 0, 0, 0, 0])
         var o = DistillationOptions()
         o.prototypeTau = 0.6
         o.prototypeOldConfidence = 0.9
-        let out = protos.relabel(labels, oldLogitsLowRes: logits, oldFeatures: features, options: o)
-        XCTAssertEqual(out.values, [1, 255, 0])
+        let out = protos.relabel(labels, oldLogits: logits, oldFeatures: features, options: o)
+        XCTAssertEqual(out.values, [1, 0, 255, 255, 0, 0])
+        // Below the old model's confidence threshold: left as background.
+        o.prototypeOldConfidence = 0.999
+        XCTAssertEqual(protos.relabel(labels, oldLogits: logits, oldFeatures: features, options: o).values, [0, 0, 255, 255, 0, 0])
+        o.prototypeOldConfidence = 0.9
         // Pixels labelled with a new class are never touched.
-        let kept = protos.relabel(Labels(shape: [1, 1, 3], values: [7, 0, 0]), oldLogitsLowRes: logits, oldFeatures: features, options: o)
+        let kept = protos.relabel(Labels(shape: [1, 1, 6], values: [7, 0, 0, 0, 0, 0]), oldLogits: logits, oldFeatures: features, options: o)
         XCTAssertEqual(kept.values[0], 7)
         // Pseudo-labels: confident old predictions on background pixels only.
         let pseudo = pseudoLabel(Labels(shape: [1, 1, 3], values: [0, 0, 4]),

@@ -180,42 +180,50 @@ public struct Prototypes {
     /// pixel whose old-model argmax is old class c becomes c when softmax(-||phi - p_k|| / T)
     /// over the old classes gives c at least tauP and the old model's confidence is at least
     /// tauConf; where the prototype's nearest class disagrees with the old argmax it becomes 255.
-    public func relabel(_ labels: Labels, oldLogitsLowRes: Tensor, oldFeatures: Tensor, options: DistillationOptions) -> Labels {
-        let (n, c, fh, fw) = nchw(oldLogitsLowRes, "relabel")
-        let (oldArgmax, oldConfidence) = channelArgmax(softmax(oldLogitsLowRes))
-        let (_, h, w) = (labels.shape[0], labels.shape[1], labels.shape[2])
+    /// The old prediction is read per pixel (`oldLogits` at label resolution), the feature at
+    /// the pixel's cell of `oldFeatures`: deciding whole feature cells would give old objects
+    /// blocky labels that cut into the background around them.
+    public func relabel(_ labels: Labels, oldLogits: Tensor, oldFeatures: Tensor, options: DistillationOptions) -> Labels {
+        let (n, c, h, w) = nchw(oldLogits, "relabel")
+        precondition(labels.shape == [n, h, w], "relabel: labels \(labels.shape) for logits \(oldLogits.shape)")
+        let (fh, fw) = (oldFeatures.shape[2], oldFeatures.shape[3])
+        let (oldArgmax, oldConfidence) = channelArgmax(softmax(oldLogits))
         var values = labels.values
         for b in 0..<n {
-            // Decide at feature resolution, apply to the nearest feature of each pixel.
-            var decision = [Int32](repeating: -1, count: fh * fw)
-            for i in 0..<(fh * fw) {
-                let k = Int(oldArgmax[b * fh * fw + i]), best = oldConfidence[b * fh * fw + i]
-                guard k != 0 else { continue }
-                var distances = [Float](repeating: .infinity, count: c)
+            // Per feature cell: the prototypes' nearest class and their softmax over old classes.
+            var cells: [Int: (nearest: Int, probabilities: [Float])] = [:]
+            func prototypeView(_ cell: Int) -> (nearest: Int, probabilities: [Float]) {
+                if let v = cells[cell] { return v }
+                var logits = [Float](repeating: -.infinity, count: c)
                 for j in 0..<c {
                     guard let v = vectors[j] else { continue }
                     var d: Float = 0
                     for ch in 0..<channels {
-                        let diff = oldFeatures.pointer[(b * channels + ch) * fh * fw + i] - v[ch]
+                        let diff = oldFeatures.pointer[(b * channels + ch) * fh * fw + cell] - v[ch]
                         d += diff * diff
                     }
-                    distances[j] = d.squareRoot()
+                    logits[j] = -d.squareRoot() / options.prototypeTemperature
                 }
-                let logits = distances.map { $0.isFinite ? -$0 / options.prototypeTemperature : -Float.infinity }
                 let m = logits.max() ?? 0
-                let e = logits.map { Foundation.exp($0 - m) }
-                let z = e.reduce(0, +)
-                let nearest = logits.firstIndex(of: m) ?? 0
-                if nearest != k { decision[i] = 255; continue }
-                if e[k] / z >= options.prototypeTau && best >= options.prototypeOldConfidence { decision[i] = Int32(k) }
+                let e = logits.map { $0.isFinite ? Foundation.exp($0 - m) : 0 }
+                let z = max(e.reduce(0, +), .leastNormalMagnitude)
+                let view = (logits.firstIndex(of: m) ?? 0, e.map { $0 / z })
+                cells[cell] = view
+                return view
             }
             for y in 0..<h {
                 let fy = min(fh - 1, y * fh / h)
                 for x in 0..<w {
                     let j = (b * h + y) * w + x
                     guard values[j] == 0 else { continue }
-                    let d = decision[fy * fw + min(fw - 1, x * fw / w)]
-                    if d >= 0 { values[j] = d }
+                    let k = Int(oldArgmax[j])
+                    guard k != 0 else { continue }
+                    let view = prototypeView(fy * fw + min(fw - 1, x * fw / w))
+                    if view.nearest != k {
+                        values[j] = 255
+                    } else if view.probabilities[k] >= options.prototypeTau && oldConfidence[j] >= options.prototypeOldConfidence {
+                        values[j] = Int32(k)
+                    }
                 }
             }
         }

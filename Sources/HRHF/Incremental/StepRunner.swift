@@ -138,7 +138,7 @@ public final class DistillationStep {
         case .pseudo: labels = withNoGrad { pseudoLabel(labels, oldLogits: oldReal, threshold: options.pseudoEntropy) }
         case .proto:
             labels = withNoGrad {
-                prototypes!.relabel(labels, oldLogitsLowRes: fakeImages == nil ? oldOut.logits : sliceBatch(oldOut.logits, 0..<nR),
+                prototypes!.relabel(labels, oldLogits: oldReal,
                                     oldFeatures: fakeImages == nil ? oldOut.features : sliceBatch(oldOut.features, 0..<nR), options: options)
             }
         }
