@@ -19,8 +19,8 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images.") var kd: Float?
     @Option(name: .customLong("fake-kd"), help: "Override the KD weight on fake images.") var fakeKD: Float?
     @Option(name: .customLong("fake-ce"), help: "Override the cross-entropy weight on fake images.") var fakeCE: Float?
-    @Option(name: .customLong("fake-background"), help: "Fake half's background: plain, or folded (background or new, as its KD).") var fakeBackground: String?
-    @Option(name: .customLong("compensation-range"), help: "Clamp of GSC's compensation weights, MIN,MAX (default 0.5,2).") var compensationRange: String?
+    @Option(name: .customLong("fake-background"), help: "Fake half's background: plain, or folded (background or new, as its KD; the default).") var fakeBackground: String?
+    @Option(name: .customLong("compensation-range"), help: "Clamp of GSC's compensation weights, MIN,MAX (default 0.8,1.25).") var compensationRange: String?
     @Option(name: .customLong("feature-weight"), help: "Feature distillation on the fake half.") var featureWeight: Float?
     @Option(name: .customLong("gradient-compensation"), help: "Override GSC's gradient compensation (true/false).") var gradientCompensation: Bool?
     @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
