@@ -28,7 +28,7 @@ run() {  # name task laststep iterations method [extra...]
   "$bin/hrhf-distill" --old "$model" "${packs[@]}" "${common[@]}" --task "$task" --step 1 --last-step "$last" \
     --method "$method" --iterations "$its" --batch 8 --synth-count 16 --synth-iterations 150 --out "bench/$name.safetensors" \
     --json "bench/$name.json" --threads 1 "$@" > "bench/$name.log" 2>&1 || { echo "$name failed: see bench/$name.log"; return 1; }
-  echo "$name: $(tail -n 3 "bench/$name.log" | head -n 1)"
+  echo "$name: $(grep -F "bench/$name" "bench/$name.log" | tail -n 1)"
 }
 jobs_max=${JOBS:-$(nproc)}
 queue() {  # like run, at most jobs_max at once
