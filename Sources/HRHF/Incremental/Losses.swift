@@ -32,6 +32,17 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
     return out
 }
 
+/// Negative log-likelihood in which label 0 stands for the union of the `merged` channels
+/// (channel 0 among them) and labels 1..<kept for their own channels:
+/// log p(union) = logsumexp over the merged channels - logsumexp over all.
+func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?) -> Tensor {
+    let den = logSumExp(logits)
+    let slices = merged.map { sliceChannels(logits, $0) }
+    let background = logSumExp(slices.count == 1 ? slices[0] : concatChannels(slices)) - den
+    let parts = kept > 1 ? [background, sliceChannels(logits, 1..<kept) - den] : [background]
+    return nllLoss(concatChannels(parts), target, pixelWeights: pixelWeights)
+}
+
 /// MiB's unbiased cross-entropy: the background's probability is that of background or any
 /// old class (channels 0..<oldClasses), since old objects are labelled background in new
 /// images. A pixel labelled with an old class (GSC's prototypical re-labelling) is scored on
@@ -39,10 +50,7 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
-    let logP = logSoftmax(logits)
-    let background = logSumExp(sliceChannels(logits, 0..<oldClasses)) - logSumExp(logits)
-    // Channel 0: background-or-old; channel k >= 1: class k.
-    return nllLoss(concatChannels([background, sliceChannels(logP, 1..<c)]), target, pixelWeights: pixelWeights)
+    return mergedBackgroundNLL(logits, target, merged: [0..<oldClasses], kept: c, pixelWeights: pixelWeights)
 }
 
 /// Cross-entropy of fake images (old classes only) with the new classes folded into background,
@@ -51,10 +59,7 @@ public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses:
 public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "folded CE: \(oldClasses) old of \(c) classes")
-    let den = logSumExp(logits)
-    let background = logSumExp(concatChannels([sliceChannels(logits, 0..<1), sliceChannels(logits, oldClasses..<c)])) - den
-    let parts = oldClasses > 1 ? [background, sliceChannels(logits, 1..<oldClasses) - den] : [background]
-    return nllLoss(concatChannels(parts), target, pixelWeights: pixelWeights)
+    return mergedBackgroundNLL(logits, target, merged: [0..<1, oldClasses..<c], kept: oldClasses, pixelWeights: pixelWeights)
 }
 
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
@@ -141,17 +146,16 @@ public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, step
                                         z: Float, wMin: Float = 0.5, wMax: Float = 2, backgroundIncludes merged: Range<Int>? = nil) -> Tensor {
     withNoGrad {
         let p = softmax(logits)
+        let (n, c, h, w) = nchw(p, "gradient compensation")
+        let hw = h * w
         if let merged {
             // The background's probability as the cross-entropy beside it scores it.
-            let (n, c, h, w) = nchw(p, "gradient compensation")
             for b in 0..<n {
                 for k in merged {
-                    for i in 0..<(h * w) { p.pointer[b * c * h * w + i] += p.pointer[(b * c + k) * h * w + i] }
+                    for i in 0..<hw { p.pointer[b * c * hw + i] += p.pointer[(b * c + k) * hw + i] }
                 }
             }
         }
-        let (n, c, h, w) = nchw(p, "gradient compensation")
-        let hw = h * w
         let weights = Tensor(zeros: target.shape)
         var g = [Float](repeating: 0, count: n * hw)
         var groupSum = [Double](repeating: 0, count: currentStep + 1), groupCount = [Int](repeating: 0, count: currentStep + 1)

@@ -40,8 +40,6 @@ public struct Conv2dGeometry: Equatable, Sendable {
     public var outW: Int { (inW + 2 * padW - dilationW * (kernelW - 1) - 1) / strideW + 1 }
     var groupIn: Int { inChannels / groups }
     var groupOut: Int { outChannels / groups }
-    /// Rows of the im2col matrix of one group.
-    var colRows: Int { groupIn * kernelH * kernelW }
     var isPointwise: Bool {
         kernelH == 1 && kernelW == 1 && strideH == 1 && strideW == 1 && padH == 0 && padW == 0
     }
@@ -94,7 +92,6 @@ struct LiveTapWeight {
         }
     }
 
-    var isCompact: Bool { copy != nil }
     func release() { copy?.deallocate() }
 }
 

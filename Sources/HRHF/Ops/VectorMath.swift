@@ -44,20 +44,19 @@ func simdExp(_ x: SIMD8<Float>) -> SIMD8<Float> {
     return y
 }
 
-/// y[i] = exp(x[i] - shift) for i < count (x and y may be the same buffer).
+/// y[i] = exp(x[i]) for i < count (x and y may be the same buffer).
 @inline(__always)
-func vectorExp(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count: Int, shift: Float = 0) {
+func vectorExp(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count: Int) {
     var i = 0
-    let s = SIMD8<Float>(repeating: shift)
     while i + 8 <= count {
         let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)
-        UnsafeMutableRawPointer(y + i).storeBytes(of: simdExp(v - s), as: SIMD8<Float>.self)
+        UnsafeMutableRawPointer(y + i).storeBytes(of: simdExp(v), as: SIMD8<Float>.self)
         i += 8
     }
     if i < count {
         var v = SIMD8<Float>(repeating: 0)
         for k in 0..<(count - i) { v[k] = x[i + k] }
-        let e = simdExp(v - s)
+        let e = simdExp(v)
         for k in 0..<(count - i) { y[i + k] = e[k] }
     }
 }
