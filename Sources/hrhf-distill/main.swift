@@ -34,6 +34,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int = 200
     @Option(help: "Random seed.") var seed: UInt64 = 0
     @Option(name: .customLong("synth-count"), help: "Images of the pack made after each step of a multi-step run.") var synthCount: Int = 64
+    @Option(name: .customLong("step-pack"), help: "Classes of the pack made after each step: new (the step's new classes, earlier packs kept) or all (every old class, replacing them).") var stepPack: String = "new"
     @OptionGroup var synthesis: SynthesisOptionGroup
     @Option(name: .customLong("eval-limit"), help: "Validation images per evaluation (default all).") var evalLimit: Int?
     @Option(help: "Write the evaluations as JSON.") var json: String?
@@ -76,20 +77,21 @@ struct Distill: ParsableCommand {
         guard step >= 1, last >= step, last < task.steps.count else {
             throw ValidationError("steps \(step)-\(last) are outside task \(task.name) (steps 1-\(task.steps.count - 1))")
         }
+        guard let stepPackClasses = StepPackClasses(rawValue: stepPack) else { throw ValidationError("--step-pack is new or all, not \(stepPack)") }
         let config = TrainingConfig(iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
                                     checkpointEvery: checkpointEvery)
         let run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step, lastStep: last,
                                  setting: data.setting, packs: pack.map { URL(fileURLWithPath: $0) }, options: options, config: config,
-                                 synthCount: synthCount, synthOptions: synthesis.options, out: URL(fileURLWithPath: out),
+                                 synthCount: synthCount, stepPackClasses: stepPackClasses, synthOptions: synthesis.options, out: URL(fileURLWithPath: out),
                                  evalLimit: evalLimit)
         var progress: ProgressLine?
         var summary: [[String]] = []
         var allReports: [IoUReport] = []
         _ = try run.run { event in
             switch event {
-            case let .stepStarted(s, images, total, resumedAt):
+            case let .stepStarted(s, images, packs, total, resumedAt):
                 print("step \(s) of \(task.name) (\(data.setting.rawValue)), method \(method): classes \(task.classes(at: s).map(String.init).joined(separator: ",")), "
-                      + "\(images) real images, \(pack.isEmpty && s == step ? "no pack" : "packs"), \(total) iterations"
+                      + "\(images) real images, \(packs == 0 ? "no pack" : packs == 1 ? "1 pack" : "\(packs) packs"), \(total) iterations"
                       + (resumedAt > 0 ? ", resumed at \(resumedAt)" : ""))
                 progress = ProgressLine("step \(s)", total: total, unit: "it")
             case let .iteration(_, done, _, loss, parts):

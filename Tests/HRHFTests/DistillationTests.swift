@@ -213,4 +213,40 @@ final class DistillationTests: XCTestCase {
         }
         XCTAssertEqual(try run(interrupt: false), try run(interrupt: true))
     }
+
+    /// Two steps of one class each in one run: the pack made after step 1 holds step 1's class
+    /// (earlier packs kept) or every old class (replacing them); a second run skips both steps.
+    func testMultiStepRunMakesAPackAfterEachStep() throws {
+        let (url, model, card) = try SynthesisTests.tinyTeacher()
+        var o = SynthesisTests.smallOptions()
+        o.resolution = 24
+        let firstPack = temporaryDirectory().appendingPathComponent("p0.tar")
+        _ = try SynthesisJob(teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2, options: o, seed: 1,
+                             out: firstPack).run(resume: false)
+        let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
+        let task = try IncrementalTask.named("1-5,6,7", foreground: 20)
+        let config = TrainingConfig(iterations: 2, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
+        for mode in StepPackClasses.allCases {
+            let out = temporaryDirectory().appendingPathComponent("m.safetensors")
+            let run = IncrementalRun(old: url, train: train, val: nil, task: task, firstStep: 1, lastStep: 2, setting: .overlap,
+                                     packs: [firstPack], options: try DistillationOptions.preset("hrhf"), config: config,
+                                     synthCount: 2, stepPackClasses: mode, synthOptions: o, out: out)
+            var packsPerStep: [Int: Int] = [:]
+            _ = try run.run { if case let .stepStarted(step, _, packs, _, _) = $0 { packsPerStep[step] = packs } }
+            let between = try SyntheticPack(url: run.packURL(afterStep: 1))
+            switch mode {
+            case .new:
+                XCTAssertEqual(between.manifest.classes.map(\.id), [6], "step 1's new class only")
+                XCTAssertEqual(packsPerStep, [1: 1, 2: 2], "the first pack stays in use")
+            case .all:
+                XCTAssertEqual(between.manifest.classes.map(\.id), [1, 2, 3, 4, 5, 6])
+                XCTAssertEqual(packsPerStep, [1: 1, 2: 1], "the new pack replaces the first")
+            }
+            XCTAssertEqual(try ModelFile.load(out).0.numClasses, 8)
+            XCTAssertEqual(try ModelFile.load(run.modelURL(step: 1)).0.numClasses, 7)
+            var started = 0
+            _ = try run.run { if case .stepStarted = $0 { started += 1 } }
+            XCTAssertEqual(started, 0, "finished steps are skipped")
+        }
+    }
 }

@@ -83,6 +83,54 @@ final class GradientCheckTests: XCTestCase {
         }
     }
 
+    /// The fused evaluation block (conv, folded batch norm, activation) against the ops in turn:
+    /// the same products with the affine applied in another order, so values and input
+    /// gradients agree to a few float32 roundings (relative 1e-5); and finite differences.
+    func testFusedConvolutionBlockMatchesTheLayersInTurn() {
+        // (Cin, Cout, k, stride, padding, dilation, groups, conv bias, slope)
+        let cases: [(Int, Int, Int, Int, Int, Int, Int, Bool, Float?)] = [
+            (3, 4, 3, 1, 1, 1, 1, false, 0), (4, 6, 3, 2, 1, 1, 1, true, nil), (4, 4, 3, 1, 2, 2, 2, false, 0.01),
+            (5, 3, 1, 1, 0, 1, 1, false, 0), (3, 4, 3, 1, 7, 7, 1, true, 0),
+        ]
+        for (i, c) in cases.enumerated() {
+            let x = randn([2, c.0, 7, 6], seed: UInt64(130 + i))
+            let w = randn([c.1, c.0 / c.6, c.2, c.2], seed: UInt64(140 + i), std: 0.3)
+            let convBias = c.7 ? randn([c.1], seed: UInt64(150 + i)) : nil
+            let gamma = randn([c.1], seed: UInt64(160 + i)), beta = randn([c.1], seed: UInt64(170 + i))
+            let rm = randn([c.1], seed: UInt64(180 + i), std: 0.2), rv = mapValues(randn([c.1], seed: UInt64(190 + i))) { 0.5 + Swift.abs($0) }
+            func layers(_ t: Tensor) -> Tensor {
+                let y = batchNorm2d(conv2d(t, weight: w, bias: convBias, stride: (c.3, c.3), padding: (c.4, c.4),
+                                           dilation: (c.5, c.5), groups: c.6),
+                                    weight: gamma, bias: beta, runningMean: rm, runningVar: rv, training: false)
+                return c.8.map { leakyRelu(y, slope: $0) } ?? y
+            }
+            let scale = Tensor(zeros: [c.1]), shift = Tensor(zeros: [c.1])
+            for ch in 0..<c.1 {
+                scale.pointer[ch] = gamma.pointer[ch] / (rv.pointer[ch] + 1e-5).squareRoot()
+                shift.pointer[ch] = beta.pointer[ch] - rm.pointer[ch] * scale.pointer[ch] + (convBias?.pointer[ch] ?? 0) * scale.pointer[ch]
+            }
+            func fused(_ t: Tensor) -> Tensor {
+                conv2dAffine(t, weight: w, scale: scale, shift: shift, negativeSlope: c.8, stride: (c.3, c.3),
+                             padding: (c.4, c.4), dilation: (c.5, c.5), groups: c.6)
+            }
+            let r = randn([2, c.1, (7 + 2 * c.4 - c.5 * (c.2 - 1) - 1) / c.3 + 1, (6 + 2 * c.4 - c.5 * (c.2 - 1) - 1) / c.3 + 1],
+                          seed: UInt64(200 + i))
+            var grads: [Tensor] = []
+            var values: [Tensor] = []
+            for f in [layers, fused] {
+                let xi = x.detached()
+                xi.requiresGrad = true
+                let y = f(xi)
+                values.append(y)
+                sum(y * r).backward()
+                grads.append(xi.grad!)
+            }
+            assertClose(values[1], values[0], tolerance: 1e-5, "case \(i) values")
+            assertClose(grads[1], grads[0], tolerance: 1e-5, "case \(i) input gradient")
+            if c.8 != 0 { checkGradients([x.detached()], samples: 8) { fused($0[0]) } }
+        }
+    }
+
     func testBatchNormTrainAndEval() {
         let x = randn([3, 4, 3, 5], seed: 60)
         let w = randn([4], seed: 61), b = randn([4], seed: 62)

@@ -28,6 +28,22 @@ final class ModelParityTests: XCTestCase {
         assertClose(out.logits, reference["logits"]!, "\(name) logits")
         if let aux = reference["aux"] { assertClose(out.auxLogits, aux, "\(name) aux logits") }
         XCTAssertEqual(out.features.shape[1], arch.headChannels)
+        // Evaluation folds each batch norm into the convolution before it (conv2dAffine); with a
+        // statistics recorder attached the layers run one by one. Both match PyTorch, and the
+        // input gradients of the two paths (frozen weights, as in inversion) agree.
+        model.setRequiresGrad(false)
+        var inputGradients: [Tensor] = []
+        for unfused in [false, true] {
+            let recorder = unfused ? BatchNormStatisticsRecorder(attachingTo: model) : nil
+            let x = reference["input"]!.detached()
+            x.requiresGrad = true
+            let logits = model.run(x).logits
+            assertClose(logits, reference["logits"]!, "\(name) logits, \(unfused ? "layers in turn" : "fused")")
+            sum(logits * logits).backward()
+            inputGradients.append(x.grad!)
+            recorder?.detach()
+        }
+        assertClose(inputGradients[0], inputGradients[1], "\(name) input gradient, fused vs layers in turn")
     }
 
     func testTorchvisionBottleneckWithAuxHead() throws { try check("tv_small", Self.tvSmall) }

@@ -1,9 +1,19 @@
 import Foundation
 
+/// Which classes the pack made after each step of a multi-step run holds.
+public enum StepPackClasses: String, Codable, Sendable, CaseIterable {
+    /// Only the classes the step just learned; the earlier packs stay in use (a pack made by a
+    /// model is best on the classes that model learned last, and images of the earlier classes
+    /// are already in the earlier packs).
+    case new
+    /// Every old foreground class; the new pack replaces the earlier ones.
+    case all
+}
+
 /// Steps `firstStep...lastStep` of a task in one go, as a user would script them: each step
 /// distils from the previous model; between steps a new pack is synthesised from the new model
-/// over every old foreground class when the method uses packs. Finished steps (their model
-/// file exists) are skipped, an interrupted step resumes from its checkpoint.
+/// when the method uses packs (see `StepPackClasses`). Finished steps (their model file exists)
+/// are skipped, an interrupted step resumes from its checkpoint.
 public struct IncrementalRun {
     public var old: URL
     public var train: SegmentationDataset
@@ -16,13 +26,15 @@ public struct IncrementalRun {
     public var options: DistillationOptions
     public var config: TrainingConfig
     public var synthCount: Int
+    public var stepPackClasses: StepPackClasses
     public var synthOptions: InversionOptions
     public var out: URL
     public var evalLimit: Int?
 
     public init(old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
                 lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions, config: TrainingConfig,
-                synthCount: Int, synthOptions: InversionOptions, out: URL, evalLimit: Int? = nil) {
+                synthCount: Int, stepPackClasses: StepPackClasses = .new, synthOptions: InversionOptions, out: URL,
+                evalLimit: Int? = nil) {
         self.old = old
         self.train = train
         self.val = val
@@ -34,6 +46,7 @@ public struct IncrementalRun {
         self.options = options
         self.config = config
         self.synthCount = synthCount
+        self.stepPackClasses = stepPackClasses
         self.synthOptions = synthOptions
         self.out = out
         self.evalLimit = evalLimit
@@ -50,7 +63,7 @@ public struct IncrementalRun {
 
     /// Events for the caller's display.
     public enum Event {
-        case stepStarted(step: Int, images: Int, iterations: Int, resumedAt: Int)
+        case stepStarted(step: Int, images: Int, packs: Int, iterations: Int, resumedAt: Int)
         case iteration(step: Int, done: Int, total: Int, loss: Float, parts: [String: Float])
         case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
         case synthesis(afterStep: Int, done: Int, total: Int)
@@ -74,8 +87,8 @@ public struct IncrementalRun {
                                                   packs: loaded, options: options, config: stepConfig)
                 let trainer = runner.makeTrainer(checkpoint: URL(fileURLWithPath: target.path + ".ckpt"))
                 try trainer.resume()
-                event(.stepStarted(step: step, images: runner.realLoader.indices.count, iterations: stepConfig.iterations,
-                                   resumedAt: trainer.iteration))
+                event(.stepStarted(step: step, images: runner.realLoader.indices.count, packs: loaded.count,
+                                   iterations: stepConfig.iterations, resumedAt: trainer.iteration))
                 let start = Date()
                 var parts: [String: Float] = [:]
                 try trainer.run(loss: { it in
@@ -97,17 +110,18 @@ public struct IncrementalRun {
                 if let report { reports.append(report) }
                 previous = target
             }
-            // The next step's pack, from this step's model, over all its old foreground classes.
+            // The next step's pack, from this step's model.
             if step < lastStep && options.fakeRatio > 0 || step < lastStep && options.background == .proto && !packs.isEmpty {
                 let packURL = packURL(afterStep: step)
                 if !FileManager.default.fileExists(atPath: packURL.path) {
                     let (model, card) = try ModelFile.load(previous)
-                    let job = SynthesisJob(teacherURL: previous, model: model, card: card, classes: Array(1..<model.numClasses),
+                    let classes = stepPackClasses == .new ? task.classes(at: step) : Array(1..<model.numClasses)
+                    let job = SynthesisJob(teacherURL: previous, model: model, card: card, classes: classes,
                                            count: synthCount, options: synthOptions, seed: config.seed &+ UInt64(100 + step), out: packURL)
                     let outcome = try job.run(resume: true) { done, total, _ in event(.synthesis(afterStep: step, done: done, total: total)) }
                     event(.packWritten(afterStep: step, manifest: outcome.manifest, url: packURL))
                 }
-                currentPacks = [packURL]
+                currentPacks = stepPackClasses == .new ? currentPacks + [packURL] : [packURL]
             }
         }
         return reports

@@ -174,7 +174,7 @@ public final class DeepLabV3: Module {
         var features: Tensor
         if let backbone = torchvisionBackbone {
             let (c3, c4) = backbone.features(x)
-            features = headLayers.reduce(c4) { $1($0) }
+            features = runLayers(headLayers, c4)
             if let auxClassifier {
                 aux = auxClassifier(c3)
                 if upsample { aux = resizeBilinear(aux!, size: size) }

@@ -50,7 +50,7 @@ public final class TorchvisionResNet: Module {
 
     /// The outputs of layer 3 (for the auxiliary head) and layer 4.
     public func features(_ x: Tensor) -> (stage3: Tensor, stage4: Tensor) {
-        var h = maxPool2d(relu(bn1(conv1(x))), kernel: 3, stride: 2, padding: 1)
+        var h = maxPool2d(convNorm(x, conv1, bn1, relu: true), kernel: 3, stride: 2, padding: 1)
         h = stages[0](h)
         h = stages[1](h)
         let c3 = stages[2](h)
@@ -99,7 +99,7 @@ public final class MiBResidualBlock: Module {
     }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        let residual = projConv.map { projBN!($0(x)) } ?? x
+        let residual = projConv.map { convNorm(x, $0, projBN!) } ?? x
         return leakyRelu(convs(x) + residual, slope: mibSlope)
     }
 }
@@ -117,7 +117,7 @@ public final class MiBStem: Module {
     }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        maxPool2d(bn1(conv1(x)), kernel: 3, stride: 2, padding: 1)
+        maxPool2d(convNorm(x, conv1, bn1), kernel: 3, stride: 2, padding: 1)
     }
 }
 

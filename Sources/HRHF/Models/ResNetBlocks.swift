@@ -29,9 +29,9 @@ public final class Bottleneck: Module {
     }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        var out = relu(bn1(conv1(x)))
-        out = relu(bn2(conv2(out)))
-        out = bn3(conv3(out))
+        var out = convNorm(x, conv1, bn1, relu: true)
+        out = convNorm(out, conv2, bn2, relu: true)
+        out = convNorm(out, conv3, bn3)
         return relu(out + (downsample?(x) ?? x))
     }
 }
@@ -61,7 +61,7 @@ public final class BasicBlock: Module {
     }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        let out = relu(bn1(conv1(x)))
-        return relu(bn2(conv2(out)) + (downsample?(x) ?? x))
+        let out = convNorm(x, conv1, bn1, relu: true)
+        return relu(convNorm(out, conv2, bn2) + (downsample?(x) ?? x))
     }
 }

@@ -91,6 +91,65 @@ public final class BatchNorm2d: Module {
     }
 }
 
+extension BatchNorm2d {
+    /// Whether `conv` followed by this layer can run as one `conv2dAffine`: evaluation mode (fixed
+    /// statistics), no statistics observer, and no weight of either that could get a gradient.
+    func canFold(after conv: Conv2d) -> Bool {
+        guard !training, inputObserver == nil else { return false }
+        let weights = [conv.weight, weight, bias] + (conv.bias.map { [$0] } ?? [])
+        return !GradMode.isEnabled || !weights.contains { $0.requiresGrad }
+    }
+
+    /// This layer in evaluation as y = x * scale + shift per channel, with the bias of the
+    /// convolution before it folded into the shift.
+    func foldedScaleShift(convBias: Tensor?) -> (scale: Tensor, shift: Tensor) {
+        let c = weight.count
+        let scale = Tensor(zeros: [c]), shift = Tensor(zeros: [c])
+        for ch in 0..<c {
+            let a = weight.pointer[ch] / (runningVar.pointer[ch] + eps).squareRoot()
+            scale.pointer[ch] = a
+            shift.pointer[ch] = bias.pointer[ch] - runningMean.pointer[ch] * a + (convBias?.pointer[ch] ?? 0) * a
+        }
+        return (scale, shift)
+    }
+}
+
+/// conv, batch norm (with the layer's own activation, inplace-ABN's leaky ReLU), then a ReLU when
+/// `relu`. One fused op where the batch norm can fold (evaluation, frozen weights: inference, the
+/// old model of a step, inversion without the statistics hook); otherwise the layers in turn.
+public func convNorm(_ x: Tensor, _ conv: Conv2d, _ bn: BatchNorm2d, relu applyReLU: Bool = false) -> Tensor {
+    let slope: Float?
+    switch (bn.activation, applyReLU) {
+    case (.identity, false): slope = nil
+    case (.identity, true): slope = 0
+    case (.leakyRelu(let s), false): slope = s
+    case (.leakyRelu, true): return relu(bn(conv(x)))
+    }
+    guard bn.canFold(after: conv) else {
+        let y = bn(conv(x))
+        return applyReLU ? relu(y) : y
+    }
+    let (scale, shift) = bn.foldedScaleShift(convBias: conv.bias)
+    return conv2dAffine(x, weight: conv.weight, scale: scale, shift: shift, negativeSlope: slope, stride: conv.stride,
+                        padding: conv.padding, dilation: conv.dilation, groups: conv.groups)
+}
+
+/// Runs `layers` in order, each Conv2d, BatchNorm2d (, ReLU) run through `convNorm`.
+func runLayers(_ layers: [Module], _ x: Tensor) -> Tensor {
+    var y = x, i = 0
+    while i < layers.count {
+        if let conv = layers[i] as? Conv2d, i + 1 < layers.count, let bn = layers[i + 1] as? BatchNorm2d {
+            let withReLU = i + 2 < layers.count && layers[i + 2] is ReLU
+            y = convNorm(y, conv, bn, relu: withReLU)
+            i += withReLU ? 3 : 2
+        } else {
+            y = layers[i](y)
+            i += 1
+        }
+    }
+    return y
+}
+
 /// Records the input statistics of every batch-norm layer of a model during forward passes
 /// (DeepInversion's feature-statistics prior). The statistics are differentiable with
 /// respect to the input image. Detach when done.

@@ -109,7 +109,7 @@ public final class Sequential: Module {
     public subscript(_ i: Int) -> Module { children[i].module }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        children.reduce(x) { $1.module($0) }
+        runLayers(children.map(\.module), x)
     }
 }
 

@@ -253,6 +253,51 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, stride: (In
     return out
 }
 
+/// An evaluation-mode convolution block as one op: conv2d, then batch norm with fixed
+/// statistics folded into a per-channel `scale` and `shift` (conv bias included), then an
+/// optional leaky ReLU (`negativeSlope` 0: ReLU). The normalisation and activation run on each
+/// output block while it is in cache, and the backward scales the incoming gradient in one
+/// pass. Only the input can get a gradient: the weights must be frozen (evaluation, inversion).
+public func conv2dAffine(_ x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, negativeSlope: Float?,
+                         stride: (Int, Int) = (1, 1), padding: (Int, Int) = (0, 0), dilation: (Int, Int) = (1, 1),
+                         groups: Int = 1) -> Tensor {
+    let (n, cin, h, w) = nchw(x, "conv2d_affine")
+    precondition(weight.rank == 4 && weight.shape[1] * groups == cin && cin % groups == 0 && weight.shape[0] % groups == 0,
+                 "conv2d_affine: weight \(weight.shape) with \(groups) groups for \(cin) input channels")
+    let cout = weight.shape[0]
+    precondition(scale.shape == [cout] && shift.shape == [cout], "conv2d_affine: scale \(scale.shape), shift \(shift.shape) for \(cout) outputs")
+    precondition(!GradMode.isEnabled || !(weight.requiresGrad || scale.requiresGrad || shift.requiresGrad),
+                 "conv2d_affine: the weights must be frozen (only the input gets a gradient)")
+    let geo = Conv2dGeometry(inChannels: cin, outChannels: cout, kernelH: weight.shape[2], kernelW: weight.shape[3],
+                             strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
+                             dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
+    precondition(geo.outH > 0 && geo.outW > 0, "conv2d_affine: input \(h)x\(w) too small for the kernel")
+    let out = Tensor(zeros: [n, cout, geo.outH, geo.outW])
+    conv2dForward(x.pointer, weight.pointer, epilogue: ConvEpilogue(scale: scale.pointer, shift: shift.pointer, negativeSlope: negativeSlope),
+                  geo, batch: n, out: out.pointer)
+    let xd = x.detached(), wd = weight.detached(), od = out.detached(), sd = scale.detached()
+    record(out, "conv2d_affine", [x]) { g in
+        // Through the activation (its sign is the output's: slope >= 0) and the scale, then the convolution.
+        let plane = geo.outH * geo.outW
+        let gs = Tensor(zeros: g.shape)
+        let pg = g.pointer, po = od.pointer, pgs = gs.pointer, ps = sd.pointer
+        parallelBlocks(n * cout) { r in
+            for nc in r {
+                let a = ps[nc % cout], base = nc * plane
+                if let slope = negativeSlope {
+                    for i in base..<(base + plane) { pgs[i] = pg[i] * (po[i] > 0 ? a : a * slope) }
+                } else {
+                    for i in base..<(base + plane) { pgs[i] = pg[i] * a }
+                }
+            }
+        }
+        let gx = Tensor(zeros: xd.shape)
+        conv2dBackwardInput(gs.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
+        return [gx]
+    }
+    return out
+}
+
 /// Per-channel sums of an NCHW tensor (the bias gradient).
 func channelSums(_ g: Tensor) -> Tensor {
     let (n, c, h, w) = nchw(g, "channel sums")
@@ -278,7 +323,38 @@ func channelSums(_ g: Tensor) -> Tensor {
 /// channels (backward) among all of them.
 func splitsByImage(batch: Int, workers: Int) -> Bool { workers > 1 && batch % workers == 0 }
 
+/// What a convolution applies to each block of its output while the block is in cache: a
+/// per-channel scale and shift (a bias; an evaluation-mode batch norm folded in) and an
+/// optional leaky ReLU (slope 0: ReLU).
+struct ConvEpilogue {
+    var scale: UnsafePointer<Float>? = nil
+    var shift: UnsafePointer<Float>? = nil
+    var negativeSlope: Float? = nil
+
+    static func bias(_ b: UnsafePointer<Float>?) -> ConvEpilogue { ConvEpilogue(shift: b) }
+
+    var isIdentity: Bool { scale == nil && shift == nil && negativeSlope == nil }
+
+    /// Applies the epilogue to `count` outputs of channel `channel` in place.
+    @inline(__always)
+    func apply(_ p: UnsafeMutablePointer<Float>, count: Int, channel: Int) {
+        let a = scale?[channel] ?? 1, b = shift?[channel] ?? 0
+        if let slope = negativeSlope {
+            for i in 0..<count { let v = p[i] * a + b; p[i] = v > 0 ? v : v * slope }
+        } else if scale != nil {
+            for i in 0..<count { p[i] = p[i] * a + b }
+        } else if shift != nil {
+            for i in 0..<count { p[i] += b }
+        }
+    }
+}
+
 func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
+                   _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
+    conv2dForward(x, weight, epilogue: .bias(bias), geo, batch: batch, out: out)
+}
+
+func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let live = LiveTapWeight(weight, geo)
@@ -286,9 +362,9 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
     let taps = live.taps, k = geo.groupIn * taps.count
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
     guard k > 0 else {
-        // Every tap reads padding only: the output is the bias.
+        // Every tap reads padding only: the output is the epilogue of zero.
         for b in 0..<batch {
-            for co in 0..<geo.outChannels { (out + (b * geo.outChannels + co) * plane).update(repeating: bias?[co] ?? 0, count: plane) }
+            for co in 0..<geo.outChannels { epilogue.apply(out + (b * geo.outChannels + co) * plane, count: plane, channel: co) }
         }
         return
     }
@@ -308,10 +384,9 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
                 sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, c: dst, ldc: plane)
             }
         }
-        if let bias {
+        if !epilogue.isIdentity {
             for co in 0..<geo.outChannels {
-                let p = out + (b * geo.outChannels + co) * plane + columns.lowerBound, v = bias[co]
-                for i in 0..<width { p[i] += v }
+                epilogue.apply(out + (b * geo.outChannels + co) * plane + columns.lowerBound, count: width, channel: co)
             }
         }
     }
