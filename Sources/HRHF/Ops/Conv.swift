@@ -354,6 +354,7 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
     conv2dForward(x, weight, epilogue: .bias(bias), geo, batch: batch, out: out)
 }
 
+/// `out` must hold zeros (the products add to it).
 func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
@@ -377,11 +378,13 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
             let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
             let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane + columns.lowerBound
             let wg = live.pointer + g * geo.groupOut * k
+            // beta 1 on the zeroed output: OpenBLAS skips its pass that would scale C by beta.
             if let col {
                 im2col(src, geo, taps: taps, rows: 0..<k, columns: columns, into: col)
-                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: col, ldb: width, c: dst, ldc: plane)
+                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: col, ldb: width, beta: 1, c: dst, ldc: plane)
             } else {
-                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, c: dst, ldc: plane)
+                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, beta: 1,
+                      c: dst, ldc: plane)
             }
         }
         if !epilogue.isIdentity {
@@ -406,6 +409,7 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
     }
 }
 
+/// `gradInput` must hold zeros (the gradient is added to it).
 func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                          batch: Int, gradInput: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
@@ -426,7 +430,7 @@ func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointe
                 sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, c: col, ldc: plane)
                 col2im(col, geo, taps: taps, channels: channels, into: gx)
             } else {
-                sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane,
+                sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, beta: 1,
                       c: gx + channels.lowerBound * inPlane, ldc: plane)
             }
         }
