@@ -26,6 +26,8 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
     @Option(name: .customLong("sharp"), help: "Override GSC's sharpness weight.") var sharp: Float?
     @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
+    @Option(name: .customLong("proto-tau"), help: "Override the prototype agreement (softmax over prototype distances) a re-labelled pixel needs (default 0.5).") var protoTau: Float?
+    @Option(name: .customLong("proto-old-confidence"), help: "Override the old model's confidence a re-labelled pixel needs (default 0.7).") var protoOldConfidence: Float?
     @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Real images per batch; the pack methods add fake ones (--fake-ratio of the whole batch).") var batch: Int = 8
@@ -70,6 +72,8 @@ struct Distill: ParsableCommand {
         if let sharp { options.sharpWeight = sharp }
         if let relation { options.relationWeight = relation }
         if let freezeBN { options.freezeBatchNorm = freezeBN }
+        if let protoTau { options.prototypeTau = protoTau }
+        if let protoOldConfidence { options.prototypeOldConfidence = protoOldConfidence }
         let train = try data.open(split: "train")
         let val = try? data.open(split: "val")
         let task = try data.task(train)
