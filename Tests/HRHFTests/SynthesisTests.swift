@@ -35,7 +35,7 @@ final class SynthesisTests: XCTestCase {
         o.weightTV1 = 0.1
         let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: o)
         var rng = SeededGenerator(seed: 3)
-        let targets = inversion.drawTargets(count: 2, rng: &rng)
+        let targets = inversion.drawTargets(firstIndex: 0, count: 2, seed: 3, rng: &rng)
         let x = randn([2, 3, 16, 16], seed: 4)
         // Each term on its own. The ranking inside top-k can change under a step, so the step is
         // small (1e-3) and the tolerances allow for float32 noise at that step.
@@ -60,13 +60,38 @@ final class SynthesisTests: XCTestCase {
         o.maxClasses = 3
         let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: [2, 3, 5], options: o)
         var rng = SeededGenerator(seed: 9)
-        for t in inversion.drawTargets(count: 200, rng: &rng) {
+        let drawn = inversion.drawTargets(firstIndex: 0, count: 200, seed: 9, rng: &rng)
+        for t in drawn {
             XCTAssertTrue((1...3).contains(t.classes.count))
             XCTAssertTrue(Set(t.classes).isSubset(of: [2, 3, 5]))
             XCTAssertLessThanOrEqual(t.areas.reduce(0, +), o.areaTotalMax + 1e-5)
             XCTAssertTrue(t.areas.allSatisfy { $0 <= o.areaMax })
         }
         XCTAssertThrowsError(try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
+    }
+
+    func testEveryClassLeadsEquallyManyImagesAcrossBatches() throws {
+        let (_, model, card) = try Self.tinyTeacher()
+        var o = Self.smallOptions()
+        o.maxClasses = 1
+        let classes = [1, 2, 3, 4, 5]
+        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: o)
+        // Batches of 3 drawn separately (as shards do), 15 images: one class each, so each class
+        // exactly 3 times; a different seed gives another order.
+        var counts = [Int: Int]()
+        var firstOrder: [Int] = []
+        for b in 0..<5 {
+            var rng = SeededGenerator(seed: SegInversion.batchSeed(11, b))
+            for t in inversion.drawTargets(firstIndex: 3 * b, count: 3, seed: 11, rng: &rng) {
+                counts[t.classes[0], default: 0] += 1
+                firstOrder.append(t.classes[0])
+            }
+        }
+        XCTAssertEqual(counts, [1: 3, 2: 3, 3: 3, 4: 3, 5: 3])
+        var rng = SeededGenerator(seed: 1)
+        let other = inversion.drawTargets(firstIndex: 0, count: 5, seed: 12, rng: &rng).map { $0.classes[0] }
+        XCTAssertEqual(Set(other), Set(classes))
+        XCTAssertNotEqual(other, Array(firstOrder.prefix(5)), "the order depends on the seed")
     }
 
     func testPearson() {
