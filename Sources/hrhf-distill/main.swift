@@ -28,6 +28,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
     @Option(name: .customLong("proto-tau"), help: "Override the prototype agreement (softmax over prototype distances) a re-labelled pixel needs (default 0.5).") var protoTau: Float?
     @Option(name: .customLong("proto-old-confidence"), help: "Override the old model's confidence a re-labelled pixel needs (default 0.7).") var protoOldConfidence: Float?
+    @Flag(name: .customLong("audit-relabelling"), help: "Report how prototypical re-labelling fares against the training images' full masks (a diagnostic; the method never reads them).") var auditRelabelling = false
     @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Real images per batch; the pack methods add fake ones (--fake-ratio of the whole batch).") var batch: Int = 8
@@ -84,10 +85,11 @@ struct Distill: ParsableCommand {
         guard let stepPackClasses = StepPackClasses(rawValue: stepPack) else { throw ValidationError("--step-pack is new or all, not \(stepPack)") }
         let config = TrainingConfig(iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
                                     checkpointEvery: checkpointEvery)
-        let run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step, lastStep: last,
+        var run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step, lastStep: last,
                                  setting: data.setting, packs: pack.map { URL(fileURLWithPath: $0) }, options: options, config: config,
                                  synthCount: synthCount, stepPackClasses: stepPackClasses, synthOptions: synthesis.options, out: URL(fileURLWithPath: out),
                                  evalLimit: evalLimit)
+        run.auditRelabelling = auditRelabelling
         var progress: ProgressLine?
         var summary: [[String]] = []
         var allReports: [IoUReport] = []
@@ -110,6 +112,10 @@ struct Distill: ParsableCommand {
                 }
                 summary.append(["\(s)", IoUReport.percent(report?.old), IoUReport.percent(report?.new), IoUReport.percent(report?.all),
                                 formatDuration(seconds), model.path])
+            case let .relabelAudit(s, audit):
+                progress?.finish()
+                progress = nil
+                print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")
             case let .synthesis(s, done, total):
                 if done == 1 || progress == nil { progress = ProgressLine("pack after step \(s)", total: total, unit: "it") }
                 progress?.update(done)

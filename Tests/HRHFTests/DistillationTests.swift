@@ -140,7 +140,8 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(pseudo.values, [1, 0, 4])
     }
 
-    static func stepFixture(method: String, iterations: Int = 4, options: DistillationOptions? = nil) throws -> (DistillationStep, URL) {
+    static func stepFixture(method: String, iterations: Int = 4, options: DistillationOptions? = nil,
+                            auditRelabelling: Bool = false) throws -> (DistillationStep, URL) {
         let (url, model, card) = try SynthesisTests.tinyTeacher()
         let packURL = temporaryDirectory().appendingPathComponent("p.tar")
         var o = SynthesisTests.smallOptions()
@@ -152,8 +153,48 @@ final class DistillationTests: XCTestCase {
         let config = TrainingConfig(iterations: iterations, batchSize: 4, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
         let step = try DistillationStep(old: model, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
                                         packs: [try SyntheticPack(url: packURL)], options: try options ?? DistillationOptions.preset(method),
-                                        config: config)
+                                        config: config, auditRelabelling: auditRelabelling)
         return (step, url)
+    }
+
+    func testRelabelAuditCountsAgainstTheFullMasks() throws {
+        // Six background pixels of the step (one holds a new class 7 and is skipped); truth: old
+        // classes 1 and 2, background, and future class 9.
+        let before = Labels(shape: [1, 1, 7], values: [0, 0, 0, 0, 0, 0, 7])
+        let after = Labels(shape: [1, 1, 7], values: [1, 1, 2, 0, 255, 2, 7])
+        let truth = Labels(shape: [1, 1, 7], values: [1, 0, 9, 1, 2, 2, 7])
+        var audit = RelabelAudit(classes: 3)
+        audit.add(before: before, after: after, truth: truth)
+        XCTAssertEqual(audit.right, [0, 1, 1])
+        XCTAssertEqual(audit.wrongBackground, [0, 1, 0])
+        XCTAssertEqual(audit.wrongOther, [0, 0, 1])
+        XCTAssertEqual(audit.missed, [0, 1, 1])
+        XCTAssertEqual(audit.relabelled, 4)
+        XCTAssertEqual(audit.precision!, 0.5, accuracy: 1e-12)
+        XCTAssertEqual(audit.recall!, 0.5, accuracy: 1e-12)
+        XCTAssertNil(RelabelAudit(classes: 3).precision)
+
+        // In a step, the audit's batches are the training batches with their full masks: every
+        // pixel the step labels with a new class holds that class in the full mask too.
+        let (step, _) = try Self.stepFixture(method: "hrhf+gsc", auditRelabelling: true)
+        let real = try step.realLoader.batch(2), full = try step.auditLoader!.batch(2)
+        XCTAssertEqual(real.images.array, full.images.array)
+        var newPixels = 0
+        for (l, t) in zip(real.labels.values, full.labels.values) where l != 0 && l != 255 {
+            XCTAssertEqual(l, t)
+            newPixels += 1
+        }
+        XCTAssertGreaterThan(newPixels, 0)
+        _ = try step.loss(2)
+        let counted = step.relabelAudit!
+        // Old-class pixels in the step's background: each is re-labelled right, re-labelled to
+        // another class, or missed.
+        var oldPixels = 0
+        for (l, t) in zip(real.labels.values, full.labels.values) where l == 0 && t > 0 && t < 6 { oldPixels += 1 }
+        XCTAssertGreaterThan(oldPixels, 0)
+        XCTAssertLessThanOrEqual(counted.right.reduce(0, +) + counted.missed.reduce(0, +), oldPixels)
+        XCTAssertGreaterThanOrEqual(counted.relabelled + counted.missed.reduce(0, +), oldPixels)
+        XCTAssertNil(try Self.stepFixture(method: "mib", auditRelabelling: true).0.relabelAudit, "only re-labelling is audited")
     }
 
     func testHalfRealHalfFakeBatches() throws {

@@ -234,6 +234,54 @@ public struct Prototypes {
     }
 }
 
+/// How re-labelling fared against the full masks of the step's training images, where old
+/// objects keep their classes. A diagnostic for the user: the method never reads those labels.
+public struct RelabelAudit: Codable, Equatable, Sendable {
+    /// Per class: pixels re-labelled to it that are it, that are background, that are another class.
+    public var right: [Int]
+    public var wrongBackground: [Int]
+    public var wrongOther: [Int]
+    /// Per class: its pixels among the step's background that kept background or became 255.
+    public var missed: [Int]
+
+    public init(classes: Int) {
+        right = .init(repeating: 0, count: classes)
+        wrongBackground = right; wrongOther = right; missed = right
+    }
+
+    /// Counts one batch: `before` the step's labels, `after` re-labelled, `truth` the full masks.
+    public mutating func add(before: Labels, after: Labels, truth: Labels) {
+        precondition(before.shape == after.shape && before.shape == truth.shape, "audit: label shapes differ")
+        for j in 0..<before.values.count where before.values[j] == 0 {
+            let t = Int(truth.values[j]), v = Int(after.values[j])
+            if v != 0 && v != 255 {
+                if t == v { right[v] += 1 } else if t == 0 { wrongBackground[v] += 1 } else { wrongOther[v] += 1 }
+            } else if t > 0 && t < missed.count {
+                missed[t] += 1
+            }
+        }
+    }
+
+    public var relabelled: Int { right.reduce(0, +) + wrongBackground.reduce(0, +) + wrongOther.reduce(0, +) }
+    /// Share of re-labelled pixels that hold their new class.
+    public var precision: Double? { relabelled == 0 ? nil : Double(right.reduce(0, +)) / Double(relabelled) }
+    /// Share of the old objects' pixels in the step's background that were re-labelled correctly.
+    public var recall: Double? {
+        let found = right.reduce(0, +), total = found + missed.reduce(0, +)
+        return total == 0 ? nil : Double(found) / Double(total)
+    }
+
+    /// One line: totals, then the classes with the most wrong pixels.
+    public func summary() -> String {
+        guard let precision else { return "no pixel re-labelled" }
+        let wrong = (0..<right.count).map { ($0, wrongBackground[$0] + wrongOther[$0]) }.filter { $0.1 > 0 }.sorted { $0.1 > $1.1 }
+        let worst = wrong.prefix(3).map { c, n in "class \(c) \(n) wrong of \(n + right[c])" }.joined(separator: ", ")
+        return String(format: "%d pixels re-labelled, precision %.1f%% (%.1f%% true background), recall %.1f%%",
+                      relabelled, 100 * precision, 100 * Double(wrongBackground.reduce(0, +)) / Double(relabelled), 100 * (recall ?? 0))
+            + (worst.isEmpty ? "" : "; most wrong: " + worst)
+    }
+}
+
 /// PLOP-style pseudo-labels: background pixels of real labels take the old model's argmax
 /// when it is an old foreground class and the prediction's normalised entropy is below both
 /// `threshold` and the median entropy of that class's pixels in the batch.

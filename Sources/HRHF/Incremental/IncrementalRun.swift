@@ -30,6 +30,8 @@ public struct IncrementalRun {
     public var synthOptions: InversionOptions
     public var out: URL
     public var evalLimit: Int?
+    /// Count how prototypical re-labelling fares against the training images' full masks.
+    public var auditRelabelling = false
 
     public init(old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
                 lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions, config: TrainingConfig,
@@ -66,6 +68,8 @@ public struct IncrementalRun {
         case stepStarted(step: Int, images: Int, packs: Int, iterations: Int, resumedAt: Int)
         case iteration(step: Int, done: Int, total: Int, loss: Float, parts: [String: Float])
         case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
+        /// The re-labelling audit of a step's iterations (those run in this process).
+        case relabelAudit(step: Int, audit: RelabelAudit)
         case synthesis(afterStep: Int, done: Int, total: Int)
         case packWritten(afterStep: Int, manifest: PackManifest, url: URL)
     }
@@ -84,7 +88,8 @@ public struct IncrementalRun {
                 var stepConfig = config
                 stepConfig.seed = config.seed &+ UInt64(step)
                 let runner = try DistillationStep(old: oldModel, oldCard: oldCard, train: train, task: task, step: step, setting: setting,
-                                                  packs: loaded, options: options, config: stepConfig)
+                                                  packs: loaded, options: options, config: stepConfig,
+                                                  auditRelabelling: auditRelabelling)
                 let trainer = runner.makeTrainer(checkpoint: URL(fileURLWithPath: target.path + ".ckpt"))
                 try trainer.resume()
                 event(.stepStarted(step: step, images: runner.realLoader.indices.count, packs: loaded.count,
@@ -96,6 +101,7 @@ public struct IncrementalRun {
                     parts = p
                     return total
                 }) { done, loss in event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts)) }
+                if let audit = runner.relabelAudit { event(.relabelAudit(step: step, audit: audit)) }
                 var report: IoUReport?
                 var card = runner.card
                 if let val {

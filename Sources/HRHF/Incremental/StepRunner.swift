@@ -54,9 +54,13 @@ public final class DistillationStep {
     public let prototypes: Prototypes?
     public let realPerBatch: Int
     let stepOfClass: [Int]
+    /// With `auditRelabelling`: the same real batches with their full masks, and the counts so far.
+    let auditLoader: BatchLoader?
+    public private(set) var relabelAudit: RelabelAudit?
 
     public init(old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, task: IncrementalTask, step: Int,
-                setting: IncrementalSetting, packs: [SyntheticPack], options: DistillationOptions, config: TrainingConfig) throws {
+                setting: IncrementalSetting, packs: [SyntheticPack], options: DistillationOptions, config: TrainingConfig,
+                auditRelabelling: Bool = false) throws {
         precondition(step >= 1, "step 0 is trained with hrhf-train")
         let seenBefore = task.seen(through: step - 1)
         guard old.numClasses == seenBefore.count, seenBefore == Array(0..<seenBefore.count) else {
@@ -97,6 +101,11 @@ public final class DistillationStep {
         let augmentation = Augmentation(cropSize: config.cropSize)
         realLoader = BatchLoader(dataset: train, indices: indices, batchSize: realPerBatch, augmentation: augmentation,
                                  normalization: oldCard.normalization, seed: config.seed, labelTransform: transform)
+        // The loader draws the same crops from (seed, iteration) whatever the labels' transform.
+        let audits = auditRelabelling && options.background == .proto
+        auditLoader = audits ? BatchLoader(dataset: train, indices: indices, batchSize: realPerBatch, augmentation: augmentation,
+                                           normalization: oldCard.normalization, seed: config.seed, labelTransform: { $0 }) : nil
+        relabelAudit = audits ? RelabelAudit(classes: old.numClasses) : nil
         fakeSampler = usesPacks ? PackSampler(packs: packs, batchSize: fake, augmentation: augmentation,
                                               normalization: oldCard.normalization, seed: config.seed) : nil
         var steps = [Int](repeating: step, count: card.classes.count)
@@ -141,6 +150,7 @@ public final class DistillationStep {
                 prototypes!.relabel(labels, oldLogits: oldReal,
                                     oldFeatures: fakeImages == nil ? oldOut.features : sliceBatch(oldOut.features, 0..<nR), options: options)
             }
+            if let auditLoader { relabelAudit?.add(before: real.labels, after: labels, truth: try auditLoader.batch(it).labels) }
         }
         let z = Float(oldClasses) / Float(model.numClasses - oldClasses)
         // Old objects in new images are labelled background: the unbiased CE lets background stand
