@@ -26,8 +26,8 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
     @Option(name: .customLong("sharp"), help: "Override GSC's sharpness weight.") var sharp: Float?
     @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
-    @Option(name: .customLong("proto-tau"), help: "Override the prototype agreement (softmax over prototype distances) a re-labelled pixel needs (default 0.5).") var protoTau: Float?
-    @Option(name: .customLong("proto-old-confidence"), help: "Override the old model's confidence a re-labelled pixel needs (default 0.7).") var protoOldConfidence: Float?
+    @Option(name: .customLong("proto-tau"), help: "Override the prototype agreement (softmax over prototype distances) a re-labelled pixel needs (default 0.7).") var protoTau: Float?
+    @Option(name: .customLong("proto-old-confidence"), help: "Override the old model's confidence a re-labelled pixel needs (default 0.9).") var protoOldConfidence: Float?
     @Flag(name: .customLong("audit-relabelling"), help: "Report how prototypical re-labelling fares against the training images' full masks (a diagnostic; the method never reads them).") var auditRelabelling = false
     @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
