@@ -175,6 +175,28 @@ def main():
             opt.step()
             out[f"optim/{name}/step{i}"] = p.detach().clone()
 
+    # torch.optim.swa_utils.update_bn over three batches of a conv-bn-relu-conv-bn model (its
+    # own seed, so the cases above keep their values).
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 3, 1, bias=False), nn.BatchNorm2d(3))
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.randn_like(t) * 0.5 + (1.0 if "running_var" in name else 0.0)).abs_() if "running_var" in name \
+                    else t.copy_(torch.randn_like(t) * 0.5)
+    model = model.double()
+    for name, t in model.state_dict().items():
+        out["update_bn/before/" + name] = t.float()
+    batches = [f32(torch.randn(2, 3, 5, 6) * (1 + i) + i) for i in range(3)]
+    for i, (b32, _) in enumerate(batches):
+        out[f"update_bn/batch{i}"] = b32
+    model.eval()
+    torch.optim.swa_utils.update_bn([b for _, b in batches], model)
+    assert not model.training
+    for name, t in model.state_dict().items():
+        out["update_bn/after/" + name] = t.float()
+
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     save_safetensors(OUT, out, {"generator": "tools/gen_core_fixtures.py", "torch": torch.__version__})
     print(f"wrote {len(out)} tensors to {os.path.relpath(OUT)} ({os.path.getsize(OUT)} bytes)")

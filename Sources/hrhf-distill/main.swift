@@ -30,6 +30,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("proto-old-confidence"), help: "Override the old model's confidence a re-labelled pixel needs (default 0.9).") var protoOldConfidence: Float?
     @Flag(name: .customLong("audit-relabelling"), help: "Report how prototypical re-labelling fares against the training images' full masks (a diagnostic; the method never reads them).") var auditRelabelling = false
     @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
+    @Option(name: .customLong("bn-recalibration"), help: "Override the real batches over which batch norm's statistics are re-estimated after each step (0: keep training's).") var bnRecalibration: Int?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Real images per batch; the pack methods add fake ones (--fake-ratio of the whole batch).") var batch: Int = 8
     @Option(help: "Square training crop.") var crop: Int = 128
@@ -73,6 +74,10 @@ struct Distill: ParsableCommand {
         if let sharp { options.sharpWeight = sharp }
         if let relation { options.relationWeight = relation }
         if let freezeBN { options.freezeBatchNorm = freezeBN }
+        if let bnRecalibration {
+            guard bnRecalibration >= 0 else { throw ValidationError("--bn-recalibration takes a number of batches >= 0, not \(bnRecalibration)") }
+            options.batchNormRecalibration = bnRecalibration
+        }
         if let protoTau { options.prototypeTau = protoTau }
         if let protoOldConfidence { options.prototypeOldConfidence = protoOldConfidence }
         let train = try data.open(split: "train")

@@ -197,6 +197,26 @@ final class DistillationTests: XCTestCase {
         XCTAssertNil(try Self.stepFixture(method: "mib", auditRelabelling: true).0.relabelAudit, "only re-labelling is audited")
     }
 
+    func testBatchNormRecalibrationUsesRealBatchesOnly() throws {
+        // Half of every training batch is synthetic; after the step the first batch-norm layer's
+        // running mean is the average channel mean of its input (conv1's output) over the real
+        // batches drawn after the training iterations, none of them fake.
+        let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
+        let modules = Dictionary(uniqueKeysWithValues: step.model.namedModules().map { ($0.name, $0.module) })
+        let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d), bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
+        try step.recalibrateBatchNorm(batches: 2)
+        var expected = [Float](repeating: 0, count: bn1.runningMean.count)
+        for b in 0..<2 {
+            let x = try step.realLoader.batch(step.config.iterations + b).images
+            XCTAssertEqual(x.shape[0], step.realPerBatch)
+            let means = withNoGrad { mean(conv1(x), axes: [0, 2, 3]) }.array
+            for c in expected.indices { expected[c] += means[c] / 2 }
+        }
+        assertClose(bn1.runningMean, Tensor(shape: [expected.count], values: expected), "recalibrated running mean")
+        XCTAssertEqual(bn1.numBatchesTracked?.item, 2)
+        XCTAssertEqual(bn1.momentum, 0.1)
+    }
+
     func testHalfRealHalfFakeBatches() throws {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
         // Batch 4 real images; fake ratio 0.5 adds as many fake ones.

@@ -55,6 +55,25 @@ final class PyTorchParityTests: XCTestCase {
         }
     }
 
+    func testUpdateBatchNormAveragesTheBatchesAsTorch() throws {
+        var rng = SeededGenerator(seed: 1)
+        let model = Sequential([Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
+                                Conv2d(4, 3, kernelSize: 1, bias: false, rng: &rng), BatchNorm2d(3)])
+        let names = model.stateDict().map(\.name)
+        var before: [String: Tensor] = [:]
+        for name in names { before[name] = try t("update_bn/before/" + name) }
+        try model.loadStateDict(before)
+        model.eval()
+        let layers = model.namedModules().compactMap { $0.module as? BatchNorm2d }
+        layers[0].momentum = 0.3
+        // torch.optim.swa_utils.update_bn: running statistics reset, then the plain average of
+        // three batches' statistics; the parameters untouched.
+        try updateBatchNorm(model, batches: 3) { b in _ = model(try t("update_bn/batch\(b)")) }
+        for (name, value) in model.stateDict() { assertClose(value, try t("update_bn/after/" + name), name) }
+        XCTAssertFalse(model.training, "update_bn restores evaluation mode")
+        XCTAssertEqual(layers.map(\.momentum), [0.3, 0.1], "update_bn restores each layer's momentum")
+    }
+
     func testBilinearResize() throws {
         for name in ["up", "down", "mixed"] {
             let p = "resize/\(name)/"

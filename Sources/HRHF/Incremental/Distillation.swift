@@ -121,6 +121,10 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     /// batch is synthetic, with other statistics than real test images). Off by default: with
     /// the zoo model at lr 0.01 it diverged within 10 iterations.
     public var freezeBatchNorm = false
+    /// Real batches over which batch norm's running statistics are re-estimated after the step
+    /// (torch's update_bn; 0: keep those of training). Training batches of the pack methods are
+    /// half synthetic, so their running statistics mix in what test images do not have.
+    public var batchNormRecalibration = 0
 
     public init() {}
 

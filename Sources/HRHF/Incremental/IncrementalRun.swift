@@ -102,6 +102,7 @@ public struct IncrementalRun {
                     return total
                 }) { done, loss in event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts)) }
                 if let audit = runner.relabelAudit { event(.relabelAudit(step: step, audit: audit)) }
+                try runner.recalibrateBatchNorm(batches: options.batchNormRecalibration)
                 var report: IoUReport?
                 var card = runner.card
                 if let val {

@@ -213,6 +213,14 @@ public final class DistillationStep {
         return (total, parts)
     }
 
+    /// Re-estimates the new model's batch-norm statistics on `batches` real batches, drawn after
+    /// the training iterations' (so with their own augmentation).
+    public func recalibrateBatchNorm(batches: Int) throws {
+        try updateBatchNorm(model, batches: batches) { b in
+            _ = model.run(try realLoader.batch(config.iterations + b).images, upsample: false)
+        }
+    }
+
     /// A trainer for the new model; its checkpoint names the step's settings.
     public func makeTrainer(checkpoint: URL?) -> Trainer {
         let encoder = JSONEncoder()

@@ -91,6 +91,31 @@ public final class BatchNorm2d: Module {
     }
 }
 
+/// torch.optim.swa_utils.update_bn: every batch-norm layer's running statistics become the
+/// plain average of the batch statistics of the `batches` forward passes `forward(b)` runs
+/// (PyTorch's momentum None: the mean of the batch means and of the unbiased batch variances),
+/// in training mode and without gradient. The layers' momentum and the model's mode are
+/// restored afterwards.
+public func updateBatchNorm(_ model: Module, batches: Int, forward: (Int) throws -> Void) rethrows {
+    let layers = model.namedModules().compactMap { $0.module as? BatchNorm2d }
+    guard !layers.isEmpty, batches > 0 else { return }
+    let wasTraining = model.training, momenta = layers.map(\.momentum)
+    defer {
+        for (bn, m) in zip(layers, momenta) { bn.momentum = m }
+        model.train(wasTraining)
+    }
+    for bn in layers {
+        for ch in 0..<bn.runningMean.count { bn.runningMean.pointer[ch] = 0; bn.runningVar.pointer[ch] = 1 }
+        bn.numBatchesTracked?.pointer[0] = 0
+    }
+    model.train(true)
+    for b in 0..<batches {
+        // Momentum 1/(b+1) keeps the running value the mean of the b+1 batches seen.
+        for bn in layers { bn.momentum = 1 / Float(b + 1) }
+        try withNoGrad { try forward(b) }
+    }
+}
+
 extension BatchNorm2d {
     /// Whether `conv` followed by this layer can run as one `conv2dAffine`: evaluation mode (fixed
     /// statistics), no statistics observer, and no weight of either that could get a gradient.
