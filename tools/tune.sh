@@ -7,7 +7,7 @@
 # Prints one line: NAME old new all (tune set, 200 images, last step).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=.build/release
+bin=${BIN:-.build/release}
 name=$1 its=$2 method=$3; shift 3
 task=${TASK:-15-5}
 case $task in 15-5) last=1 ;; 15-1) last=5 ;; *) echo "TASK must be 15-5 or 15-1" >&2; exit 2 ;; esac

@@ -31,6 +31,7 @@ struct Distill: ParsableCommand {
     @Flag(name: .customLong("audit-relabelling"), help: "Report how prototypical re-labelling fares against the training images' full masks (a diagnostic; the method never reads them).") var auditRelabelling = false
     @Option(name: .customLong("freeze-bn"), help: "Override whether batch norm keeps the old running statistics (true/false).") var freezeBN: Bool?
     @Option(name: .customLong("bn-recalibration"), help: "Override the real batches over which batch norm's statistics are re-estimated after each step (0: keep training's).") var bnRecalibration: Int?
+    @Option(name: .customLong("split-bn"), help: "Override whether batch norm normalises real and fake images with their own statistics, its running ones from the real only (true/false).") var splitBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Real images per batch; the pack methods add fake ones (--fake-ratio of the whole batch).") var batch: Int = 8
     @Option(help: "Square training crop.") var crop: Int = 128
@@ -74,6 +75,7 @@ struct Distill: ParsableCommand {
         if let sharp { options.sharpWeight = sharp }
         if let relation { options.relationWeight = relation }
         if let freezeBN { options.freezeBatchNorm = freezeBN }
+        if let splitBN { options.splitBatchNorm = splitBN }
         if let bnRecalibration {
             guard bnRecalibration >= 0 else { throw ValidationError("--bn-recalibration takes a number of batches >= 0, not \(bnRecalibration)") }
             options.batchNormRecalibration = bnRecalibration

@@ -88,6 +88,31 @@ final class AutogradTests: XCTestCase {
         }
     }
 
+    func testSplitBatchNormNormalisesEachPartAloneAndTracksTheFirst() {
+        let x = randn([5, 3, 4, 4], seed: 20)
+        // The fake part's statistics differ from the real part's, as a synthetic half would.
+        let shifted = concatBatch([sliceBatch(x, 0..<2), sliceBatch(x, 2..<5) * 3 + 2])
+        let split = BatchNorm2d(3), real = BatchNorm2d(3), fake = BatchNorm2d(3)
+        for layer in [split, real, fake] {
+            layer.weight.assign(Tensor(shape: [3], values: [1.5, 0.5, -1]))
+            layer.bias.assign(Tensor(shape: [3], values: [0.1, 0, 2]))
+        }
+        split.batchSplit = 2
+        let y = split(shifted)
+        let expected = concatBatch([real(sliceBatch(shifted, 0..<2)), fake(sliceBatch(shifted, 2..<5))])
+        assertClose(y, expected, "each part normalised with its own batch statistics")
+        assertClose(split.runningMean, real.runningMean, "running mean from the first part only")
+        assertClose(split.runningVar, real.runningVar, "running variance from the first part only")
+        XCTAssertGreaterThan(relativeError(fake.runningMean, real.runningMean), 0.5, "the parts' statistics differ")
+        // Evaluation, and a batch no larger than the split, are plain batch norm.
+        split.eval(); real.eval()
+        assertClose(split(shifted), real(shifted), "evaluation ignores the split")
+        split.train(); let whole = BatchNorm2d(3)
+        whole.weight.assign(split.weight); whole.bias.assign(split.bias)
+        split.batchSplit = 5
+        assertClose(split(shifted), whole(shifted), "a split at the batch size is one batch")
+    }
+
     func testModuleStateDictNamesFollowPyTorch() {
         var rng = SeededGenerator(seed: 9)
         let down = Sequential([Conv2d(4, 8, kernelSize: 1, bias: false, rng: &rng), BatchNorm2d(8)])

@@ -217,6 +217,27 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(bn1.momentum, 0.1)
     }
 
+    func testSplitBatchNormTracksTheRealImagesOnly() throws {
+        var o = try DistillationOptions.preset("hrhf+gsc")
+        o.splitBatchNorm = true
+        let (step, _) = try Self.stepFixture(method: "hrhf+gsc", options: o)
+        let layers = step.model.namedModules().compactMap { $0.module as? BatchNorm2d }
+        XCTAssertFalse(layers.isEmpty)
+        XCTAssertTrue(layers.allSatisfy { $0.batchSplit == step.realPerBatch })
+        let plain = try Self.stepFixture(method: "hrhf+gsc").0.model.namedModules().compactMap { $0.module as? BatchNorm2d }
+        XCTAssertTrue(plain.allSatisfy { $0.batchSplit == nil }, "off by default")
+        // One training forward of 4 real + 4 fake images moves the first layer's running mean
+        // by momentum 0.1 towards the real images' channel means alone.
+        let modules = Dictionary(uniqueKeysWithValues: step.model.namedModules().map { ($0.name, $0.module) })
+        let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d), bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
+        let before = bn1.runningMean.array
+        let realMeans = withNoGrad { mean(conv1(try! step.realLoader.batch(0).images), axes: [0, 2, 3]) }.array
+        step.model.train()
+        XCTAssertTrue(try step.loss(0).total.item.isFinite)
+        let expected = zip(before, realMeans).map { 0.9 * $0 + 0.1 * $1 }
+        assertClose(bn1.runningMean, Tensor(shape: [expected.count], values: expected), "running mean from the real images")
+    }
+
     func testHalfRealHalfFakeBatches() throws {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
         // Batch 4 real images; fake ratio 0.5 adds as many fake ones.

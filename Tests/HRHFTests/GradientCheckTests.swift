@@ -143,6 +143,14 @@ final class GradientCheckTests: XCTestCase {
         }
     }
 
+    func testSplitBatchNormGradients() {
+        let bn = BatchNorm2d(4)
+        bn.weight.assign(randn([4], seed: 65))
+        bn.bias.assign(randn([4], seed: 66))
+        bn.batchSplit = 2
+        checkGradients([randn([5, 4, 3, 3], seed: 67), bn.weight, bn.bias]) { t in bn(t[0]) }
+    }
+
     func testPoolingAndResize() {
         checkGradients([distinctValues([2, 3, 9, 8], seed: 70)]) { maxPool2d($0[0], kernel: 3, stride: 2, padding: 1) }
         checkGradients([distinctValues([1, 2, 6, 6], seed: 71)]) { maxPool2d($0[0], kernel: 2, stride: 2, padding: 0) }

@@ -85,6 +85,9 @@ public final class DistillationStep {
         // that they are `fakeRatio` of the whole batch (as many as the real ones at 0.5).
         realPerBatch = config.batchSize
         let fake = usesPacks ? max(1, Int((Float(config.batchSize) * options.fakeRatio / (1 - options.fakeRatio)).rounded())) : 0
+        if options.splitBatchNorm && usesPacks {
+            for (_, m) in model.namedModules() { (m as? BatchNorm2d)?.batchSplit = realPerBatch }
+        }
         // Joint training (the upper bound) sees every image of every step so far, all labels.
         let indices: [Int]
         let transform: @Sendable (IndexMask) -> IndexMask

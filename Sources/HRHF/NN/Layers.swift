@@ -58,6 +58,11 @@ public final class BatchNorm2d: Module {
     public var momentum: Float, eps: Float
     /// Called with the layer's input on every forward while set (the statistics hook).
     public var inputObserver: ((Tensor) -> Void)?
+    /// In training, the first `batchSplit` images of a batch and the rest are normalised with
+    /// their own batch statistics, and only the first part moves the running ones (AdvProp's
+    /// auxiliary batch norm with shared affine weights): a half-synthetic batch keeps the
+    /// synthetic images' statistics out of those evaluation uses. nil: one batch.
+    public var batchSplit: Int?
 
     public let activation: NormActivation
 
@@ -82,8 +87,17 @@ public final class BatchNorm2d: Module {
     public override func forward(_ x: Tensor) -> Tensor {
         inputObserver?(x)
         if training, let n = numBatchesTracked { n.pointer[0] += 1 }
-        let y = batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
+        let y: Tensor
+        if training, let s = batchSplit, s > 0, s < x.shape[0] {
+            let first = batchNorm2d(sliceBatch(x, 0..<s), weight: weight, bias: bias, runningMean: runningMean,
+                                    runningVar: runningVar, training: true, momentum: momentum, eps: eps)
+            let rest = batchNorm2d(sliceBatch(x, s..<x.shape[0]), weight: weight, bias: bias, runningMean: nil,
+                                   runningVar: nil, training: true, momentum: momentum, eps: eps)
+            y = concatBatch([first, rest])
+        } else {
+            y = batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
                             training: training, momentum: momentum, eps: eps)
+        }
         switch activation {
         case .identity: return y
         case .leakyRelu(let slope): return leakyRelu(y, slope: slope)
