@@ -182,9 +182,11 @@ def main():
                           nn.Conv2d(4, 3, 1, bias=False), nn.BatchNorm2d(3))
     with torch.no_grad():
         for name, t in model.state_dict().items():
-            if t.is_floating_point():
-                t.copy_(torch.randn_like(t) * 0.5 + (1.0 if "running_var" in name else 0.0)).abs_() if "running_var" in name \
-                    else t.copy_(torch.randn_like(t) * 0.5)
+            if not t.is_floating_point():
+                continue
+            t.copy_(torch.randn_like(t) * 0.5)
+            if "running_var" in name:  # positive, around 1
+                t.add_(1.0).abs_()
     model = model.double()
     for name, t in model.state_dict().items():
         out["update_bn/before/" + name] = t.float()

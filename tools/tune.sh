@@ -5,6 +5,7 @@
 # TASK 15-5 (default) runs step 1; 15-1 runs steps 1-5 with the benchmark's per-step pack
 # settings (16 images, 150 synthesis iterations), ITERATIONS per step.
 # Prints one line: NAME old new all (tune set, 200 images, last step).
+# BIN names another build's binaries (default .build/release), e.g. one built beside a running benchmark.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BIN:-.build/release}
