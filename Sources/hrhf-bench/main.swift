@@ -35,9 +35,9 @@ struct Bench: ParsableCommand {
             let r = try benchmarkNetwork(arch, workload: w, size: size, repeats: repeats)
             let sgemm = measureSgemmGFLOPS()
             // One machine-readable line, for tools/bench-vs-torch.sh.
-            print(String(format: "hrhf %@ %@ batch=%d seconds=%.4f gflop=%.2f gflops=%.1f sgemm=%.1f peak_mb=%.0f",
+            print(String(format: "hrhf %@ %@ batch=%d seconds=%.4f gflop=%.2f gflops=%.1f sgemm=%.1f peak_mb=%.0f tensor_peak_mb=%.0f",
                          network, workload, w.batch, r.medianSeconds, r.gflopPerRun, r.gflopPerRun / r.medianSeconds, sgemm,
-                         r.peakResidentMB))
+                         r.peakResidentMB, r.tensorPeakMB))
             return
         }
         print("hrhf-bench: \(threads) thread(s), batch \(batch), median of \(repeats) runs after warm-up")

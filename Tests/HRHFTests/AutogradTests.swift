@@ -2,6 +2,21 @@ import XCTest
 @testable import HRHF
 
 final class AutogradTests: XCTestCase {
+    func testTensorBytesAreCountedAndGlibcKeepsFreedBlocks() {
+        #if canImport(Glibc)
+        // The malloc settings were once silently skipped (a preprocessor test that was never
+        // true); a training iteration then spent a third of its time in page faults.
+        XCTAssertTrue(mallocKeepsFreedMemory)
+        #endif
+        let before = TensorStorage.liveBytes
+        TensorStorage.resetPeakBytes()
+        withExtendedLifetime(Tensor(zeros: [1000])) {
+            XCTAssertEqual(TensorStorage.liveBytes - before, 4000)
+        }
+        XCTAssertEqual(TensorStorage.liveBytes, before)
+        XCTAssertEqual(TensorStorage.peakBytes - before, 4000)
+    }
+
     func testNoGradScopeRecordsNothing() {
         let x = randn([2, 3], seed: 1).requiringGrad()
         let y = withNoGrad { exp(x) * 2 }

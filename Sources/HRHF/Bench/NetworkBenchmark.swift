@@ -23,6 +23,9 @@ public struct NetworkBenchResult: Sendable {
     public var medianSeconds: Double
     public var gflopPerRun: Double
     public var peakResidentMB: Double
+    /// The most tensor storage alive at once during the timed runs (activations, gradients,
+    /// weights); the resident peak adds scratch buffers, the runtime and heap slack.
+    public var tensorPeakMB: Double
 }
 
 /// Peak resident memory of this process so far, in MB.
@@ -62,6 +65,8 @@ public func benchmarkNetwork(_ arch: ArchitectureDescription, workload: NetworkW
     FlopCounter.reset()
     body()
     let flops = FlopCounter.flops
+    TensorStorage.resetPeakBytes()
     let seconds = medianSeconds(repeats: repeats, body)
-    return NetworkBenchResult(medianSeconds: seconds, gflopPerRun: flops / 1e9, peakResidentMB: peakResidentMB())
+    return NetworkBenchResult(medianSeconds: seconds, gflopPerRun: flops / 1e9, peakResidentMB: peakResidentMB(),
+                              tensorPeakMB: Double(TensorStorage.peakBytes) / 1_048_576)
 }

@@ -15,9 +15,18 @@ public final class TensorStorage: @unchecked Sendable {
             fatalError("out of memory allocating \(count) floats")
         }
         pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        hrhf_tensor_bytes_add(count * MemoryLayout<Float>.stride)
     }
 
-    deinit { free(pointer) }
+    deinit {
+        hrhf_tensor_bytes_add(-count * MemoryLayout<Float>.stride)
+        free(pointer)
+    }
+
+    /// Bytes of tensor storage alive now, and the most alive at once since `resetPeakBytes()`.
+    public static var liveBytes: Int { hrhf_tensor_bytes_live() }
+    public static var peakBytes: Int { hrhf_tensor_bytes_peak() }
+    public static func resetPeakBytes() { hrhf_tensor_bytes_reset_peak() }
 
     public var buffer: UnsafeMutableBufferPointer<Float> {
         UnsafeMutableBufferPointer(start: pointer, count: count)
@@ -27,8 +36,8 @@ public final class TensorStorage: @unchecked Sendable {
 /// Training allocates and frees the same large activations every iteration. glibc would hand
 /// blocks over 128 KB back to the kernel on free and fault them in, zeroed, on the next
 /// iteration (a fifth of a distillation step's time went to that); keeping them in the heap
-/// up to glibc's 32 MB limit lets the next iteration reuse them.
-let mallocKeepsFreedMemory: Void = hrhf_keep_freed_memory()
+/// up to glibc's 32 MB limit lets the next iteration reuse them. True when glibc took the settings.
+let mallocKeepsFreedMemory: Bool = hrhf_keep_freed_memory() == 1
 
 /// A contiguous float32 tensor (NCHW for images) with reference semantics, like PyTorch's.
 /// When it was computed from tensors that require gradients while grad mode is on,
