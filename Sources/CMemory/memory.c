@@ -9,6 +9,10 @@
 int hrhf_keep_freed_memory(void) {
     int applied = mallopt(M_MMAP_THRESHOLD, 32 << 20);
     applied &= mallopt(M_TRIM_THRESHOLD, 1 << 30);
+    /* No mmap'd blocks at all: the main thread's larger ones (a batch of 4's 67 MB layer-4
+       activations) come from the heap too. Each mmap'd block was faulted in on first use and
+       unmapped on free, with a TLB shootdown on the other core (a tenth of an inversion step). */
+    applied &= mallopt(M_MMAP_MAX, 0);
     return applied;
 }
 #else

@@ -13,12 +13,16 @@ final class PyTorchParityTests: XCTestCase {
                      "dead_taps", "dead_tap_rows", "no_live_tap"]
         // 1 thread: one product per image; 2: whole images per worker (the fixtures' batch is
         // even); 3: columns and input channels split between workers.
-        let saved = ParallelConfig.threads
-        defer { ParallelConfig.threads = saved }
-        for threads in [1, 2, 3] {
+        // Block limits: the default (every fixture's im2col fits whole), then blocks of 16 and of
+        // 1 output column(s) (one output row in the input-gradient pass), as large layers use.
+        let saved = (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns)
+        defer { (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns) = saved }
+        for (threads, blockColumns) in [1, 2, 3].map({ ($0, 0) }) + [(1, 16), (2, 1), (3, 16)] {
             ParallelConfig.threads = threads
+            (Im2colBlocking.floats, Im2colBlocking.minColumns) = blockColumns == 0 ? (saved.1, saved.2) : (1, blockColumns)
             for name in names {
-                let p = "conv/\(name)/", label = "\(name) at \(threads) threads"
+                let p = "conv/\(name)/"
+                let label = "\(name) at \(threads) threads" + (blockColumns == 0 ? "" : ", im2col blocks of \(blockColumns) columns")
                 let x = try t(p + "x").requiringGrad(), w = try t(p + "weight").requiringGrad()
                 let config = try t(p + "config").array.map { Int($0) }
                 let bias = try Fixtures.file(file)[p + "bias"]?.copy().requiringGrad()

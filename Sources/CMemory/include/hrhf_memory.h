@@ -1,9 +1,8 @@
 #ifndef HRHF_MEMORY_H
 #define HRHF_MEMORY_H
 
-/* Keeps blocks up to 32 MB (glibc's largest mmap threshold) in the heap after free and stops
-   trimming the heap below 1 GB, so per-iteration activations are reused instead of being
-   returned to the kernel and faulted back in. Returns 1 when glibc accepted the settings,
+/* Keeps freed blocks in the heap (no mmap'd blocks, no trimming below 1 GB), so per-iteration
+   activations are reused instead of being returned to the kernel and faulted back in. Returns 1 when glibc accepted the settings,
    0 outside glibc (where it does nothing). */
 int hrhf_keep_freed_memory(void);
 

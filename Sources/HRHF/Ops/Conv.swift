@@ -131,6 +131,26 @@ final class WorkerScratch: @unchecked Sendable {
 
 let im2colScratch = WorkerScratch()
 
+/// How large one worker's im2col-shaped block may be: `floats` (16 MB), but at least
+/// `minColumns` output columns so each product stays wide enough that packing its other operand
+/// is a small part of the work. ASPP's 3x3 over 2048 channels would otherwise need 75 MB per
+/// worker for a 32x32 map; every other layer of DeepLab-ResNet fits whole. Variables so a test
+/// can force many small blocks.
+enum Im2colBlocking {
+    nonisolated(unsafe) static var floats = 4 << 20
+    nonisolated(unsafe) static var minColumns = 256
+}
+
+/// How many of `total` output columns one block of `rows` im2col rows covers.
+func im2colBlockColumns(rows: Int, of total: Int) -> Int {
+    min(total, max(Im2colBlocking.minColumns, Im2colBlocking.floats / max(rows, 1) / 16 * 16))
+}
+
+/// `columns` cut into consecutive blocks of at most `width`.
+func blocks(of columns: Range<Int>, width: Int) -> [Range<Int>] {
+    stride(from: columns.lowerBound, to: columns.upperBound, by: max(width, 1)).map { $0..<min($0 + width, columns.upperBound) }
+}
+
 /// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
 /// (c, j) for channel c and live tap taps[j], column oy * outW + ox) into `col`, a
 /// rows.count x columns.count matrix.
@@ -171,21 +191,23 @@ func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], row
 }
 
 /// Adds rows of an im2col-shaped gradient (those of channels `channels`, `col` starting at the
-/// first of them; one row per live tap) back into the input gradient of one image and group.
-func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, into dst: UnsafeMutablePointer<Float>) {
-    let (h, w, oh, ow) = (geo.inH, geo.inW, geo.outH, geo.outW)
+/// first of them; one row per live tap, each covering output rows `outRows`) back into the
+/// input gradient of one image and group.
+func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, outRows: Range<Int>,
+            into dst: UnsafeMutablePointer<Float>) {
+    let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
     let kw = geo.kernelW, l = taps.count
-    let plane = oh * ow
+    let width = outRows.count * ow
     for c in channels {
         let channel = dst + c * h * w
         for (j, tap) in taps.enumerated() {
             let ki = tap / kw, kj = tap % kw
-            let src = col + ((c - channels.lowerBound) * l + j) * plane
+            let src = col + ((c - channels.lowerBound) * l + j) * width - outRows.lowerBound * ow
             let xOffset = kj * geo.dilationW - geo.padW
             let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
             let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
             if oxLo >= oxHi { continue }
-            for oy in 0..<oh {
+            for oy in outRows {
                 let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
                 if iy < 0 || iy >= h { continue }
                 let srow = src + oy * ow
@@ -373,18 +395,22 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
     func run(_ t: Int, _ b: Int, _ columns: Range<Int>) {
         let width = columns.count
         guard width > 0 else { return }
-        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, k * width)
+        let blockWidth = im2colBlockColumns(rows: k, of: width)
+        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, k * blockWidth)
         for g in 0..<geo.groups {
             let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
-            let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane + columns.lowerBound
+            let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane
             let wg = live.pointer + g * geo.groupOut * k
             // beta 1 on the zeroed output: OpenBLAS skips its pass that would scale C by beta.
             if let col {
-                im2col(src, geo, taps: taps, rows: 0..<k, columns: columns, into: col)
-                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: col, ldb: width, beta: 1, c: dst, ldc: plane)
+                for block in blocks(of: columns, width: blockWidth) {
+                    im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col)
+                    sgemm(m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 1,
+                          c: dst + block.lowerBound, ldc: plane)
+                }
             } else {
                 sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, beta: 1,
-                      c: dst, ldc: plane)
+                      c: dst + columns.lowerBound, ldc: plane)
             }
         }
         if !epilogue.isIdentity {
@@ -421,14 +447,20 @@ func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointe
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
         let rows = channels.count * taps.count
-        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * plane)
+        // Blocks of whole output rows, so col2im walks rows as it does for the whole map.
+        let blockRows = max(1, im2colBlockColumns(rows: rows, of: plane) / geo.outW)
+        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * blockRows * geo.outW)
         for g in 0..<geo.groups {
             let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
             let wg = live.pointer + g * geo.groupOut * k + channels.lowerBound * taps.count
             let gx = gradInput + (b * geo.inChannels + g * geo.groupIn) * inPlane
             if let col {
-                sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, c: col, ldc: plane)
-                col2im(col, geo, taps: taps, channels: channels, into: gx)
+                for outRows in blocks(of: 0..<geo.outH, width: blockRows) {
+                    let width = outRows.count * geo.outW
+                    sgemm(transA: true, m: rows, n: width, k: geo.groupOut, a: wg, lda: k, b: gy + outRows.lowerBound * geo.outW,
+                          ldb: plane, c: col, ldc: width)
+                    col2im(col, geo, taps: taps, channels: channels, outRows: outRows, into: gx)
+                }
             } else {
                 sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, beta: 1,
                       c: gx + channels.lowerBound * inPlane, ldc: plane)
@@ -458,22 +490,25 @@ func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Fl
     // (so the result does not depend on how images would be split).
     if k > 0 { forEachWorker(geo.groupIn, parts: ParallelConfig.threads) { t, channels in
         let rows = channels.count * taps.count
-        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * plane)
+        let blockWidth = im2colBlockColumns(rows: rows, of: plane)
+        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * blockWidth)
         for b in 0..<batch {
             for g in 0..<geo.groups {
                 let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
                 let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
                 let gw = target + g * geo.groupOut * k + channels.lowerBound * taps.count
-                let colOrInput: UnsafePointer<Float>
                 if let col {
-                    im2col(src, geo, taps: taps, rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
-                           columns: 0..<plane, into: col)
-                    colOrInput = UnsafePointer(col)
+                    // dW accumulates over the blocks of columns as over the images.
+                    for block in blocks(of: 0..<plane, width: blockWidth) {
+                        im2col(src, geo, taps: taps, rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
+                               columns: block, into: col)
+                        sgemm(transB: true, m: geo.groupOut, n: rows, k: block.count, a: gy + block.lowerBound, lda: plane,
+                              b: col, ldb: block.count, beta: b == 0 && block.lowerBound == 0 ? 0 : 1, c: gw, ldc: k)
+                    }
                 } else {
-                    colOrInput = src + channels.lowerBound * inPlane
+                    sgemm(transB: true, m: geo.groupOut, n: rows, k: plane, a: gy, lda: plane, b: src + channels.lowerBound * inPlane,
+                          ldb: plane, beta: b == 0 ? 0 : 1, c: gw, ldc: k)
                 }
-                sgemm(transB: true, m: geo.groupOut, n: rows, k: plane, a: gy, lda: plane, b: colOrInput, ldb: plane,
-                      beta: b == 0 ? 0 : 1, c: gw, ldc: k)
             }
         }
     } }

@@ -35,8 +35,8 @@ public final class TensorStorage: @unchecked Sendable {
 
 /// Training allocates and frees the same large activations every iteration. glibc would hand
 /// blocks over 128 KB back to the kernel on free and fault them in, zeroed, on the next
-/// iteration (a fifth of a distillation step's time went to that); keeping them in the heap
-/// up to glibc's 32 MB limit lets the next iteration reuse them. True when glibc took the settings.
+/// iteration (a third of a ResNet-50 training step went to that); keeping every block in the
+/// heap lets the next iteration reuse them. True when glibc took the settings.
 let mallocKeepsFreedMemory: Bool = hrhf_keep_freed_memory() == 1
 
 /// A contiguous float32 tensor (NCHW for images) with reference semantics, like PyTorch's.
