@@ -39,7 +39,7 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int = 200
     @Option(help: "Random seed.") var seed: UInt64 = 0
     @Option(name: .customLong("synth-count"), help: "Images of the pack made after each step of a multi-step run.") var synthCount: Int = 64
-    @Option(name: .customLong("step-pack"), help: "Classes of the pack made after each step: new (the step's new classes, earlier packs kept) or all (every old class, replacing them).") var stepPack: String = "new"
+    @Option(name: .customLong("step-pack"), help: "Classes of the pack made after each step: new (the step's new classes, earlier packs kept), all (every old class, replacing them) or none (the starting packs only).") var stepPack: String = "new"
     @OptionGroup var synthesis: SynthesisOptionGroup
     @Option(name: .customLong("eval-limit"), help: "Validation images per evaluation (default all).") var evalLimit: Int?
     @Option(help: "Write the evaluations as JSON.") var json: String?
@@ -89,7 +89,7 @@ struct Distill: ParsableCommand {
         guard step >= 1, last >= step, last < task.steps.count else {
             throw ValidationError("steps \(step)-\(last) are outside task \(task.name) (steps 1-\(task.steps.count - 1))")
         }
-        guard let stepPackClasses = StepPackClasses(rawValue: stepPack) else { throw ValidationError("--step-pack is new or all, not \(stepPack)") }
+        guard let stepPackClasses = StepPackClasses(rawValue: stepPack) else { throw ValidationError("--step-pack is new, all or none, not \(stepPack)") }
         let config = TrainingConfig(iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
                                     checkpointEvery: checkpointEvery)
         var run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step, lastStep: last,

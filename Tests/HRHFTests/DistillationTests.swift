@@ -297,7 +297,8 @@ final class DistillationTests: XCTestCase {
     }
 
     /// Two steps of one class each in one run: the pack made after step 1 holds step 1's class
-    /// (earlier packs kept) or every old class (replacing them); a second run skips both steps.
+    /// (earlier packs kept) or every old class (replacing them), or none at all; a second run skips
+    /// both steps.
     func testMultiStepRunMakesAPackAfterEachStep() throws {
         let (url, model, card) = try SynthesisTests.tinyTeacher()
         var o = SynthesisTests.smallOptions()
@@ -315,8 +316,16 @@ final class DistillationTests: XCTestCase {
                                      synthCount: 2, stepPackClasses: mode, synthOptions: o, out: out)
             var packsPerStep: [Int: Int] = [:]
             _ = try run.run { if case let .stepStarted(step, _, packs, _, _) = $0 { packsPerStep[step] = packs } }
+            if mode == .none {
+                XCTAssertFalse(FileManager.default.fileExists(atPath: run.packURL(afterStep: 1).path), "no pack between steps")
+                XCTAssertEqual(packsPerStep, [1: 1, 2: 1], "the first pack serves both steps")
+                XCTAssertEqual(try ModelFile.load(out).0.numClasses, 8)
+                continue
+            }
             let between = try SyntheticPack(url: run.packURL(afterStep: 1))
             switch mode {
+            case .none:
+                break
             case .new:
                 XCTAssertEqual(between.manifest.classes.map(\.id), [6], "step 1's new class only")
                 XCTAssertEqual(packsPerStep, [1: 1, 2: 2], "the first pack stays in use")

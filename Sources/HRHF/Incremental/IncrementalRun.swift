@@ -8,6 +8,9 @@ public enum StepPackClasses: String, Codable, Sendable, CaseIterable {
     case new
     /// Every old foreground class; the new pack replaces the earlier ones.
     case all
+    /// No pack between steps: every step uses the packs given at the start (the classes
+    /// learned since are kept by distillation on the real images only).
+    case none
 }
 
 /// Steps `firstStep...lastStep` of a task in one go, as a user would script them: each step
@@ -118,7 +121,8 @@ public struct IncrementalRun {
                 previous = target
             }
             // The next step's pack, from this step's model.
-            if step < lastStep && options.fakeRatio > 0 || step < lastStep && options.background == .proto && !packs.isEmpty {
+            let usesPacks = options.fakeRatio > 0 || options.background == .proto && !packs.isEmpty
+            if step < lastStep && usesPacks && stepPackClasses != .none {
                 let packURL = packURL(afterStep: step)
                 if !FileManager.default.fileExists(atPath: packURL.path) {
                     let (model, card) = try ModelFile.load(previous)
