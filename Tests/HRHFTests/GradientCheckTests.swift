@@ -143,6 +143,63 @@ final class GradientCheckTests: XCTestCase {
         }
     }
 
+    /// Batch norm with its activation fused, and a residual sum with its ReLU fused, against the
+    /// ops in turn: the same float operations in the same order, so values and every gradient
+    /// agree bit for bit (training and evaluation; ReLU and two leaky slopes). The unfused ops
+    /// have their own finite-difference checks; the fused ones get theirs where no value sits
+    /// near a kink (evaluation with an identity normalisation; sums of same-sign pairs).
+    func testFusedActivationsMatchTheOpsInTurnBitForBit() {
+        let x = randn([3, 4, 5, 4], seed: 68)
+        let w = randn([4], seed: 61), b = randn([4], seed: 62)
+        let rm = randn([4], seed: 63, std: 0.2), rv = mapValues(randn([4], seed: 64)) { 0.5 + Swift.abs($0) }
+        let r = randn(x.shape, seed: 69)
+        for training in [true, false] {
+            for slope: Float in [0, 0.01, 0.2] {
+                var values: [[Float]] = [], grads: [[[Float]]] = []
+                for fused in [false, true] {
+                    let t = [x, w, b].map { v -> Tensor in let c = v.detached(); c.requiresGrad = true; return c }
+                    let stats = training ? (nil, nil) : (rm, rv)
+                    let y: Tensor
+                    if fused {
+                        y = batchNorm2d(t[0], weight: t[1], bias: t[2], runningMean: stats.0, runningVar: stats.1,
+                                        training: training, negativeSlope: slope)
+                    } else {
+                        let z = batchNorm2d(t[0], weight: t[1], bias: t[2], runningMean: stats.0, runningVar: stats.1, training: training)
+                        y = slope == 0 ? relu(z) : leakyRelu(z, slope: slope)
+                    }
+                    sum(y * r).backward()
+                    values.append(y.array)
+                    grads.append(t.map { $0.grad!.array })
+                }
+                XCTAssertEqual(values[1], values[0], "training \(training) slope \(slope): values")
+                XCTAssertEqual(grads[1], grads[0], "training \(training) slope \(slope): gradients of x, weight, bias")
+                XCTAssertTrue(values[0].contains { $0 < 0 } == (slope > 0) && values[0].contains { $0 == 0 } == (slope == 0),
+                              "the activation did cut (slope \(slope))")
+            }
+        }
+        let identityMean = Tensor(zeros: [4]), identityVar = Tensor(shape: [4], repeating: 1 - 1e-5)
+        let a = awayFromZero([2, 4, 3, 3], seed: 75)
+        checkGradients([a]) { t in
+            batchNorm2d(t[0], weight: nil, bias: nil, runningMean: identityMean, runningVar: identityVar, training: false,
+                        negativeSlope: 0.2)
+        }
+
+        // relu(a + b): values and both gradients as the two ops give them, bit for bit.
+        let u = randn([2, 3, 4, 5], seed: 76), v = randn([2, 3, 4, 5], seed: 77), ru = randn(u.shape, seed: 78)
+        var results: [[[Float]]] = []
+        for fused in [false, true] {
+            let t = [u, v].map { s -> Tensor in let c = s.detached(); c.requiresGrad = true; return c }
+            let y = fused ? addRelu(t[0], t[1]) : relu(t[0] + t[1])
+            sum(y * ru).backward()
+            results.append([y.array, t[0].grad!.array, t[1].grad!.array])
+        }
+        XCTAssertEqual(results[1], results[0], "addRelu against relu(a + b)")
+        XCTAssertTrue(results[0][0].contains(0) && results[0][0].contains { $0 > 0 }, "the ReLU did cut")
+        // Same-sign pairs keep every sum at least 0.1 from the kink.
+        let p = awayFromZero([2, 3, 4, 5], seed: 79)
+        checkGradients([p, mapValues(p) { $0 * 0.5 }]) { t in addRelu(t[0], t[1]) }
+    }
+
     func testSplitBatchNormGradients() {
         let bn = BatchNorm2d(4)
         bn.weight.assign(randn([4], seed: 65))

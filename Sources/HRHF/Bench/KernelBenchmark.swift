@@ -94,3 +94,36 @@ public func benchmarkConvolution(_ bc: ConvBenchCase, repeats: Int) -> ConvBench
     return ConvBenchResult(benchCase: bc, forwardSeconds: forward, backwardSeconds: backward,
                            forwardGFLOPS: flops / forward / 1e9, backwardGFLOPS: 2 * flops / backward / 1e9)
 }
+
+/// Training-mode batch norm with its ReLU fused, on one activation shape: forward and backward
+/// (input, weight and bias gradients) through the autograd op, each against the time of copying
+/// the same tensor once, measured in the same run (the memory-bound floor of a pass).
+public struct NormBenchResult: Sendable {
+    public var shape: [Int]
+    public var forwardSeconds, backwardSeconds, copySeconds: Double
+}
+
+public func benchmarkBatchNormReLU(shape: [Int], repeats: Int) -> NormBenchResult {
+    var rng = SeededGenerator(seed: 3)
+    let x = Tensor.randn(shape, rng: &rng)
+    let weight = Tensor.randn([shape[1]], rng: &rng), bias = Tensor.randn([shape[1]], rng: &rng)
+    let gy = Tensor.randn(shape, rng: &rng)
+    x.requiresGrad = true
+    weight.requiresGrad = true
+    bias.requiresGrad = true
+    let forward = medianSeconds(repeats: repeats) {
+        _ = batchNorm2d(x, weight: weight, bias: bias, runningMean: nil, runningVar: nil, training: true, negativeSlope: 0)
+    }
+    // Each backward needs its own forward: timed as the pair, less the forward's median.
+    let both = medianSeconds(repeats: repeats) {
+        let y = batchNorm2d(x, weight: weight, bias: bias, runningMean: nil, runningVar: nil, training: true, negativeSlope: 0)
+        y.backward(gradient: gy)
+        for t in [x, weight, bias] { t.grad = nil }
+    }
+    let copy = Tensor(zeros: shape)
+    let copySeconds = medianSeconds(repeats: repeats) {
+        let src = x.pointer, dst = copy.pointer
+        parallelBlocks(x.count, minBlock: parallelGrain) { r in (dst + r.lowerBound).update(from: src + r.lowerBound, count: r.count) }
+    }
+    return NormBenchResult(shape: shape, forwardSeconds: forward, backwardSeconds: max(both - forward, 0), copySeconds: copySeconds)
+}

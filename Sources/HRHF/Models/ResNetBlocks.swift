@@ -32,7 +32,7 @@ public final class Bottleneck: Module {
         var out = convNorm(x, conv1, bn1, relu: true)
         out = convNorm(out, conv2, bn2, relu: true)
         out = convNorm(out, conv3, bn3)
-        return relu(out + (downsample?(x) ?? x))
+        return addRelu(out, downsample?(x) ?? x)
     }
 }
 
@@ -62,6 +62,6 @@ public final class BasicBlock: Module {
 
     public override func forward(_ x: Tensor) -> Tensor {
         let out = convNorm(x, conv1, bn1, relu: true)
-        return relu(convNorm(out, conv2, bn2) + (downsample?(x) ?? x))
+        return addRelu(convNorm(out, conv2, bn2), downsample?(x) ?? x)
     }
 }

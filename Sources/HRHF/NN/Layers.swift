@@ -84,24 +84,32 @@ public final class BatchNorm2d: Module {
         if let n = numBatchesTracked { registerBuffer("num_batches_tracked", n) }
     }
 
-    public override func forward(_ x: Tensor) -> Tensor {
+    public override func forward(_ x: Tensor) -> Tensor { normalize(x, relu: false) }
+
+    /// The layer's forward, then a ReLU when `relu` (a torchvision block's): the layer's own
+    /// activation or the ReLU runs inside the normalisation's op (see `batchNorm2d`).
+    func normalize(_ x: Tensor, relu applyReLU: Bool) -> Tensor {
         inputObserver?(x)
         if training, let n = numBatchesTracked { n.pointer[0] += 1 }
+        var slope: Float?
+        switch activation {
+        case .identity: slope = applyReLU ? 0 : nil
+        case .leakyRelu(let s): slope = s
+        }
         let y: Tensor
         if training, let s = batchSplit, s > 0, s < x.shape[0] {
             let first = batchNorm2d(sliceBatch(x, 0..<s), weight: weight, bias: bias, runningMean: runningMean,
-                                    runningVar: runningVar, training: true, momentum: momentum, eps: eps)
+                                    runningVar: runningVar, training: true, momentum: momentum, eps: eps, negativeSlope: slope)
             let rest = batchNorm2d(sliceBatch(x, s..<x.shape[0]), weight: weight, bias: bias, runningMean: nil,
-                                   runningVar: nil, training: true, momentum: momentum, eps: eps)
+                                   runningVar: nil, training: true, momentum: momentum, eps: eps, negativeSlope: slope)
             y = concatBatch([first, rest])
         } else {
             y = batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
-                            training: training, momentum: momentum, eps: eps)
+                            training: training, momentum: momentum, eps: eps, negativeSlope: slope)
         }
-        switch activation {
-        case .identity: return y
-        case .leakyRelu(let slope): return leakyRelu(y, slope: slope)
-        }
+        // inplace-ABN's leaky ReLU, then the block's ReLU: the second one stays a separate op.
+        if case .leakyRelu = activation, applyReLU { return relu(y) }
+        return y
     }
 }
 
@@ -162,12 +170,9 @@ public func convNorm(_ x: Tensor, _ conv: Conv2d, _ bn: BatchNorm2d, relu applyR
     case (.identity, false): slope = nil
     case (.identity, true): slope = 0
     case (.leakyRelu(let s), false): slope = s
-    case (.leakyRelu, true): return relu(bn(conv(x)))
+    case (.leakyRelu, true): return bn.normalize(conv(x), relu: true)
     }
-    guard bn.canFold(after: conv) else {
-        let y = bn(conv(x))
-        return applyReLU ? relu(y) : y
-    }
+    guard bn.canFold(after: conv) else { return bn.normalize(conv(x), relu: applyReLU) }
     let (scale, shift) = bn.foldedScaleShift(convBias: conv.bias)
     return conv2dAffine(x, weight: conv.weight, scale: scale, shift: shift, negativeSlope: slope, stride: conv.stride,
                         padding: conv.padding, dilation: conv.dilation, groups: conv.groups)

@@ -10,6 +10,20 @@ public func relu(_ x: Tensor) -> Tensor {
     return out
 }
 
+/// relu(a + b) as one op (a residual block's sum and ReLU): the sum is never stored, and the
+/// backward hands both inputs the same masked gradient. Values and gradients are relu(a + b)'s
+/// bit for bit; shapes that broadcast go through the two ops.
+public func addRelu(_ a: Tensor, _ b: Tensor) -> Tensor {
+    guard a.shape == b.shape else { return relu(a + b) }
+    let out = zipValues(a, b) { let v = $0 + $1; return v > 0 ? v : 0 }
+    let od = out.detached()
+    record(out, "add_relu", [a, b]) { g in
+        let masked = zipValues(g, od) { $1 > 0 ? $0 : 0 }
+        return [a.requiresGrad ? masked : nil, b.requiresGrad ? masked : nil]
+    }
+    return out
+}
+
 /// max(0, x) + slope * min(0, x); PyTorch's default slope is 0.01.
 public func leakyRelu(_ x: Tensor, slope: Float = 0.01) -> Tensor {
     let out = mapValues(x) { $0 > 0 ? $0 : $0 * slope }

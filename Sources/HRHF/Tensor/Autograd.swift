@@ -103,6 +103,6 @@ extension Tensor {
 private func accumulate(_ a: Tensor, _ b: Tensor) -> Tensor {
     let out = Tensor(zeros: a.shape)
     let pa = a.pointer, pb = b.pointer, po = out.pointer
-    for i in 0..<a.count { po[i] = pa[i] + pb[i] }
+    parallelBlocks(a.count, minBlock: parallelGrain) { r in for i in r { po[i] = pa[i] + pb[i] } }
     return out
 }
