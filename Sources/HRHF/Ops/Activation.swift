@@ -4,10 +4,21 @@ import Foundation
 // that suffices (relu, sigmoid), so the input need not be kept.
 
 public func relu(_ x: Tensor) -> Tensor {
-    let out = mapValues(x) { $0 > 0 ? $0 : 0 }
+    let out = Tensor(uninitialized: x.shape)
+    let px = x.pointer, po = out.pointer
+    parallelBlocks(x.count, minBlock: parallelGrain) { r in for i in r { po[i] = px[i] > 0 ? px[i] : 0 } }
     let od = out.detached()
-    record(out, "relu", [x]) { g in [zipValues(g, od) { $1 > 0 ? $0 : 0 }] }
+    record(out, "relu", [x]) { g in [reluGradient(g, output: od)] }
     return out
+}
+
+/// g where the ReLU's output is positive, 0 elsewhere. A plain loop, not a closure through
+/// `zipValues`: it runs once per residual block and per activation in training.
+func reluGradient(_ g: Tensor, output: Tensor) -> Tensor {
+    let masked = Tensor(uninitialized: g.shape)
+    let pg = g.pointer, po = output.pointer, pm = masked.pointer
+    parallelBlocks(g.count, minBlock: parallelGrain) { r in for i in r { pm[i] = po[i] > 0 ? pg[i] : 0 } }
+    return masked
 }
 
 /// relu(a + b) as one op (a residual block's sum and ReLU): the sum is never stored, and the
@@ -15,10 +26,12 @@ public func relu(_ x: Tensor) -> Tensor {
 /// bit for bit; shapes that broadcast go through the two ops.
 public func addRelu(_ a: Tensor, _ b: Tensor) -> Tensor {
     guard a.shape == b.shape else { return relu(a + b) }
-    let out = zipValues(a, b) { let v = $0 + $1; return v > 0 ? v : 0 }
+    let out = Tensor(uninitialized: a.shape)
+    let pa = a.pointer, pb = b.pointer, po = out.pointer
+    parallelBlocks(out.count, minBlock: parallelGrain) { r in for i in r { let v = pa[i] + pb[i]; po[i] = v > 0 ? v : 0 } }
     let od = out.detached()
     record(out, "add_relu", [a, b]) { g in
-        let masked = zipValues(g, od) { $1 > 0 ? $0 : 0 }
+        let masked = reluGradient(g, output: od)
         return [a.requiresGrad ? masked : nil, b.requiresGrad ? masked : nil]
     }
     return out

@@ -47,7 +47,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
     precondition(!training || m > 1, "batch_norm in training needs more than one value per channel, got \(x.shape)")
     let meanT = Tensor(zeros: [c]), invStdT = Tensor(zeros: [c])
     let px = x.pointer, pmean = meanT.pointer, pinv = invStdT.pointer
-    let out = Tensor(zeros: x.shape)
+    let out = Tensor(uninitialized: x.shape)
     let po = out.pointer
     let pw = weight?.pointer, pb = bias?.pointer
     forEachChannelGroup(n, c, plane) { group in
@@ -111,7 +111,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
         let pg = g.pointer, px = xd.pointer, po = od?.pointer ?? g.pointer  // unread without an activation
         let through = ActivationGradient(negativeSlope: negativeSlope)
         let pmean = meanT.pointer, pinv = invStdT.pointer
-        let gx = x.requiresGrad ? Tensor(zeros: xd.shape) : nil
+        let gx = x.requiresGrad ? Tensor(uninitialized: xd.shape) : nil
         let gw = Tensor(zeros: [c]), gb = Tensor(zeros: [c])
         let pgx = gx?.pointer, pgw = gw.pointer, pgb = gb.pointer, pw = wd?.pointer
         forEachChannelGroup(n, c, plane) { group in

@@ -249,7 +249,7 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, stride: (In
                              strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
                              dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
     precondition(geo.outH > 0 && geo.outW > 0, "conv2d: input \(h)x\(w) too small for the kernel")
-    let out = Tensor(zeros: [n, cout, geo.outH, geo.outW])
+    let out = Tensor(uninitialized: [n, cout, geo.outH, geo.outW])
     conv2dForward(x.pointer, weight.pointer, bias?.pointer, geo, batch: n, out: out.pointer)
 
     let xd = x.detached(), wd = weight.detached()
@@ -294,7 +294,7 @@ public func conv2dAffine(_ x: Tensor, weight: Tensor, scale: Tensor, shift: Tens
                              strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
                              dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
     precondition(geo.outH > 0 && geo.outW > 0, "conv2d_affine: input \(h)x\(w) too small for the kernel")
-    let out = Tensor(zeros: [n, cout, geo.outH, geo.outW])
+    let out = Tensor(uninitialized: [n, cout, geo.outH, geo.outW])
     conv2dForward(x.pointer, weight.pointer, epilogue: ConvEpilogue(scale: scale.pointer, shift: shift.pointer, negativeSlope: negativeSlope),
                   geo, batch: n, out: out.pointer)
     let xd = x.detached(), wd = weight.detached(), od = out.detached(), sd = scale.detached()
@@ -376,7 +376,8 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
     conv2dForward(x, weight, epilogue: .bias(bias), geo, batch: batch, out: out)
 }
 
-/// `out` must hold zeros (the products add to it).
+/// Writes every element of `out` (the products run with beta 0: each worker's share of the output
+/// is cleared inside its own product, in parallel, instead of before the op in one serial pass).
 func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
@@ -386,6 +387,7 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
     guard k > 0 else {
         // Every tap reads padding only: the output is the epilogue of zero.
+        out.update(repeating: 0, count: batch * geo.outChannels * plane)
         for b in 0..<batch {
             for co in 0..<geo.outChannels { epilogue.apply(out + (b * geo.outChannels + co) * plane, count: plane, channel: co) }
         }
@@ -401,15 +403,14 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
             let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
             let dst = out + (b * geo.outChannels + g * geo.groupOut) * plane
             let wg = live.pointer + g * geo.groupOut * k
-            // beta 1 on the zeroed output: OpenBLAS skips its pass that would scale C by beta.
             if let col {
                 for block in blocks(of: columns, width: blockWidth) {
                     im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col)
-                    sgemm(m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 1,
+                    sgemm(m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 0,
                           c: dst + block.lowerBound, ldc: plane)
                 }
             } else {
-                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, beta: 1,
+                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, beta: 0,
                       c: dst + columns.lowerBound, ldc: plane)
             }
         }

@@ -37,7 +37,7 @@ public func broadcastShape(_ a: [Int], _ b: [Int]) -> [Int] {
 @inline(__always)
 func broadcastBinary(_ a: Tensor, _ b: Tensor, _ body: (Float, Float) -> Float) -> Tensor {
     let outShape = broadcastShape(a.shape, b.shape)
-    let out = Tensor(zeros: outShape)
+    let out = Tensor(uninitialized: outShape)
     let pa = a.pointer, pb = b.pointer, po = out.pointer
     let n = out.count
     if a.shape == b.shape {
@@ -191,7 +191,7 @@ public prefix func - (a: Tensor) -> Tensor { a * -1 }
 /// body applied to every value, into fresh memory; outside autograd.
 @inline(__always)
 func mapValues(_ x: Tensor, _ body: (Float) -> Float) -> Tensor {
-    let out = Tensor(zeros: x.shape)
+    let out = Tensor(uninitialized: x.shape)
     let px = x.pointer, po = out.pointer
     parallelBlocks(x.count, minBlock: parallelGrain) { r in
         for i in r { po[i] = body(px[i]) }

@@ -101,7 +101,7 @@ extension Tensor {
 
 /// a + b into fresh memory (either may be aliased elsewhere in the graph).
 private func accumulate(_ a: Tensor, _ b: Tensor) -> Tensor {
-    let out = Tensor(zeros: a.shape)
+    let out = Tensor(uninitialized: a.shape)
     let pa = a.pointer, pb = b.pointer, po = out.pointer
     parallelBlocks(a.count, minBlock: parallelGrain) { r in for i in r { po[i] = pa[i] + pb[i] } }
     return out

@@ -6,15 +6,22 @@ public final class TensorStorage: @unchecked Sendable {
     public let count: Int
     public let pointer: UnsafeMutablePointer<Float>
 
-    public init(count: Int) {
+    /// Zeroed memory, or with `zeroed: false` memory the caller writes in full before anything
+    /// reads it (an op's output: calloc would zero reused heap blocks in one serial pass first).
+    public init(count: Int, zeroed: Bool = true) {
         precondition(count >= 0, "negative storage size")
         _ = mallocKeepsFreedMemory
         self.count = count
         // calloc: memory fresh from the kernel is already zero, so it is not written twice.
-        guard let raw = calloc(max(count, 1), MemoryLayout<Float>.stride) else {
+        let bytes = max(count, 1) * MemoryLayout<Float>.stride
+        guard let raw = zeroed ? calloc(max(count, 1), MemoryLayout<Float>.stride) : malloc(bytes) else {
             fatalError("out of memory allocating \(count) floats")
         }
         pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        #if DEBUG
+        // NaN where an op forgot to write: the tests then fail instead of reading old values.
+        if !zeroed { pointer.update(repeating: .nan, count: max(count, 1)) }
+        #endif
         hrhf_tensor_bytes_add(count * MemoryLayout<Float>.stride)
     }
 
@@ -72,15 +79,21 @@ public final class Tensor: @unchecked Sendable {
                   requiresGrad: requiresGrad)
     }
 
+    /// A tensor whose every element the caller writes before anything reads it (NaN-filled in
+    /// debug builds).
+    convenience init(uninitialized shape: [Int], requiresGrad: Bool = false) {
+        self.init(shape: shape, storage: TensorStorage(count: shape.reduce(1, *), zeroed: false), requiresGrad: requiresGrad)
+    }
+
     public convenience init(shape: [Int], repeating value: Float, requiresGrad: Bool = false) {
-        self.init(zeros: shape, requiresGrad: requiresGrad)
+        self.init(uninitialized: shape, requiresGrad: requiresGrad)
         pointer.update(repeating: value, count: count)
     }
 
     public convenience init(shape: [Int], values: [Float], requiresGrad: Bool = false) {
         precondition(shape.reduce(1, *) == values.count,
                      "shape \(shape) needs \(shape.reduce(1, *)) values, got \(values.count)")
-        self.init(zeros: shape, requiresGrad: requiresGrad)
+        self.init(uninitialized: shape, requiresGrad: requiresGrad)
         values.withUnsafeBufferPointer { pointer.update(from: $0.baseAddress!, count: values.count) }
     }
 
