@@ -50,6 +50,8 @@ final class GradientCheckTests: XCTestCase {
     func testActivations() {
         let x = awayFromZero([2, 3, 5, 4], seed: 6)
         checkGradients([x]) { relu($0[0]) }
+        // 21 values: the SIMD loop's 16 and a scalar tail of 5.
+        checkGradients([awayFromZero([3, 7], seed: 5)], samples: 21) { relu($0[0]) }
         checkGradients([x]) { leakyRelu($0[0], slope: 0.01) }
         checkGradients([x]) { leakyRelu($0[0], slope: 0.2) }
         // Bounds chosen away from every value (all values are >= 0.1 from 0, and +-0.05 is too).

@@ -17,7 +17,14 @@ public func relu(_ x: Tensor) -> Tensor {
 func reluGradient(_ g: Tensor, output: Tensor) -> Tensor {
     let masked = Tensor(uninitialized: g.shape)
     let pg = g.pointer, po = output.pointer, pm = masked.pointer
-    parallelBlocks(g.count, minBlock: parallelGrain) { r in for i in r { pm[i] = po[i] > 0 ? pg[i] : 0 } }
+    // In SIMD by hand: the conditional load kept the compiler's loop scalar.
+    parallelBlocks(g.count, minBlock: parallelGrain) { r in
+        let vectorEnd = r.lowerBound + (r.count & ~7)
+        for i in stride(from: r.lowerBound, to: vectorEnd, by: 8) {
+            store8(SIMD8<Float>().replacing(with: load8(pg + i), where: load8(po + i) .> 0), pm + i)
+        }
+        for i in vectorEnd..<r.upperBound { pm[i] = po[i] > 0 ? pg[i] : 0 }
+    }
     return masked
 }
 
