@@ -15,14 +15,18 @@ final class PyTorchParityTests: XCTestCase {
         // even); 3: columns and input channels split between workers.
         // Block limits: the default (every fixture's im2col fits whole), then blocks of 16 and of
         // 1 output column(s) (one output row in the input-gradient pass), as large layers use.
-        let saved = (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns)
-        defer { (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns) = saved }
-        for (threads, blockColumns) in [1, 2, 3].map({ ($0, 0) }) + [(1, 16), (2, 1), (3, 16)] {
-            ParallelConfig.threads = threads
+        // Per-tap products: never (im2col, as the fixtures' small channel counts choose), and
+        // always (every stride-1 single-group case; a block limit of 1 float gives one output
+        // row per product).
+        let saved = (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns, PerTapProducts.mode)
+        defer { (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns, PerTapProducts.mode) = saved }
+        let limits = [1, 2, 3].map({ ($0, 0) }) + [(1, 16), (2, 1), (3, 16)]
+        for (mode, (threads, blockColumns)) in [PerTapProducts.Mode.never, .always].flatMap({ m in limits.map { (m, $0) } }) {
+            (ParallelConfig.threads, PerTapProducts.mode) = (threads, mode)
             (Im2colBlocking.floats, Im2colBlocking.minColumns) = blockColumns == 0 ? (saved.1, saved.2) : (1, blockColumns)
             for name in names {
                 let p = "conv/\(name)/"
-                let label = "\(name) at \(threads) threads" + (blockColumns == 0 ? "" : ", im2col blocks of \(blockColumns) columns")
+                let label = "\(name) at \(threads) threads, per-tap \(mode)" + (blockColumns == 0 ? "" : ", im2col blocks of \(blockColumns) columns")
                 let x = try t(p + "x").requiringGrad(), w = try t(p + "weight").requiringGrad()
                 let config = try t(p + "config").array.map { Int($0) }
                 let bias = try Fixtures.file(file)[p + "bias"]?.copy().requiringGrad()

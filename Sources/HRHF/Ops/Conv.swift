@@ -43,31 +43,17 @@ public struct Conv2dGeometry: Equatable, Sendable {
     var isPointwise: Bool {
         kernelH == 1 && kernelW == 1 && strideH == 1 && strideW == 1 && padH == 0 && padW == 0
     }
-    /// Multiply-adds times two, for one image, of the taps that read the image (see `liveTaps`).
+    /// Multiply-adds times two, for one image, that read the image: products with padding are
+    /// not counted, whether a path skips them (dead taps, `runsPerTap`) or not (im2col's
+    /// partly live taps), so rates compare the work any implementation must do.
     public var flopsPerImage: Double {
-        2 * Double(outChannels) * Double(groupIn * liveTaps.count) * Double(outH * outW)
+        2 * Double(outChannels) * Double(groupIn) * Double(imageReadingTapPositions)
     }
 
     /// The kernel taps (ki * kernelW + kj) that read at least one pixel inside the image. A
     /// dilated tap can fall in the padding for every output pixel (ASPP's rate 36 on a 32x32
     /// map keeps only the centre tap): its products with zeros are skipped.
-    public var liveTaps: [Int] {
-        func live(_ k: Int, stride: Int, pad: Int, dilation: Int, inSize: Int, outSize: Int) -> Bool {
-            // Input positions read by tap k: k * dilation - pad + o * stride, o in 0..<outSize.
-            let first = k * dilation - pad, last = first + (outSize - 1) * stride
-            guard last >= 0, first < inSize else { return false }
-            // Some o lands in [0, inSize): the smallest o with a non-negative position.
-            let o = first >= 0 ? 0 : (-first + stride - 1) / stride
-            return o < outSize && first + o * stride < inSize
-        }
-        var taps: [Int] = []
-        for ki in 0..<kernelH where live(ki, stride: strideH, pad: padH, dilation: dilationH, inSize: inH, outSize: outH) {
-            for kj in 0..<kernelW where live(kj, stride: strideW, pad: padW, dilation: dilationW, inSize: inW, outSize: outW) {
-                taps.append(ki * kernelW + kj)
-            }
-        }
-        return taps
-    }
+    public var liveTaps: [Int] { tapRects.map(\.tap) }
 }
 
 /// The weight as the products see it: Cout x (Cin/groups * live taps). The weight itself when
@@ -345,6 +331,18 @@ func channelSums(_ g: Tensor) -> Tensor {
 /// channels (backward) among all of them.
 func splitsByImage(batch: Int, workers: Int) -> Bool { workers > 1 && batch % workers == 0 }
 
+/// Runs body(worker, image, share) over every image of the batch, `parts` items each (input
+/// channels, output rows): whole images per worker when `splitsByImage`, else each image's
+/// items split between the workers.
+func forEachImageShare(batch: Int, parts: Int, _ body: (Int, Int, Range<Int>) -> Void) {
+    let workers = ParallelConfig.threads
+    if splitsByImage(batch: batch, workers: workers) {
+        forEachWorker(batch, parts: workers) { t, images in for b in images { body(t, b, 0..<parts) } }
+    } else {
+        for b in 0..<batch { forEachWorker(parts, parts: workers) { t, share in body(t, b, share) } }
+    }
+}
+
 /// What a convolution applies to each block of its output while the block is in cache: a
 /// per-channel scale and shift (a bias; an evaluation-mode batch norm folded in) and an
 /// optional leaky ReLU (slope 0: ReLU).
@@ -380,6 +378,7 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ 
 /// is cleared inside its own product, in parallel, instead of before the op in one serial pass).
 func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
                    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
+    if geo.runsPerTap { return conv2dForwardPerTap(x, weight, epilogue: epilogue, geo, batch: batch, out: out) }
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
@@ -439,6 +438,7 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
 /// `gradInput` must hold zeros (the gradient is added to it).
 func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                          batch: Int, gradInput: UnsafeMutablePointer<Float>) {
+    if geo.runsPerTap { return conv2dBackwardInputPerTap(gradOut, weight, geo, batch: batch, gradInput: gradInput) }
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
@@ -468,16 +468,12 @@ func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointe
             }
         }
     }
-    let workers = ParallelConfig.threads
-    if splitsByImage(batch: batch, workers: workers) {
-        forEachWorker(batch, parts: workers) { t, images in for b in images { run(t, b, 0..<geo.groupIn) } }
-    } else {
-        for b in 0..<batch { forEachWorker(geo.groupIn, parts: workers) { t, channels in run(t, b, channels) } }
-    }
+    forEachImageShare(batch: batch, parts: geo.groupIn, run)
 }
 
 func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
                           batch: Int, gradWeight: UnsafeMutablePointer<Float>) {
+    if geo.runsPerTap { return conv2dBackwardWeightPerTap(gradOut, x, geo, batch: batch, gradWeight: gradWeight) }
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let taps = geo.liveTaps, all = geo.kernelH * geo.kernelW
     let k = geo.groupIn * taps.count
