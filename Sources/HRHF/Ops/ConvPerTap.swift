@@ -59,14 +59,16 @@ extension Conv2dGeometry {
     }
 
     /// Whether this convolution runs one product per tap: stride 1 and one group, at least 256
-    /// input channels (each product's depth: shallower ones pack their operands more often
-    /// than they reuse them), and at least a fifth of the im2col product on padding.
+    /// input channels (each product's depth; 128 and 64 measured no faster), and more than 5%
+    /// of the im2col product on padding. Measured on DeepLabV3-ResNet50 at 256x256: the bound
+    /// at 95% (ASPP plus the rate-2 and rate-4 3x3 layers, 92% and 84%) trained 3-4% faster
+    /// than at 80% (ASPP only).
     var runsPerTap: Bool {
         guard groups == 1 && strideH == 1 && strideW == 1 && !isPointwise else { return false }
         switch PerTapProducts.mode {
         case .never: return false
         case .always: return true
-        case .auto: return inChannels >= 256 && imageReadingShare <= 0.8
+        case .auto: return inChannels >= 256 && imageReadingShare <= 0.95
         }
     }
 }
