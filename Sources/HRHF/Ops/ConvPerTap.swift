@@ -15,8 +15,9 @@ enum PerTapProducts {
     nonisolated(unsafe) static var mode = Mode.auto
 }
 
-/// One live tap and the output rectangle over which it reads the image: output (oy, ox) reads
-/// input (oy + dy, ox + dx).
+/// One live tap and the output rectangle over which it reads the image; at stride 1 output
+/// (oy, ox) reads input (oy + dy, ox + dx) (the per-tap passes; other strides use the rectangle
+/// only to count work).
 struct TapRect {
     let tap: Int
     let rows: Range<Int>, cols: Range<Int>
