@@ -55,27 +55,34 @@ public typealias PackError = ArchiveError
 public final class TarWriter {
     public let url: URL
     let partial: String
+    private let descriptor: Int32
     private var handle: OpaquePointer?
 
     public init(url: URL) throws {
         self.url = url
-        partial = url.path + ".partial"
-        guard let a = archive_write_new() else { throw PackError(file: url.path, "libarchive could not start") }
+        (partial, descriptor) = try createPartialFile(for: url)
+        guard let a = archive_write_new() else {
+            close(descriptor)
+            unlink(partial)
+            throw PackError(file: url.path, "libarchive could not start")
+        }
         handle = a
         archive_write_set_format_pax(a)
         archive_write_add_filter_none(a)
-        // No padding beyond the 1 KiB end-of-archive blocks... and the default 10 KiB record.
-        guard archive_write_open_filename(a, partial) == ARCHIVE_OK else {
+        guard archive_write_open_fd(a, descriptor) == ARCHIVE_OK else {
             let message = String(cString: archive_error_string(a))
             archive_write_free(a)
             handle = nil
-            throw PackError(file: url.path, "cannot create \(partial): \(message)")
+            close(descriptor)
+            unlink(partial)
+            throw PackError(file: url.path, "cannot write \(partial): \(message)")
         }
     }
 
     deinit {
         if let handle {
             archive_write_free(handle)
+            close(descriptor)
             unlink(partial)
         }
     }
@@ -130,14 +137,12 @@ public final class TarWriter {
         handle = nil
         let closed = archive_write_close(a)
         archive_write_free(a)
-        guard closed == ARCHIVE_OK else {
+        let synced = close(descriptor) == 0
+        guard closed == ARCHIVE_OK, synced else {
             unlink(partial)
             throw PackError(file: url.path, "cannot finish the archive")
         }
-        guard rename(partial, url.path) == 0 else {
-            unlink(partial)
-            throw PackError(file: url.path, "cannot rename the finished pack into place")
-        }
+        try finishPartialFile(partial, as: url)
     }
 }
 

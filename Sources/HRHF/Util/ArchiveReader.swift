@@ -32,11 +32,20 @@ public final class ArchiveReader {
         public var size: Int64
     }
 
+    /// Bytes one archive may give in all, by default (a VOC-scale pack or a ResNet-101
+    /// checkpoint is far below it; a compression bomb is not).
+    public static let defaultTotalLimit = 16 << 30
+
     public let path: String
     private let handle: OpaquePointer
+    /// Bytes the whole archive may give; with `bytesRead`, what is left of that budget.
+    public let totalLimit: Int
+    public private(set) var bytesRead = 0
 
-    public init(path: String, format: Format) throws {
+    /// `totalLimit` bounds the data of all entries together (decompressed, for zip).
+    public init(path: String, format: Format, totalLimit: Int = ArchiveReader.defaultTotalLimit) throws {
         self.path = path
+        self.totalLimit = totalLimit
         guard let a = archive_read_new() else { throw ArchiveError(file: path, "libarchive could not start") }
         handle = a
         switch format {
@@ -70,6 +79,10 @@ public final class ArchiveReader {
             throw ArchiveError(file: path, "corrupt archive: \(Self.message(handle))")
         }
         let name = archive_entry_pathname(entry).map { String(cString: $0) } ?? ""
+        // A sparse entry declares far more bytes than the archive holds: refused unread.
+        guard archive_entry_sparse_count(entry) == 0 else {
+            throw ArchiveError(file: path, entry: name, "sparse entries are not allowed")
+        }
         let type = UInt32(archive_entry_filetype(entry))
         var kind: EntryKind
         switch type & HRHF_AE_IFMT {
@@ -96,6 +109,11 @@ public final class ArchiveReader {
             guard data.count + n <= limit else {
                 throw ArchiveError(file: path, entry: entry, "larger than the limit of \(limit) bytes")
             }
+            guard bytesRead + n <= totalLimit else {
+                throw ArchiveError(file: path, entry: entry,
+                                   "the archive gives more than its limit of \(totalLimit) bytes in all")
+            }
+            bytesRead += n
             data.append(contentsOf: buffer[0..<n])
         }
         return data

@@ -186,20 +186,3 @@ public struct SafeTensorsFile {
         try writeAtomically(try serialized(), to: url)
     }
 }
-
-/// Writes `data` to `url.partial`, then renames it over `url`, so a reader never sees half a file.
-public func writeAtomically(_ data: Data, to url: URL) throws {
-    let partial = URL(fileURLWithPath: url.path + ".partial")
-    do {
-        try data.write(to: partial)
-    } catch {
-        try? FileManager.default.removeItem(at: partial)
-        throw WeightFileError(file: url.path, "cannot write: \(error.localizedDescription)")
-    }
-    // rename(2) replaces the target in one step.
-    guard rename(partial.path, url.path) == 0 else {
-        let reason = String(cString: strerror(errno))
-        try? FileManager.default.removeItem(at: partial)
-        throw WeightFileError(file: url.path, "cannot rename the finished file into place: \(reason)")
-    }
-}
