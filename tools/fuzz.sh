@@ -56,7 +56,9 @@ binary=$scratch/debug/hrhf-fuzz
 corpus=$scratch/corpus/$target
 artifacts=$scratch/artifacts/$target
 regressions=$fixtures/fuzz-regressions/$target
-mkdir -p "$corpus" "$artifacts" "$regressions" "$fixtures/fuzz-seeds/$target"
+mkdir -p "$corpus" "$artifacts" "$regressions"
+seeds=()
+[[ -d "$fixtures/fuzz-seeds/$target" ]] && seeds+=("$fixtures/fuzz-seeds/$target")
 case $target in
     pickle)
         for pth in "$fixtures"/models/*.pth; do
@@ -76,28 +78,31 @@ touch "$marker"
 started=$(date +%s)
 # Swift's own crash backtracer would take over the signal libFuzzer needs to see.
 SWIFT_BACKTRACE=enable=no HRHF_FUZZ_TARGET=$target ASAN_OPTIONS=detect_leaks=0 \
-    "$binary" "$corpus" "$fixtures/fuzz-seeds/$target" "$regressions" \
+    "$binary" "$corpus" "${seeds[@]}" "$regressions" \
     -fork=1 -ignore_crashes=1 -ignore_ooms=1 -ignore_timeouts=1 \
     -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 -detect_leaks=0 \
     -artifact_prefix="$artifacts/" "$@" > "$log" 2>&1 || true
 elapsed=$(( $(date +%s) - started ))
 
-# One regression file per distinct crash: the first frame in Sources/ outside the harness.
-new=0
-declare -A seen
+# One regression file per distinct crash: the first frame in Sources/ outside the harness, or
+# for a harness violation its first two words.
+new=0 distinct=0
+signatures=" "
 for file in $(find "$artifacts" -type f -newer "$marker" -printf '%s %f\n' | sort -n | cut -d' ' -f2); do
     report=$(SWIFT_BACKTRACE=enable=no HRHF_FUZZ_TARGET=$target ASAN_OPTIONS=detect_leaks=0 \
         "$binary" -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 "$artifacts/$file" 2>&1 || true)
-    kind=${file%%-*}
-    frame=$(grep -oE "Sources/[^ ]+\.(swift|c):[0-9]+" <<< "$report" | grep -v "/Fuzz\(Targets\|Entry\)" \
-        | head -1 || true)
     if ! grep -qE "ERROR: (libFuzzer|AddressSanitizer)" <<< "$report"; then
         echo "not reproduced on replay: $artifacts/$file"
         continue
     fi
-    signature="$kind ${frame:-without a frame in Sources}"
-    [[ -n "${seen[$signature]:-}" ]] && continue
-    seen[$signature]=$file
+    violation=$(sed -nE 's/.*Fatal error: hrhf-fuzz: ([^ ]+ [^ ]+).*/\1/p' <<< "$report" | head -1)
+    frame=$(grep -oE "Sources/[^ ]+\.(swift|c):[0-9]+" <<< "$report" | grep -v "/Fuzz\(Targets\|Entry\)" \
+        | head -1 || true)
+    signature="${file%%-*}:${violation:+violation:}${violation:-${frame:-no-frame-in-Sources}}"
+    signature=${signature// /_}
+    [[ "$signatures" == *" $signature "* ]] && continue
+    signatures+="$signature "
+    distinct=$((distinct + 1))
     if [[ ! -e "$regressions/$file" ]]; then
         cp "$artifacts/$file" "$regressions/$file"
         new=$((new + 1))
@@ -112,5 +117,5 @@ ft=$(sed -nE 's/.* ft: ([0-9]+) .*/\1/p' <<< "$status")
 events=$(sed -nE 's/.* oom\/timeout\/crash: ([0-9\/]+) .*/\1/p' <<< "$status")
 rate=$(( ${executions:-0} / (elapsed > 0 ? elapsed : 1) ))
 echo "fuzz $target: ${executions:-0} executions in ${elapsed} s ($rate exec/s)," \
-    "cov ${cov:-?} ft ${ft:-?}, oom/timeout/crash events ${events:-0/0/0}, distinct crashes ${#seen[@]}" \
+    "cov ${cov:-?} ft ${ft:-?}, oom/timeout/crash events ${events:-0/0/0}, distinct crashes $distinct" \
     "($new new in $regressions); log $log"
