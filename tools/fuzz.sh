@@ -5,7 +5,7 @@
 #   tools/fuzz.sh --make-seeds       rewrite the committed seeds (Fixtures/fuzz-seeds)
 #
 # TARGET is one of FuzzTarget's cases (Sources/HRHF/Fuzz/FuzzTargets.swift): pickle pth
-# safetensors pack png jpeg list npy. The build is a debug one (Swift's checks on) in .build-fuzz,
+# safetensors pack png jpeg list npy. The build is a debug one with -O (Swift's checks on) in .build-fuzz,
 # C targets instrumented too. The corpus grows in .build-fuzz/corpus/TARGET (outside git), seeded
 # from the committed fixtures. libFuzzer runs in fork mode on one core, so a crash does not end
 # the run; each distinct crash (by its first frame in Sources/) is copied, smallest input first,
@@ -48,7 +48,8 @@ fi
 shift $(( $# >= 2 ? 2 : 1 ))
 
 # ld.gold warns about every sanitizer symbol it cannot export: only the rest is shown.
-swift build --scratch-path "$scratch" --product hrhf-fuzz \
+# Debug configuration with -O: optimised, but never -Ounchecked, so Swift's checks stay on.
+swift build --scratch-path "$scratch" --product hrhf-fuzz -Xswiftc -O \
     -Xswiftc -sanitize=fuzzer,address -Xswiftc -DFUZZING -Xcc -fsanitize=fuzzer-no-link,address 2>&1 \
     | { grep -v "Cannot export local symbol" || true; }
 binary=$scratch/debug/hrhf-fuzz

@@ -22,8 +22,8 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
     case pth
     /// A native model file through `ModelFile.load`: header, card, network, weights.
     case safetensors
-    /// A synthetic pack: read and verified, its manifest used as `hrhf-pack inspect` uses it,
-    /// every image and label decoded, a contact sheet of the first four.
+    /// A synthetic pack (a tar) with its SHA256SUMS rebuilt: read and verified, its manifest used
+    /// as `hrhf-pack inspect` uses it, every image and label decoded, a contact sheet of the first four.
     case pack
     /// PNG bytes decoded as RGB and as an index mask.
     case png
@@ -72,7 +72,13 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 return .accepted
             }
         case .pack:
-            return withInputFile(data, name: name) { try Self.usePack(SyntheticPack(url: $0)) }
+            return withScratch({ folder in
+                let file = folder.appendingPathComponent(name)
+                try data.write(to: file)
+                // An input whose entries cannot be listed is read as it is.
+                try? Self.rebuildChecksums(file)
+                return file
+            }, read: { try Self.usePack(SyntheticPack(url: $0)) })
         case .list:
             return withScratch({ folder in
                 try Self.makeDatasetFolder(in: folder)
@@ -89,6 +95,32 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 return .accepted
             }
         }
+    }
+
+    /// Rewrites a pack with a SHA256SUMS that matches its other entries (kept in order), as a
+    /// forger would, so that mutated contents reach the checks behind the checksums.
+    static func rebuildChecksums(_ file: URL) throws {
+        let reader = try ArchiveReader(path: file.path, format: .tar, totalLimit: 64 << 20)
+        var entries: [(name: String, kind: TarWriter.Kind, data: Data)] = []
+        while let entry = try reader.next() {
+            let kind: TarWriter.Kind
+            switch entry.kind {
+            case .file: kind = .file
+            case .directory: kind = .directory
+            case .symlink: kind = .symlink("target")
+            case .hardlink: kind = .hardlink("target")
+            case .other: kind = .characterDevice
+            }
+            guard entry.name != "SHA256SUMS" else { continue }
+            let data = entry.kind == .file ? try reader.readData(entry: entry.name, limit: 16 << 20) : Data()
+            entries.append((entry.name, kind, data))
+        }
+        let sums = entries.filter { if case .file = $0.kind { return true } else { return false } }
+            .map { "\(sha256Hex($0.data))  \($0.name)\n" }.joined()
+        let writer = try TarWriter(url: file)
+        for entry in entries { try writer.add(entry.name, entry.data, kind: entry.kind) }
+        try writer.add("SHA256SUMS", Data(sums.utf8))
+        try writer.finish()
     }
 
     /// What `hrhf-pack inspect` and `sheet` do with a verified pack.
