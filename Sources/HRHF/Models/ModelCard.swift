@@ -61,17 +61,39 @@ public struct ModelCard: Codable, Equatable, Sendable {
         self.notes = notes
     }
 
+    /// Checks the card before anything is built from it: the architecture's bounds, one class
+    /// per output with ids 0, 1, ..., a history that adds those classes step by step as
+    /// `classesPerStep` says, and a finite normalisation. Errors name `file` and the field.
     public func validate(file: String) throws {
-        guard format == Self.formatName else { throw WeightFileError(file: file, "model card format is \(format)") }
-        guard formatVersion <= Self.currentVersion else {
-            throw WeightFileError(file: file, "model card version \(formatVersion) is newer than this toolkit's")
+        guard format == Self.formatName else { throw WeightFileError(file: file, key: "format", "is \(format)") }
+        guard (1...Self.currentVersion).contains(formatVersion) else {
+            throw WeightFileError(file: file, key: "formatVersion", "\(formatVersion) is not one this toolkit reads")
         }
-        try architecture.validate()
+        try architecture.validate(file: file)
         guard classes.count == architecture.numClasses else {
-            throw WeightFileError(file: file, "card lists \(classes.count) classes, the architecture has \(architecture.numClasses) outputs")
+            throw WeightFileError(file: file, key: "classes",
+                                  "card lists \(classes.count) classes, the architecture has \(architecture.numClasses) outputs")
         }
-        guard normalization.mean.count == 3, normalization.std.count == 3, normalization.std.allSatisfy({ $0 > 0 }) else {
-            throw WeightFileError(file: file, "normalisation needs three means and three positive deviations")
+        if let k = classes.indices.first(where: { classes[$0].id != $0 }) {
+            throw WeightFileError(file: file, key: "classes[\(k)].id", "is \(classes[k].id), channel \(k) must be class \(k)")
+        }
+        guard history.count == architecture.classesPerStep.count else {
+            throw WeightFileError(file: file, key: "history", "has \(history.count) steps, classesPerStep "
+                                  + "\(architecture.classesPerStep.count)")
+        }
+        var start = 0, previousStep = -1
+        for (k, (step, count)) in zip(history, architecture.classesPerStep).enumerated() {
+            guard step.step > previousStep, step.classes == Array(start..<(start + count)) else {
+                throw WeightFileError(file: file, key: "history[\(k)]", "step \(step.step) must follow step "
+                                      + "\(previousStep) and add classes \(start)..<\(start + count)")
+            }
+            start += count
+            previousStep = step.step
+        }
+        guard normalization.mean.count == 3, normalization.std.count == 3, normalization.mean.allSatisfy(\.isFinite),
+              normalization.std.allSatisfy({ $0.isFinite && $0 > 0 }) else {
+            throw WeightFileError(file: file, key: "normalization", "needs three finite means and three finite positive "
+                                  + "deviations")
         }
     }
 

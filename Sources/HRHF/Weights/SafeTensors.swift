@@ -48,6 +48,36 @@ public enum StoredDType: String, Sendable, CaseIterable {
     }
 }
 
+/// Limits on the tensors of one weight file, checked before anything is allocated.
+public enum TensorBudget {
+    /// Most dimensions a tensor may have (NumPy's own limit).
+    public static let maxRank = 64
+    /// Elements of one tensor: 64 Mi (256 MiB as float32). The largest DeepLab weight
+    /// (ResNet-152's 2.4 M) and even an ImageNet-21k classifier (44.7 M) fit.
+    public static let maxElements = 1 << 26
+    /// Elements of all tensors of one file: 128 Mi (512 MiB as float32). A ResNet-152
+    /// DeepLabV3 with its auxiliary head holds 77 M.
+    public static let maxTotalElements = 1 << 27
+
+    /// The product of `shape`, refused if a size is negative, the rank or the product too large
+    /// (every step checked).
+    public static func elementCount(_ shape: [Int], limit: Int = maxElements, file: String, key: String?) throws -> Int {
+        guard shape.count <= maxRank else {
+            throw WeightFileError(file: file, key: key, "\(shape.count) dimensions, more than \(maxRank)")
+        }
+        var count = 1
+        for n in shape {
+            guard n >= 0 else { throw WeightFileError(file: file, key: key, "negative size in shape \(shape)") }
+            let (product, overflow) = count.multipliedReportingOverflow(by: n)
+            guard !overflow, product <= limit else {
+                throw WeightFileError(file: file, key: key, "shape \(shape) has more than \(limit) elements")
+            }
+            count = product
+        }
+        return count
+    }
+}
+
 extension Float {
     /// IEEE 754 half precision to single, without relying on Float16 support of the platform.
     init(halfBits h: UInt16) {
@@ -89,19 +119,33 @@ public struct SafeTensorsFile {
     /// Header bigger than this is refused (the format's own reader limit is 100 MB).
     static let maxHeaderBytes = 100_000_000
 
+    /// A JSON number that is an exact non-negative integer: not a float (`2.9`, `2.0`), not
+    /// `true` (NSNumber's `intValue` would truncate or convert both).
+    static func exactCount(_ value: Any) -> Int? {
+        guard let number = value as? NSNumber else { return nil }
+        switch String(cString: number.objCType) {
+        case "s", "i", "l", "q": return Int(exactly: number.int64Value).flatMap { $0 >= 0 ? $0 : nil }
+        case "S", "I", "L", "Q": return Int(exactly: number.uint64Value)
+        default: return nil  // "d": written with a fraction or an exponent; "c": a boolean
+        }
+    }
+
     public static func parse(_ data: Data, file: String) throws -> SafeTensorsFile {
         guard data.count >= 8 else {
             throw WeightFileError(file: file, "too short for a safetensors header (\(data.count) bytes)")
         }
         let headerSize = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
-        guard headerSize <= UInt64(maxHeaderBytes), 8 + Int(headerSize) <= data.count else {
-            throw WeightFileError(file: file, "header length \(headerSize) exceeds the file (\(data.count) bytes)")
+        guard let headerLength = Int(exactly: headerSize), headerLength <= maxHeaderBytes,
+              headerLength <= data.count - 8 else {
+            throw WeightFileError(file: file, key: "header length",
+                                  "\(headerSize) exceeds the file (\(data.count) bytes) or \(maxHeaderBytes) bytes")
         }
-        let headerData = data.subdata(in: 8..<(8 + Int(headerSize)))
+        let payloadStart = data.startIndex + 8 + headerLength
+        let headerData = data[(data.startIndex + 8)..<payloadStart]
         guard let header = (try? JSONSerialization.jsonObject(with: headerData)) as? [String: Any] else {
             throw WeightFileError(file: file, "header is not a JSON object")
         }
-        let payloadStart = 8 + Int(headerSize), payloadSize = data.count - payloadStart
+        let payloadSize = data.count - 8 - headerLength
         var metadata: [String: String] = [:]
         if let meta = header["__metadata__"] {
             guard let m = meta as? [String: String] else {
@@ -110,6 +154,7 @@ public struct SafeTensorsFile {
             metadata = m
         }
         var entries: [(name: String, dtype: StoredDType, shape: [Int], start: Int, end: Int)] = []
+        var total = 0
         for (name, value) in header where name != "__metadata__" {
             guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
                   let shapeAny = info["shape"] as? [Any], let offsets = info["data_offsets"] as? [Any],
@@ -119,26 +164,26 @@ public struct SafeTensorsFile {
             guard let dtype = StoredDType(rawValue: dtypeName) else {
                 throw WeightFileError(file: file, key: name, "unsupported dtype \(dtypeName)")
             }
-            let shape = shapeAny.compactMap { ($0 as? NSNumber)?.intValue }
-            let bounds = offsets.compactMap { ($0 as? NSNumber)?.intValue }
-            guard shape.count == shapeAny.count, shape.allSatisfy({ $0 >= 0 }), bounds.count == 2 else {
-                throw WeightFileError(file: file, key: name, "shape and offsets must be non-negative integers")
+            let shape = shapeAny.compactMap(exactCount), bounds = offsets.compactMap(exactCount)
+            guard shape.count == shapeAny.count, bounds.count == 2 else {
+                throw WeightFileError(file: file, key: name, "shape \(shapeAny) and data_offsets \(offsets) must be "
+                                      + "non-negative integers")
             }
-            var count = 1
-            for d in shape {
-                let (product, overflow) = count.multipliedReportingOverflow(by: d)
-                guard !overflow, product <= payloadSize else {
-                    throw WeightFileError(file: file, key: name, "shape \(shape) is larger than the file")
-                }
-                count = product
+            let count = try TensorBudget.elementCount(shape, file: file, key: name)
+            let (sum, overflow) = total.addingReportingOverflow(count)
+            guard !overflow, sum <= TensorBudget.maxTotalElements else {
+                throw WeightFileError(file: file, key: name,
+                                      "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
             }
-            guard bounds[0] >= 0, bounds[0] <= bounds[1], bounds[1] <= payloadSize else {
+            total = sum
+            guard bounds[0] <= bounds[1], bounds[1] <= payloadSize else {
                 throw WeightFileError(file: file, key: name,
                                       "data offsets \(bounds) outside the data section of \(payloadSize) bytes")
             }
-            guard bounds[1] - bounds[0] == count * dtype.byteSize else {
-                throw WeightFileError(file: file, key: name,
-                                      "holds \(bounds[1] - bounds[0]) bytes, shape \(shape) of \(dtypeName) needs \(count * dtype.byteSize)")
+            let (needed, tooMany) = count.multipliedReportingOverflow(by: dtype.byteSize)
+            guard !tooMany, bounds[1] - bounds[0] == needed else {
+                throw WeightFileError(file: file, key: name, "holds \(bounds[1] - bounds[0]) bytes, shape \(shape) of "
+                                      + "\(dtypeName) needs \(count) x \(dtype.byteSize)")
             }
             entries.append((name, dtype, shape, bounds[0], bounds[1]))
         }
@@ -149,7 +194,9 @@ public struct SafeTensorsFile {
         let tensors: [(String, Tensor)] = data.withUnsafeBytes { raw in
             entries.map { e in
                 let t = Tensor(zeros: e.shape)
-                e.dtype.decode(raw.baseAddress! + payloadStart + e.start, count: t.count, into: t.pointer)
+                if let base = raw.baseAddress, t.count > 0 {
+                    e.dtype.decode(base + 8 + headerLength + e.start, count: t.count, into: t.pointer)
+                }
                 return (e.name, t)
             }
         }
