@@ -155,14 +155,16 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
             throw WeightFileError(file: nameOrPath, "unknown architecture; --list-archs shows the known ones")
         }
         let url = URL(fileURLWithPath: nameOrPath)
+        var json = Data()
         do {
-            let arch = try JSONDecoder().decode(ArchitectureDescription.self, from: Data(contentsOf: url))
-            try arch.validate()
+            json = try Data(contentsOf: url)
+            let arch = try JSONDecoder().decode(ArchitectureDescription.self, from: json)
+            try arch.validate(file: nameOrPath)
             return arch
         } catch let e as WeightFileError {
             throw e
         } catch {
-            throw WeightFileError(file: nameOrPath, "not a valid architecture description: \(error)")
+            throw decodingFailure(error, json: json, file: nameOrPath, what: "architecture description")
         }
     }
 }

@@ -100,6 +100,26 @@ public struct ModelCard: Codable, Equatable, Sendable {
     public var classNames: [String] { classes.map(\.name) }
 }
 
+/// A JSON decoding failure as an error naming the file and the field at fault. `json` tells
+/// a number that fits no field (Foundation reports it without a path) from broken JSON.
+func decodingFailure(_ error: Error, json: Data, file: String, what: String) -> WeightFileError {
+    let context: DecodingError.Context
+    switch error as? DecodingError {
+    case .typeMismatch(_, let c)?, .valueNotFound(_, let c)?, .dataCorrupted(let c)?: context = c
+    case .keyNotFound(let key, let c)?:
+        context = DecodingError.Context(codingPath: c.codingPath + [key], debugDescription: "missing")
+    default: return WeightFileError(file: file, "\(what) is not valid: \(error)")
+    }
+    if context.codingPath.isEmpty, (try? JSONSerialization.jsonObject(with: json)) != nil {
+        return WeightFileError(file: file, "\(what) is not valid: a number does not fit its field "
+                               + "(a fraction, or out of range, where an integer belongs)")
+    }
+    let field = context.codingPath.reduce("") { path, key in
+        key.intValue.map { "\(path)[\($0)]" } ?? (path.isEmpty ? key.stringValue : "\(path).\(key.stringValue)")
+    }
+    return WeightFileError(file: file, key: field.isEmpty ? nil : field, "\(what) is not valid: \(context.debugDescription)")
+}
+
 /// The native model file: safetensors whose metadata key `hrhf.card` holds the card as JSON.
 public enum ModelFile {
     static let cardKey = "hrhf.card"
@@ -124,7 +144,7 @@ public enum ModelFile {
         } catch let e as WeightFileError {
             throw e
         } catch {
-            throw WeightFileError(file: path, "model card is not valid: \(error)")
+            throw decodingFailure(error, json: Data(json.utf8), file: path, what: "model card")
         }
     }
 

@@ -141,7 +141,12 @@ public enum NPY {
             if take("(") {
                 var items: [Int] = []
                 while !take(")") {
-                    let digits = word()
+                    var digits = ""
+                    while position < text.count, !",)".unicodeScalars.contains(text[position]),
+                          !text[position].properties.isWhitespace {
+                        digits.unicodeScalars.append(text[position])
+                        position += 1
+                    }
                     guard !digits.isEmpty, digits.unicodeScalars.allSatisfy({ ("0"..."9").contains($0) }),
                           let n = Int(digits) else {
                         throw fail("shape sizes must be non-negative integers, found '\(digits)'")

@@ -153,7 +153,7 @@ public struct SafeTensorsFile {
             }
             metadata = m
         }
-        var entries: [(name: String, dtype: StoredDType, shape: [Int], start: Int, end: Int)] = []
+        var entries: [(name: String, dtype: StoredDType, shape: [Int], count: Int, start: Int, end: Int)] = []
         var total = 0
         for (name, value) in header where name != "__metadata__" {
             guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
@@ -176,16 +176,19 @@ public struct SafeTensorsFile {
                                       "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
             }
             total = sum
-            guard bounds[0] <= bounds[1], bounds[1] <= payloadSize else {
-                throw WeightFileError(file: file, key: name,
-                                      "data offsets \(bounds) outside the data section of \(payloadSize) bytes")
+            entries.append((name, dtype, shape, count, bounds[0], bounds[1]))
+        }
+        // Offsets only once every shape and the total are known to fit the budgets.
+        for e in entries {
+            guard e.start <= e.end, e.end <= payloadSize else {
+                throw WeightFileError(file: file, key: e.name,
+                                      "data offsets [\(e.start), \(e.end)] outside the data section of \(payloadSize) bytes")
             }
-            let (needed, tooMany) = count.multipliedReportingOverflow(by: dtype.byteSize)
-            guard !tooMany, bounds[1] - bounds[0] == needed else {
-                throw WeightFileError(file: file, key: name, "holds \(bounds[1] - bounds[0]) bytes, shape \(shape) of "
-                                      + "\(dtypeName) needs \(count) x \(dtype.byteSize)")
+            let (needed, tooMany) = e.count.multipliedReportingOverflow(by: e.dtype.byteSize)
+            guard !tooMany, e.end - e.start == needed else {
+                throw WeightFileError(file: file, key: e.name, "holds \(e.end - e.start) bytes, shape \(e.shape) of "
+                                      + "\(e.dtype.rawValue) needs \(e.count) x \(e.dtype.byteSize)")
             }
-            entries.append((name, dtype, shape, bounds[0], bounds[1]))
         }
         entries.sort { $0.start != $1.start ? $0.start < $1.start : $0.name < $1.name }
         for (a, b) in zip(entries, entries.dropFirst()) where a.end > b.start {
