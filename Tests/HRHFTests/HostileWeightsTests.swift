@@ -109,8 +109,12 @@ final class HostileWeightsTests: XCTestCase {
                 return XCTFail("not a WeightFileError: \(error)", file: file, line: line)
             }
             XCTAssertEqual(e.file, name, "\(e)", file: file, line: line)
-            if let key { XCTAssertTrue(e.key?.contains(key) == true, "key \(key) expected: \(e)", file: file, line: line) }
-            for r in reasons { XCTAssertTrue(e.problem.contains(r), "expected \"\(r)\" in: \(e)", file: file, line: line) }
+            if let key {
+                XCTAssertTrue(e.key?.contains(key) == true, "key \(key) expected: \(e)", file: file, line: line)
+            }
+            for r in reasons {
+                XCTAssertTrue(e.problem.contains(r), "expected \"\(r)\" in: \(e)", file: file, line: line)
+            }
         }
     }
 
@@ -130,7 +134,8 @@ final class HostileWeightsTests: XCTestCase {
                           ["a length of \(UInt64(0xFFFF_FFFF_FFFF_FFF0)) bytes runs past the end"])
         }
         for op: UInt8 in [0x58, 0x42, 0x8B] {  // BINUNICODE, BINBYTES, LONG4
-            assertRefused(try unpickle(pickle([op, 0xFF, 0xFF, 0xFF, 0x7F, 1, 2])), file: "x.pkl", key: "pickle at byte 7",
+            assertRefused(try unpickle(pickle([op, 0xFF, 0xFF, 0xFF, 0x7F, 1, 2])), file: "x.pkl",
+                          key: "pickle at byte 7",
                           ["a length of 2147483647 bytes runs past the end of the pickle (3 left)"])
         }
     }
@@ -198,7 +203,8 @@ final class HostileWeightsTests: XCTestCase {
 
     /// Writes a zip with libarchive (entries stored like torch.save's, or deflated); an entry's
     /// data is `data` written `repeats` times.
-    func writeZip(_ name: String, _ entries: [(name: String, data: [UInt8], repeats: Int)], deflate: Bool = false) -> URL {
+    func writeZip(_ name: String, _ entries: [(name: String, data: [UInt8], repeats: Int)],
+                  deflate: Bool = false) -> URL {
         let url = dir.appendingPathComponent(name)
         let a = archive_write_new()
         archive_write_set_format_zip(a)
@@ -231,7 +237,8 @@ final class HostileWeightsTests: XCTestCase {
             let url = zipCheckpoint("t\(line).pth", [("w", t)])
             assertRefused(try TorchCheckpoint.read(url), file: url.path, key: "w", reasons, line: line)
         }
-        refused(TensorSpec(offset: Int.max, shape: [], strides: []), ["offset \(Int.max) lies outside the storage of 4 elements"])
+        refused(TensorSpec(offset: Int.max, shape: [], strides: []),
+                ["offset \(Int.max) lies outside the storage of 4 elements"])
         refused(TensorSpec(offset: Int.max, shape: [1]), ["shorter than the tensor of shape [1]"])
         refused(TensorSpec(offset: Int.max - 1, shape: [2]), ["shorter than the tensor of shape [2]"])
         refused(TensorSpec(offset: 3, shape: [2]), ["shorter than the tensor of shape [2], strides [1] at offset 3"])
@@ -241,10 +248,12 @@ final class HostileWeightsTests: XCTestCase {
             let url = zipCheckpoint("negative.pth", [("w", t)])
             assertRefused(try TorchCheckpoint.read(url), file: url.path, key: "pickle", [reason])
         }
-        refused(TensorSpec(shape: [1000, 1000], strides: [0, 0]), ["shape [1000, 1000] has 1000000 elements, more than its storage's 4"])
+        refused(TensorSpec(shape: [1000, 1000], strides: [0, 0]),
+                ["shape [1000, 1000] has 1000000 elements, more than its storage's 4"])
         refused(TensorSpec(shape: [1 << 32, 1 << 32], strides: [0, 0]), ["has more than 67108864 elements"])
         refused(TensorSpec(storageCount: 5), ["storage 0 declares 5 elements of F32 but holds 16 bytes"])
-        refused(TensorSpec(storageCount: Int.max / 2), ["storage 0 declares \(Int.max / 2) elements of F32 but holds 16 bytes"])
+        refused(TensorSpec(storageCount: Int.max / 2),
+                ["storage 0 declares \(Int.max / 2) elements of F32 but holds 16 bytes"])
         let url = zipCheckpoint("count.pth", [("w", TensorSpec(storageCount: -4))])
         assertRefused(try TorchCheckpoint.read(url), file: url.path, key: "storage 0", ["not a non-negative integer"])
         // The same layouts in range load, strided ones included.
@@ -252,11 +261,19 @@ final class HostileWeightsTests: XCTestCase {
         XCTAssertEqual(try TorchCheckpoint.read(ok).tensors.first?.tensor.shape, [2, 1])
     }
 
+    /// `{key: l}` where `l = []` is appended into itself.
+    func selfContainingList(under key: String) -> [UInt8] {
+        var w = PickleWriter()
+        w.op(0x7D)
+        w.op(0x28)
+        w.string(key)
+        w.bytes += [0x5D, 0x71, 1, 0x68, 1, 0x61, 0x75]  // EMPTY_LIST, BINPUT 1, BINGET 1, APPEND, SETITEMS
+        return w.stop()
+    }
+
     func testSelfReferencingStateDictIsRefused() {
         // {'w': l} where l = [] contains itself, inside a real zip checkpoint.
-        var w = PickleWriter()
-        w.op(0x7D); w.op(0x28); w.string("w"); w.op(0x5D); w.op(0x71); w.op(1); w.op(0x68); w.op(1); w.op(0x61); w.op(0x75)
-        let url = writeZip("loop.pth", [("archive/data.pkl", w.stop(), 1)])
+        let url = writeZip("loop.pth", [("archive/data.pkl", selfContainingList(under: "w"), 1)])
         assertRefused(try TorchCheckpoint.read(url), file: url.path, key: "pickle", ["puts a container inside itself"])
     }
 
@@ -286,7 +303,8 @@ final class HostileWeightsTests: XCTestCase {
         info.op(0x7D); info.string("little_endian"); info.op(0x88); info.op(0x73)
         var keys = PickleWriter()
         keys.op(0x5D); keys.op(0x28); storages.forEach { keys.string($0.key) }; keys.op(0x65)
-        var data = magic.stop() + version.stop() + info.stop() + PickleWriter.stateDict(tensors, legacy: true) + keys.stop()
+        var data = magic.stop() + version.stop() + info.stop() + PickleWriter.stateDict(tensors, legacy: true)
+        data += keys.stop()
         for s in storages {
             for i in 0..<8 { data.append(UInt8(truncatingIfNeeded: s.count >> (8 * UInt64(i)))) }
             data += [UInt8](repeating: 0, count: s.bytes)
@@ -360,8 +378,8 @@ final class HostileWeightsTests: XCTestCase {
         XCTAssertThrowsError(try SafeTensorsFile.parse(many, file: "s.safetensors")) { e in
             XCTAssertTrue("\(e)".contains("the tensors hold more than 134217728 elements in all"), "\(e)")
         }
-        let rank = safetensors(#"{"w":{"dtype":"F32","shape":[\#(Array(repeating: "1", count: 65).joined(separator: ","))],"data_offsets":[0,4]}}"#,
-                               payload: 4)
+        let ones = Array(repeating: "1", count: 65).joined(separator: ",")
+        let rank = safetensors(#"{"w":{"dtype":"F32","shape":[\#(ones)],"data_offsets":[0,4]}}"#, payload: 4)
         assertRefused(try SafeTensorsFile.parse(rank, file: "s.safetensors"), file: "s.safetensors", key: "w",
                       ["65 dimensions, more than 64"])
     }
@@ -432,7 +450,9 @@ final class HostileWeightsTests: XCTestCase {
             json["classes"] = classes
         }
         assertRefused(try ModelFile.load(ids), file: ids.path, key: "classes[3].id", ["is 100000000"])
-        let history = try cardFile { json in json["history"] = [["step": 0, "classes": [0, 1, 2, 3]], ["step": 1, "classes": [4, 9]]] }
+        let history = try cardFile { json in
+            json["history"] = [["step": 0, "classes": [0, 1, 2, 3]], ["step": 1, "classes": [4, 9]]]
+        }
         assertRefused(try ModelFile.load(history), file: history.path, key: "history[1]", ["add classes 4..<6"])
         let steps = try cardFile { json in json["history"] = [["step": 0, "classes": [0, 1, 2, 3]]] }
         assertRefused(try ModelFile.load(steps), file: steps.path, key: "history", ["has 1 steps, classesPerStep 2"])
@@ -442,7 +462,8 @@ final class HostileWeightsTests: XCTestCase {
         assertRefused(try ModelFile.load(fraction), file: fraction.path, key: nil,
                       ["model card is not valid: a number does not fit its field"])
         let text = try cardFile(architecture("baseWidth", "wide"))
-        assertRefused(try ModelFile.load(text), file: text.path, key: "architecture.baseWidth", ["model card is not valid"])
+        assertRefused(try ModelFile.load(text), file: text.path, key: "architecture.baseWidth",
+                      ["model card is not valid"])
         let missing = try cardFile { json in json["classes"] = [["id": 0]] }
         assertRefused(try ModelFile.load(missing), file: missing.path, key: "classes[0].name", ["missing"])
     }
@@ -454,7 +475,8 @@ final class HostileWeightsTests: XCTestCase {
         XCTAssertEqual(try ModelFile.load(good).model.numClasses, 6)
         tensors[0].tensor = Tensor(zeros: [1, 2, 3])
         let bad = try cardFile(tensors: tensors) { _ in }
-        assertRefused(try ModelFile.load(bad), file: bad.path, key: nil, ["\(tensors[0].name): shape [1, 2, 3] where the model has"])
+        assertRefused(try ModelFile.load(bad), file: bad.path, key: nil,
+                      ["\(tensors[0].name): shape [1, 2, 3] where the model has"])
     }
 
     // MARK: .npy
@@ -474,8 +496,8 @@ final class HostileWeightsTests: XCTestCase {
         }
         let ok = npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 1), }\n", payload: 8)
         XCTAssertEqual(try NPY.parse(ok, file: "a.npy").shape, [2, 1])
-        XCTAssertEqual(try NPY.parse(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,)}", version: 2, payload: 8),
-                                     file: "a.npy").shape, [2])
+        let two = npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2,)}", version: 2, payload: 8)
+        XCTAssertEqual(try NPY.parse(two, file: "a.npy").shape, [2])
         refused(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (2.9,), }", payload: 8), "header",
                 "shape sizes must be non-negative integers, found '2.9'")
         refused(npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-1,), }"), "header", "found '-1'")
@@ -517,11 +539,9 @@ final class HostileWeightsTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
         try FileManager.default.removeItem(atPath: out.path + ".partial")
 
-        let zeroStride = zipCheckpoint("stride.pth", [("backbone.conv1.weight", TensorSpec(shape: [64, 64], strides: [0, 0]))])
-        var w = PickleWriter()
-        w.op(0x7D); w.op(0x28); w.string("backbone.x"); w.op(0x5D); w.op(0x71); w.op(1); w.op(0x68); w.op(1); w.op(0x61)
-        w.op(0x75)
-        let loop = writeZip("loop.pth", [("archive/data.pkl", w.stop(), 1)])
+        let zeroStride = zipCheckpoint("stride.pth",
+                                       [("backbone.conv1.weight", TensorSpec(shape: [64, 64], strides: [0, 0]))])
+        let loop = writeZip("loop.pth", [("archive/data.pkl", selfContainingList(under: "backbone.x"), 1)])
         for (input, expected) in [(zeroStride, "backbone.conv1.weight"), (loop, "puts a container inside itself")] {
             let run = try runTool("hrhf-convert", [input.path, "--arch", archFile.path, "--out", out.path])
             XCTAssertEqual(run.status, 1, run.stderr)

@@ -75,7 +75,9 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
         guard layers.count == 4, layers.allSatisfy({ (1...Self.maxBlocksPerStage).contains($0) }) else {
             throw fail("layers", "\(layers) must be four block counts in 1...\(Self.maxBlocksPerStage)")
         }
-        guard outputStride == 8 || outputStride == 16 else { throw fail("outputStride", "\(outputStride) is not 8 or 16") }
+        guard outputStride == 8 || outputStride == 16 else {
+            throw fail("outputStride", "\(outputStride) is not 8 or 16")
+        }
         guard asppRates.count == 3, asppRates.allSatisfy({ (1...Self.maxAtrousRate).contains($0) }) else {
             throw fail("asppRates", "\(asppRates) must be three rates in 1...\(Self.maxAtrousRate)")
         }

@@ -71,11 +71,12 @@ public struct ModelCard: Codable, Equatable, Sendable {
         }
         try architecture.validate(file: file)
         guard classes.count == architecture.numClasses else {
-            throw WeightFileError(file: file, key: "classes",
-                                  "card lists \(classes.count) classes, the architecture has \(architecture.numClasses) outputs")
+            throw WeightFileError(file: file, key: "classes", "card lists \(classes.count) classes, the architecture "
+                                  + "has \(architecture.numClasses) outputs")
         }
         if let k = classes.indices.first(where: { classes[$0].id != $0 }) {
-            throw WeightFileError(file: file, key: "classes[\(k)].id", "is \(classes[k].id), channel \(k) must be class \(k)")
+            throw WeightFileError(file: file, key: "classes[\(k)].id",
+                                  "is \(classes[k].id), channel \(k) must be class \(k)")
         }
         guard history.count == architecture.classesPerStep.count else {
             throw WeightFileError(file: file, key: "history", "has \(history.count) steps, classesPerStep "
@@ -92,8 +93,8 @@ public struct ModelCard: Codable, Equatable, Sendable {
         }
         guard normalization.mean.count == 3, normalization.std.count == 3, normalization.mean.allSatisfy(\.isFinite),
               normalization.std.allSatisfy({ $0.isFinite && $0 > 0 }) else {
-            throw WeightFileError(file: file, key: "normalization", "needs three finite means and three finite positive "
-                                  + "deviations")
+            throw WeightFileError(file: file, key: "normalization",
+                                  "needs three finite means and three finite positive deviations")
         }
     }
 
@@ -117,7 +118,8 @@ func decodingFailure(_ error: Error, json: Data, file: String, what: String) -> 
     let field = context.codingPath.reduce("") { path, key in
         key.intValue.map { "\(path)[\($0)]" } ?? (path.isEmpty ? key.stringValue : "\(path).\(key.stringValue)")
     }
-    return WeightFileError(file: file, key: field.isEmpty ? nil : field, "\(what) is not valid: \(context.debugDescription)")
+    return WeightFileError(file: file, key: field.isEmpty ? nil : field,
+                           "\(what) is not valid: \(context.debugDescription)")
 }
 
 /// The native model file: safetensors whose metadata key `hrhf.card` holds the card as JSON.

@@ -133,8 +133,9 @@ public final class ArchiveReader {
                 let (scaled, o1) = archiveBytes.multipliedReportingOverflow(by: maxExpansion)
                 let (allowed, o2) = scaled.addingReportingOverflow(Self.expansionSlack)
                 guard o1 || o2 || bytesRead + n <= allowed else {
-                    throw ArchiveError(file: path, entry: entry, "expands past \(maxExpansion) times the archive's "
-                                       + "\(archiveBytes) bytes (plus \(Self.expansionSlack >> 20) MiB): a compression bomb")
+                    throw ArchiveError(file: path, entry: entry,
+                                       "expands past \(maxExpansion) times the archive's \(archiveBytes) bytes "
+                                       + "(plus \(Self.expansionSlack >> 20) MiB): a compression bomb")
                 }
             }
             bytesRead += n

@@ -58,7 +58,8 @@ public enum NPY {
         var parser = HeaderParser(text: Array(header.unicodeScalars), file: file)
         let fields = try parser.dictionary()
         guard Set(fields.keys) == ["descr", "fortran_order", "shape"] else {
-            throw WeightFileError(file: file, key: "header", "keys are \(fields.keys.sorted()), not descr, fortran_order and shape")
+            throw WeightFileError(file: file, key: "header",
+                                  "keys are \(fields.keys.sorted()), not descr, fortran_order and shape")
         }
         guard case .string("<f4")? = fields["descr"] else {
             throw WeightFileError(file: file, key: "descr", "must be '<f4' (little-endian float32)")
@@ -72,7 +73,8 @@ public enum NPY {
         let count = try TensorBudget.elementCount(shape, limit: maxElements, file: file, key: "shape")
         let offset = start + headerLength
         guard data.count - offset == count * 4 else {
-            throw WeightFileError(file: file, key: "data", "holds \(data.count - offset) bytes, shape \(shape) needs \(count * 4)")
+            throw WeightFileError(file: file, key: "data",
+                                  "holds \(data.count - offset) bytes, shape \(shape) needs \(count * 4)")
         }
         let t = Tensor(zeros: shape)
         data.withUnsafeBytes { raw in
@@ -114,7 +116,7 @@ public enum NPY {
         mutating func word() -> String {
             skipSpaces()
             var s = ""
-            while position < text.count, text[position].properties.isAlphabetic || ("0"..."9").contains(text[position]) {
+            while position < text.count, text[position].properties.isAlphabetic {
                 s.unicodeScalars.append(text[position])
                 position += 1
             }
@@ -123,7 +125,9 @@ public enum NPY {
 
         mutating func string() throws -> String {
             skipSpaces()
-            guard position < text.count, text[position] == "'" || text[position] == "\"" else { throw fail("expected a string") }
+            guard position < text.count, text[position] == "'" || text[position] == "\"" else {
+                throw fail("expected a string")
+            }
             let quote = text[position]
             position += 1
             var s = ""
@@ -174,7 +178,9 @@ public enum NPY {
                 guard fields[key] == nil else { throw fail("key '\(key)' given twice") }
                 try expect(":")
                 fields[key] = try value()
-                guard take(",") || (position < text.count && text[position] == "}") else { throw fail("expected ',' or '}'") }
+                guard take(",") || (position < text.count && text[position] == "}") else {
+                    throw fail("expected ',' or '}'")
+                }
             }
             skipSpaces()
             guard position == text.count else { throw fail("text after the dict") }

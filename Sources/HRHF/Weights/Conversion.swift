@@ -87,8 +87,8 @@ public enum Converter {
         try arch.validate(file: path)
         if options.stepClasses != nil {
             if detected == .mib && arch.classesPerStep != found {
-                throw WeightFileError(file: path, key: "cls.*.weight",
-                                      "classifiers have \(found) outputs per step, --step-classes says \(arch.classesPerStep)")
+                throw WeightFileError(file: path, key: "cls.*.weight", "classifiers have \(found) outputs per step, "
+                                      + "--step-classes says \(arch.classesPerStep)")
             }
             if detected == .torchvision && arch.numClasses != found[0] {
                 throw WeightFileError(file: path, key: "classifier.4.weight",

@@ -264,7 +264,8 @@ public struct RestrictedUnpickler {
                 throw error("malformed _rebuild_tensor_v2 arguments")
             }
             let shape = shapeItems.compactMap(\.asInt), strides = strideItems.compactMap(\.asInt)
-            guard shape.count == shapeItems.count, strides.count == strideItems.count, strides.count == shape.count else {
+            guard shape.count == shapeItems.count, strides.count == strideItems.count,
+                  strides.count == shape.count else {
                 throw error("_rebuild_tensor_v2: size and stride must be tuples of integers of one length")
             }
             guard offset >= 0, shape.allSatisfy({ $0 >= 0 }), strides.allSatisfy({ $0 >= 0 }) else {

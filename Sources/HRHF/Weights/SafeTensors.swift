@@ -61,7 +61,8 @@ public enum TensorBudget {
 
     /// The product of `shape`, refused if a size is negative, the rank or the product too large
     /// (every step checked).
-    public static func elementCount(_ shape: [Int], limit: Int = maxElements, file: String, key: String?) throws -> Int {
+    public static func elementCount(_ shape: [Int], limit: Int = maxElements, file: String,
+                                    key: String?) throws -> Int {
         guard shape.count <= maxRank else {
             throw WeightFileError(file: file, key: key, "\(shape.count) dimensions, more than \(maxRank)")
         }
@@ -181,8 +182,8 @@ public struct SafeTensorsFile {
         // Offsets only once every shape and the total are known to fit the budgets.
         for e in entries {
             guard e.start <= e.end, e.end <= payloadSize else {
-                throw WeightFileError(file: file, key: e.name,
-                                      "data offsets [\(e.start), \(e.end)] outside the data section of \(payloadSize) bytes")
+                throw WeightFileError(file: file, key: e.name, "data offsets [\(e.start), \(e.end)] outside the data "
+                                      + "section of \(payloadSize) bytes")
             }
             let (needed, tooMany) = e.count.multipliedReportingOverflow(by: e.dtype.byteSize)
             guard !tooMany, e.end - e.start == needed else {

@@ -56,7 +56,9 @@ public enum TorchCheckpoint {
     static func readZip(_ url: URL) throws -> LoadedStateDict {
         let file = url.path
         let reader: ArchiveReader
-        do { reader = try ArchiveReader(path: file, format: .zip, maxExpansion: maxExpansion) } catch let e as ArchiveError {
+        do {
+            reader = try ArchiveReader(path: file, format: .zip, maxExpansion: maxExpansion)
+        } catch let e as ArchiveError {
             throw WeightFileError(file: file, "damaged zip checkpoint: \(e.problem)")
         }
         var selection: StateDictSelection?
@@ -65,7 +67,9 @@ public enum TorchCheckpoint {
             while let entry = try reader.next() {
                 guard entry.kind == .file else { continue }
                 if entry.name.hasSuffix("/data.pkl") || entry.name == "data.pkl" {
-                    guard selection == nil else { throw WeightFileError(file: file, key: entry.name, "a second data.pkl") }
+                    guard selection == nil else {
+                        throw WeightFileError(file: file, key: entry.name, "a second data.pkl")
+                    }
                     let pickle = [UInt8](try reader.readData(entry: entry.name, limit: maxPickleBytes))
                     selection = try select(try unpickleZip(pickle, file: file), file: file)
                 } else if let range = entry.name.range(of: "/data/") {
@@ -76,7 +80,8 @@ public enum TorchCheckpoint {
                 }
             }
         } catch let e as ArchiveError {
-            throw WeightFileError(file: file, key: e.entry.map { "entry \($0)" }, "damaged zip checkpoint: \(e.problem)")
+            throw WeightFileError(file: file, key: e.entry.map { "entry \($0)" },
+                                  "damaged zip checkpoint: \(e.problem)")
         }
         guard let selection else { throw WeightFileError(file: file, "zip checkpoint without data.pkl") }
         return try materialize(selection, storages: records, format: "zip", file: file)
@@ -130,8 +135,8 @@ public enum TorchCheckpoint {
             }
             let count = try declaredCount(pid, 4, key: key, file: file)
             if let previous = declared[key], previous != (dtype, count) {
-                throw WeightFileError(file: file, key: "storage \(key)", "declared as \(previous.count) \(previous.dtype.rawValue) "
-                                      + "and as \(count) \(dtype.rawValue) elements")
+                throw WeightFileError(file: file, key: "storage \(key)", "declared as \(previous.count) "
+                                      + "\(previous.dtype.rawValue) and as \(count) \(dtype.rawValue) elements")
             }
             declared[key] = (dtype, count)
             var storage = StorageReference(key: key, dtype: dtype, count: count, viewOffset: 0, viewCount: count)
@@ -139,7 +144,8 @@ public enum TorchCheckpoint {
             // (view_key, offset, view_size): a part of the root storage.
             guard let view = pid[5].asTuple, view.count >= 3, let offset = view[1].asInt, let size = view[2].asInt,
                   offset >= 0, size >= 0, size <= count - offset else {
-                throw WeightFileError(file: file, key: "storage \(key)", "view does not lie inside the storage of \(count) elements")
+                throw WeightFileError(file: file, key: "storage \(key)",
+                                      "view does not lie inside the storage of \(count) elements")
             }
             storage.viewOffset = offset
             storage.viewCount = size
@@ -162,8 +168,8 @@ public enum TorchCheckpoint {
             let raw = bytes[position..<(position + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
             position += 8
             guard let count = Int(exactly: raw), count == declaration.count else {
-                throw WeightFileError(file: file, key: "storage \(key)",
-                                      "holds \(Int64(bitPattern: raw)) elements, its persistent id declares \(declaration.count)")
+                throw WeightFileError(file: file, key: "storage \(key)", "holds \(Int64(bitPattern: raw)) elements, "
+                                      + "its persistent id declares \(declaration.count)")
             }
             let (byteCount, overflow) = count.multipliedReportingOverflow(by: declaration.dtype.byteSize)
             guard !overflow, byteCount <= bytes.count - position else {
@@ -262,8 +268,9 @@ public enum TorchCheckpoint {
             let (step, o1) = (n - 1).multipliedReportingOverflow(by: s)
             let (sum, o2) = last.addingReportingOverflow(step)
             guard !o1, !o2, sum < available else {
-                throw WeightFileError(file: file, key: key, "storage of \(available) elements is shorter than the tensor "
-                                      + "of shape \(ref.shape), strides \(ref.strides) at offset \(ref.offset) needs")
+                throw WeightFileError(file: file, key: key, "storage of \(available) elements is shorter than the "
+                                      + "tensor of shape \(ref.shape), strides \(ref.strides) at offset "
+                                      + "\(ref.offset) needs")
             }
             last = sum
         }
