@@ -271,6 +271,30 @@ final class HostileWeightsTests: XCTestCase {
         return w.stop()
     }
 
+    /// One tensor under 65,537 keys (memoised once, fetched again for each key).
+    func testTensorCountBudget() {
+        var w = PickleWriter()
+        w.op(0x7D)
+        w.op(0x28)
+        w.string("k0")
+        w.tensor(TensorSpec(), legacy: false)
+        w.op(0x72)
+        w.littleEndian(0, 4)
+        for i in 1...TensorBudget.maxTensors {
+            w.string("k\(i)")
+            w.op(0x6A)
+            w.littleEndian(0, 4)
+        }
+        w.op(0x75)
+        let url = writeZip("many.pth", [("archive/data.pkl", w.stop(), 1),
+                                        ("archive/data/0", [UInt8](repeating: 0, count: 16), 1)])
+        assertRefused(try TorchCheckpoint.read(url), file: url.path, key: nil, ["65537 tensors, more than 65536"])
+        let entries = (0...TensorBudget.maxTensors).map { #""t\#($0)":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}"# }
+        let header = safetensors("{" + entries.joined(separator: ",") + "}")
+        assertRefused(try SafeTensorsFile.parse(header, file: "s.safetensors"), file: "s.safetensors", key: nil,
+                      ["65537 entries, more than 65536 tensors"])
+    }
+
     func testSelfReferencingStateDictIsRefused() {
         // {'w': l} where l = [] contains itself, inside a real zip checkpoint.
         let url = writeZip("loop.pth", [("archive/data.pkl", selfContainingList(under: "w"), 1)])

@@ -40,7 +40,9 @@ public class PickleContainer {
 public final class PickleList: PickleContainer { public internal(set) var items: [PickleValue] = [] }
 
 /// Insertion-ordered dictionary (Python dicts keep order; state dicts rely on it), hashed on
-/// string and integer keys so that filling it is linear.
+/// integer keys and string keys of at most 1 KiB, so that filling it is linear even when one
+/// long string is set again and again (state dict keys are under 200 bytes). Other keys are
+/// kept as they come.
 public final class PickleDict: PickleContainer {
     public private(set) var entries: [(key: PickleValue, value: PickleValue)] = []
     private var positions: [Key: Int] = [:]
@@ -50,7 +52,7 @@ public final class PickleDict: PickleContainer {
 
         init?(_ value: PickleValue) {
             switch value {
-            case .string(let s): self = .string(s)
+            case .string(let s) where s.utf8.count <= 1024: self = .string(s)
             case .int(let i): self = .int(i)
             case .bool(let b): self = .int(b ? 1 : 0)
             default: return nil

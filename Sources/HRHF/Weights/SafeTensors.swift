@@ -58,6 +58,8 @@ public enum TensorBudget {
     /// Elements of all tensors of one file: 128 Mi (512 MiB as float32). A ResNet-152
     /// DeepLabV3 with its auxiliary head holds 77 M.
     public static let maxTotalElements = 1 << 27
+    /// Tensors one file may give: 64 Ki. A ResNet-101 DeepLabV3 state dict has about 650.
+    public static let maxTensors = 1 << 16
 
     /// The product of `shape`, refused if a size is negative, the rank or the product too large
     /// (every step checked).
@@ -117,8 +119,10 @@ public struct SafeTensorsFile {
         return try parse(data, file: url.path)
     }
 
-    /// Header bigger than this is refused (the format's own reader limit is 100 MB).
-    static let maxHeaderBytes = 100_000_000
+    /// Header bigger than this is refused: 16 MiB. A ResNet-152 model's header with its card
+    /// takes under 200 KB, and parsing JSON costs several times its size in memory (the format's
+    /// own reader allows 100 MB).
+    static let maxHeaderBytes = 16 << 20
 
     /// A JSON number that is an exact non-negative integer: not a float (`2.9`, `2.0`), not
     /// `true` (NSNumber's `intValue` would truncate or convert both).
@@ -155,6 +159,9 @@ public struct SafeTensorsFile {
             metadata = m
         }
         var entries: [(name: String, dtype: StoredDType, shape: [Int], count: Int, start: Int, end: Int)] = []
+        guard header.count <= TensorBudget.maxTensors else {
+            throw WeightFileError(file: file, "\(header.count) entries, more than \(TensorBudget.maxTensors) tensors")
+        }
         var total = 0
         for (name, value) in header where name != "__metadata__" {
             guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
