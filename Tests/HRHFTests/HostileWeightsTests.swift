@@ -289,7 +289,9 @@ final class HostileWeightsTests: XCTestCase {
         let url = writeZip("many.pth", [("archive/data.pkl", w.stop(), 1),
                                         ("archive/data/0", [UInt8](repeating: 0, count: 16), 1)])
         assertRefused(try TorchCheckpoint.read(url), file: url.path, key: nil, ["65537 tensors, more than 65536"])
-        let entries = (0...TensorBudget.maxTensors).map { #""t\#($0)":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}"# }
+        let entries = (0...TensorBudget.maxTensors).map {
+            #""t\#($0)":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}"#
+        }
         let header = safetensors("{" + entries.joined(separator: ",") + "}")
         assertRefused(try SafeTensorsFile.parse(header, file: "s.safetensors"), file: "s.safetensors", key: nil,
                       ["65537 entries, more than 65536 tensors"])

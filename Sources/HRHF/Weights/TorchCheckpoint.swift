@@ -214,7 +214,8 @@ public enum TorchCheckpoint {
     static func materialize(_ selection: StateDictSelection, storages: [String: Data], format: String,
                             file: String) throws -> LoadedStateDict {
         guard selection.tensors.count <= TensorBudget.maxTensors else {
-            throw WeightFileError(file: file, "\(selection.tensors.count) tensors, more than \(TensorBudget.maxTensors)")
+            throw WeightFileError(file: file,
+                                  "\(selection.tensors.count) tensors, more than \(TensorBudget.maxTensors)")
         }
         var tensors: [(String, Tensor)] = []
         var total = 0
