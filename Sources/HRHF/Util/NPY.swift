@@ -21,8 +21,8 @@ public enum NPY {
 
     /// Largest header NumPy itself reads (`max_header_size`).
     public static let maxHeaderBytes = 10_000
-    /// Elements one `.npy` may hold: 256 Mi (1 GiB of float32), the logits of 27 ADE images
-    /// (150 classes) at 512 x 512.
+    /// Elements one `.npy` may hold: 256 Mi (1 GiB of float32), the logits of 6 ADE20K images
+    /// (150 classes) at 512 x 512; the data must be in the file too, so memory follows its size.
     public static let maxElements = 1 << 28
 
     /// Reads a little-endian float32, C-order `.npy` written by this toolkit or NumPy.
