@@ -239,11 +239,10 @@ def png_chunks(data, pack, entry):
 
 
 def png_header(data, pack, entry):
-    """(width, height, bit depth, colour type) from the IHDR chunk, read before anything is decoded."""
+    """(width, height) from the IHDR chunk, read before anything is decoded."""
     if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
         raise PackError(pack, entry, "not a PNG file with an IHDR chunk")
-    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
-    return width, height, depth, colour
+    return struct.unpack(">II", data[16:24])
 
 
 def _unfilter(raw, width, height, bpp, pack, entry):
@@ -282,10 +281,11 @@ def decode_png(data, pack, entry, width, height, colours):
     """Decodes an 8-bit, non-interlaced PNG whose IHDR must give `width` x `height` and a colour type in
     `colours`; returns (colour type, palette, samples). The size is checked before inflating, and the
     inflated data must be exactly height * (1 + width * channels) bytes."""
-    ihdr, palette, compressed = png_chunks(data, pack, entry)
-    w, h, depth, colour, _, _, interlace = ihdr
+    w, h = png_header(data, pack, entry)
     if (w, h) != (width, height):
-        raise PackError(pack, entry, f"PNG is {w} x {h}, expected {width} x {height}")
+        raise PackError(pack, entry, f"PNG is {w} x {h}, expected {width} x {height} (the pack's resolution)")
+    ihdr, palette, compressed = png_chunks(data, pack, entry)
+    _, _, depth, colour, _, _, interlace = ihdr
     if depth != 8 or colour not in colours:
         raise PackError(pack, entry, f"PNG is {depth}-bit colour type {colour}; allowed: 8-bit types "
                                      f"{', '.join(map(str, sorted(colours)))}")
@@ -707,20 +707,11 @@ class Pack:
         return data
 
     def image(self, record):
-        name = record["image"]
-        data = self.read(name)
-        width, height, _, _ = png_header(data, self.path, name)
-        if (width, height) != (self.resolution, self.resolution):
-            raise PackError(self.path, name, f"PNG is {width} x {height}, the pack's resolution is {self.resolution}")
-        return decode_image(data, self.path, name, self.resolution)
+        return decode_image(self.read(record["image"]), self.path, record["image"], self.resolution)
 
     def label(self, record):
-        name = record["label"]
-        data = self.read(name)
-        width, height, _, _ = png_header(data, self.path, name)
-        if (width, height) != (self.resolution, self.resolution):
-            raise PackError(self.path, name, f"PNG is {width} x {height}, the pack's resolution is {self.resolution}")
-        return decode_label(data, self.path, name, self.resolution, self.teacher_classes)
+        return decode_label(self.read(record["label"]), self.path, record["label"], self.resolution,
+                            self.teacher_classes)
 
     def __len__(self):
         return len(self.records)

@@ -644,7 +644,7 @@ class Images(PackTestCase):
 
     def test_dimensions(self):
         rgb = bytes(range(96))
-        self.refused_file("images/000000.png", png([rgb] * 31, 2), "PNG is 32 x 31, the pack's resolution is 32")
+        self.refused_file("images/000000.png", png([rgb] * 31, 2), "PNG is 32 x 31, expected 32 x 32 (the pack's resolution)")
         self.refused_file("labels/000001.png", grey_label(33), "PNG is 33 x 33")
         huge = bytearray(png([b"\0"], 0))
         huge[16:24] = struct.pack(">II", 1 << 31, 1 << 31)  # refused from IHDR, before the CRC or the data
