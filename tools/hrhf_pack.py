@@ -655,16 +655,16 @@ class Pack:
                 raise PackError(pack, entry.name, "appears twice")
             entries[entry.name] = entry
             order.append(entry.name)
-            digests[entry.name] = hashlib.sha256(read_at(self._stream, entry, pack)).hexdigest()
+            data = read_at(self._stream, entry, pack)
+            digests[entry.name] = hashlib.sha256(data).hexdigest()
+            if len(order) == 1:
+                # The version decides what else a pack may hold, so it is checked before any other entry.
+                manifest = _in_manifest(pack, parse_manifest, data)
+                _in_manifest(pack, check_version, manifest)
         if not order:
             raise PackError(pack, "manifest.json", "missing: the archive is empty")
         if order[-1] != "SHA256SUMS":
             raise PackError(pack, "SHA256SUMS", "missing: it must be the last entry")
-        try:
-            manifest = parse_manifest(read_at(self._stream, entries["manifest.json"], pack))
-            check_version(manifest)
-        except ManifestProblem as problem:
-            raise PackError(pack, f"manifest.json: {problem.field}", problem.problem) from None
         sums = parse_sums(read_at(self._stream, entries["SHA256SUMS"], pack), pack)
         for name, digest in sums.items():
             if name not in entries or name == "SHA256SUMS":
@@ -674,10 +674,7 @@ class Pack:
         for name in order[:-1]:
             if name not in sums:
                 raise PackError(pack, name, "not listed in SHA256SUMS")
-        try:
-            check_manifest(manifest)
-        except ManifestProblem as problem:
-            raise PackError(pack, f"manifest.json: {problem.field}", problem.problem) from None
+        _in_manifest(pack, check_manifest, manifest)
         named = set()
         for record in manifest["images"]:
             for key in ("image", "label"):
@@ -752,6 +749,14 @@ class Pack:
         finally:
             for descriptor in folders.values():
                 os.close(descriptor)
+
+
+def _in_manifest(pack, check, value):
+    """check(value), its ManifestProblem turned into the PackError naming the field."""
+    try:
+        return check(value)
+    except ManifestProblem as problem:
+        raise PackError(pack, f"manifest.json: {problem.field}", problem.problem) from None
 
 
 def as_arrays(sample, numpy):

@@ -515,11 +515,12 @@ class Manifest(PackTestCase):
         for version in (2, 0, "1", 1.0, True, None):
             self.manifest_refused(lambda m: m.update(formatVersion=version), "formatVersion", "not a version")
 
-    def test_a_newer_version_is_refused_before_its_checksums(self):
+    def test_a_newer_version_is_refused_before_its_entries_and_checksums(self):
         manifest = copy.deepcopy(self.fixture.manifest)
         manifest["formatVersion"] = 2
         members = self.fixture.members(manifest)
         members[-1] = info("SHA256SUMS", b"a new checksum format\n")
+        members.insert(1, info("depth/000000.exr", b"a new entry"))
         self.refused(members, "manifest.json: formatVersion", "2 is not a version this reader reads (1 to 1)")
 
     def test_json(self):
