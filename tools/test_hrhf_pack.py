@@ -235,6 +235,13 @@ class FixturePacks(PackTestCase):
         with Pack(self.write(self.fixture.members(manifest))) as pack:
             self.assertEqual(len(pack), 2)
 
+    def test_a_pack_retarred_in_gnu_format_or_padded_to_records_is_read(self):
+        gnu = tar_bytes(self.fixture.members(), tarfile.GNU_FORMAT)
+        self.assertEqual(gnu[257:265], b"ustar  \0")
+        for content in (gnu, tar_bytes(self.fixture.members()) + bytes(10240)):
+            with Pack(self.write(content)) as pack:
+                self.assertEqual([r["index"] for r in pack.records], [0, 1])
+
     def test_arrays(self):
         try:
             import numpy
@@ -645,7 +652,8 @@ class Images(PackTestCase):
 
     def test_dimensions(self):
         rgb = bytes(range(96))
-        self.refused_file("images/000000.png", png([rgb] * 31, 2), "PNG is 32 x 31, expected 32 x 32 (the pack's resolution)")
+        self.refused_file("images/000000.png", png([rgb] * 31, 2),
+                          "PNG is 32 x 31, expected 32 x 32 (the pack's resolution)")
         self.refused_file("labels/000001.png", grey_label(33), "PNG is 33 x 33")
         huge = bytearray(png([b"\0"], 0))
         huge[16:24] = struct.pack(">II", 1 << 31, 1 << 31)  # refused from IHDR, before the CRC or the data
