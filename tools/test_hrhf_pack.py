@@ -3,6 +3,8 @@
 decoded, and every refusal of docs/pack-format.md is met by a hostile pack built here with tarfile.
 
     python3 tools/test_hrhf_pack.py        # run by .ci/run; ends with unittest's summary
+    HRHF_PACK_HOSTILE_DIR=DIR python3 tools/test_hrhf_pack.py   # also keeps every refused pack in DIR,
+        # NNN.tar with NNN.txt naming the test, entry and problem, to try another reader on them
 """
 
 import copy
@@ -155,6 +157,12 @@ class PackTestCase(unittest.TestCase):
             Pack(path, **limits).close()
         self.assertEqual((caught.exception.pack, caught.exception.entry), (path, entry), str(caught.exception))
         self.assertIn(problem, caught.exception.problem)
+        keep = os.environ.get("HRHF_PACK_HOSTILE_DIR")
+        if keep and not limits:
+            number = len([n for n in os.listdir(keep) if n.endswith(".tar")])
+            with open(os.path.join(keep, "%03d.txt" % number), "w") as note:
+                note.write(f"{self.id()}: {caught.exception.entry}: {caught.exception.problem}\n")
+            os.rename(path, os.path.join(keep, "%03d.tar" % number))
         return caught.exception
 
     def manifest_refused(self, change, field, problem):
