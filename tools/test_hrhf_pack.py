@@ -191,6 +191,20 @@ class FixturePacks(PackTestCase):
                     self.assertLessEqual(set(label.values), set(range(16)) | {255})
                     self.assertEqual(record["image"], "images/%06d.png" % record["index"])
 
+    def test_fixture_labels_carry_the_voc_palette(self):
+        voc = bytearray()
+        for i in range(256):
+            rgb = [0, 0, 0]
+            for j in range(8):
+                for channel in range(3):
+                    rgb[channel] |= ((i >> (3 * j + channel)) & 1) << (7 - j)
+            voc += bytes(rgb)
+        self.assertEqual(voc[3 * 255:], b"\xe0\xe0\xc0")  # VOC's ignore colour
+        with Pack(WHOLE) as pack:
+            for record in pack.records:
+                ihdr, palette, _ = hrhf_pack.png_chunks(pack.read(record["label"]), WHOLE, record["label"])
+                self.assertEqual((ihdr[2], ihdr[3], palette), (8, 3, bytes(voc)))
+
     def test_fixture_entries_follow_the_reproducibility_rules(self):
         for path in (WHOLE, SHARD):
             with tarfile.open(path) as tar:
