@@ -33,7 +33,9 @@ struct Eval: ParsableCommand {
         if let outDir { try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true) }
         let progress = ProgressLine("eval", total: min(limit ?? dataset.count, dataset.count), unit: "img")
         let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit) { i, _, sample, prediction in
-            if let outDir { try ImageIO.writePalettePNG(prediction, to: outDir.appendingPathComponent(sample.name + ".png")) }
+            if let outDir {
+                try ImageIO.writePalettePNG(prediction, to: try outputURL(in: outDir, name: sample.name, suffix: ".png"))
+            }
             progress.update(i + 1)
         }
         progress.finish()

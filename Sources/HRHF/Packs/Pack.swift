@@ -146,29 +146,40 @@ public final class TarWriter {
     }
 }
 
-/// A pack read into memory and checked: entries named safely, no links or devices, sizes
-/// bounded, no duplicates, a known manifest first and every checksum right.
+/// A pack read into memory and checked by the rules the Python reader (tools/hrhf_pack.py)
+/// shares: entry names whitelisted, only regular files, sizes bounded from the headers, the
+/// manifest first and consistent with its teacher, every image and label named by a record and
+/// of the manifest's resolution (from its IHDR), SHA256SUMS last and every checksum right.
+/// After `init` every field of `manifest` other code relies on holds; label values are checked
+/// when a label is decoded (`label(_:)`, `verifyImages()`).
 public struct SyntheticPack {
     public let url: URL
     public let manifest: PackManifest
     public let files: [String: Data]
 
-    /// Entries larger than this are refused (images of a pack are far smaller).
+    /// Entries larger than this are refused from their header (a 4096-pixel image is 48 MiB raw).
     public static let defaultEntryLimit = 64 << 20
+    /// Largest `resolution` a pack may declare (synthesis runs at 128 to 512).
+    public static let maxResolution = 4096
+    /// Labels are 8-bit PNGs whose 255 means ignore, so a teacher has at most 255 classes.
+    public static let maxTeacherClasses = 255
 
-    /// Reads and verifies a pack. Any problem throws, naming the pack and the entry.
-    public init(url: URL, entryLimit: Int = SyntheticPack.defaultEntryLimit) throws {
+    /// Reads and verifies a pack. Any problem throws, naming the pack and the entry (or field).
+    public init(url: URL, entryLimit: Int = SyntheticPack.defaultEntryLimit,
+                totalLimit: Int = ArchiveReader.defaultTotalLimit) throws {
         self.url = url
         let path = url.path
-        let reader = try ArchiveReader(path: path, format: .tar)
+        let reader = try ArchiveReader(path: path, format: .tar, totalLimit: totalLimit)
         var files: [String: Data] = [:]
-        var order: [String] = []
+        var manifest: PackManifest?
+        var recordOfEntry: [String: SynthesisRecord] = [:]
+        var sumsSeen = false
         while let entry = try reader.next() {
             let name = entry.name
-            try Self.checkName(name, pack: path)
+            if let problem = Self.nameProblem(name) { throw PackError(file: path, entry: name, problem) }
             switch entry.kind {
             case .file: break
-            case .directory: continue
+            case .directory: throw PackError(file: path, entry: name, "directories are not allowed in a pack")
             case .symlink, .hardlink: throw PackError(file: path, entry: name, "links are not allowed in a pack")
             case .other: throw PackError(file: path, entry: name, "device or special entries are not allowed in a pack")
             }
@@ -176,62 +187,235 @@ public struct SyntheticPack {
                 throw PackError(file: path, entry: name, "\(entry.size) bytes is over the limit of \(entryLimit)")
             }
             guard files[name] == nil else { throw PackError(file: path, entry: name, "appears twice") }
-            files[name] = try reader.readData(entry: name, limit: entryLimit)
-            order.append(name)
+            guard !sumsSeen else { throw PackError(file: path, entry: "SHA256SUMS", "not the last entry: \(name) follows it") }
+            if manifest == nil, name != "manifest.json" {
+                throw PackError(file: path, entry: "manifest.json", "missing, or not the first entry (\(name) is)")
+            }
+            let record = recordOfEntry[name]
+            if name.hasPrefix("images/") || name.hasPrefix("labels/"), record == nil {
+                throw PackError(file: path, entry: name, "not named by any record of the manifest")
+            }
+            let data = try reader.readData(entry: name, limit: entryLimit)
+            files[name] = data
+            if name == "manifest.json" {
+                let checked = try Self.checkedManifest(data, pack: path)
+                for r in checked.images {
+                    recordOfEntry[r.image] = r
+                    recordOfEntry[r.label] = r
+                }
+                manifest = checked
+            } else if name == "SHA256SUMS" {
+                sumsSeen = true
+            } else if let record, let manifest {
+                try Self.checkHeader(data, entry: name, isLabel: name == record.label,
+                                     resolution: manifest.generator.options.resolution, pack: path)
+            }
         }
-        guard order.first == "manifest.json", let manifestData = files["manifest.json"] else {
-            throw PackError(file: path, entry: "manifest.json", "missing, or not the first entry")
-        }
-        let probe = try? JSONSerialization.jsonObject(with: manifestData) as? [String: Any]
-        guard let probe, probe["format"] as? String == PackManifest.formatName else {
-            throw PackError(file: path, entry: "manifest.json", "not a synthetic-pack manifest")
-        }
-        guard let version = probe["formatVersion"] as? Int, version <= PackManifest.currentVersion else {
-            throw PackError(file: path, entry: "manifest.json",
-                            "format version \(probe["formatVersion"] ?? "none") is not one this toolkit reads (up to \(PackManifest.currentVersion))")
-        }
-        do {
-            manifest = try JSONDecoder().decode(PackManifest.self, from: manifestData)
-        } catch {
-            throw PackError(file: path, entry: "manifest.json", "does not follow the manifest schema: \(error)")
-        }
-        guard order.last == "SHA256SUMS", let sums = files["SHA256SUMS"] else {
+        guard let manifest else { throw PackError(file: path, entry: "manifest.json", "missing: the pack is empty") }
+        guard sumsSeen, let sums = files["SHA256SUMS"] else {
             throw PackError(file: path, entry: "SHA256SUMS", "missing, or not the last entry")
         }
-        var listed = Set<String>()
-        for line in String(decoding: sums, as: UTF8.self).split(separator: "\n") {
-            let parts = line.split(separator: " ", maxSplits: 1).map(String.init)
-            guard parts.count == 2 else { throw PackError(file: path, entry: "SHA256SUMS", "malformed line: \(line)") }
-            let name = parts[1].trimmingCharacters(in: .whitespaces)
-            guard let data = files[name] else { throw PackError(file: path, entry: name, "listed in SHA256SUMS but absent") }
-            guard sha256Hex(data) == parts[0] else { throw PackError(file: path, entry: name, "checksum mismatch: the entry is damaged") }
-            listed.insert(name)
-        }
-        for name in order where name != "SHA256SUMS" && !listed.contains(name) {
-            throw PackError(file: path, entry: name, "not listed in SHA256SUMS")
-        }
+        try Self.checkSums(sums, files: files, pack: path)
         for record in manifest.images {
             for name in [record.image, record.label] where files[name] == nil {
                 throw PackError(file: path, entry: name, "named by the manifest but absent")
             }
         }
+        self.manifest = manifest
         self.files = files
     }
 
-    /// Rejects absolute paths, `..` components and empty names.
-    static func checkName(_ name: String, pack: String) throws {
-        guard !name.isEmpty, !name.hasPrefix("/") else { throw PackError(file: pack, entry: name, "absolute paths are not allowed") }
-        if name.split(separator: "/", omittingEmptySubsequences: false).contains(where: { $0 == ".." }) {
-            throw PackError(file: pack, entry: name, "paths with .. are not allowed")
+    /// Why `name` is not a pack entry name, or nil: only manifest.json, SHA256SUMS,
+    /// images/D.png and labels/D.png (D six to nine digits) are.
+    static func nameProblem(_ name: String) -> String? {
+        if name == "manifest.json" || name == "SHA256SUMS" { return nil }
+        let parts = name.split(separator: "/", omittingEmptySubsequences: false)
+        if parts.count == 2, parts[0] == "images" || parts[0] == "labels", parts[1].hasSuffix(".png") {
+            let digits = parts[1].utf8.dropLast(4)
+            if (6...9).contains(digits.count), digits.allSatisfy({ (0x30...0x39).contains($0) }) { return nil }
+        }
+        let reason: String
+        if name.hasPrefix("/") {
+            reason = "absolute paths are not allowed"
+        } else if parts.contains("..") {
+            reason = "paths with .. are not allowed"
+        } else if parts.contains(".") || parts.contains("") {
+            reason = "paths with . or empty components are not allowed"
+        } else if name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control || $0 == "\u{FFFD}" }) {
+            reason = "control characters or bytes that are not UTF-8 are not allowed"
+        } else {
+            reason = "not a pack entry name"
+        }
+        return reason + " (a pack holds only manifest.json, images/NNNNNN.png, labels/NNNNNN.png and SHA256SUMS)"
+    }
+
+    /// SHA256SUMS: lines of 64 lowercase hex digits, two spaces and a name; every other entry
+    /// listed exactly once, nothing else listed, every checksum right.
+    static func checkSums(_ sums: Data, files: [String: Data], pack: String) throws {
+        var text = String(decoding: sums, as: UTF8.self)
+        if text.hasSuffix("\n") { text.removeLast() }
+        var listed = Set<String>()
+        for (number, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let bytes = Array(line.utf8)
+            let hex = bytes.prefix(64)
+            guard bytes.count > 66, hex.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }),
+                  bytes[64] == 0x20, bytes[65] == 0x20 else {
+                throw PackError(file: pack, entry: "SHA256SUMS",
+                                "line \(number + 1) is not 64 lowercase hex digits, two spaces and a name")
+            }
+            let name = String(decoding: bytes[66...], as: UTF8.self)
+            guard name != "SHA256SUMS", let data = files[name] else {
+                throw PackError(file: pack, entry: name, "listed in SHA256SUMS but not an entry of the pack")
+            }
+            guard listed.insert(name).inserted else { throw PackError(file: pack, entry: name, "listed twice in SHA256SUMS") }
+            guard sha256Hex(data) == String(decoding: hex, as: UTF8.self) else {
+                throw PackError(file: pack, entry: name, "checksum mismatch: the entry is damaged")
+            }
+        }
+        for name in files.keys.sorted() where name != "SHA256SUMS" && !listed.contains(name) {
+            throw PackError(file: pack, entry: name, "not listed in SHA256SUMS")
+        }
+    }
+
+    /// The manifest, decoded and checked field by field against itself and its teacher card.
+    static func checkedManifest(_ data: Data, pack: String) throws -> PackManifest {
+        func refuse(_ field: String, _ problem: String) -> PackError {
+            PackError(file: pack, entry: "manifest.json", "field \(field): \(problem)")
+        }
+        let probe = try? JSONSerialization.jsonObject(with: data) as? [String: Any]
+        guard let probe, probe["format"] as? String == PackManifest.formatName else {
+            throw PackError(file: pack, entry: "manifest.json", "not a synthetic-pack manifest")
+        }
+        guard let version = probe["formatVersion"] as? Int, (1...PackManifest.currentVersion).contains(version) else {
+            throw PackError(file: pack, entry: "manifest.json", "format version \(probe["formatVersion"] ?? "none") is not "
+                            + "one this toolkit reads (1 to \(PackManifest.currentVersion))")
+        }
+        let m: PackManifest
+        do {
+            m = try JSONDecoder().decode(PackManifest.self, from: data)
+        } catch {
+            throw PackError(file: pack, entry: "manifest.json", "does not follow the manifest schema: \(error)")
+        }
+        let teacherClasses = m.teacher.card.classes
+        guard (1...maxTeacherClasses).contains(teacherClasses.count) else {
+            throw refuse("teacher.card.classes", "\(teacherClasses.count) classes, not 1 to \(maxTeacherClasses)")
+        }
+        for (position, c) in teacherClasses.enumerated() where c.id != position {
+            throw refuse("teacher.card.classes[\(position)].id", "\(c.id), not its position \(position)")
+        }
+        var packClasses = Set<Int>()
+        for (i, c) in m.classes.enumerated() {
+            let field = "classes[\(i)]"
+            guard c.id != 0 else { throw refuse(field, "background (0) is not a pack class") }
+            guard c.id > 0, c.id < teacherClasses.count else {
+                throw refuse(field, "\(c.id) is not a class of the teacher (0 to \(teacherClasses.count - 1))")
+            }
+            guard c.name == teacherClasses[c.id].name else {
+                throw refuse(field, "\(c.id) is named \"\(c.name)\" but the teacher calls it \"\(teacherClasses[c.id].name)\"")
+            }
+            guard packClasses.insert(c.id).inserted else { throw refuse(field, "class \(c.id) is listed twice") }
+        }
+        let options = m.generator.options
+        guard (1...max(1, packClasses.count)).contains(options.maxClasses), !packClasses.isEmpty else {
+            throw refuse("generator.options.maxClasses", "\(options.maxClasses) with \(packClasses.count) pack classes")
+        }
+        guard (1...maxResolution).contains(options.resolution) else {
+            throw refuse("generator.options.resolution", "\(options.resolution), not 1 to \(maxResolution)")
+        }
+        if let shard = m.shard {
+            guard shard.count >= 1, (1...shard.count).contains(shard.index) else {
+                throw refuse("shard", "part \(shard.index) of \(shard.count)")
+            }
+        } else if m.images.count != m.generator.count {
+            throw refuse("images", "\(m.images.count) records, generator.count is \(m.generator.count)")
+        }
+        var indices = Set<Int>()
+        for (i, r) in m.images.enumerated() {
+            let field = "images[\(i)]"
+            guard r.index >= 0, r.index < m.generator.count else {
+                throw refuse("\(field).index", "\(r.index), not 0 to generator.count - 1 (\(m.generator.count - 1))")
+            }
+            guard indices.insert(r.index).inserted else { throw refuse("\(field).index", "\(r.index) appears twice") }
+            let image = String(format: "images/%06d.png", r.index), label = String(format: "labels/%06d.png", r.index)
+            guard r.image == image, r.label == label else {
+                throw refuse(field, "image \"\(r.image)\" and label \"\(r.label)\" are not \(image) and \(label)")
+            }
+            guard (1...options.maxClasses).contains(r.targets.count), r.targetAreas.count == r.targets.count,
+                  r.achievedAreas.count == r.targets.count else {
+                throw refuse(field, "\(r.targets.count) targets, \(r.targetAreas.count) target areas and "
+                             + "\(r.achievedAreas.count) achieved areas: not equal, 1 to maxClasses (\(options.maxClasses))")
+            }
+            for (k, t) in r.targets.enumerated() {
+                guard packClasses.contains(t) else { throw refuse("\(field).targets[\(k)]", "\(t) is not a pack class") }
+                guard !r.targets[..<k].contains(t) else { throw refuse("\(field).targets[\(k)]", "\(t) appears twice") }
+            }
+            let areas = r.targetAreas.enumerated().map { ("targetAreas[\($0.offset)]", $0.element) }
+                + r.achievedAreas.enumerated().map { ("achievedAreas[\($0.offset)]", $0.element) }
+                + [("absentMaxArea", r.absentMaxArea), ("teacherConfidence", r.teacherConfidence)]
+            for (name, value) in areas where !(0...1).contains(value) {
+                throw refuse("\(field).\(name)", "\(value) is outside [0, 1]")
+            }
+        }
+        return m
+    }
+
+    /// An image or label entry's IHDR: 8-bit, a colour type the decoder takes, and the
+    /// manifest's resolution on both sides (so images and labels match), read before decoding.
+    static func checkHeader(_ data: Data, entry: String, isLabel: Bool, resolution: Int, pack: String) throws {
+        let header: PNGHeader
+        do { header = try PNGHeader(data, name: entry) } catch let e as ImageError {
+            throw PackError(file: pack, entry: entry, e.problem)
+        }
+        let colourTypes = isLabel ? [0, 3] : [0, 2, 3, 4, 6]
+        guard header.bitDepth == 8, colourTypes.contains(header.colorType) else {
+            throw PackError(file: pack, entry: entry, "a \(header.bitDepth)-bit PNG of colour type \(header.colorType): "
+                            + (isLabel ? "a label is an 8-bit palette or grey PNG" : "an image is an 8-bit PNG"))
+        }
+        guard header.width == resolution, header.height == resolution else {
+            throw PackError(file: pack, entry: entry,
+                            "IHDR gives \(header.width)x\(header.height), the manifest's resolution is \(resolution)")
+        }
+    }
+
+    /// Decodes an entry as `decode` does, with the pixel budget of the pack's resolution; any
+    /// problem (including a size other than the resolution) names the pack and the entry.
+    private func decoded<T>(_ entry: String, _ decode: (Data, Int) throws -> T, size: (T) -> (Int, Int)) throws -> T {
+        guard let data = files[entry] else { throw PackError(file: url.path, entry: entry, "not an entry of the pack") }
+        let side = manifest.generator.options.resolution
+        do {
+            let value = try decode(data, side * side)
+            guard size(value) == (side, side) else {
+                throw PackError(file: url.path, entry: entry, "decodes to \(size(value)), not the resolution \(side)")
+            }
+            return value
+        } catch let e as ImageError {
+            throw PackError(file: url.path, entry: entry, e.problem)
         }
     }
 
     public func image(_ record: SynthesisRecord) throws -> RGBImage {
-        try ImageIO.decodeRGB(files[record.image]!, name: "\(url.path): \(record.image)")
+        try decoded(record.image, { try ImageIO.decodeRGB($0, name: record.image, maxPixels: $1) }) { ($0.width, $0.height) }
     }
 
+    /// The pseudo-label; a value that is neither a class of the teacher nor 255 (ignore) throws.
     public func label(_ record: SynthesisRecord) throws -> IndexMask {
-        try ImageIO.decodeIndexPNG(files[record.label]!, name: "\(url.path): \(record.label)")
+        let mask = try decoded(record.label, { try ImageIO.decodeIndexPNG($0, name: record.label, maxPixels: $1) }) {
+            ($0.width, $0.height)
+        }
+        let classes = manifest.teacher.card.classes.count
+        if let i = mask.values.firstIndex(where: { Int($0) >= classes && $0 != 255 }) {
+            throw PackError(file: url.path, entry: record.label, "value \(mask.values[i]) at pixel (\(i % mask.width), "
+                            + "\(i / mask.width)) is neither a teacher class (0 to \(classes - 1)) nor 255")
+        }
+        return mask
+    }
+
+    /// Decodes every image and label (what `hrhf-pack verify` adds to the checks of `init`).
+    public func verifyImages() throws {
+        for record in manifest.images {
+            _ = try image(record)
+            _ = try label(record)
+        }
     }
 
     /// Writes a pack: manifest first, then each record's image and label, SHA256SUMS last.
@@ -277,7 +461,10 @@ public struct SyntheticPack {
         manifest.shard = nil
         manifest.images = records
         manifest.quality = SynthesisQuality(records: records, imagesPerMinute: nil)
-        try write(manifest: manifest, files: { files[$0]! }, to: url)
+        try write(manifest: manifest, files: { name in
+            guard let data = files[name] else { throw PackError(file: url.path, entry: name, "in no part") }
+            return data
+        }, to: url)
         return manifest
     }
 }
