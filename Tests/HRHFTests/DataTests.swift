@@ -102,6 +102,30 @@ final class DataTests: XCTestCase {
         }
     }
 
+    func testListNamesThatCouldLeaveTheirFolderAreRefusedWithTheLine() throws {
+        let root = temporaryDirectory()
+        try ShapesGenerator(size: 24, seed: 3).write(to: root, train: 2, val: 1)
+        let list = root.appendingPathComponent("ImageSets/Segmentation/train.txt")
+        let cases: [(String, String)] = [
+            ("../../x/pwn", "name \"../../x/pwn\" holds a /"), ("a/b", "name \"a/b\" holds a /"), ("..", "is . or .."),
+            ("x\u{0}y", "holds NUL or control characters"), ("\u{1B}[31mred", "holds NUL or control characters"),
+            ("/JPEGImages/../../etc/x.jpg /SegmentationClassAug/x.png", "has a component that is . or .."),
+            ("JPEGImages//x.jpg /SegmentationClassAug/x.png", "has a component that is empty"),
+            ("/JPEGImages/x.jpg /SegmentationClassAug/../../../x.png", "has a component that is . or .."),
+        ]
+        for (bad, reason) in cases {
+            try "shapes_train_000000\n\n\(bad)\n".write(to: list, atomically: true, encoding: .utf8)
+            XCTAssertThrowsError(try VOCDataset(root: root, split: "train", classNames: DatasetClasses.shapes), bad) { e in
+                XCTAssertTrue(e is DatasetError && "\(e)".hasPrefix("\(list.path): line 3: ") && "\(e)".contains(reason), "\(e)")
+            }
+        }
+        let out = root.appendingPathComponent("predictions")
+        XCTAssertEqual(try outputURL(in: out, name: "2007_000032", suffix: ".png").path, out.path + "/2007_000032.png")
+        XCTAssertThrowsError(try outputURL(in: out, name: "../../x/pwn", suffix: ".png")) { e in
+            XCTAssertEqual("\(e)", "\(out.path): the output name \"../../x/pwn\" holds a /")
+        }
+    }
+
     func testTasksMatchMiBsTable() throws {
         let t155 = try IncrementalTask.named("15-5", foreground: 20)
         XCTAssertEqual(t155.steps, [Array(0...15), Array(16...20)])

@@ -286,6 +286,78 @@ final class HostilePackTests: XCTestCase {
         XCTAssertEqual(try sampler.batch(0).shape, [3, 3, 4, 4])
     }
 
+    /// Asserts a command failed cleanly: status 1, stderr naming `names`, nothing at `out`.
+    func assertFailed(_ r: (status: Int32, stdout: String, stderr: String), naming names: [String], out: URL? = nil,
+                      file: StaticString = #filePath, line: UInt = #line) {
+        XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
+        for name in names { XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line) }
+        if let out {
+            XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), file: file, line: line)
+            XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"), file: file, line: line)
+        }
+    }
+
+    func testCommandsRefuseLyingPacksAndPlantedLinks() throws {
+        let dir = temporaryDirectory()
+        let good = try Self.write(try Self.entries())
+        let sheet = dir.appendingPathComponent("sheet.png")
+        let ok = try runTool("hrhf-pack", ["sheet", good.path, "--out", sheet.path])
+        XCTAssertEqual(ok.status, 0, ok.stderr)
+        XCTAssertEqual(try ImageIO.readRGB(sheet).width, 44)
+        try FileManager.default.removeItem(at: sheet)
+
+        // Checksums rebuilt around a lie: inspect, verify and sheet all refuse it.
+        let lying = try Self.pack { $0.images[0].targets = [100_000_000, 3] }
+        for command in [["inspect", lying.path], ["verify", lying.path], ["sheet", lying.path, "--out", sheet.path]] {
+            assertFailed(try runTool("hrhf-pack", command), naming: [lying.path, "manifest.json", "images[0].targets[0]"],
+                         out: sheet)
+        }
+        var entries = try Self.entries()
+        entries[2].data = try Self.labelPNG(width: 64, height: 64)
+        let oversized = try Self.write(entries)
+        assertFailed(try runTool("hrhf-pack", ["sheet", oversized.path, "--out", sheet.path]),
+                     naming: [oversized.path, "labels/000000.png", "IHDR gives 64x64"], out: sheet)
+        entries = try Self.entries()
+        entries[4].data = try Self.labelPNG(value: 200)
+        let badLabel = try Self.write(entries)
+        let verified = try runTool("hrhf-pack", ["verify", badLabel.path])
+        assertFailed(verified, naming: [badLabel.path, "labels/000001.png", "value 200"])
+        XCTAssertFalse(verified.stdout.contains("OK"))
+        for (columns, limit) in [("0", "16"), ("4", "-3")] {
+            assertFailed(try runTool("hrhf-pack", ["sheet", good.path, "--out", sheet.path, "--columns=\(columns)", "--limit=\(limit)"]),
+                         naming: [good.path, "at least one column and one image"], out: sheet)
+        }
+
+        // A link planted at OUT.partial is refused and its target left as it was.
+        let target = dir.appendingPathComponent("precious.txt")
+        try Data("keep".utf8).write(to: target)
+        func plant(_ out: URL) throws {
+            try FileManager.default.createSymbolicLink(atPath: out.path + ".partial", withDestinationPath: target.path)
+        }
+        try plant(sheet)
+        assertFailed(try runTool("hrhf-pack", ["sheet", good.path, "--out", sheet.path]),
+                     naming: [sheet.path + ".partial", "not a regular file"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: sheet.path))
+        XCTAssertEqual(try Data(contentsOf: target), Data("keep".utf8))
+
+        var first = Self.manifest(), second = Self.manifest()
+        first.shard = .init(index: 1, count: 2)
+        first.images = [first.images[0]]
+        second.shard = .init(index: 2, count: 2)
+        second.images = [second.images[1]]
+        let parts = [try Self.write(try Self.entries(first)), try Self.write(try Self.entries(second))].map(\.path)
+        let merged = dir.appendingPathComponent("merged.tar")
+        try plant(merged)
+        assertFailed(try runTool("hrhf-pack", ["merge"] + parts + ["--out", merged.path]),
+                     naming: [merged.path + ".partial", "not a regular file"])
+        XCTAssertFalse(FileManager.default.fileExists(atPath: merged.path))
+        XCTAssertEqual(try Data(contentsOf: target), Data("keep".utf8))
+        try FileManager.default.removeItem(atPath: merged.path + ".partial")
+        let joined = try runTool("hrhf-pack", ["merge"] + parts + ["--out", merged.path])
+        XCTAssertEqual(joined.status, 0, joined.stderr)
+        XCTAssertEqual(try SyntheticPack(url: merged).manifest.images, Self.manifest().images)
+    }
+
     /// A 1-bit grey PNG whose IHDR says 32768 x 32768 (3.2 GB once decoded to RGB): 57 bytes.
     static func hugeOneBitPNG(side: Int = 32768, bitDepth: UInt8 = 1) -> Data {
         func chunk(_ type: String, _ body: [UInt8]) -> [UInt8] {
@@ -301,12 +373,12 @@ final class HostilePackTests: XCTestCase {
 
     static func bigEndian(_ v: Int) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (24 - 8 * $0)) } }
 
+    static let crcTable: [UInt32] = (0..<256).map { (n: UInt32) in
+        (0..<8).reduce(n) { c, _ in c & 1 != 0 ? (c >> 1) ^ 0xEDB8_8320 : c >> 1 }
+    }
+
+    /// PNG's CRC-32 of a chunk's type and data.
     static func crc32(_ bytes: [UInt8]) -> UInt32 {
-        var crc: UInt32 = 0xFFFF_FFFF
-        for b in bytes {
-            crc ^= UInt32(b)
-            for _ in 0..<8 { crc = crc & 1 != 0 ? (crc >> 1) ^ 0xEDB8_8320 : crc >> 1 }
-        }
-        return ~crc
+        ~bytes.reduce(0xFFFF_FFFF) { crc, b in crcTable[Int((crc ^ UInt32(b)) & 0xFF)] ^ (crc >> 8) }
     }
 }
