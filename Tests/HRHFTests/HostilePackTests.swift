@@ -177,7 +177,9 @@ final class HostilePackTests: XCTestCase {
             ({ $0.generator.count = 3 }, "field images: 2 records, generator.count is 3"),
             ({ $0.shard = .init(index: 3, count: 2) }, "field shard: part 3 of 2"),
             ({ $0.shard = .init(index: 0, count: 0) }, "field shard: part 0 of 0"),
-            ({ $0.images[1].index = -1 }, "field images[1].index: -1, not 0 to generator.count - 1 (1)"),
+            ({ $0.images[1].index = -1 }, "field images[1].index: -1, not 0 to generator.count - 1 (1) and below 1000000000"),
+            ({ $0.shard = .init(index: 1, count: 1); $0.generator.count = 1 << 40; $0.images[1].index = 1 << 32 },
+             "field images[1].index: 4294967296, not 0 to generator.count - 1 (1099511627775) and below 1000000000"),
             ({ $0.images[1].index = 0 }, "field images[1].index: 0 appears twice"),
             ({ $0.images[1].image = "images/000000.png" }, "field images[1]: image \"images/000000.png\" and label"),
             ({ $0.images[1].label = "./labels/000001.png" }, "are not images/000001.png and labels/000001.png"),
@@ -205,7 +207,9 @@ final class HostilePackTests: XCTestCase {
             (text.replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 1.5"), "format version 1.5"),
             (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : \"1\","), "does not follow the manifest schema"),
             (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : 1e30,"), "does not follow the manifest schema"),
-            (String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000), "not a synthetic-pack manifest"),
+            (text.replacingOccurrences(of: "\"losses\" : {", with: "\"deep\" : " + String(repeating: "[", count: 100_000)
+                                       + String(repeating: "]", count: 100_000) + ", \"losses\" : {"),
+             "not a synthetic-pack manifest"),
         ]
         for (json, reason) in raw {
             var entries = valid

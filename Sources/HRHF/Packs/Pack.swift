@@ -332,11 +332,12 @@ public struct SyntheticPack {
         var indices = Set<Int>()
         for (i, r) in m.images.enumerated() {
             let field = "images[\(i)]"
-            guard r.index >= 0, r.index < m.generator.count else {
-                throw refuse("\(field).index", "\(r.index), not 0 to generator.count - 1 (\(m.generator.count - 1))")
+            guard r.index >= 0, r.index < m.generator.count, r.index < maxRecordIndex else {
+                throw refuse("\(field).index", "\(r.index), not 0 to generator.count - 1 (\(m.generator.count - 1)) "
+                             + "and below \(maxRecordIndex)")
             }
             guard indices.insert(r.index).inserted else { throw refuse("\(field).index", "\(r.index) appears twice") }
-            let image = String(format: "images/%06d.png", r.index), label = String(format: "labels/%06d.png", r.index)
+            let image = entryName("images", r.index), label = entryName("labels", r.index)
             guard r.image == image, r.label == label else {
                 throw refuse(field, "image \"\(r.image)\" and label \"\(r.label)\" are not \(image) and \(label)")
             }
@@ -357,6 +358,15 @@ public struct SyntheticPack {
             }
         }
         return m
+    }
+
+    /// Entry names have six to nine digits, so record indices are below this.
+    static let maxRecordIndex = 1_000_000_000
+
+    /// `folder/NNNNNN.png`: the index zero-padded to six digits (no printf, whose %d is 32-bit).
+    static func entryName(_ folder: String, _ index: Int) -> String {
+        let digits = String(index)
+        return "\(folder)/\(String(repeating: "0", count: max(0, 6 - digits.count)))\(digits).png"
     }
 
     /// An image or label entry's IHDR: 8-bit, a colour type the decoder takes, and the
