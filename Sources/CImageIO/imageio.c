@@ -140,7 +140,8 @@ static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, size_t max
     out->height = (int)height;
     if (index_mode) {
         size_t value_bytes;
-        uint16_t *values = __builtin_mul_overflow(sizeof(uint16_t), pixel_count, &value_bytes) ? NULL : malloc(value_bytes);
+        int too_big = __builtin_mul_overflow(sizeof(uint16_t), pixel_count, &value_bytes);
+        uint16_t *values = too_big ? NULL : malloc(value_bytes);
         if (!values) {
             free(pixels);
             return fail(err, errlen, "out of memory");

@@ -40,7 +40,8 @@ struct Eval: ParsableCommand {
         let progress = ProgressLine("eval", total: count, unit: "img")
         let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit) { i, _, sample, prediction in
             if let outDir {
-                try ImageIO.writePalettePNG(prediction, to: try outputURL(in: outDir, name: sample.name, suffix: ".png"))
+                let url = try outputURL(in: outDir, name: sample.name, suffix: ".png")
+                try ImageIO.writePalettePNG(prediction, to: url)
             }
             progress.update(i + 1)
         }

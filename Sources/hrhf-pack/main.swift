@@ -48,7 +48,8 @@ struct Inspect: ParsableCommand {
 
 struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Check entries, checksums, the manifest against its teacher, and every image and label; optionally the teacher.")
+        abstract: "Check entries, checksums, the manifest against its teacher, every image and label; "
+            + "optionally the teacher.")
     @Argument(help: "The pack.") var pack: String
     @Option(help: "The teacher model: its SHA-256 and classes must be the ones the pack records.") var model: String?
 
@@ -64,7 +65,8 @@ struct Verify: ParsableCommand {
             }
             let card = try ModelFile.readCard(try SafeTensorsFile.read(url), path: model)
             guard card.classes == p.manifest.teacher.card.classes else {
-                throw PackError(file: pack, entry: "manifest.json", "field teacher.card.classes: not the classes of \(model)")
+                throw PackError(file: pack, entry: "manifest.json",
+                                "field teacher.card.classes: not the classes of \(model)")
             }
         }
         print("\(pack): OK, \(p.manifest.images.count) images, \(p.files.count) entries, checksums match, "

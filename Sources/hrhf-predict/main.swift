@@ -38,7 +38,8 @@ struct Predict: ParsableCommand {
         for (path, stem) in zip(images, stems) {
             _ = try outputURL(in: outDir, name: stem, suffix: "_mask.png")
             guard seen.insert(stem).inserted else {
-                throw DatasetError(file: path, "another image has the name \(stem): their outputs would overwrite each other")
+                throw DatasetError(file: path,
+                                   "another image has the name \(stem): their outputs would overwrite each other")
             }
         }
         try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true)

@@ -115,8 +115,10 @@ final class DataTests: XCTestCase {
         ]
         for (bad, reason) in cases {
             try "shapes_train_000000\n\n\(bad)\n".write(to: list, atomically: true, encoding: .utf8)
-            XCTAssertThrowsError(try VOCDataset(root: root, split: "train", classNames: DatasetClasses.shapes), bad) { e in
-                XCTAssertTrue(e is DatasetError && "\(e)".hasPrefix("\(list.path): line 3: ") && "\(e)".contains(reason), "\(e)")
+            XCTAssertThrowsError(try VOCDataset(root: root, split: "train", classNames: DatasetClasses.shapes), bad) {
+                let text = "\($0)"
+                XCTAssertTrue($0 is DatasetError, text)
+                XCTAssertTrue(text.hasPrefix("\(list.path): line 3: ") && text.contains(reason), text)
             }
         }
         let out = root.appendingPathComponent("predictions")
@@ -124,6 +126,21 @@ final class DataTests: XCTestCase {
         XCTAssertThrowsError(try outputURL(in: out, name: "../../x/pwn", suffix: ".png")) { e in
             XCTAssertEqual("\(e)", "\(out.path): the output name \"../../x/pwn\" holds a /")
         }
+    }
+
+    func testEvalRefusesAListNameThatWouldWriteOutsideItsFolder() throws {
+        let root = temporaryDirectory()
+        try ShapesGenerator(size: 24, seed: 3).write(to: root, train: 1, val: 2)
+        let list = root.appendingPathComponent("ImageSets/Segmentation/val.txt")
+        try "shapes_val_000000\n../../x/pwn\n".write(to: list, atomically: true, encoding: .utf8)
+        let (model, _, _) = try SynthesisTests.tinyTeacher()
+        let out = root.appendingPathComponent("deep/predictions")
+        let r = try runTool("hrhf-eval", ["--model", model.path, "--data", root.path, "--task", "3-2",
+                                          "--save-predictions", out.path, "--threads", "1"])
+        XCTAssertEqual(r.status, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("\(list.path): line 2: name \"../../x/pwn\" holds a /"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root.appendingPathComponent("x/pwn.png").path))
     }
 
     func testTasksMatchMiBsTable() throws {

@@ -5,7 +5,8 @@ import XCTest
 /// checksums, manifest fields against the teacher, image headers, label values), with
 /// checksums rebuilt so each lie reaches the check meant for it; and the commands that read them.
 final class HostilePackTests: XCTestCase {
-    static let teacherCard = ModelCard(architecture: SynthesisTests.tinyArch, classNames: Array(DatasetClasses.shapes.prefix(6)))
+    static let teacherCard = ModelCard(architecture: SynthesisTests.tinyArch,
+                                       classNames: Array(DatasetClasses.shapes.prefix(6)))
     static let side = 4
 
     /// A valid two-image manifest of 4x4 images, classes 1-5, up to two targets per image.
@@ -14,15 +15,17 @@ final class HostilePackTests: XCTestCase {
         options.resolution = side
         options.maxClasses = 2
         let records = (0..<2).map { i in
-            SynthesisRecord(index: i, image: String(format: "images/%06d.png", i), label: String(format: "labels/%06d.png", i),
+            SynthesisRecord(index: i, image: "images/00000\(i).png", label: "labels/00000\(i).png",
                             targets: [1 + i, 3], targetAreas: [0.2, 0.1], achievedAreas: [0.25, 0.05], absentMaxArea: 0,
                             teacherConfidence: 0.9, losses: ["total": 1.5], seed: 7, batch: 0)
         }
-        return PackManifest(generator: .init(name: "hrhf-synth", version: toolkitVersion, options: options, seed: 7, count: 2),
+        return PackManifest(generator: .init(name: "hrhf-synth", version: toolkitVersion, options: options, seed: 7,
+                                             count: 2),
                             teacher: .init(file: "teacher.safetensors", sha256: String(repeating: "0", count: 64),
                                            card: teacherCard),
                             classes: (1...5).map { ClassInfo(id: $0, name: teacherCard.classes[$0].name) },
-                            shard: nil, images: records, quality: SynthesisQuality(records: records, imagesPerMinute: nil))
+                            shard: nil, images: records,
+                            quality: SynthesisQuality(records: records, imagesPerMinute: nil))
     }
 
     static func imagePNG(width: Int = side, height: Int = side) throws -> Data {
@@ -73,7 +76,8 @@ final class HostilePackTests: XCTestCase {
         XCTAssertThrowsError(try read(url), file: file, line: line) { e in
             XCTAssertTrue(e is PackError, "\(type(of: e)): \(e)", file: file, line: line)
             let text = "\(e)"
-            XCTAssertTrue(text.hasPrefix(url.path + ": entry \(entry): ") && text.contains(reason), text, file: file, line: line)
+            XCTAssertTrue(text.hasPrefix(url.path + ": entry \(entry): ") && text.contains(reason), text,
+                          file: file, line: line)
         }
     }
 
@@ -89,7 +93,8 @@ final class HostilePackTests: XCTestCase {
         let valid = try Self.entries()
         let image = valid[1].data
         let cases: [(String, String)] = [
-            ("./images/000000.png", "paths with . or empty components"), ("images//000000.png", "paths with . or empty"),
+            ("./images/000000.png", "paths with . or empty components"),
+            ("images//000000.png", "paths with . or empty"),
             ("/images/000000.png", "absolute paths"), ("images/../images/000000.png", "paths with .."),
             ("images\\000000.png", "not a pack entry name"), ("images/00000.png", "not a pack entry name"),
             ("images/0000000000.png", "not a pack entry name"), ("images/000000.PNG", "not a pack entry name"),
@@ -114,7 +119,8 @@ final class HostilePackTests: XCTestCase {
             assertRefused(try Self.write(entries), entry: "images/000000.png", reason)
         }
         // libarchive writes a directory's name with a trailing /, which no entry name has.
-        assertRefused(try Self.write(valid + [("images", Data(), .directory)]), entry: "images/", "paths with . or empty")
+        assertRefused(try Self.write(valid + [("images", Data(), .directory)]), entry: "images/",
+                      "paths with . or empty")
     }
 
     func testSizesOrderAndChecksumsAreChecked() throws {
@@ -125,7 +131,8 @@ final class HostilePackTests: XCTestCase {
         assertRefused(url, entry: "images/000000.png", "5000 bytes is over the limit of 4096") {
             _ = try SyntheticPack(url: $0, entryLimit: 4096)
         }
-        assertRefused(try Self.write(Array(valid.dropFirst()) + [valid[0]]), entry: "manifest.json", "not the first entry")
+        assertRefused(try Self.write(Array(valid.dropFirst()) + [valid[0]]), entry: "manifest.json",
+                      "not the first entry")
         assertRefused(try Self.write([]), entry: "manifest.json", "not the first entry (SHA256SUMS is)")
         // An entry after SHA256SUMS.
         let late = temporaryDirectory().appendingPathComponent("late.tar")
@@ -169,15 +176,16 @@ final class HostilePackTests: XCTestCase {
             ({ $0.classes[0].id = -1 }, "field classes[0]: -1 is not a class of the teacher"),
             ({ $0.classes[0].name = "cat" }, "field classes[0]: 1 is named \"cat\" but the teacher calls it"),
             ({ $0.classes[1] = $0.classes[0] }, "field classes[1]: class 1 is listed twice"),
-            ({ $0.classes = [] }, "field generator.options.maxClasses: 2 with 0 pack classes"),
-            ({ $0.generator.options.maxClasses = 100_000_000 }, "field generator.options.maxClasses: 100000000 with 5"),
-            ({ $0.generator.options.maxClasses = 0 }, "field generator.options.maxClasses: 0 with 5"),
+            ({ $0.classes = [] }, "field classes: no classes"),
+            ({ $0.generator.options.maxClasses = 0 }, "field generator.options.maxClasses: 0, not 1 or more"),
+            ({ $0.generator.options.maxClasses = -100_000_000 }, "field generator.options.maxClasses: -100000000"),
             ({ $0.generator.options.resolution = 0 }, "field generator.options.resolution: 0, not 1 to 4096"),
             ({ $0.generator.options.resolution = 32768 }, "field generator.options.resolution: 32768, not 1 to 4096"),
             ({ $0.generator.count = 3 }, "field images: 2 records, generator.count is 3"),
             ({ $0.shard = .init(index: 3, count: 2) }, "field shard: part 3 of 2"),
             ({ $0.shard = .init(index: 0, count: 0) }, "field shard: part 0 of 0"),
-            ({ $0.images[1].index = -1 }, "field images[1].index: -1, not 0 to generator.count - 1 (1) and below 1000000000"),
+            ({ $0.images[1].index = -1 },
+             "field images[1].index: -1, not 0 to generator.count - 1 (1) and below 1000000000"),
             ({ $0.shard = .init(index: 1, count: 1); $0.generator.count = 1 << 40; $0.images[1].index = 1 << 32 },
              "field images[1].index: 4294967296, not 0 to generator.count - 1 (1099511627775) and below 1000000000"),
             ({ $0.images[1].index = 0 }, "field images[1].index: 0 appears twice"),
@@ -189,8 +197,8 @@ final class HostilePackTests: XCTestCase {
             ({ $0.images[0].targets = [1, 2, 3] }, "field images[0]: 3 targets, 2 target areas and 2 achieved areas"),
             ({ $0.images[0].targets = []; $0.images[0].targetAreas = []; $0.images[0].achievedAreas = [] },
              "field images[0]: 0 targets"),
-            ({ $0.images[0].targets = [1, 2, 3]; $0.images[0].targetAreas = [0, 0, 0]; $0.images[0].achievedAreas = [0, 0, 0] },
-             "1 to maxClasses (2)"),
+            ({ $0.images[0].targets = [1, 2, 3]; $0.images[0].targetAreas = [0, 0, 0]
+               $0.images[0].achievedAreas = [0, 0, 0] }, "1 to maxClasses (2)"),
             ({ $0.images[0].achievedAreas = [0.1] }, "field images[0]: 2 targets, 2 target areas and 1 achieved areas"),
             ({ $0.images[0].targetAreas[1] = -0.5 }, "field images[0].targetAreas[1]: -0.5 is outside [0, 1]"),
             ({ $0.images[1].achievedAreas[0] = 1.5 }, "field images[1].achievedAreas[0]: 1.5 is outside [0, 1]"),
@@ -202,13 +210,16 @@ final class HostilePackTests: XCTestCase {
         // JSON-level lies: not JSON, the wrong types, a non-integer version, deep nesting.
         let valid = try Self.entries()
         let text = String(decoding: valid[0].data, as: UTF8.self)
+        let deep = String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000)
         let raw: [(String, String)] = [
             ("{", "not a synthetic-pack manifest"),
-            (text.replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 1.5"), "format version 1.5"),
-            (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : \"1\","), "does not follow the manifest schema"),
-            (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : 1e30,"), "does not follow the manifest schema"),
-            (text.replacingOccurrences(of: "\"losses\" : {", with: "\"deep\" : " + String(repeating: "[", count: 100_000)
-                                       + String(repeating: "]", count: 100_000) + ", \"losses\" : {"),
+            (text.replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 1.5"),
+             "format version 1.5"),
+            (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : \"1\","),
+             "does not follow the manifest schema"),
+            (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : 1e30,"),
+             "does not follow the manifest schema"),
+            (text.replacingOccurrences(of: "\"losses\" : {", with: "\"deep\" : " + deep + ", \"losses\" : {"),
              "not a synthetic-pack manifest"),
         ]
         for (json, reason) in raw {
@@ -234,12 +245,13 @@ final class HostilePackTests: XCTestCase {
                       "a 8-bit PNG of colour type 2: a label is an 8-bit palette or grey PNG")
         assertRefused(try Self.write(with(1, Self.hugeOneBitPNG())), entry: "images/000000.png",
                       "a 1-bit PNG of colour type 0: an image is an 8-bit PNG")
-        assertRefused(try Self.write(with(1, Data("not a png at all, but long enough".utf8))), entry: "images/000000.png",
-                      "not a PNG file")
+        assertRefused(try Self.write(with(1, Data("not a png at all, but long enough".utf8))),
+                      entry: "images/000000.png", "not a PNG file")
         // An entry no record names, and a record whose entries are absent.
-        assertRefused(try Self.write(valid + [("images/000005.png", try Self.imagePNG(), .file)]), entry: "images/000005.png",
-                      "not named by any record of the manifest")
-        assertRefused(try Self.write(Array(valid.prefix(3))), entry: "images/000001.png", "named by the manifest but absent")
+        assertRefused(try Self.write(valid + [("images/000005.png", try Self.imagePNG(), .file)]),
+                      entry: "images/000005.png", "not named by any record of the manifest")
+        assertRefused(try Self.write(Array(valid.prefix(3))), entry: "images/000001.png",
+                      "named by the manifest but absent")
     }
 
     func testLabelValuesOutsideTheTeachersClassesAreRefusedWhenDecoded() throws {
@@ -248,7 +260,9 @@ final class HostilePackTests: XCTestCase {
         let url = try Self.write(entries)
         let pack = try SyntheticPack(url: url)  // values are read when a label is decoded
         assertRefused(url, entry: "labels/000001.png",
-                      "value 9 at pixel (0, 0) is neither a teacher class (0 to 5) nor 255") { _ in _ = try pack.label(pack.manifest.images[1]) }
+                      "value 9 at pixel (0, 0) is neither a teacher class (0 to 5) nor 255") { _ in
+            _ = try pack.label(pack.manifest.images[1])
+        }
         assertRefused(url, entry: "labels/000001.png", "value 9") { _ in try pack.verifyImages() }
         XCTAssertNoThrow(try pack.label(pack.manifest.images[0]))
         // A record from elsewhere is not trusted either.
@@ -263,9 +277,13 @@ final class HostilePackTests: XCTestCase {
         // Two images in two columns: cells of (2 * 4 + 12) x (4 + 10 + 9 * 2) plus the 4-pixel margin.
         XCTAssertEqual(sheet.width, 2 * 20 + 4)
         XCTAssertEqual(sheet.height, 32 + 4)
+        // maxClasses of 10^8 (once a 4 GB sheet): caption lines are bounded by the 5 pack classes.
+        let wide = try SyntheticPack(url: try Self.pack { $0.generator.options.maxClasses = 100_000_000 })
+        XCTAssertEqual(try contactSheet(wide).height, 4 + 10 + 9 * 5 + 4)
         for (columns, limit) in [(0, 16), (4, 0), (-1, 16), (4, Int.min)] {
             XCTAssertThrowsError(try contactSheet(pack, columns: columns, limit: limit)) { e in
-                XCTAssertTrue("\(e)".hasPrefix(pack.url.path) && "\(e)".contains("at least one column and one image"), "\(e)")
+                let text = "\(e)"
+                XCTAssertTrue(text.hasPrefix(pack.url.path) && text.contains("at least one column and one image"), text)
             }
         }
         XCTAssertThrowsError(try contactSheet(pack, maxPixels: 1000)) { e in
@@ -294,7 +312,9 @@ final class HostilePackTests: XCTestCase {
     func assertFailed(_ r: (status: Int32, stdout: String, stderr: String), naming names: [String], out: URL? = nil,
                       file: StaticString = #filePath, line: UInt = #line) {
         XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
-        for name in names { XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line) }
+        for name in names {
+            XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line)
+        }
         if let out {
             XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), file: file, line: line)
             XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"), file: file, line: line)
@@ -313,8 +333,8 @@ final class HostilePackTests: XCTestCase {
         // Checksums rebuilt around a lie: inspect, verify and sheet all refuse it.
         let lying = try Self.pack { $0.images[0].targets = [100_000_000, 3] }
         for command in [["inspect", lying.path], ["verify", lying.path], ["sheet", lying.path, "--out", sheet.path]] {
-            assertFailed(try runTool("hrhf-pack", command), naming: [lying.path, "manifest.json", "images[0].targets[0]"],
-                         out: sheet)
+            assertFailed(try runTool("hrhf-pack", command),
+                         naming: [lying.path, "manifest.json", "images[0].targets[0]"], out: sheet)
         }
         var entries = try Self.entries()
         entries[2].data = try Self.labelPNG(width: 64, height: 64)
@@ -328,7 +348,8 @@ final class HostilePackTests: XCTestCase {
         assertFailed(verified, naming: [badLabel.path, "labels/000001.png", "value 200"])
         XCTAssertFalse(verified.stdout.contains("OK"))
         for (columns, limit) in [("0", "16"), ("4", "-3")] {
-            assertFailed(try runTool("hrhf-pack", ["sheet", good.path, "--out", sheet.path, "--columns=\(columns)", "--limit=\(limit)"]),
+            let arguments = ["sheet", good.path, "--out", sheet.path, "--columns=\(columns)", "--limit=\(limit)"]
+            assertFailed(try runTool("hrhf-pack", arguments),
                          naming: [good.path, "at least one column and one image"], out: sheet)
         }
 

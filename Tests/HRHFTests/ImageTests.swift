@@ -66,10 +66,12 @@ final class ImageTests: XCTestCase {
         let bomb = HostilePackTests.hugeOneBitPNG()
         let limit = ImageIO.defaultPixelLimit
         XCTAssertEqual(limit, 67_108_864)
-        for decode in [{ _ = try ImageIO.decodeRGB(bomb, name: "bomb.png") }, { _ = try ImageIO.decodeIndexPNG(bomb, name: "bomb.png") }] {
+        let decoders = [{ _ = try ImageIO.decodeRGB(bomb, name: "bomb.png") },
+                        { _ = try ImageIO.decodeIndexPNG(bomb, name: "bomb.png") }]
+        for decode in decoders {
             XCTAssertThrowsError(try decode()) { e in
-                XCTAssertEqual(e as? ImageError, ImageError(file: "bomb.png",
-                                                            "32768x32768 pixels is over the limit of \(limit) pixels per image"))
+                let expected = "32768x32768 pixels is over the limit of \(limit) pixels per image"
+                XCTAssertEqual(e as? ImageError, ImageError(file: "bomb.png", expected))
             }
         }
         let wide = HostilePackTests.hugeOneBitPNG(side: 1 << 20, bitDepth: 8)
@@ -91,7 +93,8 @@ final class ImageTests: XCTestCase {
         // JPEG: the frame header's 65500 x 65500 is refused before libjpeg allocates for it.
         for (name, marker) in [("baseline", UInt8(0xC0)), ("progressive", UInt8(0xC2))] {
             var bytes = [UInt8](try Data(contentsOf: dir.appendingPathComponent("\(name).jpg")))
-            let sof = try XCTUnwrap((0..<(bytes.count - 1)).first { bytes[$0] == 0xFF && bytes[$0 + 1] == marker }, name)
+            let sof = try XCTUnwrap((0..<(bytes.count - 1)).first { bytes[$0] == 0xFF && bytes[$0 + 1] == marker },
+                                    name)
             for at in [sof + 5, sof + 7] { bytes[at] = 0xFF; bytes[at + 1] = 0xDC }
             XCTAssertThrowsError(try ImageIO.decodeRGB(Data(bytes), name: name)) { e in
                 XCTAssertEqual("\(e)", "\(name): 65500x65500 pixels is over the limit of \(limit) pixels per image")
@@ -109,12 +112,14 @@ final class ImageTests: XCTestCase {
         // which would refuse it were it read) and a 1 MB iCCP of junk.
         func chunk(_ type: String, _ body: [UInt8]) -> [UInt8] {
             let typed = Array(type.utf8) + body
-            return HostilePackTests.bigEndian(body.count) + typed + HostilePackTests.bigEndian(Int(HostilePackTests.crc32(typed)))
+            let crc = HostilePackTests.crc32(typed)
+            return HostilePackTests.bigEndian(body.count) + typed + HostilePackTests.bigEndian(Int(crc))
         }
         let text = chunk("tEXt", Array("Comment\0".utf8) + [UInt8](repeating: 0x61, count: 9 << 20))
         let profile = chunk("iCCP", Array("icc\0\0".utf8) + [UInt8](repeating: 0x5A, count: 1 << 20))
         let padded = Data(plain.prefix(33) + text + profile + plain.dropFirst(33))
-        XCTAssertEqual(try ImageIO.decodeRGB(padded, name: "padded.png"), try ImageIO.decodeRGB(plain, name: "plain.png"))
+        XCTAssertEqual(try ImageIO.decodeRGB(padded, name: "padded.png"),
+                       try ImageIO.decodeRGB(plain, name: "plain.png"))
     }
 
     func testWriteThenReadRoundTrips() throws {

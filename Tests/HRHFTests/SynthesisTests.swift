@@ -206,11 +206,16 @@ final class SynthesisTests: XCTestCase {
         let manifest = valid[0].1
         try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("/etc/evil", Data("x".utf8)) }, "entry /etc/evil: absolute paths")
         try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/../../evil", Data("x".utf8)) }, "entry images/../../evil: paths with ..")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/000000.png", Data(), kind: .symlink("/etc/passwd")) }, "entry images/000000.png: links")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("labels/000000.png", Data(), kind: .hardlink("manifest.json")) }, "entry labels/000000.png: links")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/000001.png", Data(), kind: .characterDevice) }, "entry images/000001.png: device")
+        let kinds: [(String, TarWriter.Kind, String)] = [("images/000000.png", .symlink("/etc/passwd"), "links"),
+                                                         ("labels/000000.png", .hardlink("manifest.json"), "links"),
+                                                         ("images/000001.png", .characterDevice, "device")]
+        for (name, kind, reason) in kinds {
+            try assertRefused({ w in try w.add("manifest.json", manifest); try w.add(name, Data(), kind: kind) },
+                              "entry \(name): \(reason)")
+        }
         let limit = manifest.count + 100
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/000000.png", Data(count: limit + 1)) },
+        try assertRefused({ w in try w.add("manifest.json", manifest)
+                                 try w.add("images/000000.png", Data(count: limit + 1)) },
                           "entry images/000000.png: \(limit + 1) bytes is over the limit", limit: limit)
         try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("manifest.json", manifest) }, "entry manifest.json: appears twice")
         let future = String(decoding: manifest, as: UTF8.self).replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 9")
@@ -227,8 +232,10 @@ final class SynthesisTests: XCTestCase {
             try w.add(valid.last!.0, valid.last!.1)
         }, "entry extra.txt: not a pack entry name")
         // An entry the checksums do not list.
-        try assertRefused({ w in try copy(w, replacing: ["SHA256SUMS": Data(String(decoding: valid.last!.1, as: UTF8.self)
-                .split(separator: "\n").dropFirst().joined(separator: "\n").utf8)]) }, "entry manifest.json: not listed in SHA256SUMS")
+        let sumsWithoutManifest = String(decoding: valid.last!.1, as: UTF8.self).split(separator: "\n").dropFirst()
+            .joined(separator: "\n")
+        try assertRefused({ w in try copy(w, replacing: ["SHA256SUMS": Data(sumsWithoutManifest.utf8)]) },
+                          "entry manifest.json: not listed in SHA256SUMS")
     }
 
     func testCommandsVerifyAndRefuseAFlippedByte() throws {

@@ -66,14 +66,15 @@ public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 1
                          maxPixels: Int = ImageIO.defaultPixelLimit) throws -> RGBImage {
     let path = pack.url.path
     guard columns >= 1, limit >= 1 else {
-        throw PackError(file: path, "a contact sheet needs at least one column and one image (columns \(columns), limit \(limit))")
+        throw PackError(file: path,
+                        "a contact sheet needs at least one column and one image (columns \(columns), limit \(limit))")
     }
     let records = Array(pack.manifest.images.prefix(limit))
     guard !records.isEmpty else { throw PackError(file: path, "the pack has no images") }
-    // The pack's verified resolution and maxClasses bound every cell; the sheet's size is checked.
+    // The pack's verified resolution and classes bound every cell (a record has at most one target per class).
     let names = pack.manifest.teacher.card.classNames
     let side = pack.manifest.generator.options.resolution
-    let captionLines = pack.manifest.generator.options.maxClasses
+    let captionLines = min(pack.manifest.generator.options.maxClasses, pack.manifest.classes.count)
     let cellW = 2 * side + 12, cellH = side + 10 + 9 * captionLines
     let columns = min(columns, records.count), rows = (records.count + columns - 1) / columns
     let (sheetW, wideOverflow) = columns.multipliedReportingOverflow(by: cellW)

@@ -134,9 +134,13 @@ public enum ImageIO {
         let magic = [UInt8](data.prefix(4))
         let image: hrhf_image
         if magic.starts(with: [0x89, 0x50, 0x4E, 0x47]) {
-            image = try decodeBytes(data, name: name, maxPixels: maxPixels) { hrhf_png_decode_rgb($0, $1, $2, $3, $4, $5) }
+            image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
+                hrhf_png_decode_rgb($0, $1, $2, $3, $4, $5)
+            }
         } else if magic.starts(with: [0xFF, 0xD8]) {
-            image = try decodeBytes(data, name: name, maxPixels: maxPixels) { hrhf_jpeg_decode_rgb($0, $1, $2, $3, $4, $5) }
+            image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
+                hrhf_jpeg_decode_rgb($0, $1, $2, $3, $4, $5)
+            }
         } else {
             throw ImageError(file: name, "neither a PNG nor a JPEG file")
         }
@@ -151,8 +155,11 @@ public enum ImageIO {
         try decodeIndexPNG(try readFile(url), name: url.path, maxPixels: maxPixels)
     }
 
-    public static func decodeIndexPNG(_ data: Data, name: String, maxPixels: Int = defaultPixelLimit) throws -> IndexMask {
-        let image = try decodeBytes(data, name: name, maxPixels: maxPixels) { hrhf_png_decode_index($0, $1, $2, $3, $4, $5) }
+    public static func decodeIndexPNG(_ data: Data, name: String,
+                                      maxPixels: Int = defaultPixelLimit) throws -> IndexMask {
+        let image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
+            hrhf_png_decode_index($0, $1, $2, $3, $4, $5)
+        }
         let count = try decodedPixelCount(image, channels: 1, maxPixels: maxPixels, name: name)
         defer { hrhf_free(image.pixels) }
         let values = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt16.self), count: count)
@@ -187,7 +194,9 @@ public enum ImageIO {
     /// An 8-bit palette PNG of class indices (VOC palette by default; 255 is the ignore colour).
     public static func encodePalettePNG(_ mask: IndexMask, palette: [UInt8] = vocPalette, name: String = "mask") throws -> Data {
         guard mask.values.allSatisfy({ $0 <= 255 }) else { throw ImageError(file: name, "palette PNG values must be at most 255") }
-        guard palette.count == 768 else { throw ImageError(file: name, "a palette needs 256 RGB triples, got \(palette.count) bytes") }
+        guard palette.count == 768 else {
+            throw ImageError(file: name, "a palette needs 256 RGB triples, got \(palette.count) bytes")
+        }
         return try encode(width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
                           palette: palette, name: name)
     }

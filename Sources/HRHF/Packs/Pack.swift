@@ -187,7 +187,9 @@ public struct SyntheticPack {
                 throw PackError(file: path, entry: name, "\(entry.size) bytes is over the limit of \(entryLimit)")
             }
             guard files[name] == nil else { throw PackError(file: path, entry: name, "appears twice") }
-            guard !sumsSeen else { throw PackError(file: path, entry: "SHA256SUMS", "not the last entry: \(name) follows it") }
+            guard !sumsSeen else {
+                throw PackError(file: path, entry: "SHA256SUMS", "not the last entry: \(name) follows it")
+            }
             if manifest == nil, name != "manifest.json" {
                 throw PackError(file: path, entry: "manifest.json", "missing, or not the first entry (\(name) is)")
             }
@@ -234,6 +236,7 @@ public struct SyntheticPack {
             let digits = parts[1].utf8.dropLast(4)
             if (6...9).contains(digits.count), digits.allSatisfy({ (0x30...0x39).contains($0) }) { return nil }
         }
+        let unreadable = name.unicodeScalars.contains { $0.properties.generalCategory == .control || $0 == "\u{FFFD}" }
         let reason: String
         if name.hasPrefix("/") {
             reason = "absolute paths are not allowed"
@@ -241,7 +244,7 @@ public struct SyntheticPack {
             reason = "paths with .. are not allowed"
         } else if parts.contains(".") || parts.contains("") {
             reason = "paths with . or empty components are not allowed"
-        } else if name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control || $0 == "\u{FFFD}" }) {
+        } else if unreadable {
             reason = "control characters or bytes that are not UTF-8 are not allowed"
         } else {
             reason = "not a pack entry name"
@@ -267,7 +270,9 @@ public struct SyntheticPack {
             guard name != "SHA256SUMS", let data = files[name] else {
                 throw PackError(file: pack, entry: name, "listed in SHA256SUMS but not an entry of the pack")
             }
-            guard listed.insert(name).inserted else { throw PackError(file: pack, entry: name, "listed twice in SHA256SUMS") }
+            guard listed.insert(name).inserted else {
+                throw PackError(file: pack, entry: name, "listed twice in SHA256SUMS")
+            }
             guard sha256Hex(data) == String(decoding: hex, as: UTF8.self) else {
                 throw PackError(file: pack, entry: name, "checksum mismatch: the entry is damaged")
             }
@@ -287,8 +292,9 @@ public struct SyntheticPack {
             throw PackError(file: pack, entry: "manifest.json", "not a synthetic-pack manifest")
         }
         guard let version = probe["formatVersion"] as? Int, (1...PackManifest.currentVersion).contains(version) else {
-            throw PackError(file: pack, entry: "manifest.json", "format version \(probe["formatVersion"] ?? "none") is not "
-                            + "one this toolkit reads (1 to \(PackManifest.currentVersion))")
+            throw PackError(file: pack, entry: "manifest.json",
+                            "format version \(probe["formatVersion"] ?? "none") is not one this toolkit reads "
+                            + "(1 to \(PackManifest.currentVersion))")
         }
         let m: PackManifest
         do {
@@ -311,13 +317,16 @@ public struct SyntheticPack {
                 throw refuse(field, "\(c.id) is not a class of the teacher (0 to \(teacherClasses.count - 1))")
             }
             guard c.name == teacherClasses[c.id].name else {
-                throw refuse(field, "\(c.id) is named \"\(c.name)\" but the teacher calls it \"\(teacherClasses[c.id].name)\"")
+                let teacherName = teacherClasses[c.id].name
+                throw refuse(field, "\(c.id) is named \"\(c.name)\" but the teacher calls it \"\(teacherName)\"")
             }
             guard packClasses.insert(c.id).inserted else { throw refuse(field, "class \(c.id) is listed twice") }
         }
+        guard !packClasses.isEmpty else { throw refuse("classes", "no classes") }
+        // hrhf-synth draws 1 to min(maxClasses, classes) targets: maxClasses may exceed the classes.
         let options = m.generator.options
-        guard (1...max(1, packClasses.count)).contains(options.maxClasses), !packClasses.isEmpty else {
-            throw refuse("generator.options.maxClasses", "\(options.maxClasses) with \(packClasses.count) pack classes")
+        guard options.maxClasses >= 1 else {
+            throw refuse("generator.options.maxClasses", "\(options.maxClasses), not 1 or more")
         }
         guard (1...maxResolution).contains(options.resolution) else {
             throw refuse("generator.options.resolution", "\(options.resolution), not 1 to \(maxResolution)")
@@ -341,13 +350,16 @@ public struct SyntheticPack {
             guard r.image == image, r.label == label else {
                 throw refuse(field, "image \"\(r.image)\" and label \"\(r.label)\" are not \(image) and \(label)")
             }
-            guard (1...options.maxClasses).contains(r.targets.count), r.targetAreas.count == r.targets.count,
+            guard r.targets.count >= 1, r.targets.count <= options.maxClasses, r.targetAreas.count == r.targets.count,
                   r.achievedAreas.count == r.targets.count else {
                 throw refuse(field, "\(r.targets.count) targets, \(r.targetAreas.count) target areas and "
-                             + "\(r.achievedAreas.count) achieved areas: not equal, 1 to maxClasses (\(options.maxClasses))")
+                             + "\(r.achievedAreas.count) achieved areas: not equal, 1 to maxClasses "
+                             + "(\(options.maxClasses))")
             }
             for (k, t) in r.targets.enumerated() {
-                guard packClasses.contains(t) else { throw refuse("\(field).targets[\(k)]", "\(t) is not a pack class") }
+                guard packClasses.contains(t) else {
+                    throw refuse("\(field).targets[\(k)]", "\(t) is not a pack class")
+                }
                 guard !r.targets[..<k].contains(t) else { throw refuse("\(field).targets[\(k)]", "\(t) appears twice") }
             }
             let areas = r.targetAreas.enumerated().map { ("targetAreas[\($0.offset)]", $0.element) }
@@ -378,8 +390,9 @@ public struct SyntheticPack {
         }
         let colourTypes = isLabel ? [0, 3] : [0, 2, 3, 4, 6]
         guard header.bitDepth == 8, colourTypes.contains(header.colorType) else {
-            throw PackError(file: pack, entry: entry, "a \(header.bitDepth)-bit PNG of colour type \(header.colorType): "
-                            + (isLabel ? "a label is an 8-bit palette or grey PNG" : "an image is an 8-bit PNG"))
+            let expected = isLabel ? "a label is an 8-bit palette or grey PNG" : "an image is an 8-bit PNG"
+            throw PackError(file: pack, entry: entry,
+                            "a \(header.bitDepth)-bit PNG of colour type \(header.colorType): \(expected)")
         }
         guard header.width == resolution, header.height == resolution else {
             throw PackError(file: pack, entry: entry,
@@ -404,7 +417,9 @@ public struct SyntheticPack {
     }
 
     public func image(_ record: SynthesisRecord) throws -> RGBImage {
-        try decoded(record.image, { try ImageIO.decodeRGB($0, name: record.image, maxPixels: $1) }) { ($0.width, $0.height) }
+        try decoded(record.image, { try ImageIO.decodeRGB($0, name: record.image, maxPixels: $1) }) {
+            ($0.width, $0.height)
+        }
     }
 
     /// The pseudo-label; a value that is neither a class of the teacher nor 255 (ignore) throws.
