@@ -244,8 +244,25 @@ typedef struct {
     struct jpeg_error_mgr base;
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
-    int warnings;
 } jpeg_failure;
+
+// Progressive files of more scans than this are refused: each scan passes over the whole image,
+// so thousands of tiny scans would take minutes (photographs have about 10).
+enum { jpeg_max_scans = 500 };
+
+typedef struct {
+    struct jpeg_progress_mgr base;
+    jpeg_failure *failure;
+} jpeg_scan_limit;
+
+static void jpeg_progress_fn(j_common_ptr cinfo) {
+    jpeg_scan_limit *limit = (jpeg_scan_limit *)cinfo->progress;
+    j_decompress_ptr d = (j_decompress_ptr)cinfo;
+    if (d->input_scan_number > jpeg_max_scans) {
+        snprintf(limit->failure->message, sizeof limit->failure->message, "more than %d scans", jpeg_max_scans);
+        longjmp(limit->failure->jump, 1);
+    }
+}
 
 static void jpeg_error_exit_fn(j_common_ptr cinfo) {
     jpeg_failure *f = (jpeg_failure *)cinfo->err;
@@ -253,9 +270,12 @@ static void jpeg_error_exit_fn(j_common_ptr cinfo) {
     longjmp(f->jump, 1);
 }
 
+// A warning means damaged data (libjpeg would fill the rest and go on): it stops decoding.
 static void jpeg_emit_message_fn(j_common_ptr cinfo, int level) {
     jpeg_failure *f = (jpeg_failure *)cinfo->err;
-    if (level < 0 && f->warnings++ == 0) (*cinfo->err->format_message)(cinfo, f->message);
+    if (level >= 0) return;
+    (*cinfo->err->format_message)(cinfo, f->message);
+    longjmp(f->jump, 1);
 }
 
 int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, size_t max_pixels, hrhf_image *out, char *err,
@@ -275,10 +295,12 @@ int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, size_t max_pixels, 
         free(pixels);
         jpeg_destroy_decompress(&cinfo);
         fclose(fp);
-        snprintf(err, errlen, "corrupt JPEG: %s", failure.message);
+        snprintf(err, errlen, "corrupt or truncated JPEG: %s", failure.message);
         return -1;
     }
     jpeg_create_decompress(&cinfo);
+    jpeg_scan_limit scan_limit = {.base = {.progress_monitor = jpeg_progress_fn}, .failure = &failure};
+    cinfo.progress = &scan_limit.base;
     // libjpeg's own buffers (a progressive file's coefficients: 2 bytes per pixel and component,
     // at most 4 full-size components) stay within 8 bytes per pixel of the budget plus 64 MiB.
     size_t memory_limit;
@@ -324,12 +346,6 @@ int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, size_t max_pixels, 
     out->bit_depth = 8;
     jpeg_destroy_decompress(&cinfo);
     fclose(fp);
-    // libjpeg only warns on premature end of data and fills the rest: a damaged file here.
-    if (failure.warnings > 0) {
-        free(pixels);
-        snprintf(err, errlen, "corrupt or truncated JPEG: %s", failure.message);
-        return -1;
-    }
     out->pixels = pixels;
     return 0;
 }

@@ -106,6 +106,35 @@ final class ImageTests: XCTestCase {
         }
     }
 
+    /// An 8 x 8 grey progressive JPEG of all-zero coefficients: a DC scan, then for each of
+    /// `bands` AC coefficients a first scan at 7 bits of approximation and 7 refinement scans.
+    static func progressiveJPEG(bands: Int) -> Data {
+        func segment(_ marker: UInt8, _ body: [UInt8]) -> [UInt8] {
+            [0xFF, marker, UInt8((body.count + 2) >> 8), UInt8((body.count + 2) & 0xFF)] + body
+        }
+        // One Huffman code, "0", for symbol 0 (a DC difference of 0, or an end of band).
+        let table = [UInt8(1)] + [UInt8](repeating: 0, count: 15) + [0]
+        var bytes: [UInt8] = [0xFF, 0xD8] + segment(0xDB, [0] + [UInt8](repeating: 1, count: 64))
+            + segment(0xC2, [8, 0, 8, 0, 8, 1, 1, 0x11, 0]) + segment(0xC4, [0x00] + table + [0x10] + table)
+        func scan(_ start: Int, _ end: Int, _ high: Int, _ low: Int) {
+            bytes += segment(0xDA, [1, 1, 0, UInt8(start), UInt8(end), UInt8(high << 4 | low)]) + [0x7F]
+        }
+        scan(0, 0, 0, 0)
+        for k in 1...bands {
+            scan(k, k, 0, 7)
+            for low in stride(from: 6, through: 0, by: -1) { scan(k, k, low + 1, low) }
+        }
+        return Data(bytes + [0xFF, 0xD9])
+    }
+
+    func testJPEGsOfMoreThan500ScansAreRefused() throws {
+        let allowed = try ImageIO.decodeRGB(Self.progressiveJPEG(bands: 62), name: "497 scans")
+        XCTAssertEqual(allowed.width, 8)
+        XCTAssertThrowsError(try ImageIO.decodeRGB(Self.progressiveJPEG(bands: 63), name: "505 scans")) { e in
+            XCTAssertEqual("\(e)", "505 scans: corrupt or truncated JPEG: more than 500 scans")
+        }
+    }
+
     func testTextAndProfileChunksAreSkippedUnread() throws {
         let plain = try Data(contentsOf: dir.appendingPathComponent("rgb.png"))
         // After the signature and IHDR (8 + 25 bytes): a 9 MB tEXt (over libpng's 8 MB chunk limit,
