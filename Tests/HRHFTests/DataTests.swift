@@ -114,7 +114,7 @@ final class DataTests: XCTestCase {
             ("/JPEGImages/x.jpg /SegmentationClassAug/../../../x.png", "has a component that is . or .."),
         ]
         for (bad, reason) in cases {
-            try "shapes_train_000000\n\n\(bad)\n".write(to: list, atomically: true, encoding: .utf8)
+            try "shapes_train_000000\r\n\r\n\(bad)\r\n".write(to: list, atomically: true, encoding: .utf8)
             XCTAssertThrowsError(try VOCDataset(root: root, split: "train", classNames: DatasetClasses.shapes), bad) {
                 let text = "\($0)"
                 XCTAssertTrue($0 is DatasetError, text)

@@ -62,7 +62,9 @@ func readListLines(_ url: URL) throws -> [(number: Int, text: String)] {
     guard let text = try? String(contentsOf: url, encoding: .utf8) else {
         throw DatasetError(file: url.path, "cannot read the image list (missing, or not UTF-8)")
     }
-    return text.split(separator: "\n", omittingEmptySubsequences: false).enumerated().compactMap { number, line in
+    // "\r\n" is one Character, a newline: Windows line ends count once.
+    let lines = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)
+    return lines.enumerated().compactMap { number, line in
         let trimmed = line.trimmingCharacters(in: .whitespacesAndNewlines)
         return trimmed.isEmpty ? nil : (number + 1, trimmed)
     }

@@ -236,7 +236,9 @@ public struct SyntheticPack {
             let digits = parts[1].utf8.dropLast(4)
             if (6...9).contains(digits.count), digits.allSatisfy({ (0x30...0x39).contains($0) }) { return nil }
         }
-        let unreadable = name.unicodeScalars.contains { $0.properties.generalCategory == .control || $0 == "\u{FFFD}" }
+        // Printable ASCII only: no control characters, no bytes that are not UTF-8 (read as U+FFFD),
+        // and no Unicode that compares equal to another spelling.
+        let unreadable = !name.utf8.allSatisfy { (0x20..<0x7F).contains($0) }
         let reason: String
         if name.hasPrefix("/") {
             reason = "absolute paths are not allowed"
@@ -245,7 +247,7 @@ public struct SyntheticPack {
         } else if parts.contains(".") || parts.contains("") {
             reason = "paths with . or empty components are not allowed"
         } else if unreadable {
-            reason = "control characters or bytes that are not UTF-8 are not allowed"
+            reason = "control characters or bytes outside printable ASCII are not allowed"
         } else {
             reason = "not a pack entry name"
         }
