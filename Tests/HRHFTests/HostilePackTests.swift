@@ -211,6 +211,7 @@ final class HostilePackTests: XCTestCase {
         let valid = try Self.entries()
         let text = String(decoding: valid[0].data, as: UTF8.self)
         let deep = String(repeating: "[", count: 100_000) + String(repeating: "]", count: 100_000)
+        let zeros = Array(repeating: "0", count: 1 << 22).joined(separator: ",")
         let raw: [(String, String)] = [
             ("{", "not a synthetic-pack manifest"),
             (text.replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 1.5"),
@@ -220,7 +221,10 @@ final class HostilePackTests: XCTestCase {
             (text.replacingOccurrences(of: "\"index\" : 1,", with: "\"index\" : 1e30,"),
              "does not follow the manifest schema"),
             (text.replacingOccurrences(of: "\"losses\" : {", with: "\"deep\" : " + deep + ", \"losses\" : {"),
-             "not a synthetic-pack manifest"),
+             "nested deeper than 32 levels"),
+            (text.replacingOccurrences(of: "\"losses\" : {", with: "\"many\" : [" + zeros + "], \"losses\" : {"),
+             "more than 4194304 JSON values"),
+            (String(repeating: "\"[[[[,,,,\\\"\",", count: 1000) + text, "not a synthetic-pack manifest"),
         ]
         for (json, reason) in raw {
             var entries = valid
