@@ -146,19 +146,23 @@ final class HostilePackTests: XCTestCase {
 
         let lines = valid.map { "\(sha256Hex($0.data))  \($0.name)" }
         let sumCases: [(String, String, String)] = [
-            (([lines[0].prefix(64).uppercased() + lines[0].dropFirst(64)] + lines.dropFirst()).joined(separator: "\n"),
+            (([lines[0].prefix(64).uppercased() + lines[0].dropFirst(64)] + lines.dropFirst()).joined(separator: "\n") + "\n",
              "SHA256SUMS", "line 1 is not 64 lowercase hex digits"),
-            (lines.joined(separator: "\n").replacingOccurrences(of: "  ", with: " "), "SHA256SUMS", "line 1 is not"),
-            ((lines + [lines[1]]).joined(separator: "\n"), "images/000000.png", "listed twice"),
-            ((lines + ["\(String(repeating: "a", count: 64))  images/000007.png"]).joined(separator: "\n"),
+            (lines.joined(separator: "\n").replacingOccurrences(of: "  ", with: " ") + "\n", "SHA256SUMS", "line 1 is not"),
+            ((lines + [lines[1]]).joined(separator: "\n") + "\n", "images/000000.png", "listed twice"),
+            ((lines + ["\(String(repeating: "a", count: 64))  images/000007.png"]).joined(separator: "\n") + "\n",
              "images/000007.png", "listed in SHA256SUMS but not an entry"),
-            (lines.dropLast().joined(separator: "\n"), "labels/000001.png", "not listed in SHA256SUMS"),
-            (lines.joined(separator: "\n\n"), "SHA256SUMS", "line 2 is not"),
+            ((lines + ["\(String(repeating: "a", count: 64))  SHA256SUMS"]).joined(separator: "\n") + "\n",
+             "SHA256SUMS", "listed in SHA256SUMS but not an entry"),
+            (lines.dropLast().joined(separator: "\n") + "\n", "labels/000001.png", "not listed in SHA256SUMS"),
+            (lines.joined(separator: "\n\n") + "\n", "SHA256SUMS", "line 2 is not"),
+            (lines.joined(separator: "\n"), "SHA256SUMS", "does not end with a line feed"),
+            (lines.joined(separator: "\r\n") + "\r\n", "manifest.json\r", "listed in SHA256SUMS but not an entry"),
         ]
         for (text, entry, reason) in sumCases { assertRefused(try Self.write(valid, sums: text), entry: entry, reason) }
         var flipped = valid
         flipped[2].data[flipped[2].data.count / 2] ^= 1
-        let damaged = try Self.write(flipped, sums: lines.joined(separator: "\n"))
+        let damaged = try Self.write(flipped, sums: lines.joined(separator: "\n") + "\n")
         assertRefused(damaged, entry: "labels/000000.png", "checksum mismatch")
     }
 
@@ -169,8 +173,16 @@ final class HostilePackTests: XCTestCase {
             ({ $0.formatVersion = 9 }, "format version 9 is not one this toolkit reads"),
             ({ $0.formatVersion = 0 }, "format version 0"),
             ({ $0.teacher.card.classes[2].id = 7 }, "field teacher.card.classes[2].id: 7, not its position 2"),
-            ({ $0.teacher.card.classes = (0..<300).map { ClassInfo(id: $0, name: "c\($0)") } },
-             "field teacher.card.classes: 300 classes, not 1 to 255"),
+            ({ $0.teacher.card.classes = (0..<300).map { ClassInfo(id: $0, name: "c\($0)") }
+               $0.teacher.card.architecture.classesPerStep = [300] }, "field teacher.card.classes: 300 classes, not 1 to 255"),
+            ({ $0.teacher.card.classes.removeLast() }, "field teacher.card: card lists 5 classes, the architecture has 6"),
+            ({ $0.teacher.card.architecture.classesPerStep = [Int.max, 2] },
+             "field teacher.card.architecture.classesPerStep: 2 is not a positive count, or the sum overflows"),
+            ({ $0.teacher.card.normalization.std[1] = 0 }, "field teacher.card: normalisation needs three means"),
+            ({ $0.teacher.card.formatVersion = 2 }, "field teacher.card: model card version 2 is newer"),
+            ({ $0.teacher.sha256 = String(repeating: "A", count: 64) }, "field teacher.sha256: not 64 lowercase hex digits"),
+            ({ $0.generator.count = -1; $0.shard = .init(index: 1, count: 1); $0.images = [] },
+             "field generator.count: -1 is negative"),
             ({ $0.classes[0].id = 0 }, "field classes[0]: background (0) is not a pack class"),
             ({ $0.classes[0].id = 100_000_000 }, "field classes[0]: 100000000 is not a class of the teacher (0 to 5)"),
             ({ $0.classes[0].id = -1 }, "field classes[0]: -1 is not a class of the teacher"),
@@ -226,10 +238,25 @@ final class HostilePackTests: XCTestCase {
              "more than 4194304 JSON values"),
             (String(repeating: "\"[[[[,,,,\\\"\",", count: 1000) + text, "not a synthetic-pack manifest"),
         ]
-        for (json, reason) in raw {
+        // Fields a version-1 manifest does not have, and a key given twice.
+        func first(_ old: String, _ new: String) -> String { text.replacingCharacters(in: text.range(of: old)!, with: new) }
+        let strict: [(String, String)] = [
+            (first("\"classes\" : [", "\"labelOffset\" : 1, \"classes\" : ["), "field labelOffset: unknown field"),
+            (first("\"absentMaxArea\" : 0,", "\"absentMaxArea\" : 0, \"remap\" : {},"), "field images[0].remap: unknown field"),
+            (first("\"asppRates\"", "\"extra\" : true, \"asppRates\""), "field teacher.card.architecture.extra: unknown"),
+            (first("\"absentMaxArea\" : 0,", "\"absentMaxArea\" : 0, \"absentMaxArea\" : 0.5,"),
+             "the key \"absentMaxArea\" appears twice in one object"),
+        ]
+        for (json, reason) in raw + strict {
             var entries = valid
             entries[0].data = Data(json.utf8)
             assertRefused(try Self.write(entries), entry: m, reason)
+        }
+        // Free-form objects take any key; null stands for an absent optional field.
+        for json in [first("\"total\" : 1.5", "\"total\" : 1.5, \"anything\" : 2"), first("\"teacher\" : {", "\"shard\" : null, \"teacher\" : {")] {
+            var entries = valid
+            entries[0].data = Data(json.utf8)
+            XCTAssertNoThrow(try SyntheticPack(url: try Self.write(entries)), json)
         }
     }
 
@@ -247,6 +274,9 @@ final class HostilePackTests: XCTestCase {
                       "IHDR gives 4x5")
         assertRefused(try Self.write(with(2, try Self.imagePNG())), entry: "labels/000000.png",
                       "a 8-bit PNG of colour type 2: a label is an 8-bit palette or grey PNG")
+        var interlaced = try Self.labelPNG()
+        interlaced[28] = 1
+        assertRefused(try Self.write(with(4, interlaced)), entry: "labels/000001.png", "an interlaced PNG")
         assertRefused(try Self.write(with(1, Self.hugeOneBitPNG())), entry: "images/000000.png",
                       "a 1-bit PNG of colour type 0: an image is an 8-bit PNG")
         assertRefused(try Self.write(with(1, Data("not a png at all, but long enough".utf8))),

@@ -233,7 +233,7 @@ final class SynthesisTests: XCTestCase {
         }, "entry extra.txt: not a pack entry name")
         // An entry the checksums do not list.
         let sumsWithoutManifest = String(decoding: valid.last!.1, as: UTF8.self).split(separator: "\n").dropFirst()
-            .joined(separator: "\n")
+            .joined(separator: "\n") + "\n"
         try assertRefused({ w in try copy(w, replacing: ["SHA256SUMS": Data(sumsWithoutManifest.utf8)]) },
                           "entry manifest.json: not listed in SHA256SUMS")
     }

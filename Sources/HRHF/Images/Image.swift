@@ -95,6 +95,8 @@ public struct PNGHeader: Equatable, Sendable {
     public var bitDepth: Int
     /// 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA.
     public var colorType: Int
+    /// Adam7 interlacing (IHDR's interlace method 1).
+    public var interlaced: Bool
 
     /// Reads the signature and the IHDR chunk that must follow it (PNG: 13 bytes of data).
     public init(_ data: Data, name: String) throws {
@@ -110,6 +112,7 @@ public struct PNGHeader: Equatable, Sendable {
         height = big32(20)
         bitDepth = Int(bytes[24])
         colorType = Int(bytes[25])
+        interlaced = bytes[28] != 0
         // The PNG standard: 1 ... 2^31 - 1 pixels a side.
         guard (1...0x7FFF_FFFF).contains(width), (1...0x7FFF_FFFF).contains(height) else {
             throw ImageError(file: name, "IHDR gives \(width)x\(height) pixels: outside the PNG range")

@@ -257,18 +257,17 @@ public struct SyntheticPack {
     /// SHA256SUMS: lines of 64 lowercase hex digits, two spaces and a name; every other entry
     /// listed exactly once, nothing else listed, every checksum right.
     static func checkSums(_ sums: Data, files: [String: Data], pack: String) throws {
-        var text = String(decoding: sums, as: UTF8.self)
-        if text.hasSuffix("\n") { text.removeLast() }
+        let bytes = [UInt8](sums)
+        guard bytes.last == 0x0A else { throw PackError(file: pack, entry: "SHA256SUMS", "does not end with a line feed") }
         var listed = Set<String>()
-        for (number, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
-            let bytes = Array(line.utf8)
-            let hex = bytes.prefix(64)
-            guard bytes.count > 66, hex.allSatisfy({ (0x30...0x39).contains($0) || (0x61...0x66).contains($0) }),
-                  bytes[64] == 0x20, bytes[65] == 0x20 else {
+        for (number, line) in bytes.dropLast().split(separator: 0x0A, omittingEmptySubsequences: false).enumerated() {
+            let line = Array(line)
+            let hex = line.prefix(64)
+            guard line.count > 66, hex.allSatisfy(isLowerHex), line[64] == 0x20, line[65] == 0x20 else {
                 throw PackError(file: pack, entry: "SHA256SUMS",
                                 "line \(number + 1) is not 64 lowercase hex digits, two spaces and a name")
             }
-            let name = String(decoding: bytes[66...], as: UTF8.self)
+            let name = String(decoding: line[66...], as: UTF8.self)
             guard name != "SHA256SUMS", let data = files[name] else {
                 throw PackError(file: pack, entry: name, "listed in SHA256SUMS but not an entry of the pack")
             }
@@ -291,35 +290,55 @@ public struct SyntheticPack {
     /// Nesting a manifest may have (it has 5 levels).
     static let maxManifestDepth = 32
 
-    /// Counts the values and the nesting of JSON text without decoding it, so neither a flood of
-    /// tiny values nor deep nesting reaches the decoder.
+    /// Keys one JSON object of a manifest may hold (its largest object, the options, has 21).
+    static let maxObjectKeys = 4096
+
+    /// Counts the values, the nesting and each object's keys of JSON text without decoding it,
+    /// so neither a flood of tiny values nor deep nesting reaches the decoder, and refuses a key
+    /// given twice in one object (a decoder would keep one of them silently).
     static func checkJSONSize(_ data: Data, pack: String) throws {
-        var values = 1, depth = 0, inString = false, escaped = false
-        for byte in data {
-            if inString {
-                if escaped {
-                    escaped = false
-                } else if byte == 0x5C {
-                    escaped = true
-                } else if byte == 0x22 {
-                    inString = false
+        func refuse(_ problem: String) -> PackError { PackError(file: pack, entry: "manifest.json", problem) }
+        struct Level {
+            var isObject: Bool
+            var keys: Set<[UInt8]> = []
+            var expectsKey: Bool
+        }
+        try data.withUnsafeBytes { (bytes: UnsafeRawBufferPointer) in
+            var levels: [Level] = [], values = 1
+            var stringStart: Int?, escaped = false
+            for (i, byte) in bytes.enumerated() {
+                if let start = stringStart {
+                    if escaped {
+                        escaped = false
+                    } else if byte == 0x5C {
+                        escaped = true
+                    } else if byte == 0x22 {
+                        stringStart = nil
+                        if let last = levels.indices.last, levels[last].isObject, levels[last].expectsKey {
+                            let key = [UInt8](bytes[(start + 1)..<i])
+                            guard levels[last].keys.insert(key).inserted else {
+                                throw refuse("the key \"\(String(decoding: key, as: UTF8.self))\" appears twice in one object")
+                            }
+                            guard levels[last].keys.count <= maxObjectKeys else {
+                                throw refuse("an object of more than \(maxObjectKeys) keys")
+                            }
+                            levels[last].expectsKey = false
+                        }
+                    }
+                    continue
                 }
-                continue
-            }
-            switch byte {
-            case 0x22: inString = true
-            case 0x5B, 0x7B:
-                depth += 1
-                guard depth <= maxManifestDepth else {
-                    throw PackError(file: pack, entry: "manifest.json", "nested deeper than \(maxManifestDepth) levels")
+                switch byte {
+                case 0x22: stringStart = i
+                case 0x5B, 0x7B:
+                    levels.append(Level(isObject: byte == 0x7B, expectsKey: byte == 0x7B))
+                    guard levels.count <= maxManifestDepth else { throw refuse("nested deeper than \(maxManifestDepth) levels") }
+                case 0x5D, 0x7D: _ = levels.popLast()
+                case 0x2C:
+                    values += 1
+                    guard values <= maxManifestValues else { throw refuse("more than \(maxManifestValues) JSON values") }
+                    if let last = levels.indices.last, levels[last].isObject { levels[last].expectsKey = true }
+                default: break
                 }
-            case 0x5D, 0x7D: depth -= 1
-            case 0x2C:
-                values += 1
-                guard values <= maxManifestValues else {
-                    throw PackError(file: pack, entry: "manifest.json", "more than \(maxManifestValues) JSON values")
-                }
-            default: break
             }
         }
     }
@@ -342,6 +361,8 @@ public struct SyntheticPack {
         }
     }
 
+    static func isLowerHex(_ byte: UInt8) -> Bool { (0x30...0x39).contains(byte) || (0x61...0x66).contains(byte) }
+
     /// The manifest, decoded and checked field by field against itself and its teacher card.
     static func checkedManifest(_ data: Data, pack: String) throws -> PackManifest {
         func refuse(_ field: String, _ problem: String) -> PackError {
@@ -356,12 +377,35 @@ public struct SyntheticPack {
             throw PackError(file: pack, entry: "manifest.json", "format version \(head.versionText) is not one this "
                             + "toolkit reads (1 to \(PackManifest.currentVersion))")
         }
+        do {
+            let decoder = JSONDecoder()
+            decoder.userInfo[ManifestFieldCheck.shapeKey] = ManifestShape.version1
+            _ = try decoder.decode(ManifestFieldCheck.self, from: data)
+        } catch let unknown as ManifestFieldCheck.UnknownField {
+            throw refuse(unknown.field, "unknown field (fields are added only with a new formatVersion)")
+        } catch {
+            throw PackError(file: pack, entry: "manifest.json", "does not follow the manifest schema: \(error)")
+        }
         let m: PackManifest
         do {
             m = try JSONDecoder().decode(PackManifest.self, from: data)
         } catch {
             throw PackError(file: pack, entry: "manifest.json", "does not follow the manifest schema: \(error)")
         }
+        guard m.teacher.sha256.utf8.count == 64, m.teacher.sha256.utf8.allSatisfy(isLowerHex) else {
+            throw refuse("teacher.sha256", "not 64 lowercase hex digits")
+        }
+        // The card as a model file's card is checked (format, version, architecture, classes for
+        // outputs, normalisation), its output count summed without overflow first.
+        var outputs = 0
+        for n in m.teacher.card.architecture.classesPerStep {
+            let (sum, overflow) = outputs.addingReportingOverflow(n)
+            guard n >= 1, !overflow else {
+                throw refuse("teacher.card.architecture.classesPerStep", "\(n) is not a positive count, or the sum overflows")
+            }
+            outputs = sum
+        }
+        do { try m.teacher.card.validate(file: pack) } catch let e as WeightFileError { throw refuse("teacher.card", e.problem) }
         let teacherClasses = m.teacher.card.classes
         guard (1...maxTeacherClasses).contains(teacherClasses.count) else {
             throw refuse("teacher.card.classes", "\(teacherClasses.count) classes, not 1 to \(maxTeacherClasses)")
@@ -391,6 +435,7 @@ public struct SyntheticPack {
         guard (1...maxResolution).contains(options.resolution) else {
             throw refuse("generator.options.resolution", "\(options.resolution), not 1 to \(maxResolution)")
         }
+        guard m.generator.count >= 0 else { throw refuse("generator.count", "\(m.generator.count) is negative") }
         if let shard = m.shard {
             guard shard.count >= 1, (1...shard.count).contains(shard.index) else {
                 throw refuse("shard", "part \(shard.index) of \(shard.count)")
@@ -449,6 +494,7 @@ public struct SyntheticPack {
             throw PackError(file: pack, entry: entry, e.problem)
         }
         let colourTypes = isLabel ? [0, 3] : [0, 2, 3, 4, 6]
+        guard !header.interlaced else { throw PackError(file: pack, entry: entry, "an interlaced PNG: packs hold plain ones") }
         guard header.bitDepth == 8, colourTypes.contains(header.colorType) else {
             let expected = isLabel ? "a label is an 8-bit palette or grey PNG" : "an image is an 8-bit PNG"
             throw PackError(file: pack, entry: entry,
@@ -551,5 +597,80 @@ public struct SyntheticPack {
             return data
         }, to: url)
         return manifest
+    }
+}
+
+/// The objects of a version-1 manifest and their fields, derived from the types that encode it
+/// (a manifest with every optional field present gives every key), so they cannot drift apart.
+indirect enum ManifestShape {
+    case object([String: ManifestShape]), array(ManifestShape), freeForm, value
+
+    /// Objects whose keys are data, not fields.
+    static let freeFormPaths: Set<String> = ["images[].losses", "teacher.card.notes"]
+
+    static let version1: ManifestShape = {
+        var card = ModelCard(architecture: ArchitectureDescription.presets[0], classNames: ["background", "a"],
+                             source: SourceInfo(file: "f", sha256: "s", format: "f", flavor: "f"), notes: ["k": "v"])
+        card.history[0].note = "n"
+        let record = SynthesisRecord(index: 0, image: "i", label: "l", targets: [1], targetAreas: [0], achievedAreas: [0],
+                                     absentMaxArea: 0, teacherConfidence: 0, losses: ["k": 0], seed: 0, batch: 0)
+        let sample = PackManifest(generator: .init(name: "n", version: "v", options: InversionOptions(), seed: 0, count: 1),
+                                  teacher: .init(file: "f", sha256: "s", card: card), classes: [ClassInfo(id: 1, name: "a")],
+                                  shard: .init(index: 1, count: 1), images: [record],
+                                  quality: SynthesisQuality(records: [record], imagesPerMinute: 1))
+        // Encoding a constant value of these types cannot fail.
+        return shape(of: try! JSONSerialization.jsonObject(with: try! sample.encoded()), path: "")
+    }()
+
+    static func shape(of value: Any, path: String) -> ManifestShape {
+        if freeFormPaths.contains(path) { return .freeForm }
+        if let object = value as? [String: Any] {
+            return .object(Dictionary(uniqueKeysWithValues: object.map { key, field in
+                (key, shape(of: field, path: path.isEmpty ? key : "\(path).\(key)"))
+            }))
+        }
+        if let array = value as? [Any] { return .array(array.first.map { shape(of: $0, path: path + "[]") } ?? .value) }
+        return .value
+    }
+}
+
+/// Decodes nothing: walks a manifest's JSON and throws at the first field its shape does not have.
+struct ManifestFieldCheck: Decodable {
+    static let shapeKey = CodingUserInfoKey(rawValue: "hrhf.manifestShape")!
+
+    struct UnknownField: Error { var field: String }
+
+    struct AnyKey: CodingKey {
+        var stringValue: String, intValue: Int?
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { return nil }
+    }
+
+    init(from decoder: Decoder) throws {
+        guard var shape = decoder.userInfo[Self.shapeKey] as? ManifestShape else { return }
+        for key in decoder.codingPath {
+            switch shape {
+            case .object(let fields): shape = fields[key.stringValue] ?? .value
+            case .array(let element): shape = element
+            case .freeForm, .value: shape = .value
+            }
+        }
+        if let single = try? decoder.singleValueContainer(), single.decodeNil() { return }
+        switch shape {
+        case .object(let fields):
+            let container = try decoder.container(keyedBy: AnyKey.self)
+            for key in container.allKeys {
+                guard fields[key.stringValue] != nil else {
+                    throw UnknownField(field: (decoder.codingPath + [key]).map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }
+                        .joined().trimmingPrefix("."))
+                }
+                _ = try container.decode(ManifestFieldCheck.self, forKey: key)
+            }
+        case .array:
+            var container = try decoder.unkeyedContainer()
+            while !container.isAtEnd { _ = try container.decode(ManifestFieldCheck.self) }
+        case .freeForm, .value:
+            return
+        }
     }
 }
