@@ -146,9 +146,10 @@ final class HostilePackTests: XCTestCase {
 
         let lines = valid.map { "\(sha256Hex($0.data))  \($0.name)" }
         let sumCases: [(String, String, String)] = [
-            (([lines[0].prefix(64).uppercased() + lines[0].dropFirst(64)] + lines.dropFirst()).joined(separator: "\n") + "\n",
-             "SHA256SUMS", "line 1 is not 64 lowercase hex digits"),
-            (lines.joined(separator: "\n").replacingOccurrences(of: "  ", with: " ") + "\n", "SHA256SUMS", "line 1 is not"),
+            (([lines[0].prefix(64).uppercased() + lines[0].dropFirst(64)] + lines.dropFirst()).joined(separator: "\n")
+                + "\n", "SHA256SUMS", "line 1 is not 64 lowercase hex digits"),
+            (lines.joined(separator: "\n").replacingOccurrences(of: "  ", with: " ") + "\n", "SHA256SUMS",
+             "line 1 is not"),
             ((lines + [lines[1]]).joined(separator: "\n") + "\n", "images/000000.png", "listed twice"),
             ((lines + ["\(String(repeating: "a", count: 64))  images/000007.png"]).joined(separator: "\n") + "\n",
              "images/000007.png", "listed in SHA256SUMS but not an entry"),
@@ -174,13 +175,16 @@ final class HostilePackTests: XCTestCase {
             ({ $0.formatVersion = 0 }, "format version 0"),
             ({ $0.teacher.card.classes[2].id = 7 }, "field teacher.card.classes[2].id: 7, not its position 2"),
             ({ $0.teacher.card.classes = (0..<300).map { ClassInfo(id: $0, name: "c\($0)") }
-               $0.teacher.card.architecture.classesPerStep = [300] }, "field teacher.card.classes: 300 classes, not 1 to 255"),
-            ({ $0.teacher.card.classes.removeLast() }, "field teacher.card: card lists 5 classes, the architecture has 6"),
+               $0.teacher.card.architecture.classesPerStep = [300] },
+             "field teacher.card.classes: 300 classes, not 1 to 255"),
+            ({ $0.teacher.card.classes.removeLast() },
+             "field teacher.card: card lists 5 classes, the architecture has 6"),
             ({ $0.teacher.card.architecture.classesPerStep = [Int.max, 2] },
              "field teacher.card.architecture.classesPerStep: 2 is not a positive count, or the sum overflows"),
             ({ $0.teacher.card.normalization.std[1] = 0 }, "field teacher.card: normalisation needs three means"),
             ({ $0.teacher.card.formatVersion = 2 }, "field teacher.card: model card version 2 is newer"),
-            ({ $0.teacher.sha256 = String(repeating: "A", count: 64) }, "field teacher.sha256: not 64 lowercase hex digits"),
+            ({ $0.teacher.sha256 = String(repeating: "A", count: 64) },
+             "field teacher.sha256: not 64 lowercase hex digits"),
             ({ $0.generator.count = -1; $0.shard = .init(index: 1, count: 1); $0.images = [] },
              "field generator.count: -1 is negative"),
             ({ $0.classes[0].id = 0 }, "field classes[0]: background (0) is not a pack class"),
@@ -239,11 +243,15 @@ final class HostilePackTests: XCTestCase {
             (String(repeating: "\"[[[[,,,,\\\"\",", count: 1000) + text, "not a synthetic-pack manifest"),
         ]
         // Fields a version-1 manifest does not have, and a key given twice.
-        func first(_ old: String, _ new: String) -> String { text.replacingCharacters(in: text.range(of: old)!, with: new) }
+        func first(_ old: String, _ new: String) -> String {
+            text.replacingCharacters(in: text.range(of: old)!, with: new)
+        }
         let strict: [(String, String)] = [
             (first("\"classes\" : [", "\"labelOffset\" : 1, \"classes\" : ["), "field labelOffset: unknown field"),
-            (first("\"absentMaxArea\" : 0,", "\"absentMaxArea\" : 0, \"remap\" : {},"), "field images[0].remap: unknown field"),
-            (first("\"asppRates\"", "\"extra\" : true, \"asppRates\""), "field teacher.card.architecture.extra: unknown"),
+            (first("\"absentMaxArea\" : 0,", "\"absentMaxArea\" : 0, \"remap\" : {},"),
+             "field images[0].remap: unknown field"),
+            (first("\"asppRates\"", "\"extra\" : true, \"asppRates\""),
+             "field teacher.card.architecture.extra: unknown"),
             (first("\"absentMaxArea\" : 0,", "\"absentMaxArea\" : 0, \"absentMaxArea\" : 0.5,"),
              "the key \"absentMaxArea\" appears twice in one object"),
         ]
@@ -253,7 +261,9 @@ final class HostilePackTests: XCTestCase {
             assertRefused(try Self.write(entries), entry: m, reason)
         }
         // Free-form objects take any key; null stands for an absent optional field.
-        for json in [first("\"total\" : 1.5", "\"total\" : 1.5, \"anything\" : 2"), first("\"teacher\" : {", "\"shard\" : null, \"teacher\" : {")] {
+        let accepted = [first("\"total\" : 1.5", "\"total\" : 1.5, \"anything\" : 2"),
+                        first("\"teacher\" : {", "\"shard\" : null, \"teacher\" : {")]
+        for json in accepted {
             var entries = valid
             entries[0].data = Data(json.utf8)
             XCTAssertNoThrow(try SyntheticPack(url: try Self.write(entries)), json)

@@ -258,7 +258,9 @@ public struct SyntheticPack {
     /// listed exactly once, nothing else listed, every checksum right.
     static func checkSums(_ sums: Data, files: [String: Data], pack: String) throws {
         let bytes = [UInt8](sums)
-        guard bytes.last == 0x0A else { throw PackError(file: pack, entry: "SHA256SUMS", "does not end with a line feed") }
+        guard bytes.last == 0x0A else {
+            throw PackError(file: pack, entry: "SHA256SUMS", "does not end with a line feed")
+        }
         var listed = Set<String>()
         for (number, line) in bytes.dropLast().split(separator: 0x0A, omittingEmptySubsequences: false).enumerated() {
             let line = Array(line)
@@ -317,7 +319,8 @@ public struct SyntheticPack {
                         if let last = levels.indices.last, levels[last].isObject, levels[last].expectsKey {
                             let key = [UInt8](bytes[(start + 1)..<i])
                             guard levels[last].keys.insert(key).inserted else {
-                                throw refuse("the key \"\(String(decoding: key, as: UTF8.self))\" appears twice in one object")
+                                let shown = String(decoding: key, as: UTF8.self)
+                                throw refuse("the key \"\(shown)\" appears twice in one object")
                             }
                             guard levels[last].keys.count <= maxObjectKeys else {
                                 throw refuse("an object of more than \(maxObjectKeys) keys")
@@ -331,11 +334,15 @@ public struct SyntheticPack {
                 case 0x22: stringStart = i
                 case 0x5B, 0x7B:
                     levels.append(Level(isObject: byte == 0x7B, expectsKey: byte == 0x7B))
-                    guard levels.count <= maxManifestDepth else { throw refuse("nested deeper than \(maxManifestDepth) levels") }
+                    guard levels.count <= maxManifestDepth else {
+                        throw refuse("nested deeper than \(maxManifestDepth) levels")
+                    }
                 case 0x5D, 0x7D: _ = levels.popLast()
                 case 0x2C:
                     values += 1
-                    guard values <= maxManifestValues else { throw refuse("more than \(maxManifestValues) JSON values") }
+                    guard values <= maxManifestValues else {
+                        throw refuse("more than \(maxManifestValues) JSON values")
+                    }
                     if let last = levels.indices.last, levels[last].isObject { levels[last].expectsKey = true }
                 default: break
                 }
@@ -401,11 +408,16 @@ public struct SyntheticPack {
         for n in m.teacher.card.architecture.classesPerStep {
             let (sum, overflow) = outputs.addingReportingOverflow(n)
             guard n >= 1, !overflow else {
-                throw refuse("teacher.card.architecture.classesPerStep", "\(n) is not a positive count, or the sum overflows")
+                throw refuse("teacher.card.architecture.classesPerStep",
+                             "\(n) is not a positive count, or the sum overflows")
             }
             outputs = sum
         }
-        do { try m.teacher.card.validate(file: pack) } catch let e as WeightFileError { throw refuse("teacher.card", e.problem) }
+        do {
+            try m.teacher.card.validate(file: pack)
+        } catch let e as WeightFileError {
+            throw refuse("teacher.card", e.problem)
+        }
         let teacherClasses = m.teacher.card.classes
         guard (1...maxTeacherClasses).contains(teacherClasses.count) else {
             throw refuse("teacher.card.classes", "\(teacherClasses.count) classes, not 1 to \(maxTeacherClasses)")
@@ -494,7 +506,9 @@ public struct SyntheticPack {
             throw PackError(file: pack, entry: entry, e.problem)
         }
         let colourTypes = isLabel ? [0, 3] : [0, 2, 3, 4, 6]
-        guard !header.interlaced else { throw PackError(file: pack, entry: entry, "an interlaced PNG: packs hold plain ones") }
+        guard !header.interlaced else {
+            throw PackError(file: pack, entry: entry, "an interlaced PNG: packs hold plain ones")
+        }
         guard header.bitDepth == 8, colourTypes.contains(header.colorType) else {
             let expected = isLabel ? "a label is an 8-bit palette or grey PNG" : "an image is an 8-bit PNG"
             throw PackError(file: pack, entry: entry,
@@ -612,11 +626,14 @@ indirect enum ManifestShape {
         var card = ModelCard(architecture: ArchitectureDescription.presets[0], classNames: ["background", "a"],
                              source: SourceInfo(file: "f", sha256: "s", format: "f", flavor: "f"), notes: ["k": "v"])
         card.history[0].note = "n"
-        let record = SynthesisRecord(index: 0, image: "i", label: "l", targets: [1], targetAreas: [0], achievedAreas: [0],
-                                     absentMaxArea: 0, teacherConfidence: 0, losses: ["k": 0], seed: 0, batch: 0)
-        let sample = PackManifest(generator: .init(name: "n", version: "v", options: InversionOptions(), seed: 0, count: 1),
-                                  teacher: .init(file: "f", sha256: "s", card: card), classes: [ClassInfo(id: 1, name: "a")],
-                                  shard: .init(index: 1, count: 1), images: [record],
+        let record = SynthesisRecord(index: 0, image: "i", label: "l", targets: [1], targetAreas: [0],
+                                     achievedAreas: [0], absentMaxArea: 0, teacherConfidence: 0, losses: ["k": 0],
+                                     seed: 0, batch: 0)
+        let sample = PackManifest(generator: .init(name: "n", version: "v", options: InversionOptions(), seed: 0,
+                                                   count: 1),
+                                  teacher: .init(file: "f", sha256: "s", card: card),
+                                  classes: [ClassInfo(id: 1, name: "a")], shard: .init(index: 1, count: 1),
+                                  images: [record],
                                   quality: SynthesisQuality(records: [record], imagesPerMinute: 1))
         // Encoding a constant value of these types cannot fail.
         return shape(of: try! JSONSerialization.jsonObject(with: try! sample.encoded()), path: "")
@@ -661,8 +678,10 @@ struct ManifestFieldCheck: Decodable {
             let container = try decoder.container(keyedBy: AnyKey.self)
             for key in container.allKeys {
                 guard fields[key.stringValue] != nil else {
-                    throw UnknownField(field: (decoder.codingPath + [key]).map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }
-                        .joined().trimmingPrefix("."))
+                    let path = (decoder.codingPath + [key]).map { key in
+                        key.intValue.map { "[\($0)]" } ?? ".\(key.stringValue)"
+                    }
+                    throw UnknownField(field: path.joined().trimmingPrefix("."))
                 }
                 _ = try container.decode(ManifestFieldCheck.self, forKey: key)
             }
