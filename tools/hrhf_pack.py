@@ -544,9 +544,9 @@ def check_manifest(manifest):
         pack_classes.add(info["id"])
     generator = manifest["generator"]
     options = generator["options"]
-    if not 1 <= options["maxClasses"] <= len(pack_classes):
-        raise ManifestProblem("generator.options.maxClasses", f"{options['maxClasses']} is outside 1..."
-                                                              f"{len(pack_classes)} (the pack's classes)")
+    # hrhf-synth draws 1 ... min(maxClasses, classes) targets and records the option as given.
+    if options["maxClasses"] < 1:
+        raise ManifestProblem("generator.options.maxClasses", f"{options['maxClasses']} is below 1")
     if not 1 <= options["resolution"] <= MAX_RESOLUTION:
         raise ManifestProblem("generator.options.resolution", f"{options['resolution']} is outside "
                                                               f"1...{MAX_RESOLUTION}")
