@@ -416,14 +416,11 @@ public struct SyntheticPack {
         do {
             try m.teacher.card.validate(file: pack)
         } catch let e as WeightFileError {
-            throw refuse("teacher.card", e.problem)
+            throw refuse(e.key.map { "teacher.card.\($0)" } ?? "teacher.card", e.problem)
         }
         let teacherClasses = m.teacher.card.classes
         guard (1...maxTeacherClasses).contains(teacherClasses.count) else {
             throw refuse("teacher.card.classes", "\(teacherClasses.count) classes, not 1 to \(maxTeacherClasses)")
-        }
-        for (position, c) in teacherClasses.enumerated() where c.id != position {
-            throw refuse("teacher.card.classes[\(position)].id", "\(c.id), not its position \(position)")
         }
         var packClasses = Set<Int>()
         for (i, c) in m.classes.enumerated() {
