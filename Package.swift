@@ -39,8 +39,7 @@ let package = Package(
         .target(
             name: "HRHF",
             dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory",
-                           .product(name: "Crypto", package: "swift-crypto")],
-            swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
+                           .product(name: "Crypto", package: "swift-crypto")]
         ),
         .target(
             name: "HRHFCommandLine",

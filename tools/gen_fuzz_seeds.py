@@ -122,7 +122,7 @@ def zip_checkpoint(pkl):
 
 def legacy_checkpoint():
     s0 = Storage(torch.FloatStorage, "140", 64, None)
-    view = Storage(torch.FloatStorage, "141", 8, ("141", 4, 8))
+    view = Storage(torch.FloatStorage, "141", 16, ("142", 4, 8))
     sd = collections.OrderedDict([
         ("a.weight", Tensor(s0, 0, [4, 4], [4, 1])),
         ("a.bias", Tensor(view, 0, [4], [2])),

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <jpeglib.h>
+#include <limits.h>
 
 void hrhf_free(void *p) { free(p); }
 
@@ -30,8 +31,24 @@ static void png_error_fn(png_structp png, png_const_charp msg) {
 
 static void png_warning_fn(png_structp png, png_const_charp msg) { (void)png; (void)msg; }
 
+// Ancillary chunks the decoder never uses: skipped unread, so text and profile bombs cost nothing.
+static const png_byte ignored_chunks[] = {
+    'i', 'C', 'C', 'P', '\0', 'i', 'T', 'X', 't', '\0', 's', 'P', 'L', 'T', '\0', 't', 'E', 'X', 't', '\0',
+    'z', 'T', 'X', 't', '\0', 'e', 'X', 'I', 'f', '\0',
+};
+
+// The number of pixels, or -1 with a message when it is 0, overflows or exceeds the budget.
+static int check_pixels(size_t width, size_t height, size_t max_pixels, size_t *pixels, char *err, size_t errlen) {
+    if (width == 0 || height == 0) return fail(err, errlen, "the image has no pixels (width or height 0)");
+    if (__builtin_mul_overflow(width, height, pixels) || *pixels > max_pixels) {
+        snprintf(err, errlen, "%zux%zu pixels is over the limit of %zu pixels per image", width, height, max_pixels);
+        return -1;
+    }
+    return 0;
+}
+
 // Reads from `fp` and closes it.
-static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, char *err, size_t errlen) {
+static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, size_t max_pixels, char *err, size_t errlen) {
     memset(out, 0, sizeof *out);
     if (!fp) return fail(err, errlen, "cannot open file");
     unsigned char sig[8];
@@ -61,9 +78,18 @@ static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, char *err,
     }
     png_init_io(png, fp);
     png_set_sig_bytes(png, 8);
-    png_set_user_limits(png, 1 << 15, 1 << 15);
+    png_set_user_limits(png, 1 << 20, 1 << 20);
+    png_set_chunk_cache_max(png, 128);
+    png_set_chunk_malloc_max(png, 8 << 20);
+    png_set_keep_unknown_chunks(png, PNG_HANDLE_CHUNK_NEVER, ignored_chunks, (int)(sizeof ignored_chunks / 5));
     png_read_info(png, info);
     png_uint_32 width = png_get_image_width(png, info), height = png_get_image_height(png, info);
+    size_t pixel_count;
+    if (check_pixels(width, height, max_pixels, &pixel_count, err, errlen) != 0) {
+        png_destroy_read_struct(&png, &info, NULL);
+        fclose(fp);
+        return -1;
+    }
     int color = png_get_color_type(png, info), depth = png_get_bit_depth(png, info);
     out->bit_depth = depth;
     out->has_palette = color == PNG_COLOR_TYPE_PALETTE;
@@ -88,13 +114,15 @@ static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, char *err,
     size_t rowbytes = png_get_rowbytes(png, info);
     int bytes_per_sample = index_mode ? (depth == 16 ? 2 : 1) : 1;
     size_t expected = index_mode ? (size_t)width * bytes_per_sample : (size_t)width * 3;
-    if (rowbytes != expected) {
+    size_t pixel_bytes, row_pointer_bytes;
+    if (rowbytes != expected || __builtin_mul_overflow(rowbytes, (size_t)height, &pixel_bytes)
+        || __builtin_mul_overflow(sizeof(png_bytep), (size_t)height, &row_pointer_bytes)) {
         png_destroy_read_struct(&png, &info, NULL);
         fclose(fp);
         return fail(err, errlen, "unsupported PNG layout");
     }
-    pixels = malloc(rowbytes * height);
-    rows = malloc(sizeof(png_bytep) * height);
+    pixels = malloc(pixel_bytes);
+    rows = malloc(row_pointer_bytes);
     if (!pixels || !rows) {
         free(pixels);
         free(rows);
@@ -111,12 +139,14 @@ static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, char *err,
     out->width = (int)width;
     out->height = (int)height;
     if (index_mode) {
-        uint16_t *values = malloc(sizeof(uint16_t) * (size_t)width * height);
+        size_t value_bytes;
+        int too_big = __builtin_mul_overflow(sizeof(uint16_t), pixel_count, &value_bytes);
+        uint16_t *values = too_big ? NULL : malloc(value_bytes);
         if (!values) {
             free(pixels);
             return fail(err, errlen, "out of memory");
         }
-        for (size_t i = 0; i < (size_t)width * height; i++)
+        for (size_t i = 0; i < pixel_count; i++)
             values[i] = bytes_per_sample == 2 ? ((uint16_t *)pixels)[i] : pixels[i];
         free(pixels);
         out->pixels = values;
@@ -128,14 +158,16 @@ static int png_read_common(FILE *fp, hrhf_image *out, int index_mode, char *err,
     return 0;
 }
 
-int hrhf_png_decode_rgb(const uint8_t *data, size_t length, hrhf_image *out, char *err, size_t errlen) {
+int hrhf_png_decode_rgb(const uint8_t *data, size_t length, size_t max_pixels, hrhf_image *out, char *err,
+                        size_t errlen) {
     if (length == 0) return fail(err, errlen, "empty data");
-    return png_read_common(fmemopen((void *)data, length, "rb"), out, 0, err, errlen);
+    return png_read_common(fmemopen((void *)data, length, "rb"), out, 0, max_pixels, err, errlen);
 }
 
-int hrhf_png_decode_index(const uint8_t *data, size_t length, hrhf_image *out, char *err, size_t errlen) {
+int hrhf_png_decode_index(const uint8_t *data, size_t length, size_t max_pixels, hrhf_image *out, char *err,
+                          size_t errlen) {
     if (length == 0) return fail(err, errlen, "empty data");
-    return png_read_common(fmemopen((void *)data, length, "rb"), out, 1, err, errlen);
+    return png_read_common(fmemopen((void *)data, length, "rb"), out, 1, max_pixels, err, errlen);
 }
 
 static int png_write_common(FILE *fp, int width, int height, int channels, const uint8_t *pixels,
@@ -212,8 +244,25 @@ typedef struct {
     struct jpeg_error_mgr base;
     jmp_buf jump;
     char message[JMSG_LENGTH_MAX];
-    int warnings;
 } jpeg_failure;
+
+// Progressive files of more scans than this are refused: each scan passes over the whole image,
+// so thousands of tiny scans would take minutes (photographs have about 10).
+enum { jpeg_max_scans = 500 };
+
+typedef struct {
+    struct jpeg_progress_mgr base;
+    jpeg_failure *failure;
+} jpeg_scan_limit;
+
+static void jpeg_progress_fn(j_common_ptr cinfo) {
+    jpeg_scan_limit *limit = (jpeg_scan_limit *)cinfo->progress;
+    j_decompress_ptr d = (j_decompress_ptr)cinfo;
+    if (d->input_scan_number > jpeg_max_scans) {
+        snprintf(limit->failure->message, sizeof limit->failure->message, "more than %d scans", jpeg_max_scans);
+        longjmp(limit->failure->jump, 1);
+    }
+}
 
 static void jpeg_error_exit_fn(j_common_ptr cinfo) {
     jpeg_failure *f = (jpeg_failure *)cinfo->err;
@@ -221,12 +270,16 @@ static void jpeg_error_exit_fn(j_common_ptr cinfo) {
     longjmp(f->jump, 1);
 }
 
+// A warning means damaged data (libjpeg would fill the rest and go on): it stops decoding.
 static void jpeg_emit_message_fn(j_common_ptr cinfo, int level) {
     jpeg_failure *f = (jpeg_failure *)cinfo->err;
-    if (level < 0 && f->warnings++ == 0) (*cinfo->err->format_message)(cinfo, f->message);
+    if (level >= 0) return;
+    (*cinfo->err->format_message)(cinfo, f->message);
+    longjmp(f->jump, 1);
 }
 
-int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, hrhf_image *out, char *err, size_t errlen) {
+int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, size_t max_pixels, hrhf_image *out, char *err,
+                         size_t errlen) {
     memset(out, 0, sizeof *out);
     if (length == 0) return fail(err, errlen, "empty data");
     FILE *fp = fmemopen((void *)data, length, "rb");
@@ -242,17 +295,42 @@ int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, hrhf_image *out, ch
         free(pixels);
         jpeg_destroy_decompress(&cinfo);
         fclose(fp);
-        snprintf(err, errlen, "corrupt JPEG: %s", failure.message);
+        snprintf(err, errlen, "corrupt or truncated JPEG: %s", failure.message);
         return -1;
     }
     jpeg_create_decompress(&cinfo);
+    jpeg_scan_limit scan_limit = {.base = {.progress_monitor = jpeg_progress_fn}, .failure = &failure};
+    cinfo.progress = &scan_limit.base;
+    // libjpeg's own buffers (a progressive file's coefficients: 2 bytes per pixel and component,
+    // at most 4 full-size components) stay within 8 bytes per pixel of the budget plus 64 MiB.
+    size_t memory_limit;
+    if (__builtin_mul_overflow(max_pixels, (size_t)8, &memory_limit)
+        || __builtin_add_overflow(memory_limit, (size_t)64 << 20, &memory_limit) || memory_limit > (size_t)LONG_MAX)
+        memory_limit = (size_t)LONG_MAX;
+    cinfo.mem->max_memory_to_use = (long)memory_limit;
     jpeg_stdio_src(&cinfo, fp);
     jpeg_read_header(&cinfo, TRUE);
+    // Checked from the header, before jpeg_start_decompress allocates anything for the image.
+    size_t pixel_count;
+    if (check_pixels(cinfo.image_width, cinfo.image_height, max_pixels, &pixel_count, err, errlen) != 0) {
+        jpeg_destroy_decompress(&cinfo);
+        fclose(fp);
+        return -1;
+    }
+    if (cinfo.num_components > 4) {
+        snprintf(failure.message, sizeof failure.message, "%d colour components (at most 4)", cinfo.num_components);
+        longjmp(failure.jump, 1);
+    }
     cinfo.out_color_space = JCS_RGB;
     jpeg_start_decompress(&cinfo);
-    if (cinfo.output_components != 3) longjmp(failure.jump, 1);
-    size_t stride = (size_t)cinfo.output_width * 3;
-    pixels = malloc(stride * cinfo.output_height);
+    if (cinfo.output_components != 3 || cinfo.output_width != cinfo.image_width
+        || cinfo.output_height != cinfo.image_height) {
+        snprintf(failure.message, sizeof failure.message, "unsupported JPEG layout");
+        longjmp(failure.jump, 1);
+    }
+    size_t stride = (size_t)cinfo.output_width * 3, pixel_bytes;
+    if (__builtin_mul_overflow(pixel_count, (size_t)3, &pixel_bytes)) longjmp(failure.jump, 1);
+    pixels = malloc(pixel_bytes);
     if (!pixels) {
         snprintf(failure.message, sizeof failure.message, "out of memory");
         longjmp(failure.jump, 1);
@@ -268,12 +346,6 @@ int hrhf_jpeg_decode_rgb(const uint8_t *data, size_t length, hrhf_image *out, ch
     out->bit_depth = 8;
     jpeg_destroy_decompress(&cinfo);
     fclose(fp);
-    // libjpeg only warns on premature end of data and fills the rest: a damaged file here.
-    if (failure.warnings > 0) {
-        free(pixels);
-        snprintf(err, errlen, "corrupt or truncated JPEG: %s", failure.message);
-        return -1;
-    }
     out->pixels = pixels;
     return 0;
 }

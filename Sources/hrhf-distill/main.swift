@@ -102,11 +102,14 @@ struct Distill: ParsableCommand {
         var allReports: [IoUReport] = []
         _ = try run.run { event in
             switch event {
-            case let .stepStarted(s, images, packs, total, resumedAt):
+            case let .stepAlreadyDone(s, model):
+                print("step \(s) already done: \(model.path) (kept; delete it to run the step again)")
+            case let .stepStarted(s, images, packs, total, checkpoint, resumedAt):
+                if let checkpoint { print(resumeLine(checkpoint: checkpoint, iterationsDone: resumedAt, of: total)) }
                 print("step \(s) of \(task.name) (\(data.setting.rawValue)), method \(method): classes \(task.classes(at: s).map(String.init).joined(separator: ",")), "
-                      + "\(images) real images, \(packs == 0 ? "no pack" : packs == 1 ? "1 pack" : "\(packs) packs"), \(total) iterations"
-                      + (resumedAt > 0 ? ", resumed at \(resumedAt)" : ""))
-                progress = ProgressLine("step \(s)", total: total, unit: "it")
+                      + "\(images) real images, \(packs == 0 ? "no pack" : packs == 1 ? "1 pack" : "\(packs) packs"), "
+                      + "\(total) iterations")
+                progress = ProgressLine("step \(s)", total: total, unit: "it", alreadyDone: resumedAt)
             case let .iteration(_, done, _, loss, parts):
                 let detail = parts.keys.sorted().map { String(format: "%@ %.3f", $0, parts[$0]!) }.joined(separator: " ")
                 progress?.update(done, detail: String(format: "loss %.3f  ", loss) + detail)
@@ -123,8 +126,11 @@ struct Distill: ParsableCommand {
                 progress?.finish()
                 progress = nil
                 print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")
-            case let .synthesis(s, done, total):
-                if done == 1 || progress == nil { progress = ProgressLine("pack after step \(s)", total: total, unit: "it") }
+            case let .synthesisStarted(s, batches, resumed):
+                if let resumed { print(resumeLine(resumed, batchesInRun: batches)) }
+                progress = ProgressLine("pack after step \(s)", total: batches * synthesis.iterations, unit: "it",
+                                        alreadyDone: (resumed?.batches.count ?? 0) * synthesis.iterations)
+            case let .synthesis(_, done, _):
                 progress?.update(done)
             case let .packWritten(_, manifest, url):
                 progress?.finish()

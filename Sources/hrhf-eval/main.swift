@@ -30,10 +30,19 @@ struct Eval: ParsableCommand {
         }
         let proto = StepProtocol(task: task, step: step, setting: data.setting)
         let outDir = savePredictions.map { URL(fileURLWithPath: $0) }
-        if let outDir { try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true) }
-        let progress = ProgressLine("eval", total: min(limit ?? dataset.count, dataset.count), unit: "img")
+        if let limit, limit < 1 { throw ValidationError("--limit must be at least 1, got \(limit)") }
+        let count = min(limit ?? dataset.count, dataset.count)
+        if let outDir {
+            // Every prediction's name is checked before anything is written.
+            for i in 0..<count { _ = try outputURL(in: outDir, name: dataset.name(i), suffix: ".png") }
+            try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true)
+        }
+        let progress = ProgressLine("eval", total: count, unit: "img")
         let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit) { i, _, sample, prediction in
-            if let outDir { try ImageIO.writePalettePNG(prediction, to: outDir.appendingPathComponent(sample.name + ".png")) }
+            if let outDir {
+                let url = try outputURL(in: outDir, name: sample.name, suffix: ".png")
+                try ImageIO.writePalettePNG(prediction, to: url)
+            }
             progress.update(i + 1)
         }
         progress.finish()

@@ -47,21 +47,30 @@ struct Inspect: ParsableCommand {
 }
 
 struct Verify: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Check checksums, manifest schema and entries; optionally the teacher.")
+    static let configuration = CommandConfiguration(
+        abstract: "Check entries, checksums, the manifest against its teacher, every image and label; "
+            + "optionally the teacher.")
     @Argument(help: "The pack.") var pack: String
-    @Option(help: "The teacher model: its SHA-256 must be the one the pack records.") var model: String?
+    @Option(help: "The teacher model: its SHA-256 and classes must be the ones the pack records.") var model: String?
 
     func run() throws {
         let p = try SyntheticPack(url: URL(fileURLWithPath: pack))
+        try p.verifyImages()
         if let model {
-            let sha = try sha256Hex(file: URL(fileURLWithPath: model))
+            let url = URL(fileURLWithPath: model)
+            let sha = try sha256Hex(file: url)
             guard sha == p.manifest.teacher.sha256 else {
                 throw PackError(file: pack, entry: "manifest.json",
                                 "teacher SHA-256 \(p.manifest.teacher.sha256) is not that of \(model) (\(sha))")
             }
+            let card = try ModelFile.readCard(try SafeTensorsFile.read(url), path: model)
+            guard card.classes == p.manifest.teacher.card.classes else {
+                throw PackError(file: pack, entry: "manifest.json",
+                                "field teacher.card.classes: not the classes of \(model)")
+            }
         }
-        print("\(pack): OK, \(p.manifest.images.count) images, \(p.files.count) entries, checksums match"
-              + (model != nil ? ", teacher matches" : ""))
+        print("\(pack): OK, \(p.manifest.images.count) images, \(p.files.count) entries, checksums match, "
+              + "images and labels decode" + (model != nil ? ", teacher matches" : ""))
     }
 }
 

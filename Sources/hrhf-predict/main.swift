@@ -32,6 +32,16 @@ struct Predict: ParsableCommand {
         let predictor = Predictor(model: net, card: card)
         let size = try self.size.map(parseSize)
         let outDir = URL(fileURLWithPath: out)
+        // Each image's outputs are named by its file's stem: one safe name per image, all different.
+        let stems = images.map { URL(fileURLWithPath: $0).deletingPathExtension().lastPathComponent }
+        var seen = Set<String>()
+        for (path, stem) in zip(images, stems) {
+            _ = try outputURL(in: outDir, name: stem, suffix: "_mask.png")
+            guard seen.insert(stem).inserted else {
+                throw DatasetError(file: path,
+                                   "another image has the name \(stem): their outputs would overwrite each other")
+            }
+        }
         try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true)
         var collected: [Tensor] = []
         var rows: [[String]] = []
@@ -42,9 +52,10 @@ struct Predict: ParsableCommand {
             let (input, output) = try predictor.logits(for: image, size: size, name: path)
             if size != nil { image = card.normalization.image(input) }
             let mask = argmaxMasks(output)[0]
-            let stem = url.deletingPathExtension().lastPathComponent
-            try ImageIO.writePalettePNG(mask, to: outDir.appendingPathComponent("\(stem)_mask.png"))
-            try ImageIO.writePNG(overlay(image, mask), to: outDir.appendingPathComponent("\(stem)_overlay.png"))
+            let stem = stems[i]
+            try ImageIO.writePalettePNG(mask, to: try outputURL(in: outDir, name: stem, suffix: "_mask.png"))
+            try ImageIO.writePNG(try overlay(image, mask, name: path),
+                                 to: try outputURL(in: outDir, name: stem, suffix: "_overlay.png"))
             if logits != nil { collected.append(output) }
             var counts = [Int](repeating: 0, count: card.classes.count)
             for v in mask.values { counts[Int(v)] += 1 }

@@ -30,13 +30,19 @@ struct Synth: ParsableCommand {
         }
         let job = SynthesisJob(teacherURL: modelURL, model: net, card: card, classes: try parseClassList(classes), count: count,
                                options: synthesis.options, seed: seed, shard: shardValue, out: URL(fileURLWithPath: out))
-        print("inverting \(modelURL.lastPathComponent) into \(count) images of classes \(classes) "
-              + "(\(job.batches.count) batches of \(synthesis.synthBatch), \(synthesis.iterations) iterations, \(synthesis.resolution)px)")
-        let progress = ProgressLine("synth", total: job.batches.count * synthesis.iterations, unit: "it")
-        let outcome = try job.run(resume: resume) { done, _, loss in
-            progress.update(done, detail: loss.isFinite ? String(format: "loss %.3f", loss) : "resumed")
+        let iterations = job.batches.count * synthesis.iterations
+        var progress: ProgressLine?
+        let outcome = try job.run(resume: resume, started: { resumed in
+            if let resumed { print(resumeLine(resumed, batchesInRun: job.batches.count)) }
+            print("inverting \(modelURL.lastPathComponent) into \(count) images of classes \(classes) "
+                  + "(\(job.batches.count) batches of \(synthesis.synthBatch), \(synthesis.iterations) iterations, "
+                  + "\(synthesis.resolution)px)")
+            progress = ProgressLine("synth", total: iterations, unit: "it",
+                                    alreadyDone: (resumed?.batches.count ?? 0) * synthesis.iterations)
+        }) { done, _, loss in
+            progress?.update(done, detail: String(format: "loss %.3f", loss))
         }
-        progress.finish()
+        progress?.finish()
         let rate = outcome.imagesMade > 0 ? outcome.imagesPerMinute : nil
         // Throughput varies run to run, so it lives beside the pack, not in it.
         let runLog: [String: Any] = ["pack": out, "images_made": outcome.imagesMade, "images_resumed": outcome.resumedImages,

@@ -44,13 +44,13 @@ struct Train: ParsableCommand {
         let checkpointURL = URL(fileURLWithPath: checkpoint ?? out + ".ckpt")
         let (trainer, loader) = try job.makeTrainer(model: model, checkpoint: checkpointURL)
         if resume, try trainer.resume() {
-            print("resumed from \(checkpointURL.path) at iteration \(trainer.iteration)")
+            print(resumeLine(checkpoint: checkpointURL, iterationsDone: trainer.iteration, of: total))
         } else if !resume, FileManager.default.fileExists(atPath: checkpointURL.path) {
             throw ValidationError("\(checkpointURL.path) exists: pass --resume to continue it, or delete it")
         }
         print("step 0 of \(task.name) (\(data.setting.rawValue)): classes 0-\(task.steps[0].last!), \(count) images, "
               + "\(total) iterations of \(batch) at \(crop)px, \(model.parameterCount) parameters")
-        let progress = ProgressLine("train", total: total, unit: "it")
+        let progress = ProgressLine("train", total: total, unit: "it", alreadyDone: trainer.iteration)
         var smoothed: Float?
         try trainer.run(loss: { it in supervisedLoss(model, try loader.batch(it)) }) { it, loss in
             smoothed = smoothed.map { 0.98 * $0 + 0.02 * loss } ?? loss

@@ -102,6 +102,47 @@ final class DataTests: XCTestCase {
         }
     }
 
+    func testListNamesThatCouldLeaveTheirFolderAreRefusedWithTheLine() throws {
+        let root = temporaryDirectory()
+        try ShapesGenerator(size: 24, seed: 3).write(to: root, train: 2, val: 1)
+        let list = root.appendingPathComponent("ImageSets/Segmentation/train.txt")
+        let cases: [(String, String)] = [
+            ("../../x/pwn", "name \"../../x/pwn\" holds a /"), ("a/b", "name \"a/b\" holds a /"), ("..", "is . or .."),
+            ("x\u{0}y", "holds NUL or control characters"), ("\u{1B}[31mred", "holds NUL or control characters"),
+            ("/JPEGImages/../../etc/x.jpg /SegmentationClassAug/x.png", "has a component that is . or .."),
+            ("JPEGImages//x.jpg /SegmentationClassAug/x.png", "has a component that is empty"),
+            ("/JPEGImages/x.jpg /SegmentationClassAug/../../../x.png", "has a component that is . or .."),
+        ]
+        for (bad, reason) in cases {
+            try "shapes_train_000000\r\n\r\n\(bad)\r\n".write(to: list, atomically: true, encoding: .utf8)
+            XCTAssertThrowsError(try VOCDataset(root: root, split: "train", classNames: DatasetClasses.shapes), bad) {
+                let text = "\($0)"
+                XCTAssertTrue($0 is DatasetError, text)
+                XCTAssertTrue(text.hasPrefix("\(list.path): line 3: ") && text.contains(reason), text)
+            }
+        }
+        let out = root.appendingPathComponent("predictions")
+        XCTAssertEqual(try outputURL(in: out, name: "2007_000032", suffix: ".png").path, out.path + "/2007_000032.png")
+        XCTAssertThrowsError(try outputURL(in: out, name: "../../x/pwn", suffix: ".png")) { e in
+            XCTAssertEqual("\(e)", "\(out.path): the output name \"../../x/pwn\" holds a /")
+        }
+    }
+
+    func testEvalRefusesAListNameThatWouldWriteOutsideItsFolder() throws {
+        let root = temporaryDirectory()
+        try ShapesGenerator(size: 24, seed: 3).write(to: root, train: 1, val: 2)
+        let list = root.appendingPathComponent("ImageSets/Segmentation/val.txt")
+        try "shapes_val_000000\n../../x/pwn\n".write(to: list, atomically: true, encoding: .utf8)
+        let (model, _, _) = try SynthesisTests.tinyTeacher()
+        let out = root.appendingPathComponent("deep/predictions")
+        let r = try runTool("hrhf-eval", ["--model", model.path, "--data", root.path, "--task", "3-2",
+                                          "--save-predictions", out.path, "--threads", "1"])
+        XCTAssertEqual(r.status, 1, r.stderr)
+        XCTAssertTrue(r.stderr.contains("\(list.path): line 2: name \"../../x/pwn\" holds a /"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: root.appendingPathComponent("x/pwn.png").path))
+    }
+
     func testTasksMatchMiBsTable() throws {
         let t155 = try IncrementalTask.named("15-5", foreground: 20)
         XCTAssertEqual(t155.steps, [Array(0...15), Array(16...20)])

@@ -315,7 +315,7 @@ final class DistillationTests: XCTestCase {
                                      packs: [firstPack], options: try DistillationOptions.preset("hrhf"), config: config,
                                      synthCount: 2, stepPackClasses: mode, synthOptions: o, out: out)
             var packsPerStep: [Int: Int] = [:]
-            _ = try run.run { if case let .stepStarted(step, _, packs, _, _) = $0 { packsPerStep[step] = packs } }
+            _ = try run.run { if case let .stepStarted(step, _, packs, _, _, _) = $0 { packsPerStep[step] = packs } }
             if mode == .none {
                 XCTAssertFalse(FileManager.default.fileExists(atPath: run.packURL(afterStep: 1).path), "no pack between steps")
                 XCTAssertEqual(packsPerStep, [1: 1, 2: 1], "the first pack serves both steps")
@@ -336,8 +336,13 @@ final class DistillationTests: XCTestCase {
             XCTAssertEqual(try ModelFile.load(out).0.numClasses, 8)
             XCTAssertEqual(try ModelFile.load(run.modelURL(step: 1)).0.numClasses, 7)
             var started = 0
-            _ = try run.run { if case .stepStarted = $0 { started += 1 } }
+            var kept: [Int: String] = [:]
+            _ = try run.run { event in
+                if case .stepStarted = event { started += 1 }
+                if case let .stepAlreadyDone(step, model) = event { kept[step] = model.path }
+            }
             XCTAssertEqual(started, 0, "finished steps are skipped")
+            XCTAssertEqual(kept, [1: run.modelURL(step: 1).path, 2: out.path], "and named as kept")
         }
     }
 }

@@ -53,6 +53,104 @@ final class ImageTests: XCTestCase {
         }
     }
 
+    /// Peak resident memory of this process so far, in bytes.
+    func peakResidentBytes() -> Int {
+        var usage = rusage()
+        getrusage(RUSAGE_SELF.rawValue, &usage)
+        return usage.ru_maxrss * 1024
+    }
+
+    func testImagesOverThePixelBudgetAreRefusedFromTheirHeader() throws {
+        // 32768 x 32768 in 1 bit: 57 bytes that libpng once expanded to 3.2 GB of RGB, then copied.
+        let before = peakResidentBytes()
+        let bomb = HostilePackTests.hugeOneBitPNG()
+        let limit = ImageIO.defaultPixelLimit
+        XCTAssertEqual(limit, 67_108_864)
+        let decoders = [{ _ = try ImageIO.decodeRGB(bomb, name: "bomb.png") },
+                        { _ = try ImageIO.decodeIndexPNG(bomb, name: "bomb.png") }]
+        for decode in decoders {
+            XCTAssertThrowsError(try decode()) { e in
+                let expected = "32768x32768 pixels is over the limit of \(limit) pixels per image"
+                XCTAssertEqual(e as? ImageError, ImageError(file: "bomb.png", expected))
+            }
+        }
+        let wide = HostilePackTests.hugeOneBitPNG(side: 1 << 20, bitDepth: 8)
+        XCTAssertThrowsError(try ImageIO.decodeRGB(wide, name: "wide.png")) { e in
+            XCTAssertTrue("\(e)".hasPrefix("wide.png: 1048576x1048576 pixels is over the limit"), "\(e)")
+        }
+        XCTAssertLessThan(peakResidentBytes() - before, 64 << 20, "nothing near the image's size was allocated")
+
+        // The budget is the caller's: the 17 x 13 fixture needs 221 pixels.
+        let rgb = dir.appendingPathComponent("rgb.png")
+        XCTAssertEqual(try ImageIO.readRGB(rgb, maxPixels: 221).width, 17)
+        XCTAssertThrowsError(try ImageIO.readRGB(rgb, maxPixels: 220)) { e in
+            XCTAssertEqual("\(e)", "\(rgb.path): 17x13 pixels is over the limit of 220 pixels per image")
+        }
+        XCTAssertThrowsError(try ImageIO.readIndexPNG(dir.appendingPathComponent("palette.png"), maxPixels: 0)) { e in
+            XCTAssertTrue("\(e)".contains("the pixel limit must be positive"), "\(e)")
+        }
+
+        // JPEG: the frame header's 65500 x 65500 is refused before libjpeg allocates for it.
+        for (name, marker) in [("baseline", UInt8(0xC0)), ("progressive", UInt8(0xC2))] {
+            var bytes = [UInt8](try Data(contentsOf: dir.appendingPathComponent("\(name).jpg")))
+            let sof = try XCTUnwrap((0..<(bytes.count - 1)).first { bytes[$0] == 0xFF && bytes[$0 + 1] == marker },
+                                    name)
+            for at in [sof + 5, sof + 7] { bytes[at] = 0xFF; bytes[at + 1] = 0xDC }
+            XCTAssertThrowsError(try ImageIO.decodeRGB(Data(bytes), name: name)) { e in
+                XCTAssertEqual("\(e)", "\(name): 65500x65500 pixels is over the limit of \(limit) pixels per image")
+            }
+            XCTAssertThrowsError(try ImageIO.decodeRGB(try Data(contentsOf: dir.appendingPathComponent("\(name).jpg")),
+                                                       name: name, maxPixels: 100)) { e in
+                XCTAssertTrue("\(e)".contains("pixels is over the limit of 100 pixels"), "\(e)")
+            }
+        }
+    }
+
+    /// An 8 x 8 grey progressive JPEG of all-zero coefficients: a DC scan, then for each of
+    /// `bands` AC coefficients a first scan at 7 bits of approximation and 7 refinement scans.
+    static func progressiveJPEG(bands: Int) -> Data {
+        func segment(_ marker: UInt8, _ body: [UInt8]) -> [UInt8] {
+            [0xFF, marker, UInt8((body.count + 2) >> 8), UInt8((body.count + 2) & 0xFF)] + body
+        }
+        // One Huffman code, "0", for symbol 0 (a DC difference of 0, or an end of band).
+        let table = [UInt8(1)] + [UInt8](repeating: 0, count: 15) + [0]
+        var bytes: [UInt8] = [0xFF, 0xD8] + segment(0xDB, [0] + [UInt8](repeating: 1, count: 64))
+            + segment(0xC2, [8, 0, 8, 0, 8, 1, 1, 0x11, 0]) + segment(0xC4, [0x00] + table + [0x10] + table)
+        func scan(_ start: Int, _ end: Int, _ high: Int, _ low: Int) {
+            bytes += segment(0xDA, [1, 1, 0, UInt8(start), UInt8(end), UInt8(high << 4 | low)]) + [0x7F]
+        }
+        scan(0, 0, 0, 0)
+        for k in 1...bands {
+            scan(k, k, 0, 7)
+            for low in stride(from: 6, through: 0, by: -1) { scan(k, k, low + 1, low) }
+        }
+        return Data(bytes + [0xFF, 0xD9])
+    }
+
+    func testJPEGsOfMoreThan500ScansAreRefused() throws {
+        let allowed = try ImageIO.decodeRGB(Self.progressiveJPEG(bands: 62), name: "497 scans")
+        XCTAssertEqual(allowed.width, 8)
+        XCTAssertThrowsError(try ImageIO.decodeRGB(Self.progressiveJPEG(bands: 63), name: "505 scans")) { e in
+            XCTAssertEqual("\(e)", "505 scans: corrupt or truncated JPEG: more than 500 scans")
+        }
+    }
+
+    func testTextAndProfileChunksAreSkippedUnread() throws {
+        let plain = try Data(contentsOf: dir.appendingPathComponent("rgb.png"))
+        // After the signature and IHDR (8 + 25 bytes): a 9 MB tEXt (over libpng's 8 MB chunk limit,
+        // which would refuse it were it read) and a 1 MB iCCP of junk.
+        func chunk(_ type: String, _ body: [UInt8]) -> [UInt8] {
+            let typed = Array(type.utf8) + body
+            let crc = HostilePackTests.crc32(typed)
+            return HostilePackTests.bigEndian(body.count) + typed + HostilePackTests.bigEndian(Int(crc))
+        }
+        let text = chunk("tEXt", Array("Comment\0".utf8) + [UInt8](repeating: 0x61, count: 9 << 20))
+        let profile = chunk("iCCP", Array("icc\0\0".utf8) + [UInt8](repeating: 0x5A, count: 1 << 20))
+        let padded = Data(plain.prefix(33) + text + profile + plain.dropFirst(33))
+        XCTAssertEqual(try ImageIO.decodeRGB(padded, name: "padded.png"),
+                       try ImageIO.decodeRGB(plain, name: "plain.png"))
+    }
+
     func testWriteThenReadRoundTrips() throws {
         let out = temporaryDirectory()
         var rng = SeededGenerator(seed: 3)

@@ -206,12 +206,17 @@ final class SynthesisTests: XCTestCase {
         let manifest = valid[0].1
         try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("/etc/evil", Data("x".utf8)) }, "entry /etc/evil: absolute paths")
         try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/../../evil", Data("x".utf8)) }, "entry images/../../evil: paths with ..")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/link", Data(), kind: .symlink("/etc/passwd")) }, "entry images/link: links")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/hard", Data(), kind: .hardlink("manifest.json")) }, "entry images/hard: links")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("dev", Data(), kind: .characterDevice) }, "entry dev: device")
+        let kinds: [(String, TarWriter.Kind, String)] = [("images/000000.png", .symlink("/etc/passwd"), "links"),
+                                                         ("labels/000000.png", .hardlink("manifest.json"), "links"),
+                                                         ("images/000001.png", .characterDevice, "device")]
+        for (name, kind, reason) in kinds {
+            try assertRefused({ w in try w.add("manifest.json", manifest); try w.add(name, Data(), kind: kind) },
+                              "entry \(name): \(reason)")
+        }
         let limit = manifest.count + 100
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/big.png", Data(count: limit + 1)) },
-                          "entry images/big.png: \(limit + 1) bytes is over the limit", limit: limit)
+        try assertRefused({ w in try w.add("manifest.json", manifest)
+                                 try w.add("images/000000.png", Data(count: limit + 1)) },
+                          "entry images/000000.png: \(limit + 1) bytes is over the limit", limit: limit)
         try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("manifest.json", manifest) }, "entry manifest.json: appears twice")
         let future = String(decoding: manifest, as: UTF8.self).replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 9")
         try assertRefused({ w in try copy(w, replacing: ["manifest.json": Data(future.utf8)]) }, "entry manifest.json: format version 9")
@@ -220,12 +225,17 @@ final class SynthesisTests: XCTestCase {
         var damaged = valid[1].1
         damaged[damaged.count / 2] ^= 0x01
         try assertRefused({ w in try copy(w, replacing: [valid[1].0: damaged]) }, "entry \(valid[1].0): checksum mismatch")
-        // An entry the checksums do not list.
+        // An entry outside the whitelist.
         try assertRefused({ w in
             for (n, d) in valid.dropLast() { try w.add(n, d) }
             try w.add("extra.txt", Data("x".utf8))
             try w.add(valid.last!.0, valid.last!.1)
-        }, "entry extra.txt: not listed in SHA256SUMS")
+        }, "entry extra.txt: not a pack entry name")
+        // An entry the checksums do not list.
+        let sumsWithoutManifest = String(decoding: valid.last!.1, as: UTF8.self).split(separator: "\n").dropFirst()
+            .joined(separator: "\n") + "\n"
+        try assertRefused({ w in try copy(w, replacing: ["SHA256SUMS": Data(sumsWithoutManifest.utf8)]) },
+                          "entry manifest.json: not listed in SHA256SUMS")
     }
 
     func testCommandsVerifyAndRefuseAFlippedByte() throws {

@@ -49,12 +49,56 @@ extension SegmentationDataset {
     }
 }
 
-/// Reads a list file of names, one per line; a line may also be "IMAGE MASK" as MiB's lists.
-func readList(_ url: URL) throws -> [String] {
-    guard let text = try? String(contentsOf: url, encoding: .utf8) else {
-        throw DatasetError(file: url.path, "cannot read the image list")
+/// List files larger than this are refused unread (MiB's train_aug list of 10,582 lines is 570 KB).
+let listFileLimit = 64 << 20
+
+/// The non-blank lines of a list file, trimmed, with their 1-based line numbers.
+func readListLines(_ url: URL) throws -> [(number: Int, text: String)] {
+    let size = (try? FileManager.default.attributesOfItem(atPath: url.path)[.size] as? Int) ?? nil
+    guard let size else { throw DatasetError(file: url.path, "cannot read the image list") }
+    guard size <= listFileLimit else {
+        throw DatasetError(file: url.path, "\(size) bytes is over the limit of \(listFileLimit) for an image list")
     }
-    return text.split(whereSeparator: \.isNewline).map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+    guard let text = try? String(contentsOf: url, encoding: .utf8) else {
+        throw DatasetError(file: url.path, "cannot read the image list (missing, or not UTF-8)")
+    }
+    // "\r\n" is one Character, a newline: Windows line ends count once.
+    let lines = text.split(omittingEmptySubsequences: false, whereSeparator: \.isNewline)
+    return lines.enumerated().compactMap { number, line in
+        let trimmed = line.trimmingCharacters(in: .whitespacesAndNewlines)
+        return trimmed.isEmpty ? nil : (number + 1, trimmed)
+    }
+}
+
+/// Reads a list file of names, one per line; a line may also be "IMAGE MASK" as MiB's lists.
+func readList(_ url: URL) throws -> [String] { try readListLines(url).map(\.text) }
+
+/// Why `name` is not one safe file name (no `/`, not `.` or `..`, no NUL or control
+/// characters), or nil: dataset names become output file names.
+func fileNameProblem(_ name: String) -> String? {
+    if name.isEmpty { return "is empty" }
+    if name == "." || name == ".." { return "is . or .." }
+    if name.contains("/") { return "holds a /" }
+    if name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control }) {
+        return "holds NUL or control characters"
+    }
+    return nil
+}
+
+/// `directory/NAME + suffix`, refusing a name that is not one safe file name, so nothing is
+/// written outside `directory`.
+public func outputURL(in directory: URL, name: String, suffix: String) throws -> URL {
+    if let problem = fileNameProblem(name) {
+        throw DatasetError(file: directory.path, "the output name \(String(reflecting: name)) \(problem)")
+    }
+    return directory.appendingPathComponent(name + suffix)
+}
+
+/// A path of a list line relative to the dataset root: a leading `/` means the root, and no
+/// component may be empty, `.` or `..`, or hold control characters, so it stays inside the root.
+func relativePathProblem(_ path: String) -> String? {
+    let parts = path.trimmingPrefix("/").split(separator: "/", omittingEmptySubsequences: false)
+    return parts.lazy.compactMap { fileNameProblem(String($0)).map { "has a component that \($0)" } }.first
 }
 
 /// Checks every file of a dataset exists before any work starts.
@@ -84,13 +128,20 @@ public struct VOCDataset: SegmentationDataset {
         self.classNames = classNames
         let listURL = list ?? Self.defaultList(root: root, split: split)
         var images: [URL] = [], masks: [URL] = [], names: [String] = []
-        for line in try readList(listURL) {
+        for (number, line) in try readListLines(listURL) {
+            func refuse(_ what: String, _ problem: String) -> DatasetError {
+                DatasetError(file: listURL.path, "line \(number): \(what) \(String(reflecting: line)) \(problem)")
+            }
             let parts = line.split(separator: " ").map(String.init)
             if parts.count == 2 {
+                for part in parts { if let problem = relativePathProblem(part) { throw refuse("path", problem) } }
+                let name = URL(fileURLWithPath: parts[0]).deletingPathExtension().lastPathComponent
+                if let problem = fileNameProblem(name) { throw refuse("image name of", problem) }
                 images.append(root.appendingPathComponent(parts[0].trimmingPrefix("/")))
                 masks.append(root.appendingPathComponent(parts[1].trimmingPrefix("/")))
-                names.append(URL(fileURLWithPath: parts[0]).deletingPathExtension().lastPathComponent)
+                names.append(name)
             } else {
+                if let problem = fileNameProblem(line) { throw refuse("name", problem) }
                 let jpg = root.appendingPathComponent("JPEGImages/\(line).jpg")
                 let png = root.appendingPathComponent("JPEGImages/\(line).png")
                 images.append(FileManager.default.fileExists(atPath: jpg.path) ? jpg : png)

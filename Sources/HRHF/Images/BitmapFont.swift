@@ -61,32 +61,48 @@ func paste(_ source: RGBImage, into target: inout RGBImage, x: Int, y: Int) {
 }
 
 /// A grid of pack images, each beside its pseudo-label overlay, captioned with the target
-/// classes and their target/achieved areas.
-public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 16) throws -> RGBImage {
+/// classes and their target/achieved areas. The sheet is at most `maxPixels` pixels.
+public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 16,
+                         maxPixels: Int = ImageIO.defaultPixelLimit) throws -> RGBImage {
+    let path = pack.url.path
+    guard columns >= 1, limit >= 1 else {
+        throw PackError(file: path,
+                        "a contact sheet needs at least one column and one image (columns \(columns), limit \(limit))")
+    }
     let records = Array(pack.manifest.images.prefix(limit))
-    guard let first = records.first else { throw PackError(file: pack.url.path, "the pack has no images") }
+    guard !records.isEmpty else { throw PackError(file: path, "the pack has no images") }
+    // The pack's verified resolution and classes bound every cell (a record has at most one target per class).
     let names = pack.manifest.teacher.card.classNames
-    let tile = try pack.image(first)
-    let w = tile.width, h = tile.height
-    let captionLines = pack.manifest.generator.options.maxClasses
-    let cellW = 2 * w + 12, cellH = h + 10 + 9 * captionLines
-    let rows = (records.count + columns - 1) / columns
-    var sheet = RGBImage(width: columns * cellW + 4, height: rows * cellH + 4, fill: (24, 24, 24))
+    let side = pack.manifest.generator.options.resolution
+    let captionLines = min(pack.manifest.generator.options.maxClasses, pack.manifest.classes.count)
+    let cellW = 2 * side + 12, cellH = side + 10 + 9 * captionLines
+    let columns = min(columns, records.count), rows = (records.count + columns - 1) / columns
+    let (sheetW, wideOverflow) = columns.multipliedReportingOverflow(by: cellW)
+    let (sheetH, highOverflow) = rows.multipliedReportingOverflow(by: cellH)
+    let (pixels, areaOverflow) = (sheetW + 4).multipliedReportingOverflow(by: sheetH + 4)
+    guard !wideOverflow, !highOverflow, !areaOverflow, pixels <= maxPixels else {
+        throw PackError(file: path, "a sheet of \(records.count) images in \(columns) columns is over the limit of "
+                        + "\(maxPixels) pixels: lower --limit")
+    }
+    var sheet = RGBImage(width: sheetW + 4, height: sheetH + 4, fill: (24, 24, 24))
     for (i, r) in records.enumerated() {
         let x = 4 + (i % columns) * cellW, y = 4 + (i / columns) * cellH
         let image = try pack.image(r), label = try pack.label(r)
         paste(image, into: &sheet, x: x, y: y)
-        paste(overlay(image, label), into: &sheet, x: x + w + 4, y: y)
+        paste(try overlay(image, label, name: "\(path): \(r.label)"), into: &sheet, x: x + side + 4, y: y)
         for (line, (c, (target, achieved))) in zip(r.targets, zip(r.targetAreas, r.achievedAreas)).enumerated() {
-            let name = c < names.count ? names[c] : "\(c)"
             let colour = (vocPalette[3 * c], vocPalette[3 * c + 1], vocPalette[3 * c + 2])
-            let cx = BitmapFont.draw("\u{20}", into: &sheet, x: x, y: y + h + 3 + 9 * line, colour: colour)
-            for dy in 0..<7 { for dx in 0..<5 {
-                let i = ((y + h + 3 + 9 * line + dy) * sheet.width + x + dx) * 3
-                if i + 2 < sheet.pixels.count { sheet.pixels[i] = colour.0; sheet.pixels[i + 1] = colour.1; sheet.pixels[i + 2] = colour.2 }
-            } }
-            BitmapFont.draw(String(format: "%@ %.0f%%/%.0f%%", name, 100 * target, 100 * achieved), into: &sheet,
-                            x: cx + 2, y: y + h + 3 + 9 * line, colour: (230, 230, 230))
+            let top = y + side + 3 + 9 * line
+            for dy in 0..<7 {
+                for dx in 0..<5 {
+                    let p = ((top + dy) * sheet.width + x + dx) * 3
+                    sheet.pixels[p] = colour.0
+                    sheet.pixels[p + 1] = colour.1
+                    sheet.pixels[p + 2] = colour.2
+                }
+            }
+            BitmapFont.draw(String(format: "%@ %.0f%%/%.0f%%", names[c], 100 * target, 100 * achieved), into: &sheet,
+                            x: x + 8, y: top, colour: (230, 230, 230))
         }
     }
     return sheet

@@ -30,8 +30,12 @@ public struct RGBImage: Equatable, Sendable {
     }
 
     public init(width: Int, height: Int, fill: (UInt8, UInt8, UInt8) = (0, 0, 0)) {
-        self.init(width: width, height: height,
-                  pixels: [UInt8]((0..<(width * height)).flatMap { _ in [fill.0, fill.1, fill.2] }))
+        var pixels = [UInt8](repeating: fill.0, count: width * height * 3)
+        for i in stride(from: 0, to: pixels.count, by: 3) {
+            pixels[i + 1] = fill.1
+            pixels[i + 2] = fill.2
+        }
+        self.init(width: width, height: height, pixels: pixels)
     }
 }
 
@@ -53,17 +57,30 @@ private func cMessage(_ buffer: [CChar]) -> String {
     String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
-private func decodeBytes(_ data: Data, name: String,
-                         _ decoder: (UnsafePointer<UInt8>, Int, UnsafeMutablePointer<hrhf_image>,
+private func decodeBytes(_ data: Data, name: String, maxPixels: Int,
+                         _ decoder: (UnsafePointer<UInt8>, Int, Int, UnsafeMutablePointer<hrhf_image>,
                                      UnsafeMutablePointer<CChar>, Int) -> Int32) throws -> hrhf_image {
     var image = hrhf_image()
     var err = [CChar](repeating: 0, count: 512)
     guard !data.isEmpty else { throw ImageError(file: name, "empty file") }
+    guard maxPixels > 0 else { throw ImageError(file: name, "the pixel limit must be positive, got \(maxPixels)") }
     let status = data.withUnsafeBytes { raw in
-        decoder(raw.bindMemory(to: UInt8.self).baseAddress!, raw.count, &image, &err, err.count)
+        decoder(raw.bindMemory(to: UInt8.self).baseAddress!, raw.count, maxPixels, &image, &err, err.count)
     }
     guard status == 0 else { throw ImageError(file: name, cMessage(err)) }
     return image
+}
+
+/// Width x height of what a decoder returned, checked again here (the C side bounds them by the
+/// same budget) so no buffer is read past its end whatever the decoder did.
+private func decodedPixelCount(_ image: hrhf_image, channels: Int32, maxPixels: Int, name: String) throws -> Int {
+    let width = Int(image.width), height = Int(image.height)
+    let (count, overflow) = width.multipliedReportingOverflow(by: height)
+    guard image.pixels != nil, image.channels == channels, width > 0, height > 0, !overflow, count <= maxPixels else {
+        hrhf_free(image.pixels)
+        throw ImageError(file: name, "the decoder returned \(width)x\(height)x\(image.channels): not a valid image")
+    }
+    return count
 }
 
 private func readFile(_ url: URL) throws -> Data {
@@ -72,38 +89,82 @@ private func readFile(_ url: URL) throws -> Data {
     }
 }
 
+/// What a PNG's IHDR chunk says, read without decoding anything.
+public struct PNGHeader: Equatable, Sendable {
+    public var width: Int, height: Int
+    public var bitDepth: Int
+    /// 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA.
+    public var colorType: Int
+    /// Adam7 interlacing (IHDR's interlace method 1).
+    public var interlaced: Bool
+
+    /// Reads the signature and the IHDR chunk that must follow it (PNG: 13 bytes of data).
+    public init(_ data: Data, name: String) throws {
+        let bytes = [UInt8](data.prefix(29))
+        guard bytes.count == 29, bytes.starts(with: [0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A]) else {
+            throw ImageError(file: name, "not a PNG file (bad signature or shorter than its header)")
+        }
+        func big32(_ at: Int) -> Int { bytes[at..<(at + 4)].reduce(0) { $0 << 8 | Int($1) } }
+        guard big32(8) == 13, Array(bytes[12..<16]) == Array("IHDR".utf8) else {
+            throw ImageError(file: name, "the PNG does not start with a 13-byte IHDR chunk")
+        }
+        width = big32(16)
+        height = big32(20)
+        bitDepth = Int(bytes[24])
+        colorType = Int(bytes[25])
+        interlaced = bytes[28] != 0
+        // The PNG standard: 1 ... 2^31 - 1 pixels a side.
+        guard (1...0x7FFF_FFFF).contains(width), (1...0x7FFF_FFFF).contains(height) else {
+            throw ImageError(file: name, "IHDR gives \(width)x\(height) pixels: outside the PNG range")
+        }
+    }
+}
+
 public enum ImageIO {
+    /// Pixels one image may have unless a caller says otherwise: 64 Mpixel (8192 x 8192) is far
+    /// above ADE20K's and Cityscapes' largest images (about 2 and 2.1 Mpixel) yet bounds one
+    /// decoded image to 192 MB of RGB, plus at most 512 MB of libjpeg's own progressive buffers.
+    public static let defaultPixelLimit = 64 << 20
+
     /// Reads a PNG or JPEG (decided by the file's first bytes) as 8-bit RGB.
-    public static func readRGB(_ url: URL) throws -> RGBImage {
-        try decodeRGB(try readFile(url), name: url.path)
+    public static func readRGB(_ url: URL, maxPixels: Int = defaultPixelLimit) throws -> RGBImage {
+        try decodeRGB(try readFile(url), name: url.path, maxPixels: maxPixels)
     }
 
-    /// Decodes PNG or JPEG bytes; `name` is what errors call them (a file, a pack entry).
-    public static func decodeRGB(_ data: Data, name: String) throws -> RGBImage {
+    /// Decodes PNG or JPEG bytes; `name` is what errors call them (a file, a pack entry). An
+    /// image of more than `maxPixels` pixels is refused from its header, before decoding.
+    public static func decodeRGB(_ data: Data, name: String, maxPixels: Int = defaultPixelLimit) throws -> RGBImage {
         let magic = [UInt8](data.prefix(4))
         let image: hrhf_image
         if magic.starts(with: [0x89, 0x50, 0x4E, 0x47]) {
-            image = try decodeBytes(data, name: name) { hrhf_png_decode_rgb($0, $1, $2, $3, $4) }
+            image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
+                hrhf_png_decode_rgb($0, $1, $2, $3, $4, $5)
+            }
         } else if magic.starts(with: [0xFF, 0xD8]) {
-            image = try decodeBytes(data, name: name) { hrhf_jpeg_decode_rgb($0, $1, $2, $3, $4) }
+            image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
+                hrhf_jpeg_decode_rgb($0, $1, $2, $3, $4, $5)
+            }
         } else {
             throw ImageError(file: name, "neither a PNG nor a JPEG file")
         }
+        let count = try decodedPixelCount(image, channels: 3, maxPixels: maxPixels, name: name)
         defer { hrhf_free(image.pixels) }
-        let count = Int(image.width) * Int(image.height) * 3
-        let bytes = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt8.self), count: count)
+        let bytes = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt8.self), count: 3 * count)
         return RGBImage(width: Int(image.width), height: Int(image.height), pixels: Array(bytes))
     }
 
     /// Reads a palette or greyscale PNG's raw values (a label mask).
-    public static func readIndexPNG(_ url: URL) throws -> IndexMask {
-        try decodeIndexPNG(try readFile(url), name: url.path)
+    public static func readIndexPNG(_ url: URL, maxPixels: Int = defaultPixelLimit) throws -> IndexMask {
+        try decodeIndexPNG(try readFile(url), name: url.path, maxPixels: maxPixels)
     }
 
-    public static func decodeIndexPNG(_ data: Data, name: String) throws -> IndexMask {
-        let image = try decodeBytes(data, name: name) { hrhf_png_decode_index($0, $1, $2, $3, $4) }
+    public static func decodeIndexPNG(_ data: Data, name: String,
+                                      maxPixels: Int = defaultPixelLimit) throws -> IndexMask {
+        let image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
+            hrhf_png_decode_index($0, $1, $2, $3, $4, $5)
+        }
+        let count = try decodedPixelCount(image, channels: 1, maxPixels: maxPixels, name: name)
         defer { hrhf_free(image.pixels) }
-        let count = Int(image.width) * Int(image.height)
         let values = UnsafeBufferPointer(start: image.pixels.assumingMemoryBound(to: UInt16.self), count: count)
         return IndexMask(width: Int(image.width), height: Int(image.height), values: Array(values))
     }
@@ -136,6 +197,9 @@ public enum ImageIO {
     /// An 8-bit palette PNG of class indices (VOC palette by default; 255 is the ignore colour).
     public static func encodePalettePNG(_ mask: IndexMask, palette: [UInt8] = vocPalette, name: String = "mask") throws -> Data {
         guard mask.values.allSatisfy({ $0 <= 255 }) else { throw ImageError(file: name, "palette PNG values must be at most 255") }
+        guard palette.count == 768 else {
+            throw ImageError(file: name, "a palette needs 256 RGB triples, got \(palette.count) bytes")
+        }
         return try encode(width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
                           palette: palette, name: name)
     }

@@ -68,11 +68,16 @@ public struct IncrementalRun {
 
     /// Events for the caller's display.
     public enum Event {
-        case stepStarted(step: Int, images: Int, packs: Int, iterations: Int, resumedAt: Int)
+        /// A step whose model an earlier run wrote: kept, not trained again.
+        case stepAlreadyDone(step: Int, model: URL)
+        /// `checkpoint` is the file the step resumes from (nil for a fresh start) at `resumedAt`.
+        case stepStarted(step: Int, images: Int, packs: Int, iterations: Int, checkpoint: URL?, resumedAt: Int)
         case iteration(step: Int, done: Int, total: Int, loss: Float, parts: [String: Float])
         case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
         /// The re-labelling audit of a step's iterations (those run in this process).
         case relabelAudit(step: Int, audit: RelabelAudit)
+        /// The pack after a step begins (`resumed`: what an interrupted synthesis left).
+        case synthesisStarted(afterStep: Int, batches: Int, resumed: SynthesisJob.ResumedWork?)
         case synthesis(afterStep: Int, done: Int, total: Int)
         case packWritten(afterStep: Int, manifest: PackManifest, url: URL)
     }
@@ -85,6 +90,7 @@ public struct IncrementalRun {
             let target = modelURL(step: step)
             let (oldModel, oldCard) = try ModelFile.load(previous)
             if FileManager.default.fileExists(atPath: target.path) {
+                event(.stepAlreadyDone(step: step, model: target))
                 previous = target
             } else {
                 let loaded = try currentPacks.map { try SyntheticPack(url: $0) }
@@ -93,10 +99,12 @@ public struct IncrementalRun {
                 let runner = try DistillationStep(old: oldModel, oldCard: oldCard, train: train, task: task, step: step, setting: setting,
                                                   packs: loaded, options: options, config: stepConfig,
                                                   auditRelabelling: auditRelabelling)
-                let trainer = runner.makeTrainer(checkpoint: URL(fileURLWithPath: target.path + ".ckpt"))
-                try trainer.resume()
+                let checkpoint = URL(fileURLWithPath: target.path + ".ckpt")
+                let trainer = runner.makeTrainer(checkpoint: checkpoint)
+                let resumed = try trainer.resume()
                 event(.stepStarted(step: step, images: runner.realLoader.indices.count, packs: loaded.count,
-                                   iterations: stepConfig.iterations, resumedAt: trainer.iteration))
+                                   iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
+                                   resumedAt: trainer.iteration))
                 let start = Date()
                 var parts: [String: Float] = [:]
                 try trainer.run(loss: { it in
@@ -129,7 +137,9 @@ public struct IncrementalRun {
                     let classes = stepPackClasses == .new ? task.classes(at: step) : Array(1..<model.numClasses)
                     let job = SynthesisJob(teacherURL: previous, model: model, card: card, classes: classes,
                                            count: synthCount, options: synthOptions, seed: config.seed &+ UInt64(100 + step), out: packURL)
-                    let outcome = try job.run(resume: true) { done, total, _ in event(.synthesis(afterStep: step, done: done, total: total)) }
+                    let outcome = try job.run(resume: true, started: { resumed in
+                        event(.synthesisStarted(afterStep: step, batches: job.batches.count, resumed: resumed))
+                    }) { done, total, _ in event(.synthesis(afterStep: step, done: done, total: total)) }
                     event(.packWritten(afterStep: step, manifest: outcome.manifest, url: packURL))
                 }
                 currentPacks = stepPackClasses == .new ? currentPacks + [packURL] : [packURL]

@@ -1,7 +1,8 @@
 import Foundation
 
 /// Deterministic batches of pack images (augmented like the real ones; their labels are not
-/// used: the old model's outputs are the targets of fake images).
+/// used: the old model's outputs are the targets of fake images). Packs are verified when read;
+/// each image is decoded through `SyntheticPack.image`, which checks it against the pack.
 public final class PackSampler {
     let images: [(pack: SyntheticPack, record: SynthesisRecord)]
     let batchSize: Int
@@ -9,9 +10,13 @@ public final class PackSampler {
     let normalization: Normalization
     let seed: UInt64
 
-    public init(packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization, seed: UInt64) {
+    public init(packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization,
+                seed: UInt64) throws {
         images = packs.flatMap { p in p.manifest.images.map { (p, $0) } }
-        precondition(!images.isEmpty, "the packs hold no images")
+        guard !images.isEmpty else {
+            throw PackError(file: packs.map(\.url.path).joined(separator: ", "), "the packs hold no images")
+        }
+        guard batchSize >= 1 else { throw PackError(file: packs[0].url.path, "a batch of \(batchSize) pack images") }
         self.batchSize = batchSize
         self.augmentation = augmentation
         self.normalization = normalization
@@ -109,7 +114,7 @@ public final class DistillationStep {
         auditLoader = audits ? BatchLoader(dataset: train, indices: indices, batchSize: realPerBatch, augmentation: augmentation,
                                            normalization: oldCard.normalization, seed: config.seed, labelTransform: { $0 }) : nil
         relabelAudit = audits ? RelabelAudit(classes: old.numClasses) : nil
-        fakeSampler = usesPacks ? PackSampler(packs: packs, batchSize: fake, augmentation: augmentation,
+        fakeSampler = usesPacks ? try PackSampler(packs: packs, batchSize: fake, augmentation: augmentation,
                                               normalization: oldCard.normalization, seed: config.seed) : nil
         var steps = [Int](repeating: step, count: card.classes.count)
         for h in card.history { for c in h.classes where c < steps.count { steps[c] = h.step } }

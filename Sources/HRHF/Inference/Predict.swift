@@ -10,9 +10,16 @@ public func argmaxMasks(_ logits: Tensor) -> [IndexMask] {
 }
 
 /// The image with each labelled pixel blended half and half with its class colour
-/// (background 0 and ignore 255 left as they are).
-public func overlay(_ image: RGBImage, _ mask: IndexMask, palette: [UInt8] = vocPalette) -> RGBImage {
-    precondition(image.width == mask.width && image.height == mask.height, "overlay: sizes differ")
+/// (background 0 and ignore 255 left as they are). `name` is what an error calls the mask.
+public func overlay(_ image: RGBImage, _ mask: IndexMask, palette: [UInt8] = vocPalette,
+                    name: String = "mask") throws -> RGBImage {
+    guard image.width == mask.width, image.height == mask.height, mask.values.count * 3 == image.pixels.count else {
+        throw ImageError(file: name,
+                         "mask is \(mask.width)x\(mask.height) but its image is \(image.width)x\(image.height)")
+    }
+    guard palette.count == 768 else {
+        throw ImageError(file: name, "a palette needs 256 RGB triples, got \(palette.count) bytes")
+    }
     var out = image
     for i in 0..<mask.values.count {
         let k = Int(mask.values[i])

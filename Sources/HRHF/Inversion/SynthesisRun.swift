@@ -54,12 +54,22 @@ public struct SynthesisJob {
         public var imagesPerMinute: Double { seconds > 0 ? Double(imagesMade) / seconds * 60 : 0 }
     }
 
+    /// What `--resume` found of an interrupted run: its work directory and the batches (of this
+    /// run's) finished there.
+    public struct ResumedWork {
+        public var directory: URL
+        public var batches: [Int]
+        public var images: Int
+    }
+
     /// Thrown when `stopAfterBatches` cuts a run short (tests simulate a kill with it).
     public struct Interrupted: Error {}
 
-    /// Runs (or continues, with `resume`) and writes the pack. `progress` sees
-    /// (finished teacher iterations, total iterations of this run, current loss).
-    public func run(resume: Bool, stopAfterBatches: Int? = nil, progress: ((Int, Int, Float) -> Void)? = nil) throws -> Outcome {
+    /// Runs (or continues, with `resume`) and writes the pack. `started` sees what is resumed
+    /// (nil for a fresh run) before any work; `progress` sees (finished teacher iterations,
+    /// resumed ones included, total iterations of this run, current loss).
+    public func run(resume: Bool, stopAfterBatches: Int? = nil, started: ((ResumedWork?) -> Void)? = nil,
+                    progress: ((Int, Int, Float) -> Void)? = nil) throws -> Outcome {
         let fm = FileManager.default
         let teacherSHA = try sha256Hex(file: teacherURL)
         let identity = Identity(options: options, seed: seed, count: count, classes: classes, teacherSHA256: teacherSHA,
@@ -67,7 +77,11 @@ public struct SynthesisJob {
         let identityURL = workDirectory.appendingPathComponent("job.json")
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
-        if fm.fileExists(atPath: workDirectory.path) {
+        let mine = batches
+        // Batches an interrupted run finished: their record files, written last, are complete.
+        var finished: [Int: [SynthesisRecord]] = [:]
+        let resuming = fm.fileExists(atPath: workDirectory.path)
+        if resuming {
             guard resume else {
                 throw PackError(file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
             }
@@ -75,38 +89,45 @@ public struct SynthesisJob {
                   previous == identity else {
                 throw PackError(file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
             }
+            for b in mine {
+                if let data = try? Data(contentsOf: recordURL(batch: b)),
+                   let done = try? JSONDecoder().decode([SynthesisRecord].self, from: data) {
+                    finished[b] = done
+                }
+            }
         } else {
             for sub in ["batches", "images", "labels"] {
                 try fm.createDirectory(at: workDirectory.appendingPathComponent(sub), withIntermediateDirectories: true)
             }
             try writeAtomically(try encoder.encode(identity), to: identityURL)
         }
+        let resumedImages = finished.values.reduce(0) { $0 + $1.count }
+        started?(resuming
+                 ? ResumedWork(directory: workDirectory, batches: finished.keys.sorted(), images: resumedImages) : nil)
         let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: options)
         var records: [SynthesisRecord] = []
-        var made = 0, resumed = 0
+        var made = 0, madeBatches = 0
+        let resumedIterations = finished.count * options.iterations
         let start = Date()
-        let mine = batches
-        for (position, b) in mine.enumerated() {
-            let recordURL = workDirectory.appendingPathComponent(String(format: "batches/%06d.json", b))
-            if let data = try? Data(contentsOf: recordURL), let done = try? JSONDecoder().decode([SynthesisRecord].self, from: data) {
+        for b in mine {
+            if let done = finished[b] {
                 records += done
-                resumed += done.count
-                progress?((position + 1) * options.iterations, mine.count * options.iterations, .nan)
                 continue
             }
             if let stop = stopAfterBatches, made >= stop * options.batchSize { throw Interrupted() }
             let first = b * options.batchSize, n = min(options.batchSize, count - first)
             let images = inversion.synthesize(batch: b, firstIndex: first, count: n, seed: seed) { it, total, loss in
-                progress?(position * total + it, mine.count * total, loss)
+                progress?(resumedIterations + madeBatches * total + it, mine.count * total, loss)
             }
             for s in images {
                 try ImageIO.writePNG(s.image, to: workDirectory.appendingPathComponent(s.record.image))
                 try ImageIO.writePalettePNG(s.label, to: workDirectory.appendingPathComponent(s.record.label))
             }
             // The batch's record file is written last: its presence marks the batch complete.
-            try writeAtomically(try encoder.encode(images.map(\.record)), to: recordURL)
+            try writeAtomically(try encoder.encode(images.map(\.record)), to: recordURL(batch: b))
             records += images.map(\.record)
             made += n
+            madeBatches += 1
         }
         records.sort { $0.index < $1.index }
         let manifest = PackManifest(
@@ -119,7 +140,12 @@ public struct SynthesisJob {
             quality: SynthesisQuality(records: records, imagesPerMinute: nil))
         try SyntheticPack.write(manifest: manifest, files: { try Data(contentsOf: workDirectory.appendingPathComponent($0)) }, to: out)
         try? fm.removeItem(at: workDirectory)
-        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made, resumedImages: resumed)
+        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made,
+                       resumedImages: resumedImages)
+    }
+
+    func recordURL(batch: Int) -> URL {
+        workDirectory.appendingPathComponent(String(format: "batches/%06d.json", batch))
     }
 }
 

@@ -53,17 +53,76 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
     public var backboneChannels: Int { baseWidth * 8 * expansion }
     var stage3Channels: Int { baseWidth * 4 * expansion }
 
-    /// Checks the description can be built; the message says what is wrong.
-    public func validate() throws {
-        func fail(_ why: String) -> WeightFileError { WeightFileError(file: "architecture \(name)", why) }
-        guard layers.count == 4, layers.allSatisfy({ $0 >= 1 }) else { throw fail("layers must be four positive counts") }
-        guard outputStride == 8 || outputStride == 16 else { throw fail("output stride must be 8 or 16") }
-        guard asppRates.count == 3 else { throw fail("ASPP needs three rates") }
-        guard baseWidth >= 1, headChannels >= 1 else { throw fail("widths must be positive") }
-        guard !classesPerStep.isEmpty, classesPerStep.allSatisfy({ $0 >= 1 }) else {
-            throw fail("classes per step must be positive")
+    /// Bounds checked before any layer is built. They admit every preset and the real models
+    /// of the field (ResNet-200's stages have at most 36 blocks, widths 64 and 256, rates at most
+    /// 36, ADE20K's 150 classes in up to 51 steps for its 100-1 task) with room to spare.
+    public static let maxBlocksPerStage = 64
+    public static let maxBaseWidth = 128
+    public static let maxHeadChannels = 1024
+    public static let maxAtrousRate = 64
+    public static let maxSteps = 256
+    public static let maxClasses = 1024
+    /// Convolution weights the description may ask for: 128 Mi (512 MiB as float32); a
+    /// ResNet-152 DeepLabV3 with its auxiliary head has 77 M parameters.
+    public static let maxConvolutionWeights = 1 << 27
+
+    /// Checks the description can be built within the bounds above; the error names `file`
+    /// (or the architecture) and the field.
+    public func validate(file: String? = nil) throws {
+        func fail(_ field: String, _ why: String) -> WeightFileError {
+            WeightFileError(file: file ?? "architecture \(name)", key: "architecture.\(field)", why)
         }
-        guard !(flavor == .mib && auxHead) else { throw fail("MiB models have no auxiliary head") }
+        guard layers.count == 4, layers.allSatisfy({ (1...Self.maxBlocksPerStage).contains($0) }) else {
+            throw fail("layers", "\(layers) must be four block counts in 1...\(Self.maxBlocksPerStage)")
+        }
+        guard outputStride == 8 || outputStride == 16 else {
+            throw fail("outputStride", "\(outputStride) is not 8 or 16")
+        }
+        guard asppRates.count == 3, asppRates.allSatisfy({ (1...Self.maxAtrousRate).contains($0) }) else {
+            throw fail("asppRates", "\(asppRates) must be three rates in 1...\(Self.maxAtrousRate)")
+        }
+        guard (1...Self.maxBaseWidth).contains(baseWidth) else {
+            throw fail("baseWidth", "\(baseWidth) is not in 1...\(Self.maxBaseWidth)")
+        }
+        guard (1...Self.maxHeadChannels).contains(headChannels) else {
+            throw fail("headChannels", "\(headChannels) is not in 1...\(Self.maxHeadChannels)")
+        }
+        guard (1...Self.maxSteps).contains(classesPerStep.count) else {
+            throw fail("classesPerStep", "\(classesPerStep.count) steps, not 1...\(Self.maxSteps)")
+        }
+        var classes = 0
+        for n in classesPerStep {
+            let (sum, overflow) = classes.addingReportingOverflow(n)
+            guard n >= 1, !overflow, sum <= Self.maxClasses else {
+                throw fail("classesPerStep", "each step adds at least one class, \(Self.maxClasses) in all at most")
+            }
+            classes = sum
+        }
+        guard !(flavor == .mib && auxHead) else { throw fail("auxHead", "MiB models have no auxiliary head") }
+        let weights = convolutionWeights
+        guard weights <= Self.maxConvolutionWeights else {
+            throw fail("layers", "the network would have \(weights) convolution weights, more than "
+                       + "\(Self.maxConvolutionWeights)")
+        }
+    }
+
+    /// Weights of the network's convolutions (biases and norms add under 1%). The bounds
+    /// checked first keep every term far from overflow (at most 2^44 in all).
+    var convolutionWeights: Int {
+        var total = 3 * baseWidth * 49
+        var inChannels = baseWidth
+        for (stage, blocks) in layers.enumerated() {
+            let planes = baseWidth << stage, out = planes * expansion
+            let first = block == .bottleneck ? inChannels * planes + planes * planes * 9 + planes * out
+                : inChannels * planes * 9 + planes * planes * 9
+            let later = block == .bottleneck ? out * planes + planes * planes * 9 + planes * out : out * out * 18
+            total += first + inChannels * out + (blocks - 1) * later
+            inChannels = out
+        }
+        let head = backboneChannels * headChannels * (2 + 3 * 9) + 5 * headChannels * headChannels
+            + headChannels * headChannels * 9 + headChannels * numClasses
+        let aux = auxHead ? stage3Channels * (stage3Channels / 4) * 9 + (stage3Channels / 4) * numClasses : 0
+        return total + head + aux
     }
 
     /// The presets `hrhf-convert --arch` knows. `classesPerStep` is replaced by `--classes`.
@@ -98,14 +157,16 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
             throw WeightFileError(file: nameOrPath, "unknown architecture; --list-archs shows the known ones")
         }
         let url = URL(fileURLWithPath: nameOrPath)
+        var json = Data()
         do {
-            let arch = try JSONDecoder().decode(ArchitectureDescription.self, from: Data(contentsOf: url))
-            try arch.validate()
+            json = try Data(contentsOf: url)
+            let arch = try JSONDecoder().decode(ArchitectureDescription.self, from: json)
+            try arch.validate(file: nameOrPath)
             return arch
         } catch let e as WeightFileError {
             throw e
         } catch {
-            throw WeightFileError(file: nameOrPath, "not a valid architecture description: \(error)")
+            throw decodingFailure(error, json: json, file: nameOrPath, what: "architecture description")
         }
     }
 }

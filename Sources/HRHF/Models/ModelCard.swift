@@ -61,21 +61,65 @@ public struct ModelCard: Codable, Equatable, Sendable {
         self.notes = notes
     }
 
+    /// Checks the card before anything is built from it: the architecture's bounds, one class
+    /// per output with ids 0, 1, ..., a history that adds those classes step by step as
+    /// `classesPerStep` says, and a finite normalisation. Errors name `file` and the field.
     public func validate(file: String) throws {
-        guard format == Self.formatName else { throw WeightFileError(file: file, "model card format is \(format)") }
-        guard formatVersion <= Self.currentVersion else {
-            throw WeightFileError(file: file, "model card version \(formatVersion) is newer than this toolkit's")
+        guard format == Self.formatName else { throw WeightFileError(file: file, key: "format", "is \(format)") }
+        guard (1...Self.currentVersion).contains(formatVersion) else {
+            throw WeightFileError(file: file, key: "formatVersion", "\(formatVersion) is not one this toolkit reads")
         }
-        try architecture.validate()
+        try architecture.validate(file: file)
         guard classes.count == architecture.numClasses else {
-            throw WeightFileError(file: file, "card lists \(classes.count) classes, the architecture has \(architecture.numClasses) outputs")
+            throw WeightFileError(file: file, key: "classes", "card lists \(classes.count) classes, the architecture "
+                                  + "has \(architecture.numClasses) outputs")
         }
-        guard normalization.mean.count == 3, normalization.std.count == 3, normalization.std.allSatisfy({ $0 > 0 }) else {
-            throw WeightFileError(file: file, "normalisation needs three means and three positive deviations")
+        if let k = classes.indices.first(where: { classes[$0].id != $0 }) {
+            throw WeightFileError(file: file, key: "classes[\(k)].id",
+                                  "is \(classes[k].id), channel \(k) must be class \(k)")
+        }
+        guard history.count == architecture.classesPerStep.count else {
+            throw WeightFileError(file: file, key: "history", "has \(history.count) steps, classesPerStep "
+                                  + "\(architecture.classesPerStep.count)")
+        }
+        var start = 0, previousStep = -1
+        for (k, (step, count)) in zip(history, architecture.classesPerStep).enumerated() {
+            guard step.step > previousStep, step.classes == Array(start..<(start + count)) else {
+                throw WeightFileError(file: file, key: "history[\(k)]", "step \(step.step) must follow step "
+                                      + "\(previousStep) and add classes \(start)..<\(start + count)")
+            }
+            start += count
+            previousStep = step.step
+        }
+        guard normalization.mean.count == 3, normalization.std.count == 3, normalization.mean.allSatisfy(\.isFinite),
+              normalization.std.allSatisfy({ $0.isFinite && $0 > 0 }) else {
+            throw WeightFileError(file: file, key: "normalization",
+                                  "needs three finite means and three finite positive deviations")
         }
     }
 
     public var classNames: [String] { classes.map(\.name) }
+}
+
+/// A JSON decoding failure as an error naming the file and the field at fault. `json` tells
+/// a number that fits no field (Foundation reports it without a path) from broken JSON.
+func decodingFailure(_ error: Error, json: Data, file: String, what: String) -> WeightFileError {
+    let context: DecodingError.Context
+    switch error as? DecodingError {
+    case .typeMismatch(_, let c)?, .valueNotFound(_, let c)?, .dataCorrupted(let c)?: context = c
+    case .keyNotFound(let key, let c)?:
+        context = DecodingError.Context(codingPath: c.codingPath + [key], debugDescription: "missing")
+    default: return WeightFileError(file: file, "\(what) is not valid: \(error)")
+    }
+    if context.codingPath.isEmpty, (try? JSONSerialization.jsonObject(with: json)) != nil {
+        return WeightFileError(file: file, "\(what) is not valid: a number does not fit its field "
+                               + "(a fraction, or out of range, where an integer belongs)")
+    }
+    let field = context.codingPath.reduce("") { path, key in
+        key.intValue.map { "\(path)[\($0)]" } ?? (path.isEmpty ? key.stringValue : "\(path).\(key.stringValue)")
+    }
+    return WeightFileError(file: file, key: field.isEmpty ? nil : field,
+                           "\(what) is not valid: \(context.debugDescription)")
 }
 
 /// The native model file: safetensors whose metadata key `hrhf.card` holds the card as JSON.
@@ -102,7 +146,7 @@ public enum ModelFile {
         } catch let e as WeightFileError {
             throw e
         } catch {
-            throw WeightFileError(file: path, "model card is not valid: \(error)")
+            throw decodingFailure(error, json: Data(json.utf8), file: path, what: "model card")
         }
     }
 

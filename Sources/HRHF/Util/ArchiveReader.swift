@@ -41,12 +41,27 @@ public final class ArchiveReader {
     /// Bytes the whole archive may give; with `bytesRead`, what is left of that budget.
     public let totalLimit: Int
     public private(set) var bytesRead = 0
+    /// Bytes the archive may give as a multiple of its size on disk, and that size.
+    public let maxExpansion: Int?
+    public private(set) var archiveBytes = 0
+    /// Allowance on top of `maxExpansion` times the archive's size, so small archives of
+    /// small entries always read.
+    public static let expansionSlack = 16 << 20
 
-    /// `totalLimit` bounds the data of all entries together (decompressed, for zip).
-    public init(path: String, format: Format, totalLimit: Int = ArchiveReader.defaultTotalLimit) throws {
+    /// `totalLimit` bounds the data of all entries together (decompressed, for zip);
+    /// `maxExpansion`, if given, bounds it to that many times the archive's size plus
+    /// `expansionSlack`, which stops a compression bomb after a few times its own size.
+    public init(path: String, format: Format, totalLimit: Int = ArchiveReader.defaultTotalLimit,
+                maxExpansion: Int? = nil) throws {
         self.path = path
         self.totalLimit = totalLimit
+        self.maxExpansion = maxExpansion
         guard FileManager.default.fileExists(atPath: path) else { throw ArchiveError(file: path, "no such file") }
+        var info = stat()
+        guard stat(path, &info) == 0, let size = Int(exactly: info.st_size) else {
+            throw ArchiveError(file: path, "cannot read its size: \(String(cString: strerror(errno)))")
+        }
+        archiveBytes = size
         guard let a = archive_read_new() else { throw ArchiveError(file: path, "libarchive could not start") }
         switch format {
         case .zip: archive_read_support_format_zip(a)
@@ -110,6 +125,15 @@ public final class ArchiveReader {
             guard bytesRead + n <= totalLimit else {
                 throw ArchiveError(file: path, entry: entry,
                                    "the archive gives more than its limit of \(totalLimit) bytes in all")
+            }
+            if let maxExpansion {
+                let (scaled, o1) = archiveBytes.multipliedReportingOverflow(by: maxExpansion)
+                let (allowed, o2) = scaled.addingReportingOverflow(Self.expansionSlack)
+                guard o1 || o2 || bytesRead + n <= allowed else {
+                    throw ArchiveError(file: path, entry: entry,
+                                       "expands past \(maxExpansion) times the archive's \(archiveBytes) bytes "
+                                       + "(plus \(Self.expansionSlack >> 20) MiB): a compression bomb")
+                }
             }
             bytesRead += n
             data.append(contentsOf: buffer[0..<n])

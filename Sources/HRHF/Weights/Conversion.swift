@@ -82,17 +82,19 @@ public enum Converter {
             }
             guard !found.isEmpty else { throw WeightFileError(file: path, key: "cls.0.weight", "missing") }
         }
-        if let steps = options.stepClasses {
-            if detected == .mib && steps != found {
-                throw WeightFileError(file: path, key: "cls.*.weight",
-                                      "classifiers have \(found) outputs per step, --step-classes says \(steps)")
+        arch.classesPerStep = options.stepClasses ?? found
+        // Bounds (and a sum that cannot overflow) before the steps are compared or anything is built.
+        try arch.validate(file: path)
+        if options.stepClasses != nil {
+            if detected == .mib && arch.classesPerStep != found {
+                throw WeightFileError(file: path, key: "cls.*.weight", "classifiers have \(found) outputs per step, "
+                                      + "--step-classes says \(arch.classesPerStep)")
             }
-            if detected == .torchvision && steps.reduce(0, +) != found[0] {
+            if detected == .torchvision && arch.numClasses != found[0] {
                 throw WeightFileError(file: path, key: "classifier.4.weight",
-                                      "has \(found[0]) outputs, --step-classes adds up to \(steps.reduce(0, +))")
+                                      "has \(found[0]) outputs, --step-classes adds up to \(arch.numClasses)")
             }
         }
-        arch.classesPerStep = options.stepClasses ?? found
         guard options.classNames.count >= arch.numClasses else {
             throw WeightFileError(file: path, "the model has \(arch.numClasses) outputs but only \(options.classNames.count) class names were given")
         }

@@ -28,27 +28,59 @@ public indirect enum PickleValue {
     }
 }
 
-public final class PickleList { public var items: [PickleValue] = [] }
+/// What a mutable container needs so that nesting stays bounded: its height, and whether it
+/// sits inside another value already (then it is sealed: filling it later could make a cycle
+/// or deepen its parents unseen; Python's pickler always fills a container before using it).
+public class PickleContainer {
+    /// 1 + the greatest height of the values inside (scalars have height 0).
+    public internal(set) var height = 1
+    public internal(set) var sealed = false
+}
 
-/// Insertion-ordered dictionary (Python dicts keep order; state dicts rely on it).
-public final class PickleDict {
-    public var entries: [(key: PickleValue, value: PickleValue)] = []
+public final class PickleList: PickleContainer { public internal(set) var items: [PickleValue] = [] }
+
+/// Insertion-ordered dictionary (Python dicts keep order; state dicts rely on it), hashed on
+/// integer keys and string keys of at most 1 KiB, so that filling it is linear even when one
+/// long string is set again and again (state dict keys are under 200 bytes). Other keys are
+/// kept as they come.
+public final class PickleDict: PickleContainer {
+    public private(set) var entries: [(key: PickleValue, value: PickleValue)] = []
+    private var positions: [Key: Int] = [:]
+
+    private enum Key: Hashable {
+        case string(String), int(Int)
+
+        init?(_ value: PickleValue) {
+            switch value {
+            case .string(let s) where s.utf8.count <= 1024: self = .string(s)
+            case .int(let i): self = .int(i)
+            case .bool(let b): self = .int(b ? 1 : 0)
+            default: return nil
+            }
+        }
+    }
 
     func set(_ key: PickleValue, _ value: PickleValue) {
-        if let k = key.asString, let i = entries.firstIndex(where: { $0.key.asString == k }) {
+        guard let hashed = Key(key) else { return entries.append((key, value)) }
+        if let i = positions[hashed] {
             entries[i].value = value
         } else {
+            positions[hashed] = entries.count
             entries.append((key, value))
         }
     }
 
-    public subscript(_ key: String) -> PickleValue? { entries.first { $0.key.asString == key }?.value }
+    public subscript(_ key: String) -> PickleValue? { positions[.string(key)].map { entries[$0].value } }
 }
 
 public struct StorageReference {
     public var key: String
     public var dtype: StoredDType
+    /// Elements the whole storage holds, as its persistent id declares.
+    public var count: Int
+    /// The part of the storage a tensor indexes: all of it, or a legacy view.
     public var viewOffset: Int
+    public var viewCount: Int
 }
 
 /// torch._utils._rebuild_tensor_v2's arguments: where the values are and how they are laid out.
@@ -72,13 +104,23 @@ public struct RestrictedUnpickler {
     static let callables: Set<String> = [
         "collections.OrderedDict", "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter",
     ]
+    /// Opcodes one pickle may run (each adds at most one value, mark or memo entry). The fixtures
+    /// take 35 per tensor, so a ResNet-101 DeepLabV3 checkpoint with Adam state (about 1,300
+    /// tensors) needs about 50,000: 4 Mi leaves room for large training logs and bounds the
+    /// values built to a few hundred MB.
+    public static let maxOps = 1 << 22
+    /// Deepest nesting of containers. A checkpoint nests under 10 levels (checkpoint, optimizer,
+    /// state, parameter, ...); 200 keeps the recursive release of a value far from the stack's end.
+    public static let maxDepth = 200
 
     let data: [UInt8]
     let file: String
     var position = 0
-    var stack: [PickleValue] = []
+    var ops = 0
+    /// Values with the height of each (containers carry theirs, updated while they are filled).
+    var stack: [(value: PickleValue, height: Int)] = []
     var marks: [Int] = []
-    var memo: [Int: PickleValue] = [:]
+    var memo: [Int: (value: PickleValue, height: Int)] = [:]
     /// Turns a persistent id tuple into a value (the checkpoint format decides its layout).
     let persistentLoad: ([PickleValue]) throws -> PickleValue
 
@@ -89,7 +131,7 @@ public struct RestrictedUnpickler {
     }
 
     func error(_ problem: String) -> WeightFileError {
-        WeightFileError(file: file, "pickle at byte \(position): \(problem)")
+        WeightFileError(file: file, key: "pickle at byte \(position)", problem)
     }
 
     mutating func byte() throws -> UInt8 {
@@ -99,7 +141,9 @@ public struct RestrictedUnpickler {
     }
 
     mutating func bytes(_ n: Int) throws -> ArraySlice<UInt8> {
-        guard n >= 0, position + n <= data.count else { throw error("truncated pickle data") }
+        guard n >= 0, n <= data.count - position else {
+            throw error("a length of \(n) bytes runs past the end of the pickle (\(data.count - position) left)")
+        }
         defer { position += n }
         return data[position..<(position + n)]
     }
@@ -108,18 +152,47 @@ public struct RestrictedUnpickler {
         try bytes(n).reversed().reduce(0) { $0 << 8 | UInt64($1) }
     }
 
+    /// A length or index of `width` bytes, as an Int that fits what is left of the data.
+    mutating func length(_ width: Int) throws -> Int {
+        let raw = try littleEndian(width)
+        guard let n = Int(exactly: raw), n <= data.count - position else {
+            throw error("a length of \(raw) bytes runs past the end of the pickle (\(data.count - position) left)")
+        }
+        return n
+    }
+
     mutating func line() throws -> String {
         guard let end = data[position...].firstIndex(of: 0x0A) else { throw error("unterminated line") }
         defer { position = end + 1 }
         return String(decoding: data[position..<end], as: UTF8.self)
     }
 
-    mutating func pop() throws -> PickleValue {
-        guard let v = stack.popLast() else { throw error("stack underflow") }
-        return v
+    /// The height a stack or memo slot stands for (a container's grows while it is filled).
+    static func height(_ slot: (value: PickleValue, height: Int)) -> Int {
+        switch slot.value {
+        case .list(let c): return c.height
+        case .dict(let c): return c.height
+        default: return slot.height
+        }
     }
 
-    mutating func popMark() throws -> [PickleValue] {
+    mutating func push(_ value: PickleValue, height: Int = 0) throws {
+        guard height <= Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth) levels") }
+        stack.append((value, height))
+    }
+
+    mutating func pop() throws -> PickleValue {
+        guard let v = stack.popLast() else { throw error("stack underflow") }
+        return v.value
+    }
+
+    mutating func popLast(_ n: Int) throws -> [(value: PickleValue, height: Int)] {
+        guard stack.count >= n else { throw error("stack underflow") }
+        defer { stack.removeLast(n) }
+        return Array(stack.suffix(n))
+    }
+
+    mutating func popMark() throws -> [(value: PickleValue, height: Int)] {
         guard let m = marks.popLast(), m <= stack.count else { throw error("MARK missing") }
         defer { stack.removeSubrange(m...) }
         return Array(stack[m...])
@@ -127,7 +200,43 @@ public struct RestrictedUnpickler {
 
     mutating func top() throws -> PickleValue {
         guard let v = stack.last else { throw error("stack underflow") }
-        return v
+        return v.value
+    }
+
+    /// Seals the containers among `items` (they now sit inside another value) and returns the
+    /// height of a container holding them.
+    func enclose(_ items: [(value: PickleValue, height: Int)]) throws -> Int {
+        var height = 1
+        for item in items {
+            switch item.value {
+            case .list(let c): c.sealed = true
+            case .dict(let c): c.sealed = true
+            default: break
+            }
+            height = max(height, Self.height(item) + 1)
+        }
+        guard height <= Self.maxDepth else { throw error("nesting deeper than \(Self.maxDepth) levels") }
+        return height
+    }
+
+    /// The container on top of the stack, ready to take `items`.
+    func fill(_ container: PickleContainer, with items: [(value: PickleValue, height: Int)], _ op: String) throws {
+        guard !container.sealed else {
+            throw error("\(op) into a container already placed inside another (or into itself)")
+        }
+        let height = try enclose(items)
+        guard !container.sealed else { throw error("\(op) puts a container inside itself") }
+        container.height = max(container.height, height)
+    }
+
+    mutating func tuple(_ items: [(value: PickleValue, height: Int)]) throws {
+        try push(.tuple(items.map(\.value)), height: try enclose(items))
+    }
+
+    mutating func memoize(_ index: Int) throws {
+        guard index < Self.maxOps else { throw error("memo index \(index) beyond \(Self.maxOps)") }
+        guard let slot = stack.last else { throw error("stack underflow") }
+        memo[index] = slot
     }
 
     func resolveGlobal(_ module: String, _ name: String) throws -> PickleValue {
@@ -143,7 +252,7 @@ public struct RestrictedUnpickler {
         return s
     }
 
-    mutating func reduce(_ callable: PickleValue, _ args: PickleValue) throws -> PickleValue {
+    func reduce(_ callable: PickleValue, _ args: PickleValue) throws -> PickleValue {
         guard case .global(let name) = callable, let a = args.asTuple else {
             throw error("REDUCE on something that is not a permitted global")
         }
@@ -153,12 +262,16 @@ public struct RestrictedUnpickler {
             return .dict(PickleDict())
         case "torch._utils._rebuild_tensor_v2":
             guard a.count >= 4, case .storage(let storage) = a[0], let offset = a[1].asInt,
-                  let shape = a[2].asTuple?.compactMap({ $0.asInt }), let strides = a[3].asTuple?.compactMap({ $0.asInt }),
-                  shape.count == a[2].asTuple?.count, strides.count == shape.count else {
+                  let shapeItems = a[2].asTuple, let strideItems = a[3].asTuple else {
                 throw error("malformed _rebuild_tensor_v2 arguments")
             }
+            let shape = shapeItems.compactMap(\.asInt), strides = strideItems.compactMap(\.asInt)
+            guard shape.count == shapeItems.count, strides.count == strideItems.count,
+                  strides.count == shape.count else {
+                throw error("_rebuild_tensor_v2: size and stride must be tuples of integers of one length")
+            }
             guard offset >= 0, shape.allSatisfy({ $0 >= 0 }), strides.allSatisfy({ $0 >= 0 }) else {
-                throw error("negative tensor offset, size or stride")
+                throw error("_rebuild_tensor_v2: negative offset \(offset), size \(shape) or stride \(strides)")
             }
             return .tensor(TensorReference(storage: storage, offset: offset, shape: shape, strides: strides))
         case "torch._utils._rebuild_parameter":
@@ -172,107 +285,93 @@ public struct RestrictedUnpickler {
     /// Runs the opcodes to STOP and returns the value built.
     public mutating func load() throws -> PickleValue {
         while true {
+            ops += 1
+            guard ops <= Self.maxOps else { throw error("more than \(Self.maxOps) opcodes") }
             let op = try byte()
             switch op {
             case 0x80: _ = try byte()  // PROTO
-            case 0x95: _ = try bytes(8)  // FRAME
+            case 0x95: _ = try length(8)  // FRAME: the frame's length, checked; its opcodes follow inline
             case 0x2E:  // STOP
                 return try pop()
             case 0x28: marks.append(stack.count)  // MARK
-            case 0x7D: stack.append(.dict(PickleDict()))  // EMPTY_DICT
-            case 0x5D: stack.append(.list(PickleList()))  // EMPTY_LIST
-            case 0x29: stack.append(.tuple([]))  // EMPTY_TUPLE
-            case 0x8F: stack.append(.list(PickleList()))  // EMPTY_SET, held as a list
-            case 0x74: stack.append(.tuple(try popMark()))  // TUPLE
-            case 0x85: stack.append(.tuple([try pop()]))  // TUPLE1
-            case 0x86:  // TUPLE2
-                let b = try pop(), a = try pop()
-                stack.append(.tuple([a, b]))
-            case 0x87:  // TUPLE3
-                let c = try pop(), b = try pop(), a = try pop()
-                stack.append(.tuple([a, b, c]))
+            case 0x7D: try push(.dict(PickleDict()), height: 1)  // EMPTY_DICT
+            case 0x5D, 0x8F: try push(.list(PickleList()), height: 1)  // EMPTY_LIST, EMPTY_SET (held as a list)
+            case 0x29: try tuple([])  // EMPTY_TUPLE
+            case 0x74: try tuple(try popMark())  // TUPLE
+            case 0x85, 0x86, 0x87:  // TUPLE1, TUPLE2, TUPLE3
+                try tuple(try popLast(Int(op) - 0x84))
             case 0x6C:  // LIST
-                let l = PickleList()
-                l.items = try popMark()
-                stack.append(.list(l))
+                let items = try popMark(), l = PickleList()
+                l.height = try enclose(items)
+                l.items = items.map(\.value)
+                try push(.list(l))
             case 0x64:  // DICT
                 let items = try popMark()
                 guard items.count % 2 == 0 else { throw error("DICT with an odd item count") }
                 let d = PickleDict()
-                for i in stride(from: 0, to: items.count, by: 2) { d.set(items[i], items[i + 1]) }
-                stack.append(.dict(d))
-            case 0x73:  // SETITEM
-                let value = try pop(), key = try pop()
-                guard case .dict(let d) = try top() else { throw error("SETITEM on a non-dict") }
-                d.set(key, value)
-            case 0x75:  // SETITEMS
-                let items = try popMark()
+                d.height = try enclose(items)
+                for i in stride(from: 0, to: items.count, by: 2) { d.set(items[i].value, items[i + 1].value) }
+                try push(.dict(d))
+            case 0x73, 0x75:  // SETITEM, SETITEMS
+                let items = op == 0x73 ? try popLast(2) : try popMark()
                 guard items.count % 2 == 0, case .dict(let d) = try top() else { throw error("SETITEMS on a non-dict") }
-                for i in stride(from: 0, to: items.count, by: 2) { d.set(items[i], items[i + 1]) }
-            case 0x61:  // APPEND
-                let value = try pop()
-                guard case .list(let l) = try top() else { throw error("APPEND on a non-list") }
-                l.items.append(value)
-            case 0x65, 0x90:  // APPENDS, ADDITEMS
-                let items = try popMark()
+                try fill(d, with: items, "SETITEMS")
+                for i in stride(from: 0, to: items.count, by: 2) { d.set(items[i].value, items[i + 1].value) }
+            case 0x61, 0x65, 0x90:  // APPEND, APPENDS, ADDITEMS
+                let items = op == 0x61 ? try popLast(1) : try popMark()
                 guard case .list(let l) = try top() else { throw error("APPENDS on a non-list") }
-                l.items += items
-            case 0x71: memo[Int(try byte())] = try top()  // BINPUT
-            case 0x72: memo[Int(try littleEndian(4))] = try top()  // LONG_BINPUT
-            case 0x94: memo[memo.count] = try top()  // MEMOIZE
+                try fill(l, with: items, "APPENDS")
+                l.items += items.map(\.value)
+            case 0x71: try memoize(Int(try byte()))  // BINPUT
+            case 0x72: try memoize(Int(try littleEndian(4)))  // LONG_BINPUT
+            case 0x94: try memoize(memo.count)  // MEMOIZE
             case 0x68, 0x6A:  // BINGET, LONG_BINGET
                 let index = op == 0x68 ? Int(try byte()) : Int(try littleEndian(4))
-                guard let v = memo[index] else { throw error("memo entry \(index) missing") }
-                stack.append(v)
-            case 0x4B: stack.append(.int(Int(try byte())))  // BININT1
-            case 0x4D: stack.append(.int(Int(try littleEndian(2))))  // BININT2
-            case 0x4A: stack.append(.int(Int(Int32(truncatingIfNeeded: try littleEndian(4)))))  // BININT
+                guard let slot = memo[index] else { throw error("memo entry \(index) missing") }
+                stack.append(slot)
+            case 0x4B: try push(.int(Int(try byte())))  // BININT1
+            case 0x4D: try push(.int(Int(try littleEndian(2))))  // BININT2
+            case 0x4A: try push(.int(Int(Int32(truncatingIfNeeded: try littleEndian(4)))))  // BININT
             case 0x8A, 0x8B:  // LONG1, LONG4
-                let n = op == 0x8A ? Int(try byte()) : Int(try littleEndian(4))
+                let n = op == 0x8A ? Int(try byte()) : try length(4)
                 let raw = try bytes(n)
-                if n == 0 { stack.append(.int(0)); break }
+                guard let last = raw.last else { try push(.int(0)); break }
                 guard n <= 8 else {
                     // torch's legacy magic number is 10 bytes: keep it as bytes, compared by the caller.
-                    stack.append(.bytes(Array(raw)))
+                    try push(.bytes(Array(raw)))
                     break
                 }
                 var v = raw.reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-                if n < 8 && raw.last! & 0x80 != 0 { v |= ~UInt64(0) << (8 * UInt64(n)) }
-                stack.append(.int(Int(Int64(bitPattern: v))))
+                if n < 8 && last & 0x80 != 0 { v |= ~UInt64(0) << (8 * UInt64(n)) }
+                try push(.int(Int(Int64(bitPattern: v))))
             case 0x47:  // BINFLOAT, big-endian
                 let bits = try bytes(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-                stack.append(.float(Double(bitPattern: bits)))
-            case 0x58: stack.append(.string(try string(try bytes(Int(try littleEndian(4))))))  // BINUNICODE
-            case 0x8C: stack.append(.string(try string(try bytes(Int(try byte())))))  // SHORT_BINUNICODE
-            case 0x8D: stack.append(.string(try string(try bytes(Int(try littleEndian(8))))))  // BINUNICODE8
-            case 0x54: stack.append(.string(try string(try bytes(Int(try littleEndian(4))))))  // BINSTRING
-            case 0x55: stack.append(.string(try string(try bytes(Int(try byte())))))  // SHORT_BINSTRING
-            case 0x42: stack.append(.bytes(Array(try bytes(Int(try littleEndian(4))))))  // BINBYTES
-            case 0x43: stack.append(.bytes(Array(try bytes(Int(try byte())))))  // SHORT_BINBYTES
-            case 0x8E: stack.append(.bytes(Array(try bytes(Int(try littleEndian(8))))))  // BINBYTES8
-            case 0x4E: stack.append(.none)  // NONE
-            case 0x88: stack.append(.bool(true))  // NEWTRUE
-            case 0x89: stack.append(.bool(false))  // NEWFALSE
+                try push(.float(Double(bitPattern: bits)))
+            case 0x58, 0x54: try push(.string(try string(try bytes(try length(4)))))  // BINUNICODE, BINSTRING
+            case 0x8D: try push(.string(try string(try bytes(try length(8)))))  // BINUNICODE8
+            case 0x8C, 0x55: try push(.string(try string(try bytes(Int(try byte())))))  // SHORT_BINUNICODE/STRING
+            case 0x42: try push(.bytes(Array(try bytes(try length(4)))))  // BINBYTES
+            case 0x43: try push(.bytes(Array(try bytes(Int(try byte())))))  // SHORT_BINBYTES
+            case 0x8E: try push(.bytes(Array(try bytes(try length(8)))))  // BINBYTES8
+            case 0x4E: try push(.none)  // NONE
+            case 0x88: try push(.bool(true))  // NEWTRUE
+            case 0x89: try push(.bool(false))  // NEWFALSE
             case 0x63:  // GLOBAL
                 let module = try line(), name = try line()
-                stack.append(try resolveGlobal(module, name))
+                try push(try resolveGlobal(module, name))
             case 0x93:  // STACK_GLOBAL
                 let name = try pop(), module = try pop()
                 guard let n = name.asString, let m = module.asString else { throw error("STACK_GLOBAL needs two strings") }
-                stack.append(try resolveGlobal(m, n))
+                try push(try resolveGlobal(m, n))
             case 0x51:  // BINPERSID
                 guard let pid = try pop().asTuple else { throw error("persistent id is not a tuple") }
-                stack.append(try persistentLoad(pid))
-            case 0x52:  // REDUCE
+                try push(try persistentLoad(pid))
+            case 0x52, 0x81:  // REDUCE, NEWOBJ
                 let args = try pop(), callable = try pop()
-                stack.append(try reduce(callable, args))
-            case 0x81:  // NEWOBJ
-                let args = try pop(), cls = try pop()
-                stack.append(try reduce(cls, args))
+                try push(try reduce(callable, args), height: 1)
             case 0x62:  // BUILD: state on an OrderedDict (its _metadata) carries nothing we need
-                let state = try pop()
+                _ = try pop()
                 guard case .dict = try top() else { throw error("BUILD on an object that is not a dict") }
-                _ = state
             default:
                 throw error(String(format: "unsupported opcode 0x%02X", op))
             }

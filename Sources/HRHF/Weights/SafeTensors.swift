@@ -48,6 +48,39 @@ public enum StoredDType: String, Sendable, CaseIterable {
     }
 }
 
+/// Limits on the tensors of one weight file, checked before anything is allocated.
+public enum TensorBudget {
+    /// Most dimensions a tensor may have (NumPy's own limit).
+    public static let maxRank = 64
+    /// Elements of one tensor: 64 Mi (256 MiB as float32). The largest DeepLab weight
+    /// (ResNet-152's 2.4 M) and even an ImageNet-21k classifier (44.7 M) fit.
+    public static let maxElements = 1 << 26
+    /// Elements of all tensors of one file: 128 Mi (512 MiB as float32). A ResNet-152
+    /// DeepLabV3 with its auxiliary head holds 77 M.
+    public static let maxTotalElements = 1 << 27
+    /// Tensors one file may give: 64 Ki. A ResNet-101 DeepLabV3 state dict has about 650.
+    public static let maxTensors = 1 << 16
+
+    /// The product of `shape`, refused if a size is negative, the rank or the product too large
+    /// (every step checked).
+    public static func elementCount(_ shape: [Int], limit: Int = maxElements, file: String,
+                                    key: String?) throws -> Int {
+        guard shape.count <= maxRank else {
+            throw WeightFileError(file: file, key: key, "\(shape.count) dimensions, more than \(maxRank)")
+        }
+        var count = 1
+        for n in shape {
+            guard n >= 0 else { throw WeightFileError(file: file, key: key, "negative size in shape \(shape)") }
+            let (product, overflow) = count.multipliedReportingOverflow(by: n)
+            guard !overflow, product <= limit else {
+                throw WeightFileError(file: file, key: key, "shape \(shape) has more than \(limit) elements")
+            }
+            count = product
+        }
+        return count
+    }
+}
+
 extension Float {
     /// IEEE 754 half precision to single, without relying on Float16 support of the platform.
     init(halfBits h: UInt16) {
@@ -86,22 +119,38 @@ public struct SafeTensorsFile {
         return try parse(data, file: url.path)
     }
 
-    /// Header bigger than this is refused (the format's own reader limit is 100 MB).
-    static let maxHeaderBytes = 100_000_000
+    /// Header bigger than this is refused: 16 MiB. A ResNet-152 model's header with its card
+    /// takes under 200 KB, and parsing JSON costs several times its size in memory (the format's
+    /// own reader allows 100 MB).
+    static let maxHeaderBytes = 16 << 20
+
+    /// A JSON number that is an exact non-negative integer: not a float (`2.9`, `2.0`), not
+    /// `true` (NSNumber's `intValue` would truncate or convert both).
+    static func exactCount(_ value: Any) -> Int? {
+        guard let number = value as? NSNumber else { return nil }
+        switch String(cString: number.objCType) {
+        case "s", "i", "l", "q": return Int(exactly: number.int64Value).flatMap { $0 >= 0 ? $0 : nil }
+        case "S", "I", "L", "Q": return Int(exactly: number.uint64Value)
+        default: return nil  // "d": written with a fraction or an exponent; "c": a boolean
+        }
+    }
 
     public static func parse(_ data: Data, file: String) throws -> SafeTensorsFile {
         guard data.count >= 8 else {
             throw WeightFileError(file: file, "too short for a safetensors header (\(data.count) bytes)")
         }
         let headerSize = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
-        guard headerSize <= UInt64(maxHeaderBytes), 8 + Int(headerSize) <= data.count else {
-            throw WeightFileError(file: file, "header length \(headerSize) exceeds the file (\(data.count) bytes)")
+        guard let headerLength = Int(exactly: headerSize), headerLength <= maxHeaderBytes,
+              headerLength <= data.count - 8 else {
+            throw WeightFileError(file: file, key: "header length",
+                                  "\(headerSize) exceeds the file (\(data.count) bytes) or \(maxHeaderBytes) bytes")
         }
-        let headerData = data.subdata(in: 8..<(8 + Int(headerSize)))
+        let payloadStart = data.startIndex + 8 + headerLength
+        let headerData = data[(data.startIndex + 8)..<payloadStart]
         guard let header = (try? JSONSerialization.jsonObject(with: headerData)) as? [String: Any] else {
             throw WeightFileError(file: file, "header is not a JSON object")
         }
-        let payloadStart = 8 + Int(headerSize), payloadSize = data.count - payloadStart
+        let payloadSize = data.count - 8 - headerLength
         var metadata: [String: String] = [:]
         if let meta = header["__metadata__"] {
             guard let m = meta as? [String: String] else {
@@ -109,7 +158,11 @@ public struct SafeTensorsFile {
             }
             metadata = m
         }
-        var entries: [(name: String, dtype: StoredDType, shape: [Int], start: Int, end: Int)] = []
+        var entries: [(name: String, dtype: StoredDType, shape: [Int], count: Int, start: Int, end: Int)] = []
+        guard header.count <= TensorBudget.maxTensors else {
+            throw WeightFileError(file: file, "\(header.count) entries, more than \(TensorBudget.maxTensors) tensors")
+        }
+        var total = 0
         for (name, value) in header where name != "__metadata__" {
             guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
                   let shapeAny = info["shape"] as? [Any], let offsets = info["data_offsets"] as? [Any],
@@ -119,28 +172,31 @@ public struct SafeTensorsFile {
             guard let dtype = StoredDType(rawValue: dtypeName) else {
                 throw WeightFileError(file: file, key: name, "unsupported dtype \(dtypeName)")
             }
-            let shape = shapeAny.compactMap { ($0 as? NSNumber)?.intValue }
-            let bounds = offsets.compactMap { ($0 as? NSNumber)?.intValue }
-            guard shape.count == shapeAny.count, shape.allSatisfy({ $0 >= 0 }), bounds.count == 2 else {
-                throw WeightFileError(file: file, key: name, "shape and offsets must be non-negative integers")
+            let shape = shapeAny.compactMap(exactCount), bounds = offsets.compactMap(exactCount)
+            guard shape.count == shapeAny.count, bounds.count == 2 else {
+                throw WeightFileError(file: file, key: name, "shape \(shapeAny) and data_offsets \(offsets) must be "
+                                      + "non-negative integers")
             }
-            var count = 1
-            for d in shape {
-                let (product, overflow) = count.multipliedReportingOverflow(by: d)
-                guard !overflow, product <= payloadSize else {
-                    throw WeightFileError(file: file, key: name, "shape \(shape) is larger than the file")
-                }
-                count = product
-            }
-            guard bounds[0] >= 0, bounds[0] <= bounds[1], bounds[1] <= payloadSize else {
+            let count = try TensorBudget.elementCount(shape, file: file, key: name)
+            let (sum, overflow) = total.addingReportingOverflow(count)
+            guard !overflow, sum <= TensorBudget.maxTotalElements else {
                 throw WeightFileError(file: file, key: name,
-                                      "data offsets \(bounds) outside the data section of \(payloadSize) bytes")
+                                      "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
             }
-            guard bounds[1] - bounds[0] == count * dtype.byteSize else {
-                throw WeightFileError(file: file, key: name,
-                                      "holds \(bounds[1] - bounds[0]) bytes, shape \(shape) of \(dtypeName) needs \(count * dtype.byteSize)")
+            total = sum
+            entries.append((name, dtype, shape, count, bounds[0], bounds[1]))
+        }
+        // Offsets only once every shape and the total are known to fit the budgets.
+        for e in entries {
+            guard e.start <= e.end, e.end <= payloadSize else {
+                throw WeightFileError(file: file, key: e.name, "data offsets [\(e.start), \(e.end)] outside the data "
+                                      + "section of \(payloadSize) bytes")
             }
-            entries.append((name, dtype, shape, bounds[0], bounds[1]))
+            let (needed, tooMany) = e.count.multipliedReportingOverflow(by: e.dtype.byteSize)
+            guard !tooMany, e.end - e.start == needed else {
+                throw WeightFileError(file: file, key: e.name, "holds \(e.end - e.start) bytes, shape \(e.shape) of "
+                                      + "\(e.dtype.rawValue) needs \(e.count) x \(e.dtype.byteSize)")
+            }
         }
         entries.sort { $0.start != $1.start ? $0.start < $1.start : $0.name < $1.name }
         for (a, b) in zip(entries, entries.dropFirst()) where a.end > b.start {
@@ -149,7 +205,9 @@ public struct SafeTensorsFile {
         let tensors: [(String, Tensor)] = data.withUnsafeBytes { raw in
             entries.map { e in
                 let t = Tensor(zeros: e.shape)
-                e.dtype.decode(raw.baseAddress! + payloadStart + e.start, count: t.count, into: t.pointer)
+                if let base = raw.baseAddress, t.count > 0 {
+                    e.dtype.decode(base + 8 + headerLength + e.start, count: t.count, into: t.pointer)
+                }
                 return (e.name, t)
             }
         }
