@@ -17,6 +17,7 @@ let package = Package(
         .executable(name: "hrhf-synth", targets: ["hrhf-synth"]),
         .executable(name: "hrhf-pack", targets: ["hrhf-pack"]),
         .executable(name: "hrhf-distill", targets: ["hrhf-distill"]),
+        .executable(name: "hrhf-fuzz", targets: ["hrhf-fuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -31,6 +32,8 @@ let package = Package(
                        providers: [.apt(["libarchive-dev"])]),
         // setjmp/longjmp error handling for libpng and libjpeg stays inside C.
         .target(name: "CImageIO", dependencies: ["CPNG", "CJPEG"]),
+        // libFuzzer's driver, declared for hrhf-fuzz (linked only by -sanitize=fuzzer).
+        .systemLibrary(name: "CLibFuzzer"),
         // glibc's malloc tuning (mallopt is not in Swift's Glibc module).
         .target(name: "CMemory"),
         .target(
@@ -51,6 +54,8 @@ let package = Package(
         .executableTarget(name: "hrhf-synth", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-pack", dependencies: ["HRHFCommandLine"]),
         .executableTarget(name: "hrhf-distill", dependencies: ["HRHFCommandLine"]),
+        // libFuzzer's entry point with -DFUZZING (tools/fuzz.sh), otherwise a replayer of inputs.
+        .executableTarget(name: "hrhf-fuzz", dependencies: ["HRHF", "CLibFuzzer"]),
         .testTarget(name: "HRHFTests", dependencies: ["HRHF", "HRHFCommandLine"], exclude: ["Fixtures"]),
     ],
     swiftLanguageModes: [.v5]

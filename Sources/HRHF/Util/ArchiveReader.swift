@@ -56,28 +56,25 @@ public final class ArchiveReader {
         self.path = path
         self.totalLimit = totalLimit
         self.maxExpansion = maxExpansion
+        guard FileManager.default.fileExists(atPath: path) else { throw ArchiveError(file: path, "no such file") }
+        var info = stat()
+        guard stat(path, &info) == 0, let size = Int(exactly: info.st_size) else {
+            throw ArchiveError(file: path, "cannot read its size: \(String(cString: strerror(errno)))")
+        }
+        archiveBytes = size
         guard let a = archive_read_new() else { throw ArchiveError(file: path, "libarchive could not start") }
-        handle = a
         switch format {
         case .zip: archive_read_support_format_zip(a)
         case .tar: archive_read_support_format_tar(a)
         }
         archive_read_support_filter_none(a)
-        guard FileManager.default.fileExists(atPath: path) else {
-            archive_read_free(a)
-            throw ArchiveError(file: path, "no such file")
-        }
-        var info = stat()
-        guard stat(path, &info) == 0, let size = Int(exactly: info.st_size) else {
-            archive_read_free(a)
-            throw ArchiveError(file: path, "cannot read its size: \(String(cString: strerror(errno)))")
-        }
-        archiveBytes = size
         if archive_read_open_filename(a, path, 1 << 16) != ARCHIVE_OK {
             let message = Self.message(a)
             archive_read_free(a)
             throw ArchiveError(file: path, "not a readable \(format) archive: \(message)")
         }
+        // Set only now: once every property is set, a throw runs deinit, which frees the handle.
+        handle = a
     }
 
     deinit { archive_read_free(handle) }
