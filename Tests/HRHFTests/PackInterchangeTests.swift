@@ -11,15 +11,7 @@ final class PackInterchangeTests: XCTestCase {
     /// Runs hrhf-pack and asserts it failed cleanly: status 1, stderr naming `names`, nothing at `out`.
     func assertRefused(_ arguments: [String], naming names: [String], out: URL? = nil,
                        file: StaticString = #filePath, line: UInt = #line) throws {
-        let r = try runTool("hrhf-pack", arguments)
-        XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
-        for name in names {
-            XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line)
-        }
-        if let out {
-            XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), file: file, line: line)
-            XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"), file: file, line: line)
-        }
+        assertFailed(try runTool("hrhf-pack", arguments), naming: names, out: out, file: file, line: line)
     }
 
     func text(_ url: URL) throws -> String { String(decoding: try Data(contentsOf: url), as: UTF8.self) }
@@ -71,6 +63,10 @@ final class PackInterchangeTests: XCTestCase {
         try assertRefused(["export", Self.pack.path, "--voc", foreign.path],
                           naming: [foreign.path, "not an export of this pack"])
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: foreign.path), ["2007_000032.jpg"])
+        let link = temporaryDirectory().appendingPathComponent("link")
+        try FileManager.default.createSymbolicLink(at: link, withDestinationURL: dir)
+        try assertRefused(["export", Self.pack.path, "--voc", link.path],
+                          naming: [link.path, "exists and is not a folder (a link or a file)"])
     }
 
     /// export then import gives a pack whose images and labels are the original's, and two imports
@@ -147,25 +143,26 @@ final class PackInterchangeTests: XCTestCase {
         lying.values[5] = 16
         var empty = label
         empty.values = empty.values.map { $0 == 6 ? 255 : $0 }
+        func writeLabel(_ mask: IndexMask, as name: String) -> (URL) throws -> Void {
+            { try ImageIO.writePalettePNG(mask, to: $0.appendingPathComponent("labels/\(name)")) }
+        }
+        func writeImage(_ data: Data) -> (URL) throws -> Void {
+            { try data.write(to: $0.appendingPathComponent("images/run_0.png")) }
+        }
         let cases: [(String, (URL) throws -> Void, String)] = [
             ("labels/.hidden.png", { try Data().write(to: $0.appendingPathComponent("labels/.hidden.png")) },
              "not an allowed label name"),
             ("labels/a b.png", { try Data().write(to: $0.appendingPathComponent("labels/a b.png")) },
              "not an allowed label name"),
-            ("labels/run_1.png", { try ImageIO.writePalettePNG(label, to: $0.appendingPathComponent("labels/run_1.png")) },
-             "no image run_1.png, .jpg or .jpeg"),
-            ("labels/run_0.png", { try ImageIO.writePalettePNG(lying, to: $0.appendingPathComponent("labels/run_0.png")) },
+            ("labels/run_1.png", writeLabel(label, as: "run_1.png"), "no image run_1.png, .jpg or .jpeg"),
+            ("labels/run_0.png", writeLabel(lying, as: "run_0.png"),
              "value 16 at pixel (5, 0) is neither a teacher class (0 to 15) nor 255"),
-            ("labels/run_0.png", { try ImageIO.writePalettePNG(empty, to: $0.appendingPathComponent("labels/run_0.png")) },
-             "shows no class but background and ignore"),
-            ("labels/run_0.png", { try ImageIO.writePalettePNG(IndexMask(width: 16, height: 16, values: [UInt16](
-                repeating: 6, count: 256)), to: $0.appendingPathComponent("labels/run_0.png")) },
-             "16x16, its image is 32x32"),
-            ("images/run_0.png", { try ImageIO.writePNG(RGBImage(width: 32, height: 16),
-                                                        to: $0.appendingPathComponent("images/run_0.png")) },
+            ("labels/run_0.png", writeLabel(empty, as: "run_0.png"), "shows no class but background and ignore"),
+            ("labels/run_0.png", writeLabel(IndexMask(width: 16, height: 16, values: [UInt16](repeating: 6, count: 256)),
+                                            as: "run_0.png"), "16x16, its image is 32x32"),
+            ("images/run_0.png", writeImage(try ImageIO.encodePNG(RGBImage(width: 32, height: 16))),
              "32x16: a pack's images are square"),
-            ("images/run_0.png", { try Data("not an image".utf8).write(to: $0.appendingPathComponent("images/run_0.png")) },
-             "neither a PNG nor a JPEG file"),
+            ("images/run_0.png", writeImage(Data("not an image".utf8)), "neither a PNG nor a JPEG file"),
             ("images/run_0.png", { dir in
                 let target = dir.appendingPathComponent("elsewhere.png")
                 try FileManager.default.moveItem(at: dir.appendingPathComponent("images/run_0.png"), to: target)

@@ -139,7 +139,8 @@ public enum PackImport {
             }
             let targets = (1..<teacherClasses).filter { counts[$0] > 0 }
             guard !targets.isEmpty else {
-                throw FileError(file: pair.label.path, "shows no class but background and ignore: a record needs a target")
+                throw FileError(file: pair.label.path,
+                                "shows no class but background and ignore: a record needs a target")
             }
             if let requested, let outside = targets.first(where: { !requested.contains($0) }) {
                 throw FileError(file: pair.label.path, "shows class \(outside), which --classes does not list")
