@@ -94,7 +94,7 @@ struct Export: ParsableCommand {
         let p = try SyntheticPack(url: URL(fileURLWithPath: pack))
         let ids = try VOCExport.write(p, to: URL(fileURLWithPath: voc))
         print("exported \(ids.count) images of \(pack) to \(voc): JPEGImages/ (PNG), SegmentationClass/, "
-              + "SegmentationClassAug/, ImageSets/Segmentation/train.txt, splits/train.txt, splits/train_aug.txt")
+              + "SegmentationClassAug/, ImageSets/Segmentation/train.txt, splits/ (MiB's lists), list/ (PLOP's)")
     }
 }
 

@@ -29,7 +29,8 @@ final class PackInterchangeTests: XCTestCase {
             "JPEGImages", "JPEGImages/000000.png", "JPEGImages/000001.png",
             "SegmentationClass", "SegmentationClass/000000.png", "SegmentationClass/000001.png",
             "SegmentationClassAug", "SegmentationClassAug/000000.png", "SegmentationClassAug/000001.png",
-            "hrhf-pack-export.txt", "splits", "splits/train.txt", "splits/train_aug.txt"])
+            "VOCdevkit", "VOCdevkit/VOC2012", "hrhf-pack-export.txt", "list", "list/train.txt", "list/train_aug.txt",
+            "splits", "splits/train.txt", "splits/train_aug.txt"])
         XCTAssertEqual(try text(dir.appendingPathComponent("ImageSets/Segmentation/train.txt")), "000000\n000001\n")
         XCTAssertEqual(try text(dir.appendingPathComponent("splits/train_aug.txt")),
                        "/JPEGImages/000000.png /SegmentationClassAug/000000.png\n"
@@ -37,6 +38,16 @@ final class PackInterchangeTests: XCTestCase {
         XCTAssertEqual(try text(dir.appendingPathComponent("splits/train.txt")),
                        "/JPEGImages/000000.png /SegmentationClass/000000.png\n"
                        + "/JPEGImages/000001.png /SegmentationClass/000001.png\n")
+        // PLOP joins image paths under VOCdevkit/VOC2012/, label paths under the folder itself.
+        XCTAssertEqual(try text(dir.appendingPathComponent("list/train_aug.txt")),
+                       "/../../JPEGImages/000000.png /SegmentationClassAug/000000.png\n"
+                       + "/../../JPEGImages/000001.png /SegmentationClassAug/000001.png\n")
+        let plopImage = dir.appendingPathComponent("VOCdevkit/VOC2012/../../JPEGImages/000001.png")
+        XCTAssertEqual(try Data(contentsOf: plopImage),
+                       try Data(contentsOf: dir.appendingPathComponent("JPEGImages/000001.png")))
+        XCTAssertEqual(try text(dir.appendingPathComponent("list/train.txt")),
+                       "/../../JPEGImages/000000.png /SegmentationClass/000000.png\n"
+                       + "/../../JPEGImages/000001.png /SegmentationClass/000001.png\n")
         for (k, record) in pack.manifest.images.enumerated() {
             let id = String(format: "%06d", k)
             let label = try Data(contentsOf: dir.appendingPathComponent("SegmentationClass/\(id).png"))

@@ -5,14 +5,16 @@ import Foundation
 /// `SegmentationClass/` and `SegmentationClassAug/` (the same VOC-palette labels: MiB's training
 /// list names the second and asserts that it exists), `ImageSets/Segmentation/train.txt` (VOC's
 /// list of ids) and `splits/train.txt`, `splits/train_aug.txt` (MiB's lists of
-/// `/JPEGImages/ID.png /SegmentationClass[Aug]/ID.png` lines). The toolkit encodes no JPEG, so
+/// `/JPEGImages/ID.png /SegmentationClass[Aug]/ID.png` lines), and PLOP's `list/train.txt`,
+/// `list/train_aug.txt`, whose image paths PLOP joins under `VOCdevkit/VOC2012/` (so they climb
+/// out of those two empty folders: `/../../JPEGImages/ID.png`). The toolkit encodes no JPEG, so
 /// images are PNG only.
 public enum VOCExport {
     /// Written first: names the exported pack, so a second export into the folder is told apart
     /// from another pack's files or a real dataset's, which are never mixed with this one's.
     public static let markerName = "hrhf-pack-export.txt"
     public static let folders = ["JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets",
-                                 "ImageSets/Segmentation", "splits"]
+                                 "ImageSets/Segmentation", "splits", "list", "VOCdevkit", "VOCdevkit/VOC2012"]
 
     static func marker(_ pack: SyntheticPack) throws -> Data {
         guard let manifest = pack.files["manifest.json"] else {
@@ -84,6 +86,10 @@ public enum VOCExport {
                             to: dir.appendingPathComponent("splits/train.txt"))
         try writeAtomically(list { "/JPEGImages/\($0).png /SegmentationClassAug/\($0).png" },
                             to: dir.appendingPathComponent("splits/train_aug.txt"))
+        try writeAtomically(list { "/../../JPEGImages/\($0).png /SegmentationClass/\($0).png" },
+                            to: dir.appendingPathComponent("list/train.txt"))
+        try writeAtomically(list { "/../../JPEGImages/\($0).png /SegmentationClassAug/\($0).png" },
+                            to: dir.appendingPathComponent("list/train_aug.txt"))
         return ids
     }
 }
