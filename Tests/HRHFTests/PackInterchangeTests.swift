@@ -180,6 +180,15 @@ final class PackInterchangeTests: XCTestCase {
                 try FileManager.default.createSymbolicLink(at: dir.appendingPathComponent("images/run_0.png"),
                                                            withDestinationURL: target)
             }, "cannot open"),
+            ("images/run_0.png", { dir in
+                try FileManager.default.removeItem(at: dir.appendingPathComponent("images/run_0.png"))
+                XCTAssertEqual(mkfifo(dir.appendingPathComponent("images/run_0.png").path, 0o644), 0)
+            }, "not a regular file"),
+            ("labels/run_0.png", { dir in
+                try FileManager.default.removeItem(at: dir.appendingPathComponent("labels/run_0.png"))
+                try FileManager.default.createDirectory(at: dir.appendingPathComponent("labels/run_0.png"),
+                                                        withIntermediateDirectories: false)
+            }, "not a regular file"),
         ]
         for (file, change, reason) in cases {
             let dir = try folder(change)

@@ -95,9 +95,9 @@ public enum VOCExport {
 }
 
 /// Reads a regular file of at most `limit` bytes, never through a link, its size checked from
-/// the open descriptor before anything is allocated.
+/// the open descriptor before anything is allocated (O_NONBLOCK: opening a FIFO must not hang).
 func readInputFile(_ url: URL, limit: Int) throws -> Data {
-    let fd = open(url.path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+    let fd = open(url.path, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC)
     guard fd >= 0 else { throw FileError(file: url.path, "cannot open: \(String(cString: strerror(errno)))") }
     defer { close(fd) }
     var info = stat()
