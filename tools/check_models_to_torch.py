@@ -146,10 +146,10 @@ def main():
     ap.add_argument("--fixture", action="store_true", help="also write the small distilled fixture")
     args = ap.parse_args()
     torch.manual_seed(0)
-    tmp = tempfile.mkdtemp(prefix="hrhf-to-torch-")
-    results = [torchvision_case(args.build_dir, tmp), mib_case(args.build_dir, tmp)]
-    if args.fixture:
-        results.append(fixture(args.build_dir, tmp))
+    with tempfile.TemporaryDirectory(prefix="hrhf-to-torch-") as tmp:  # about 1 GB of checkpoints
+        results = [torchvision_case(args.build_dir, tmp), mib_case(args.build_dir, tmp)]
+        if args.fixture:
+            results.append(fixture(args.build_dir, tmp))
     return 0 if all(results) else 1
 
 
