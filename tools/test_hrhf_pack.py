@@ -31,6 +31,8 @@ from hrhf_pack import Pack, PackError  # noqa: E402
 FIXTURES = os.path.join(ROOT, "Tests", "HRHFTests", "Fixtures", "packs")
 WHOLE = os.path.join(FIXTURES, "shapes-32px-2.tar")
 SHARD = os.path.join(FIXTURES, "shapes-32px-shard-2of2.tar")
+# `hrhf-pack import` of `hrhf-pack export WHOLE --voc`: the same pixels, its own generator.
+IMPORTED = os.path.join(FIXTURES, "imported-32px-2.tar")
 SCHEMA = os.path.join(ROOT, "docs", "pack-manifest.schema.json")
 # SHA-256 of the decoded RGB pixels and label values; PackFixtureTests.swift asserts the same digests
 # from libpng's decoding, so both readers see the same pixels.
@@ -191,6 +193,19 @@ class FixturePacks(PackTestCase):
                     self.assertLessEqual(set(label.values), set(range(16)) | {255})
                     self.assertEqual(record["image"], "images/%06d.png" % record["index"])
 
+    def test_an_imported_pack_holds_the_exported_packs_pixels(self):
+        with Pack(IMPORTED) as pack:
+            self.assertEqual(pack.manifest["generator"]["name"], "hrhf-pack import")
+            self.assertEqual(pack.manifest["generator"]["options"]["iterations"], 0)
+            self.assertEqual([c["id"] for c in pack.manifest["classes"]], [6])
+            decoded = [(hashlib.sha256(image.pixels).hexdigest(), hashlib.sha256(label.values).hexdigest())
+                       for image, label, _ in pack]
+            self.assertEqual(decoded, DECODED[WHOLE])
+            for _, label, record in pack:
+                self.assertEqual(record["targets"], [6])
+                self.assertEqual(record["achievedAreas"], [label.values.count(6) / 1024])
+                self.assertEqual(record["targetAreas"], record["achievedAreas"])
+
     def test_fixture_labels_carry_the_voc_palette(self):
         voc = bytearray()
         for i in range(256):
@@ -206,7 +221,7 @@ class FixturePacks(PackTestCase):
                 self.assertEqual((ihdr[2], ihdr[3], palette), (8, 3, bytes(voc)))
 
     def test_fixture_entries_follow_the_reproducibility_rules(self):
-        for path in (WHOLE, SHARD):
+        for path in (WHOLE, SHARD, IMPORTED):
             with tarfile.open(path) as tar:
                 for member in tar.getmembers():
                     self.assertEqual((member.type, member.mode, member.mtime, member.uid, member.gid, member.uname,
@@ -228,7 +243,7 @@ class FixturePacks(PackTestCase):
             schema = json.load(stream)
         jsonschema.Draft202012Validator.check_schema(schema)
         validator = jsonschema.Draft202012Validator(schema)
-        for path in (WHOLE, SHARD):
+        for path in (WHOLE, SHARD, IMPORTED):
             with Pack(path) as pack:
                 self.assertEqual(list(validator.iter_errors(pack.manifest)), [], path)
         hostile = [

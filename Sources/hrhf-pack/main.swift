@@ -6,8 +6,8 @@ import HRHFCommandLine
 struct PackCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "hrhf-pack",
-        abstract: "Inspect, verify, merge and look at synthetic packs.",
-        subcommands: [Inspect.self, Verify.self, Merge.self, Sheet.self])
+        abstract: "Inspect, verify, merge, export, import and look at synthetic packs.",
+        subcommands: [Inspect.self, Verify.self, Merge.self, Sheet.self, Export.self, Import.self])
 }
 
 struct Inspect: ParsableCommand {
@@ -49,13 +49,17 @@ struct Inspect: ParsableCommand {
 struct Verify: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Check entries, checksums, the manifest against its teacher, every image and label; "
-            + "optionally the teacher.")
+            + "optionally the teacher and how far its argmax agrees with the labels.")
     @Argument(help: "The pack.") var pack: String
-    @Option(help: "The teacher model: its SHA-256 and classes must be the ones the pack records.") var model: String?
+    @Option(help: ArgumentHelp("The teacher model: its SHA-256 and classes must be the ones the pack records, and "
+                               + "its argmax on each image must agree with the label.")) var model: String?
+    @Option(help: ArgumentHelp("With --model: the least share of each label's pixels (not 255) on which it must "
+                               + "equal the teacher's argmax.")) var minAgreement = SyntheticPack.defaultLabelAgreement
 
     func run() throws {
         let p = try SyntheticPack(url: URL(fileURLWithPath: pack))
         try p.verifyImages()
+        var agreement = ""
         if let model {
             let url = URL(fileURLWithPath: model)
             let sha = try sha256Hex(file: url)
@@ -63,14 +67,52 @@ struct Verify: ParsableCommand {
                 throw PackError(file: pack, entry: "manifest.json",
                                 "teacher SHA-256 \(p.manifest.teacher.sha256) is not that of \(model) (\(sha))")
             }
-            let card = try ModelFile.readCard(try SafeTensorsFile.read(url), path: model)
+            let (network, card) = try ModelFile.load(url)
             guard card.classes == p.manifest.teacher.card.classes else {
                 throw PackError(file: pack, entry: "manifest.json",
                                 "field teacher.card.classes: not the classes of \(model)")
             }
+            let shares = try p.checkLabels(Predictor(model: network, card: card), minimum: minAgreement)
+            for (record, share) in zip(p.manifest.images.sorted { $0.index < $1.index }, shares) {
+                print(String(format: "%@: %.2f%% of pixels agree with the teacher", record.label, 100 * share))
+            }
+            agreement = String(format: ", labels agree with the teacher (lowest %.2f%%)", 100 * (shares.min() ?? 1))
         }
         print("\(pack): OK, \(p.manifest.images.count) images, \(p.files.count) entries, checksums match, "
-              + "images and labels decode" + (model != nil ? ", teacher matches" : ""))
+              + "images and labels decode" + (model != nil ? ", teacher matches" : "") + agreement)
+    }
+}
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write the pack as a PASCAL VOC folder that MiB's and PLOP's loaders read (PNG images: this "
+            + "toolkit encodes no JPEG).")
+    @Argument(help: "The pack.") var pack: String
+    @Option(help: "The folder to write (new, empty, or an earlier export of the same pack).") var voc: String
+
+    func run() throws {
+        let p = try SyntheticPack(url: URL(fileURLWithPath: pack))
+        let ids = try VOCExport.write(p, to: URL(fileURLWithPath: voc))
+        print("exported \(ids.count) images of \(pack) to \(voc): JPEGImages/ (PNG), SegmentationClass/, "
+              + "SegmentationClassAug/, ImageSets/Segmentation/train.txt, splits/ (MiB's lists), list/ (PLOP's)")
+    }
+}
+
+struct Import: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make a pack from a folder of images and labels (images/ + labels/, or JPEGImages/ + "
+            + "SegmentationClass/), the teacher recorded for provenance.")
+    @Argument(help: "The folder.") var folder: String
+    @Option(help: "The teacher model the labels are said to come from.") var model: String
+    @Option(help: "The pack to write.") var out: String
+    @Option(parsing: .upToNextOption, help: "The pack's classes (teacher class ids); default: those the labels show.")
+    var classes: [Int] = []
+
+    func run() throws {
+        let manifest = try PackImport.run(folder: URL(fileURLWithPath: folder), teacher: URL(fileURLWithPath: model),
+                                          classes: classes.isEmpty ? nil : classes, to: URL(fileURLWithPath: out))
+        print("imported \(manifest.images.count) images of \(manifest.generator.options.resolution) pixels into "
+              + "\(out), classes \(manifest.classes.map { String($0.id) }.joined(separator: " "))")
     }
 }
 

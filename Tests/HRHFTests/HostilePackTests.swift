@@ -353,19 +353,6 @@ final class HostilePackTests: XCTestCase {
         XCTAssertEqual(try sampler.batch(0).shape, [3, 3, 4, 4])
     }
 
-    /// Asserts a command failed cleanly: status 1, stderr naming `names`, nothing at `out`.
-    func assertFailed(_ r: (status: Int32, stdout: String, stderr: String), naming names: [String], out: URL? = nil,
-                      file: StaticString = #filePath, line: UInt = #line) {
-        XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
-        for name in names {
-            XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line)
-        }
-        if let out {
-            XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), file: file, line: line)
-            XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"), file: file, line: line)
-        }
-    }
-
     func testCommandsRefuseLyingPacksAndPlantedLinks() throws {
         let dir = temporaryDirectory()
         let good = try Self.write(try Self.entries())

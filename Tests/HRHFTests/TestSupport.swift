@@ -128,3 +128,16 @@ func runTool(_ name: String, _ arguments: [String]) throws -> (status: Int32, st
     process.waitUntilExit()
     return (process.terminationStatus, String(decoding: stdout, as: UTF8.self), String(decoding: stderr, as: UTF8.self))
 }
+
+/// Asserts a command failed cleanly: status 1, stderr naming `names`, nothing at `out`.
+func assertFailed(_ r: (status: Int32, stdout: String, stderr: String), naming names: [String], out: URL? = nil,
+                  file: StaticString = #filePath, line: UInt = #line) {
+    XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
+    for name in names {
+        XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line)
+    }
+    if let out {
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path), file: file, line: line)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"), file: file, line: line)
+    }
+}
