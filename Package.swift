@@ -29,13 +29,14 @@ let package = Package(
         .systemLibrary(name: "CJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive",
                        providers: [.apt(["libarchive-dev"])]),
+        .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         // setjmp/longjmp error handling for libpng and libjpeg stays inside C.
         .target(name: "CImageIO", dependencies: ["CPNG", "CJPEG"]),
         // glibc's malloc tuning (mallopt is not in Swift's Glibc module).
         .target(name: "CMemory"),
         .target(
             name: "HRHF",
-            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory",
+            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory", "CMPI",
                            .product(name: "Crypto", package: "swift-crypto")],
             swiftSettings: [.unsafeFlags(["-Ounchecked"], .when(configuration: .release))]
         ),

@@ -32,14 +32,16 @@ struct Eval: ParsableCommand {
         let outDir = savePredictions.map { URL(fileURLWithPath: $0) }
         if let outDir { try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true) }
         let progress = ProgressLine("eval", total: min(limit ?? dataset.count, dataset.count), unit: "img")
-        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit) { i, _, sample, prediction in
+        let communicator = Communicator.current
+        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit,
+                                  communicator: communicator) { i, _, sample, prediction in
             if let outDir { try ImageIO.writePalettePNG(prediction, to: outDir.appendingPathComponent(sample.name + ".png")) }
             progress.update(i + 1)
         }
         progress.finish()
         print(report.table())
-        try writeReport(report, json: json, csv: csv, classCount: net.numClasses)
+        if communicator.isRoot { try writeReport(report, json: json, csv: csv, classCount: net.numClasses) }
     }
 }
 
-Eval.main()
+Eval.mainAsRank()

@@ -33,10 +33,12 @@ struct Synth: ParsableCommand {
         print("inverting \(modelURL.lastPathComponent) into \(count) images of classes \(classes) "
               + "(\(job.batches.count) batches of \(synthesis.synthBatch), \(synthesis.iterations) iterations, \(synthesis.resolution)px)")
         let progress = ProgressLine("synth", total: job.batches.count * synthesis.iterations, unit: "it")
-        let outcome = try job.run(resume: resume) { done, _, loss in
+        let communicator = Communicator.current
+        let outcome = try job.run(resume: resume, communicator: communicator) { done, _, loss in
             progress.update(done, detail: loss.isFinite ? String(format: "loss %.3f", loss) : "resumed")
         }
         progress.finish()
+        guard communicator.isRoot else { return }
         let rate = outcome.imagesMade > 0 ? outcome.imagesPerMinute : nil
         // Throughput varies run to run, so it lives beside the pack, not in it.
         let runLog: [String: Any] = ["pack": out, "images_made": outcome.imagesMade, "images_resumed": outcome.resumedImages,
@@ -48,4 +50,4 @@ struct Synth: ParsableCommand {
     }
 }
 
-Synth.main()
+Synth.mainAsRank()
