@@ -18,7 +18,8 @@ extension ParsableCommand {
                 if communicator.isRoot { print(fullMessage(for: error)) }
                 Foundation.exit(0)
             }
-            communicator.abort(fullMessage(for: error))
+            let message = fullMessage(for: error)
+            communicator.abort(message.hasPrefix("Error: ") ? String(message.dropFirst(7)) : message)
         }
     }
 }

@@ -13,7 +13,11 @@ struct Synth: ParsableCommand {
     @Option(help: "Images in the pack.") var count: Int = 64
     @Option(help: "The pack to write (a tar).") var out: String
     @Option(help: "Random seed: the same seed and options give a byte-identical pack.") var seed: UInt64 = 0
-    @Option(help: "Make the K-th of N disjoint parts (K/N), for array jobs; join with hrhf-pack merge.") var shard: String?
+    @Option(help: ArgumentHelp("Make the K-th of N disjoint parts (K/N), for array jobs; join with hrhf-pack merge. 'auto': K "
+                               + "and N from Slurm's SLURM_ARRAY_TASK_ID/COUNT or Kubernetes' JOB_COMPLETION_INDEX."))
+    var shard: String?
+    @Option(name: .customLong("shard-count"), help: "N for --shard auto (required with Kubernetes: its Job's completions).")
+    var shardCount: Int?
     @Flag(help: "Continue an interrupted run from its last complete batch.") var resume = false
     @OptionGroup var synthesis: SynthesisOptionGroup
     @OptionGroup var compute: ComputeOptions
@@ -23,7 +27,9 @@ struct Synth: ParsableCommand {
         let modelURL = URL(fileURLWithPath: model)
         let (net, card) = try ModelFile.load(modelURL)
         var shardValue: (Int, Int)?
-        if let shard {
+        if shard == "auto" {
+            shardValue = try shardFromEnvironment(ProcessInfo.processInfo.environment, count: shardCount)
+        } else if let shard {
             let parts = shard.split(separator: "/").compactMap { Int($0) }
             guard parts.count == 2, parts[0] >= 1, parts[0] <= parts[1] else { throw ValidationError("--shard takes K/N with 1 <= K <= N") }
             shardValue = (parts[0], parts[1])

@@ -20,6 +20,11 @@ public struct DataParallel {
         DataParallel.share(of: batchSize, rank: communicator.rank, size: communicator.size)
     }
 
+    /// Makes the dropout layers of `model` draw the masks of this rank's share of the global batch.
+    public func shareDropout(_ model: Module, batchSize: Int) {
+        for (_, m) in model.namedModules() { (m as? Dropout)?.imagesBefore = share(of: batchSize).lowerBound }
+    }
+
     /// The factor of this rank's mean loss over `localCount` terms (labelled pixels) that makes
     /// the ranks' sum the mean over the global batch: localCount / (sum of localCount). One
     /// process gets exactly 1.

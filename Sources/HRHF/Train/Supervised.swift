@@ -65,6 +65,7 @@ public struct StepZeroJob {
             }
             let parallel = DataParallel(communicator)
             loader.share = parallel.share(of: config.batchSize)
+            parallel.shareDropout(model, batchSize: config.batchSize)
             trainer.dataParallel = parallel
         }
         return (trainer, loader)
