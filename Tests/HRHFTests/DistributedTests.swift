@@ -120,6 +120,10 @@ final class DistributedTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("error: rank 0 of 2: ") || r.stderr.contains("error: rank 1 of 2: "), r.stderr)
         XCTAssertTrue(r.stderr.contains("a batch of 1 cannot be shared by 2 ranks"), r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
+        // Distillation is one process only for now: under mpirun it refuses before touching anything.
+        let distill = try mpirun(2, "hrhf-distill", ["--old", out.path, "--data", Self.root.path, "--out", out.path])
+        XCTAssertNotEqual(distill.status, 0)
+        XCTAssertTrue(distill.stderr.contains("hrhf-distill is not data-parallel yet"), distill.stderr)
     }
 
     func testBatchSharesAndLaunchDetection() throws {
