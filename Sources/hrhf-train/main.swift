@@ -66,6 +66,10 @@ struct Train: ParsableCommand {
                      "setting": data.setting.rawValue, "iterations": "\(total)", "train_seconds": String(format: "%.0f", seconds)]
         var summary: [[String]] = [["iterations", "\(total)"], ["time", formatDuration(seconds)],
                                    ["final loss (smoothed)", String(format: "%.4f", smoothed ?? .nan)]]
+        if communicator.size > 1 {
+            summary.append(["ranks x threads", "\(communicator.size) x \(compute.threads)"])
+            summary.append(["allreduce per iteration (rank 0)", allreduceSummary(communicator, iterations: total)])
+        }
         if let val {
             let report = try evaluate(model: model, normalization: job.normalization, dataset: val, proto: proto,
                                       limit: evalLimit, communicator: communicator)

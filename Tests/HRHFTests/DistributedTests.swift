@@ -25,7 +25,9 @@ final class DistributedTests: XCTestCase {
         }
         return try runProcess(launcher, ["-np", "\(ranks)", "--oversubscribe", try toolURL(tool).path] + arguments,
                               environment: ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                                            "OMPI_MCA_rmaps_base_oversubscribe": "1"])
+                                            "OMPI_MCA_rmaps_base_oversubscribe": "1",
+                                            // Containers often forbid the cross-memory attach vader uses by default.
+                                            "OMPI_MCA_btl_vader_single_copy_mechanism": "none"])
     }
 
     func value(after label: String, in output: String) -> String? {
@@ -110,6 +112,36 @@ final class DistributedTests: XCTestCase {
         XCTAssertGreaterThan(pack.count, 10_000)
         XCTAssertEqual(try Data(contentsOf: dir.appendingPathComponent("two.tar")), pack)
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("two.tar.partial.d").path))
+    }
+
+    /// tools/cluster/synth-array.sbatch and synth-merge.sbatch run by hand with the variables Slurm
+    /// sets: three array tasks and the merge give the single run's pack, byte for byte.
+    func testSlurmArrayScriptsMakeTheSinglePack() throws {
+        let (teacher, _, _) = try SynthesisTests.tinyTeacher()
+        let dir = temporaryDirectory()
+        let scripts = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("tools/cluster")
+        let tools = try toolURL("hrhf-synth").deletingLastPathComponent().path
+        let bash = URL(fileURLWithPath: "/bin/bash"), pack = dir.appendingPathComponent("packs/p.tar")
+        let common = ["PATH": tools + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"),
+                      "TEACHER": teacher.path, "CLASSES": "1-5", "COUNT": "6", "SEED": "7", "RESOLUTION": "16",
+                      "PACK": pack.path, "EXTRA_ARGS": "--synth-iterations 2 --synth-batch 2 --threads 1"]
+        for task in 3...5 {
+            let r = try runProcess(bash, [scripts.appendingPathComponent("synth-array.sbatch").path], environment: common.merging(
+                ["SLURM_ARRAY_TASK_ID": "\(task)", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "3"]) { $1 })
+            XCTAssertEqual(r.status, 0, r.stderr)
+        }
+        let merge = try runProcess(bash, [scripts.appendingPathComponent("synth-merge.sbatch").path],
+                                   environment: common.merging(["PARTS": "3"]) { $1 })
+        XCTAssertEqual(merge.status, 0, merge.stderr)
+        XCTAssertTrue(merge.stdout.contains("merged 3 parts"), merge.stdout)
+        let single = dir.appendingPathComponent("single.tar")
+        let one = try runTool("hrhf-synth", ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--seed", "7",
+                                             "--resolution", "16", "--synth-iterations", "2", "--synth-batch", "2",
+                                             "--threads", "1", "--out", single.path])
+        XCTAssertEqual(one.status, 0, one.stderr)
+        XCTAssertEqual(try Data(contentsOf: pack), try Data(contentsOf: single))
+        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: pack.deletingLastPathComponent().path), ["p.tar"])
     }
 
     func testAFailingRankEndsTheJobWithItsRankAndError() throws {
