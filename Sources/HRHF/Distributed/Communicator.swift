@@ -74,9 +74,9 @@ public final class Communicator: @unchecked Sendable {
     /// one progress line and one report (`HRHF_ALL_RANKS_OUTPUT=1` keeps them all).
     public func quietUnlessRoot() {
         guard !isRoot, ProcessInfo.processInfo.environment["HRHF_ALL_RANKS_OUTPUT"] != "1" else { return }
-        let null = open("/dev/null", O_WRONLY)
-        guard null >= 0 else { return }
-        Communicator.errorDescriptor = dup(STDERR_FILENO)
+        let null = open("/dev/null", O_WRONLY), saved = dup(STDERR_FILENO)
+        guard null >= 0, saved >= 0 else { return }
+        Communicator.errorDescriptor = saved
         dup2(null, STDOUT_FILENO)
         dup2(null, STDERR_FILENO)
         close(null)

@@ -44,7 +44,9 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
     }
     precondition(training || (runningMean != nil && runningVar != nil),
                  "batch_norm in eval mode needs running statistics")
-    precondition(!training || m > 1, "batch_norm in training needs more than one value per channel, got \(x.shape)")
+    let synchronized = training ? BatchNormSync.communicator.flatMap { $0.size > 1 ? $0 : nil } : nil
+    precondition(!training || m > 1 || synchronized != nil,
+                 "batch_norm in training needs more than one value per channel, got \(x.shape)")
     let meanT = Tensor(zeros: [c]), invStdT = Tensor(zeros: [c])
     let px = x.pointer, pmean = meanT.pointer, pinv = invStdT.pointer
     let out = Tensor(uninitialized: x.shape)
@@ -75,12 +77,12 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
         }
         return s2
     }
-    let synchronized = training ? BatchNormSync.communicator.flatMap { $0.size > 1 ? $0 : nil } : nil
     var global: (mean: [Double], squares: [Double], count: Double)?
     if let synchronized {
         var sums = channelValues(n, c, plane, width: 1) { [groupSum($0)] } + [Double(m)]
         synchronized.allreduceSum(&sums)
         let count = sums[c], mean = sums[0..<c].map { $0 / count }
+        precondition(count > 1, "batch_norm in training needs more than one value per channel over all ranks")
         var squares = channelValues(n, c, plane, width: 1) { group in
             let lanes = (0..<8).map { Float(mean[group.lowerBound + min($0, group.count - 1)]) }
             return [groupSquaredDeviations(group, SIMD8<Float>(lanes))]
