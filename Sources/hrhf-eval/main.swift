@@ -33,8 +33,8 @@ struct Eval: ParsableCommand {
         if let outDir { try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true) }
         let progress = ProgressLine("eval", total: min(limit ?? dataset.count, dataset.count), unit: "img")
         let communicator = Communicator.current
-        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit,
-                                  communicator: communicator) { i, _, sample, prediction in
+        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto,
+                                  limit: limit, communicator: communicator) { i, _, sample, prediction in
             if let outDir { try ImageIO.writePalettePNG(prediction, to: outDir.appendingPathComponent(sample.name + ".png")) }
             progress.update(i + 1)
         }

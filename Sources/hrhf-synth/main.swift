@@ -13,10 +13,12 @@ struct Synth: ParsableCommand {
     @Option(help: "Images in the pack.") var count: Int = 64
     @Option(help: "The pack to write (a tar).") var out: String
     @Option(help: "Random seed: the same seed and options give a byte-identical pack.") var seed: UInt64 = 0
-    @Option(help: ArgumentHelp("Make the K-th of N disjoint parts (K/N), for array jobs; join with hrhf-pack merge. 'auto': K "
-                               + "and N from Slurm's SLURM_ARRAY_TASK_ID/COUNT or Kubernetes' JOB_COMPLETION_INDEX."))
+    @Option(help: ArgumentHelp("Make the K-th of N disjoint parts (K/N), for array jobs; join with hrhf-pack merge. "
+                               + "'auto': K and N from Slurm's SLURM_ARRAY_TASK_ID/COUNT or Kubernetes' "
+                               + "JOB_COMPLETION_INDEX."))
     var shard: String?
-    @Option(name: .customLong("shard-count"), help: "N for --shard auto (required with Kubernetes: its Job's completions).")
+    @Option(name: .customLong("shard-count"),
+            help: "N for --shard auto (required with Kubernetes: its Job's completions).")
     var shardCount: Int?
     @Flag(help: "Continue an interrupted run from its last complete batch.") var resume = false
     @OptionGroup var synthesis: SynthesisOptionGroup

@@ -40,8 +40,8 @@ struct Train: ParsableCommand {
         var config = TrainingConfig(iterations: total, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
                                     checkpointEvery: checkpointEvery)
         config.seed = seed
-        var job = StepZeroJob(architecture: try ArchitectureDescription.resolve(arch), train: train, val: val, task: task,
-                              setting: data.setting, config: config)
+        var job = StepZeroJob(architecture: try ArchitectureDescription.resolve(arch), train: train, val: val,
+                              task: task, setting: data.setting, config: config)
         let communicator = Communicator.current
         job.communicator = communicator
         if syncBN { BatchNormSync.communicator = communicator }
@@ -57,7 +57,8 @@ struct Train: ParsableCommand {
               + "\(total) iterations of \(batch) at \(crop)px, \(model.parameterCount) parameters")
         let progress = ProgressLine("train", total: total, unit: "it")
         var smoothed: Float?
-        try trainer.run(loss: { it in supervisedLoss(model, try loader.batch(it), parallel: trainer.dataParallel) }) { it, loss in
+        let parallel = trainer.dataParallel
+        try trainer.run(loss: { it in supervisedLoss(model, try loader.batch(it), parallel: parallel) }) { it, loss in
             smoothed = smoothed.map { 0.98 * $0 + 0.02 * loss } ?? loss
             progress.update(it, detail: String(format: "loss %.4f", smoothed!))
         }

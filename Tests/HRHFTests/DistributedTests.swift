@@ -16,11 +16,12 @@ final class DistributedTests: XCTestCase {
     }()
 
     /// Runs `tool` on `ranks` MPI ranks (as root, oversubscribed: CI machines have two cores).
-    func mpirun(_ ranks: Int, _ tool: String, _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    func mpirun(_ ranks: Int, _ tool: String,
+                _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
         let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":")
             .map { URL(fileURLWithPath: String($0)).appendingPathComponent("mpirun") }
         guard let launcher = path.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
-            print("DistributedTests skipped: mpirun is not installed (Debian: apt-get install openmpi-bin libopenmpi-dev)")
+            print("DistributedTests skipped: mpirun is not installed (Debian: apt-get install openmpi-bin)")
             throw XCTSkip("mpirun is not installed")
         }
         return try runProcess(launcher, ["-np", "\(ranks)", "--oversubscribe", try toolURL(tool).path] + arguments,
@@ -42,8 +43,9 @@ final class DistributedTests: XCTestCase {
     func testTrainingWithSyncBatchNormOnTwoRanksMatchesOneProcess() throws {
         let dir = temporaryDirectory()
         func arguments(_ out: String, batch: Int = 4, syncBN: Bool = true) -> [String] {
-            ["--data", Self.root.path, "--arch", Self.root.appendingPathComponent("tiny.json").path, "--iterations", "3",
-             "--batch", "\(batch)", "--crop", "24", "--seed", "3", "--threads", "1", "--eval-limit", "5",
+            ["--data", Self.root.path, "--arch", Self.root.appendingPathComponent("tiny.json").path,
+             "--iterations", "3", "--batch", "\(batch)", "--crop", "24", "--seed", "3", "--threads", "1",
+             "--eval-limit", "5",
              "--out", dir.appendingPathComponent(out).path] + (syncBN ? ["--sync-bn"] : [])
         }
         let one = try runTool("hrhf-train", arguments("one.safetensors"))
@@ -93,8 +95,8 @@ final class DistributedTests: XCTestCase {
             for i in 0..<t.count { t.pointer[i] = 0.5 + rng.nextUnitFloat() }
         }
         let modelURL = dir.appendingPathComponent("m.safetensors")
-        try ModelFile.save(model, card: ModelCard(architecture: Self.arch, classNames: Array(DatasetClasses.shapes.prefix(16))),
-                           to: modelURL)
+        let card = ModelCard(architecture: Self.arch, classNames: Array(DatasetClasses.shapes.prefix(16)))
+        try ModelFile.save(model, card: card, to: modelURL)
         func arguments(_ json: String) -> [String] {
             ["--model", modelURL.path, "--data", Self.root.path, "--step", "0", "--threads", "1",
              "--json", dir.appendingPathComponent(json).path]
@@ -113,8 +115,9 @@ final class DistributedTests: XCTestCase {
         let dir = temporaryDirectory()
         // Three batches of two: rank 0 makes two of them, rank 1 one.
         func arguments(_ out: String) -> [String] {
-            ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--synth-batch", "2", "--synth-iterations", "2",
-             "--resolution", "16", "--seed", "7", "--threads", "1", "--out", dir.appendingPathComponent(out).path]
+            ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--synth-batch", "2",
+             "--synth-iterations", "2", "--resolution", "16", "--seed", "7", "--threads", "1",
+             "--out", dir.appendingPathComponent(out).path]
         }
         let one = try runTool("hrhf-synth", arguments("one.tar"))
         XCTAssertEqual(one.status, 0, one.stderr)
@@ -139,8 +142,9 @@ final class DistributedTests: XCTestCase {
                       "TEACHER": teacher.path, "CLASSES": "1-5", "COUNT": "6", "SEED": "7", "RESOLUTION": "16",
                       "PACK": pack.path, "EXTRA_ARGS": "--synth-iterations 2 --synth-batch 2 --threads 1"]
         for task in 3...5 {
-            let r = try runProcess(bash, [scripts.appendingPathComponent("synth-array.sbatch").path], environment: common.merging(
-                ["SLURM_ARRAY_TASK_ID": "\(task)", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "3"]) { $1 })
+            let slurm = ["SLURM_ARRAY_TASK_ID": "\(task)", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "3"]
+            let r = try runProcess(bash, [scripts.appendingPathComponent("synth-array.sbatch").path],
+                                   environment: common.merging(slurm) { $1 })
             XCTAssertEqual(r.status, 0, r.stderr)
         }
         let merge = try runProcess(bash, [scripts.appendingPathComponent("synth-merge.sbatch").path],
@@ -153,7 +157,8 @@ final class DistributedTests: XCTestCase {
                                              "--threads", "1", "--out", single.path])
         XCTAssertEqual(one.status, 0, one.stderr)
         XCTAssertEqual(try Data(contentsOf: pack), try Data(contentsOf: single))
-        XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: pack.deletingLastPathComponent().path), ["p.tar"])
+        let left = try FileManager.default.contentsOfDirectory(atPath: pack.deletingLastPathComponent().path)
+        XCTAssertEqual(left, ["p.tar"], "the merge removes the parts")
     }
 
     func testAFailingRankEndsTheJobWithItsRankAndError() throws {
@@ -189,7 +194,8 @@ final class DistributedTests: XCTestCase {
             return [s.index, s.count]
         }
         XCTAssertEqual(try shard(["SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"]), [1, 4])
-        XCTAssertEqual(try shard(["SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"]), [4, 4])
+        let slurm = ["SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"]
+        XCTAssertEqual(try shard(slurm), [4, 4])
         XCTAssertEqual(try shard(["JOB_COMPLETION_INDEX": "2"], count: 3), [3, 3])
         XCTAssertEqual(try shard(["JOB_COMPLETION_INDEX": "0", "HRHF_SHARD_COUNT": "2"]), [1, 2])
         func refusal(_ env: [String: String], count: Int? = nil) -> String {

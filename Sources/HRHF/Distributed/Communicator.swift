@@ -141,7 +141,9 @@ public final class Communicator: @unchecked Sendable {
         guard let world, size > 1 else { return data }
         var length = [Int64(data.count)]
         check(MPI_Bcast(&length, 1, hrhf_mpi_int64(), 0, world), "MPI_Bcast")
-        guard let count = Int32(exactly: length[0]) else { abort("broadcast of \(length[0]) bytes exceeds MPI's count") }
+        guard let count = Int32(exactly: length[0]) else {
+            abort("broadcast of \(length[0]) bytes exceeds MPI's count")
+        }
         var bytes = isRoot ? [UInt8](data) : [UInt8](repeating: 0, count: Int(count))
         check(MPI_Bcast(&bytes, count, hrhf_mpi_byte(), 0, world), "MPI_Bcast")
         return Data(bytes)

@@ -170,7 +170,8 @@ public struct SynthesisJob {
                 if let done = completedRecords(b) { records += done } else { remaining.append(b) }
             }
         }
-        remaining = try JSONDecoder().decode([Int].self, from: communicator.broadcast(try JSONEncoder().encode(remaining)))
+        let plan = communicator.broadcast(try JSONEncoder().encode(remaining))
+        remaining = try JSONDecoder().decode([Int].self, from: plan)
         let resumed = records.count
         let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: options)
         let encoder = JSONEncoder()
@@ -182,8 +183,8 @@ public struct SynthesisJob {
             var mine = Data()
             if slot < remaining.count {
                 let b = remaining[slot], first = b * options.batchSize, n = min(options.batchSize, count - first)
-                let images = inversion.synthesize(batch: b, firstIndex: first, count: n, seed: seed) { it, total, loss in
-                    progress?(round * communicator.size * total + it * communicator.size, remaining.count * total, loss)
+                let images = inversion.synthesize(batch: b, firstIndex: first, count: n, seed: seed) { it, all, loss in
+                    progress?(round * communicator.size * all + it * communicator.size, remaining.count * all, loss)
                 }
                 var files: [String: Data] = [:]
                 for s in images {
@@ -195,7 +196,9 @@ public struct SynthesisJob {
             guard let gathered = communicator.gather(mine) else { continue }
             for data in gathered where !data.isEmpty {
                 let part = try JSONDecoder().decode(BatchFiles.self, from: data)
-                for (name, bytes) in part.files { try writeAtomically(bytes, to: workDirectory.appendingPathComponent(name)) }
+                for (name, bytes) in part.files {
+                    try writeAtomically(bytes, to: workDirectory.appendingPathComponent(name))
+                }
                 // The batch's record file is written last: its presence marks the batch complete.
                 try writeAtomically(try encoder.encode(part.records), to: recordURL(part.batch))
                 records += part.records

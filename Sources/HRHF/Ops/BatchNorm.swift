@@ -205,7 +205,8 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
                     pgb[ch] = Float(sumDy[j])
                     pgw[ch] = Float(sumDyXhat[j])
                     guard let pgx else { continue }
-                    writeInputGradient(pgx, ch, meanDy: Float(sumDy[j] / Double(m)), meanDyXhat: Float(sumDyXhat[j] / Double(m)))
+                    writeInputGradient(pgx, ch, meanDy: Float(sumDy[j] / Double(m)),
+                                       meanDyXhat: Float(sumDyXhat[j] / Double(m)))
                 }
             }
         }

@@ -120,7 +120,8 @@ public final class Trainer {
             let value = try loss(iteration)
             let item = dataParallel.map { Float($0.communicator.sum(Double(value.item))) } ?? value.item
             guard item.isFinite else {
-                throw WeightFileError(file: checkpoint?.path ?? "training", "loss became \(item) at iteration \(iteration)")
+                throw WeightFileError(file: checkpoint?.path ?? "training",
+                                      "loss became \(item) at iteration \(iteration)")
             }
             optimizer.zeroGrad()
             value.backward()
