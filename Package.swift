@@ -30,6 +30,7 @@ let package = Package(
         .systemLibrary(name: "CJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
         .systemLibrary(name: "CArchive", pkgConfig: "libarchive",
                        providers: [.apt(["libarchive-dev"])]),
+        .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         // setjmp/longjmp error handling for libpng and libjpeg stays inside C.
         .target(name: "CImageIO", dependencies: ["CPNG", "CJPEG"]),
         // libFuzzer's driver, declared for hrhf-fuzz (linked only by -sanitize=fuzzer).
@@ -38,7 +39,7 @@ let package = Package(
         .target(name: "CMemory"),
         .target(
             name: "HRHF",
-            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory",
+            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory", "CMPI",
                            .product(name: "Crypto", package: "swift-crypto")]
         ),
         .target(

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build links against, when any is missing.
 set -euo pipefail
-packages=(libpng-dev libjpeg-dev libopenblas-dev libarchive-dev pkg-config)
+packages=(libpng-dev libjpeg-dev libopenblas-dev libarchive-dev libopenmpi-dev openmpi-bin pkg-config)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

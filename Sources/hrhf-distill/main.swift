@@ -49,6 +49,10 @@ struct Distill: ParsableCommand {
 
     func run() throws {
         compute.apply()
+        // Its losses' batch-wide statistics (GSC groups, split batch norm) are not reduced over ranks yet.
+        guard Communicator.current.size == 1 else {
+            throw ValidationError("hrhf-distill is not data-parallel yet: run it as one process (without mpirun/srun)")
+        }
         var options = try DistillationOptions.preset(method)
         if let background {
             guard let b = BackgroundHandling(rawValue: background) else { throw ValidationError("unknown --background \(background)") }
@@ -147,4 +151,4 @@ struct Distill: ParsableCommand {
     }
 }
 
-Distill.main()
+Distill.mainAsRank()

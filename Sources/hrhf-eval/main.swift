@@ -38,7 +38,9 @@ struct Eval: ParsableCommand {
             try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true)
         }
         let progress = ProgressLine("eval", total: count, unit: "img")
-        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto, limit: limit) { i, _, sample, prediction in
+        let communicator = Communicator.current
+        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto,
+                                  limit: limit, communicator: communicator) { i, _, sample, prediction in
             if let outDir {
                 let url = try outputURL(in: outDir, name: sample.name, suffix: ".png")
                 try ImageIO.writePalettePNG(prediction, to: url)
@@ -47,8 +49,8 @@ struct Eval: ParsableCommand {
         }
         progress.finish()
         print(report.table())
-        try writeReport(report, json: json, csv: csv, classCount: net.numClasses)
+        if communicator.isRoot { try writeReport(report, json: json, csv: csv, classCount: net.numClasses) }
     }
 }
 
-Eval.main()
+Eval.mainAsRank()

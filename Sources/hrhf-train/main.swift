@@ -23,6 +23,8 @@ struct Train: ParsableCommand {
     @Option(help: "Write the final evaluation as JSON.") var json: String?
     @Option(help: "Append the PLOP-format CSV line of the final evaluation.") var csv: String?
     @Option(help: "Native model to write.") var out: String
+    @Flag(name: .customLong("sync-bn"), help: "Under mpirun: batch norm statistics over every rank's images (SyncBN).")
+    var syncBN = false
     @OptionGroup var compute: ComputeOptions
 
     func run() throws {
@@ -38,8 +40,11 @@ struct Train: ParsableCommand {
         var config = TrainingConfig(iterations: total, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
                                     checkpointEvery: checkpointEvery)
         config.seed = seed
-        let job = StepZeroJob(architecture: try ArchitectureDescription.resolve(arch), train: train, val: val, task: task,
-                              setting: data.setting, config: config)
+        var job = StepZeroJob(architecture: try ArchitectureDescription.resolve(arch), train: train, val: val,
+                              task: task, setting: data.setting, config: config)
+        let communicator = Communicator.current
+        job.communicator = communicator
+        if syncBN { BatchNormSync.communicator = communicator }
         let model = try job.makeModel()
         let checkpointURL = URL(fileURLWithPath: checkpoint ?? out + ".ckpt")
         let (trainer, loader) = try job.makeTrainer(model: model, checkpoint: checkpointURL)
@@ -52,7 +57,8 @@ struct Train: ParsableCommand {
               + "\(total) iterations of \(batch) at \(crop)px, \(model.parameterCount) parameters")
         let progress = ProgressLine("train", total: total, unit: "it", alreadyDone: trainer.iteration)
         var smoothed: Float?
-        try trainer.run(loss: { it in supervisedLoss(model, try loader.batch(it)) }) { it, loss in
+        let parallel = trainer.dataParallel
+        try trainer.run(loss: { it in supervisedLoss(model, try loader.batch(it), parallel: parallel) }) { it, loss in
             smoothed = smoothed.map { 0.98 * $0 + 0.02 * loss } ?? loss
             progress.update(it, detail: String(format: "loss %.4f", smoothed!))
         }
@@ -61,14 +67,20 @@ struct Train: ParsableCommand {
                      "setting": data.setting.rawValue, "iterations": "\(total)", "train_seconds": String(format: "%.0f", seconds)]
         var summary: [[String]] = [["iterations", "\(total)"], ["time", formatDuration(seconds)],
                                    ["final loss (smoothed)", String(format: "%.4f", smoothed ?? .nan)]]
+        if communicator.size > 1 {
+            summary.append(["ranks x threads", "\(communicator.size) x \(compute.threads)"])
+            summary.append(["allreduce per iteration (rank 0)", allreduceSummary(communicator, iterations: total)])
+        }
         if let val {
-            let report = try evaluate(model: model, normalization: job.normalization, dataset: val, proto: proto, limit: evalLimit)
+            let report = try evaluate(model: model, normalization: job.normalization, dataset: val, proto: proto,
+                                      limit: evalLimit, communicator: communicator)
             print(report.table())
             notes["val_miou_all"] = String(format: "%.4f", report.all ?? 0)
             notes["val_images"] = "\(report.images)"
             summary.append(["val mIoU all (classes 0-\(task.steps[0].last!))", IoUReport.percent(report.all) + "%"])
-            try writeReport(report, json: json, csv: csv, classCount: model.numClasses)
+            if communicator.isRoot { try writeReport(report, json: json, csv: csv, classCount: model.numClasses) }
         }
+        guard communicator.isRoot else { return }
         try ModelFile.save(model, card: job.card(for: model, notes: notes), to: URL(fileURLWithPath: out))
         try? FileManager.default.removeItem(at: checkpointURL)
         summary.append(["model", out])
@@ -76,4 +88,4 @@ struct Train: ParsableCommand {
     }
 }
 
-Train.main()
+Train.mainAsRank()

@@ -109,17 +109,30 @@ func temporaryDirectory() -> URL {
     return url
 }
 
-/// Runs one of the package's executables (built beside the test bundle) and returns its exit
-/// status, standard output and standard error.
-func runTool(_ name: String, _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+/// One of the package's executables, built beside the test bundle.
+func toolURL(_ name: String) throws -> URL {
     let candidates = [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent(),
                       URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()]
     guard let dir = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0.appendingPathComponent(name).path) }) else {
         throw XCTSkip("\(name) is not built beside the tests")
     }
+    return dir.appendingPathComponent(name)
+}
+
+/// Runs one of the package's executables (built beside the test bundle) and returns its exit
+/// status, standard output and standard error.
+func runTool(_ name: String, _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    try runProcess(try toolURL(name), arguments)
+}
+
+/// Runs a program (with `environment` added to this process's) and returns its exit status,
+/// standard output and standard error.
+func runProcess(_ executable: URL, _ arguments: [String],
+                environment: [String: String] = [:]) throws -> (status: Int32, stdout: String, stderr: String) {
     let process = Process()
-    process.executableURL = dir.appendingPathComponent(name)
+    process.executableURL = executable
     process.arguments = arguments
+    if !environment.isEmpty { process.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
     let out = Pipe(), err = Pipe()
     process.standardOutput = out
     process.standardError = err

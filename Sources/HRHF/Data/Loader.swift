@@ -93,6 +93,10 @@ public final class BatchLoader: @unchecked Sendable {
     public let normalization: Normalization
     public let labelTransform: @Sendable (IndexMask) -> IndexMask
     public let seed: UInt64
+    /// The slots of every batch this process builds (a data-parallel rank's share); nil for all.
+    /// Augmentation is keyed on the slot in the whole batch, so a slot's sample does not depend on
+    /// which rank builds it.
+    public var share: Range<Int>?
 
     private let queue = DispatchQueue(label: "hrhf.batch-loader")
 
@@ -130,10 +134,10 @@ public final class BatchLoader: @unchecked Sendable {
     public func makeBatch(_ iteration: Int) throws -> Batch {
         let epoch = iteration / batchesPerEpoch, position = iteration % batchesPerEpoch
         let order = self.order(epoch: epoch)
-        let picks = (0..<batchSize).map { order[(position * batchSize + $0) % order.count] }
+        let picks = (share ?? 0..<batchSize).map { ($0, order[(position * batchSize + $0) % order.count]) }
         var images: [Tensor] = [], labelValues: [Int32] = [], names: [String] = []
         var shape: (Int, Int)?
-        for (slot, index) in picks.enumerated() {
+        for (slot, index) in picks {
             let sample = try dataset.sample(index)
             var image = sample.image, labels = labelTransform(sample.labels)
             if let augmentation {

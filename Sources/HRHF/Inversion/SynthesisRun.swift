@@ -68,39 +68,21 @@ public struct SynthesisJob {
     /// Runs (or continues, with `resume`) and writes the pack. `started` sees what is resumed
     /// (nil for a fresh run) before any work; `progress` sees (finished teacher iterations,
     /// resumed ones included, total iterations of this run, current loss).
-    public func run(resume: Bool, stopAfterBatches: Int? = nil, started: ((ResumedWork?) -> Void)? = nil,
+    public func run(resume: Bool, stopAfterBatches: Int? = nil, communicator: Communicator = .single,
+                    started: ((ResumedWork?) -> Void)? = nil,
                     progress: ((Int, Int, Float) -> Void)? = nil) throws -> Outcome {
+        if communicator.size > 1 {
+            return try runAcrossRanks(communicator, resume: resume, started: started, progress: progress)
+        }
         let fm = FileManager.default
         let teacherSHA = try sha256Hex(file: teacherURL)
-        let identity = Identity(options: options, seed: seed, count: count, classes: classes, teacherSHA256: teacherSHA,
-                                shard: shard.map { [$0.index, $0.count] })
-        let identityURL = workDirectory.appendingPathComponent("job.json")
+        let resuming = try openWorkDirectory(resume: resume, teacherSHA: teacherSHA)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let mine = batches
         // Batches an interrupted run finished: their record files, written last, are complete.
         var finished: [Int: [SynthesisRecord]] = [:]
-        let resuming = fm.fileExists(atPath: workDirectory.path)
-        if resuming {
-            guard resume else {
-                throw PackError(file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
-            }
-            guard let data = try? Data(contentsOf: identityURL), let previous = try? JSONDecoder().decode(Identity.self, from: data),
-                  previous == identity else {
-                throw PackError(file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
-            }
-            for b in mine {
-                if let data = try? Data(contentsOf: recordURL(batch: b)),
-                   let done = try? JSONDecoder().decode([SynthesisRecord].self, from: data) {
-                    finished[b] = done
-                }
-            }
-        } else {
-            for sub in ["batches", "images", "labels"] {
-                try fm.createDirectory(at: workDirectory.appendingPathComponent(sub), withIntermediateDirectories: true)
-            }
-            try writeAtomically(try encoder.encode(identity), to: identityURL)
-        }
+        if resuming { for b in mine { finished[b] = completedRecords(b) } }
         let resumedImages = finished.values.reduce(0) { $0 + $1.count }
         started?(resuming
                  ? ResumedWork(directory: workDirectory, batches: finished.keys.sorted(), images: resumedImages) : nil)
@@ -124,12 +106,57 @@ public struct SynthesisJob {
                 try ImageIO.writePalettePNG(s.label, to: workDirectory.appendingPathComponent(s.record.label))
             }
             // The batch's record file is written last: its presence marks the batch complete.
-            try writeAtomically(try encoder.encode(images.map(\.record)), to: recordURL(batch: b))
+            try writeAtomically(try encoder.encode(images.map(\.record)), to: recordURL(b))
             records += images.map(\.record)
             made += n
             madeBatches += 1
         }
-        records.sort { $0.index < $1.index }
+        let manifest = try writePack(records: records, teacherSHA: teacherSHA)
+        try? fm.removeItem(at: workDirectory)
+        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made,
+                       resumedImages: resumedImages)
+    }
+
+    /// Creates the work directory, or checks that the interrupted run in it had this job's identity;
+    /// true when it resumes one.
+    private func openWorkDirectory(resume: Bool, teacherSHA: String) throws -> Bool {
+        let fm = FileManager.default
+        let identity = Identity(options: options, seed: seed, count: count, classes: classes, teacherSHA256: teacherSHA,
+                                shard: shard.map { [$0.index, $0.count] })
+        let identityURL = workDirectory.appendingPathComponent("job.json")
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        if fm.fileExists(atPath: workDirectory.path) {
+            guard resume else {
+                throw PackError(file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
+            }
+            guard let data = try? Data(contentsOf: identityURL), let previous = try? JSONDecoder().decode(Identity.self, from: data),
+                  previous == identity else {
+                throw PackError(file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
+            }
+            return true
+        } else {
+            for sub in ["batches", "images", "labels"] {
+                try fm.createDirectory(at: workDirectory.appendingPathComponent(sub), withIntermediateDirectories: true)
+            }
+            try writeAtomically(try encoder.encode(identity), to: identityURL)
+            return false
+        }
+    }
+
+    private func recordURL(_ batch: Int) -> URL {
+        workDirectory.appendingPathComponent(String(format: "batches/%06d.json", batch))
+    }
+
+    /// The records of a batch an earlier run completed, or nil.
+    private func completedRecords(_ batch: Int) -> [SynthesisRecord]? {
+        guard let data = try? Data(contentsOf: recordURL(batch)) else { return nil }
+        return try? JSONDecoder().decode([SynthesisRecord].self, from: data)
+    }
+
+    /// Assembles the pack from the work directory's images and labels.
+    private func writePack(records unsorted: [SynthesisRecord], teacherSHA: String) throws -> PackManifest {
+        let records = unsorted.sorted { $0.index < $1.index }
         let manifest = PackManifest(
             generator: .init(name: "hrhf-synth", version: toolkitVersion, options: options, seed: seed, count: count),
             teacher: .init(file: teacherURL.lastPathComponent, sha256: teacherSHA, card: card),
@@ -139,13 +166,83 @@ public struct SynthesisJob {
             // Throughput is left out of the manifest: the same seed must give the same bytes.
             quality: SynthesisQuality(records: records, imagesPerMinute: nil))
         try SyntheticPack.write(manifest: manifest, files: { try Data(contentsOf: workDirectory.appendingPathComponent($0)) }, to: out)
-        try? fm.removeItem(at: workDirectory)
-        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made,
-                       resumedImages: resumedImages)
+        return manifest
     }
 
-    func recordURL(batch: Int) -> URL {
-        workDirectory.appendingPathComponent(String(format: "batches/%06d.json", batch))
+    /// One synthesised batch as it travels from a rank to rank 0.
+    private struct BatchFiles: Codable {
+        var batch: Int
+        var records: [SynthesisRecord]
+        var files: [String: Data]
+    }
+
+    /// The run under several MPI ranks: rank 0 keeps the work directory (so `--resume` works as
+    /// in one process) and tells the ranks which batches remain; in each round every rank
+    /// synthesises one of them, rank 0 gathers the images, labels and records and stores them,
+    /// and at the end writes the pack, byte-identical to one process's (a batch's images depend
+    /// on the seed and the batch alone).
+    private func runAcrossRanks(_ communicator: Communicator, resume: Bool, started: ((ResumedWork?) -> Void)?,
+                                progress: ((Int, Int, Float) -> Void)?) throws -> Outcome {
+        let start = Date()
+        let teacherSHA = try sha256Hex(file: teacherURL)
+        var records: [SynthesisRecord] = [], remaining: [Int] = []
+        if communicator.isRoot {
+            let resuming = try openWorkDirectory(resume: resume, teacherSHA: teacherSHA)
+            var finished: [Int] = []
+            for b in batches {
+                if let done = completedRecords(b) {
+                    records += done
+                    finished.append(b)
+                } else {
+                    remaining.append(b)
+                }
+            }
+            started?(resuming ? ResumedWork(directory: workDirectory, batches: finished, images: records.count) : nil)
+        }
+        let plan = communicator.broadcast(try JSONEncoder().encode(remaining))
+        remaining = try JSONDecoder().decode([Int].self, from: plan)
+        let resumed = records.count
+        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: options)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys]
+        let rounds = (remaining.count + communicator.size - 1) / communicator.size
+        var made = 0
+        for round in 0..<rounds {
+            let slot = round * communicator.size + communicator.rank
+            var mine = Data()
+            if slot < remaining.count {
+                let b = remaining[slot], first = b * options.batchSize, n = min(options.batchSize, count - first)
+                let images = inversion.synthesize(batch: b, firstIndex: first, count: n, seed: seed) { it, all, loss in
+                    progress?((batches.count - remaining.count + round * communicator.size) * all + it * communicator.size,
+                              batches.count * all, loss)
+                }
+                var files: [String: Data] = [:]
+                for s in images {
+                    files[s.record.image] = try ImageIO.encodePNG(s.image)
+                    files[s.record.label] = try ImageIO.encodePalettePNG(s.label)
+                }
+                mine = try encoder.encode(BatchFiles(batch: b, records: images.map(\.record), files: files))
+            }
+            guard let gathered = communicator.gather(mine) else { continue }
+            for data in gathered where !data.isEmpty {
+                let part = try JSONDecoder().decode(BatchFiles.self, from: data)
+                for (name, bytes) in part.files {
+                    try writeAtomically(bytes, to: workDirectory.appendingPathComponent(name))
+                }
+                // The batch's record file is written last: its presence marks the batch complete.
+                try writeAtomically(try encoder.encode(part.records), to: recordURL(part.batch))
+                records += part.records
+                made += part.records.count
+            }
+        }
+        // Every rank returns the pack's manifest; rank 0 alone wrote the pack.
+        var written = Data()
+        if communicator.isRoot {
+            written = try encoder.encode(try writePack(records: records, teacherSHA: teacherSHA))
+            try? FileManager.default.removeItem(at: workDirectory)
+        }
+        let manifest = try JSONDecoder().decode(PackManifest.self, from: communicator.broadcast(written))
+        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made, resumedImages: resumed)
     }
 }
 

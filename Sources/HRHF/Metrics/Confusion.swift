@@ -19,6 +19,11 @@ public struct ConfusionMatrix: Sendable {
         }
     }
 
+    /// Replaces the counts by their sums over the ranks of `communicator`.
+    public mutating func sumOverRanks(_ communicator: Communicator) {
+        communicator.allreduceSum(&counts)
+    }
+
     public mutating func merge(_ other: ConfusionMatrix) {
         for i in counts.indices { counts[i] += other.counts[i] }
     }
@@ -104,13 +109,15 @@ public struct IoUReport: Codable, Sendable {
 }
 
 /// Evaluates a model on the test images of a step: classes not yet seen are ignored.
-/// Images are run one at a time at their own size.
+/// Images are run one at a time at their own size. Under several ranks each evaluates a contiguous
+/// share of the images and the confusion matrices are summed: every rank gets the whole report.
 public func evaluate(model: DeepLabV3, normalization: Normalization, dataset: SegmentationDataset,
-                     proto: StepProtocol, limit: Int? = nil, onImage: ((Int, Int, SegmentationSample, IndexMask) throws -> Void)? = nil) throws -> IoUReport {
+                     proto: StepProtocol, limit: Int? = nil, communicator: Communicator = .single,
+                     onImage: ((Int, Int, SegmentationSample, IndexMask) throws -> Void)? = nil) throws -> IoUReport {
     model.eval()
     var matrix = ConfusionMatrix(classes: max(model.numClasses, dataset.classNames.count))
     let n = min(limit ?? dataset.count, dataset.count)
-    for i in 0..<n {
+    for i in DataParallel.share(of: n, rank: communicator.rank, size: communicator.size) {
         let sample = try dataset.sample(i)
         try model.checkInput(height: sample.image.height, width: sample.image.width, name: dataset.imageURL(i).path)
         let logits = withNoGrad { model.run(normalization.tensor(sample.image)).logits }
@@ -118,5 +125,6 @@ public func evaluate(model: DeepLabV3, normalization: Normalization, dataset: Se
         matrix.add(prediction: prediction, label: proto.testLabels(sample.labels))
         try onImage?(i, n, sample, prediction)
     }
+    matrix.sumOverRanks(communicator)
     return IoUReport(matrix: matrix, task: proto.task, step: proto.step, classNames: dataset.classNames, images: n)
 }

@@ -249,6 +249,9 @@ public final class Identity: Module {
 public final class Dropout: Module {
     public let p: Float
     var rng: SeededGenerator
+    /// Images of the global batch before this process's share (data-parallel ranks): their masks
+    /// are drawn and skipped, so every image gets the mask it gets in one process.
+    public var imagesBefore = 0
 
     public init(p: Float, seed: UInt64 = 0) {
         self.p = p
@@ -256,5 +259,10 @@ public final class Dropout: Module {
         super.init()
     }
 
-    public override func forward(_ x: Tensor) -> Tensor { dropout(x, p: p, training: training, rng: &rng) }
+    public override func forward(_ x: Tensor) -> Tensor {
+        if imagesBefore > 0, training, p > 0, let n = x.shape.first, n > 0 {
+            for _ in 0..<(imagesBefore * (x.count / n)) { _ = rng.nextUnitFloat() }
+        }
+        return dropout(x, p: p, training: training, rng: &rng)
+    }
 }

@@ -44,35 +44,63 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
     }
     precondition(training || (runningMean != nil && runningVar != nil),
                  "batch_norm in eval mode needs running statistics")
-    precondition(!training || m > 1, "batch_norm in training needs more than one value per channel, got \(x.shape)")
+    let synchronized = training ? BatchNormSync.communicator.flatMap { $0.size > 1 ? $0 : nil } : nil
+    precondition(!training || m > 1 || synchronized != nil,
+                 "batch_norm in training needs more than one value per channel, got \(x.shape)")
     let meanT = Tensor(zeros: [c]), invStdT = Tensor(zeros: [c])
     let px = x.pointer, pmean = meanT.pointer, pinv = invStdT.pointer
     let out = Tensor(uninitialized: x.shape)
     let po = out.pointer
     let pw = weight?.pointer, pb = bias?.pointer
-    forEachChannelGroup(n, c, plane) { group in
-        let lanes = group.count
-        func channelLanes(_ p: UnsafePointer<Float>, _ b: Int) -> ChannelLanes {
-            ChannelLanes(p + (b * c + group.lowerBound) * plane, plane: plane, lanes: lanes)
+    // Per-channel sums of one group of channels over this process's images, in Double from
+    // per-image Float partial sums: of the values, then of squared deviations from `mean`.
+    func groupLanes(_ group: Range<Int>, _ b: Int) -> ChannelLanes {
+        ChannelLanes(px + (b * c + group.lowerBound) * plane, plane: plane, lanes: group.count)
+    }
+    func groupSum(_ group: Range<Int>) -> SIMD8<Double> {
+        var s = SIMD8<Double>()
+        for b in 0..<n {
+            let p = groupLanes(group, b)
+            var ps = SIMD8<Float>()
+            for i in 0..<plane { ps += p[i] }
+            s += SIMD8<Double>(ps)
         }
+        return s
+    }
+    func groupSquaredDeviations(_ group: Range<Int>, _ mf: SIMD8<Float>) -> SIMD8<Double> {
+        var s2 = SIMD8<Double>()
+        for b in 0..<n {
+            let p = groupLanes(group, b)
+            var ps = SIMD8<Float>()
+            for i in 0..<plane { let d = p[i] - mf; ps += d * d }
+            s2 += SIMD8<Double>(ps)
+        }
+        return s2
+    }
+    var global: (mean: [Double], squares: [Double], count: Double)?
+    if let synchronized {
+        var sums = channelValues(n, c, plane, width: 1) { [groupSum($0)] } + [Double(m)]
+        synchronized.allreduceSum(&sums)
+        let count = sums[c], mean = sums[0..<c].map { $0 / count }
+        precondition(count > 1, "batch_norm in training needs more than one value per channel over all ranks")
+        var squares = channelValues(n, c, plane, width: 1) { group in
+            let lanes = (0..<8).map { Float(mean[group.lowerBound + min($0, group.count - 1)]) }
+            return [groupSquaredDeviations(group, SIMD8<Float>(lanes))]
+        }
+        synchronized.allreduceSum(&squares)
+        global = (mean, squares, count)
+    }
+    forEachChannelGroup(n, c, plane) { group in
         var mean = SIMD8<Double>(), variance = SIMD8<Double>(), unbiased = SIMD8<Double>()
-        if training {
-            var s = SIMD8<Double>()
-            for b in 0..<n {
-                let p = channelLanes(px, b)
-                var ps = SIMD8<Float>()
-                for i in 0..<plane { ps += p[i] }
-                s += SIMD8<Double>(ps)
+        if let global {
+            for (j, ch) in group.enumerated() {
+                mean[j] = global.mean[ch]
+                variance[j] = global.squares[ch] / global.count
+                unbiased[j] = global.squares[ch] / (global.count - 1)
             }
-            mean = s / Double(m)
-            let mf = SIMD8<Float>(mean)
-            var s2 = SIMD8<Double>()
-            for b in 0..<n {
-                let p = channelLanes(px, b)
-                var ps = SIMD8<Float>()
-                for i in 0..<plane { let d = p[i] - mf; ps += d * d }
-                s2 += SIMD8<Double>(ps)
-            }
+        } else if training {
+            mean = groupSum(group) / Double(m)
+            let s2 = groupSquaredDeviations(group, SIMD8<Float>(mean))
             variance = s2 / Double(m)
             unbiased = s2 / Double(m - 1)
         }
@@ -114,7 +142,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
         let gx = x.requiresGrad ? Tensor(uninitialized: xd.shape) : nil
         let gw = Tensor(zeros: [c]), gb = Tensor(zeros: [c])
         let pgx = gx?.pointer, pgw = gw.pointer, pgb = gb.pointer, pw = wd?.pointer
-        forEachChannelGroup(n, c, plane) { group in
+        func groupGradientSums(_ group: Range<Int>) -> [SIMD8<Double>] {
             let lanes = group.count
             var mu = SIMD8<Float>(), inv = SIMD8<Float>()
             for j in 0..<8 { let ch = group.lowerBound + min(j, lanes - 1); mu[j] = pmean[ch]; inv[j] = pinv[ch] }
@@ -128,31 +156,57 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
                 sumDy += SIMD8<Double>(s)
                 sumDyXhat += SIMD8<Double>(sx) * SIMD8<Double>(inv)
             }
-            for (j, ch) in group.enumerated() {
-                pgb[ch] = Float(sumDy[j])
-                pgw[ch] = Float(sumDyXhat[j])
-                guard let pgx else { continue }
-                let gamma = pw?[ch] ?? 1, mu = mu[j], inv = inv[j]
-                let k = gamma * inv
-                let meanDy = Float(sumDy[j] / Double(m)), meanDyXhat = Float(sumDyXhat[j] / Double(m))
-                for b in 0..<n {
-                    let base = (b * c + ch) * plane
-                    let p = px + base, q = pg + base, o = po + base, r = pgx + base
-                    // Eight at a time, each element's arithmetic as the scalar tail's.
-                    let vectorEnd = plane & ~7
-                    if training {
-                        for i in stride(from: 0, to: vectorEnd, by: 8) {
-                            let xhat = (load8(p + i) - mu) * inv
-                            store8(k * (through(load8(q + i), load8(o + i)) - meanDy - xhat * meanDyXhat), r + i)
-                        }
-                        for i in vectorEnd..<plane {
-                            let xhat = (p[i] - mu) * inv
-                            r[i] = k * (through(q[i], o[i]) - meanDy - xhat * meanDyXhat)
-                        }
-                    } else {
-                        for i in stride(from: 0, to: vectorEnd, by: 8) { store8(through(load8(q + i), load8(o + i)) * k, r + i) }
-                        for i in vectorEnd..<plane { r[i] = through(q[i], o[i]) * k }
+            return [sumDy, sumDyXhat]
+        }
+        // Channel ch's input gradient from the means of dy and dy * xhat over the batch.
+        func writeInputGradient(_ pgx: UnsafeMutablePointer<Float>, _ ch: Int, meanDy: Float, meanDyXhat: Float) {
+            let gamma = pw?[ch] ?? 1, mu = pmean[ch], inv = pinv[ch]
+            let k = gamma * inv
+            for b in 0..<n {
+                let base = (b * c + ch) * plane
+                let p = px + base, q = pg + base, o = po + base, r = pgx + base
+                // Eight at a time, each element's arithmetic as the scalar tail's.
+                let vectorEnd = plane & ~7
+                if training {
+                    for i in stride(from: 0, to: vectorEnd, by: 8) {
+                        let xhat = (load8(p + i) - mu) * inv
+                        store8(k * (through(load8(q + i), load8(o + i)) - meanDy - xhat * meanDyXhat), r + i)
                     }
+                    for i in vectorEnd..<plane {
+                        let xhat = (p[i] - mu) * inv
+                        r[i] = k * (through(q[i], o[i]) - meanDy - xhat * meanDyXhat)
+                    }
+                } else {
+                    for i in stride(from: 0, to: vectorEnd, by: 8) { store8(through(load8(q + i), load8(o + i)) * k, r + i) }
+                    for i in vectorEnd..<plane { r[i] = through(q[i], o[i]) * k }
+                }
+            }
+        }
+        if let synchronized {
+            // Weight and bias gradients stay this rank's (the gradient allreduce sums them); the
+            // input gradient needs the means over every rank's images.
+            let local = channelValues(n, c, plane, width: 2, groupGradientSums)
+            var total = local + [Double(m)]
+            synchronized.allreduceSum(&total)
+            forEachChannelGroup(n, c, plane) { group in
+                for ch in group {
+                    pgb[ch] = Float(local[ch])
+                    pgw[ch] = Float(local[c + ch])
+                    guard let pgx else { continue }
+                    writeInputGradient(pgx, ch, meanDy: Float(total[ch] / total[2 * c]),
+                                       meanDyXhat: Float(total[c + ch] / total[2 * c]))
+                }
+            }
+        } else {
+            forEachChannelGroup(n, c, plane) { group in
+                let sums = groupGradientSums(group)
+                let sumDy = sums[0], sumDyXhat = sums[1]
+                for (j, ch) in group.enumerated() {
+                    pgb[ch] = Float(sumDy[j])
+                    pgw[ch] = Float(sumDyXhat[j])
+                    guard let pgx else { continue }
+                    writeInputGradient(pgx, ch, meanDy: Float(sumDy[j] / Double(m)),
+                                       meanDyXhat: Float(sumDyXhat[j] / Double(m)))
                 }
             }
         }
@@ -189,4 +243,26 @@ struct ActivationGradient {
         let cut = slope == 0 ? SIMD8<Float>() : g * slope
         return cut.replacing(with: g, where: output .> 0)
     }
+}
+
+/// Which processes batch norm in training takes its statistics over: nil (or one rank) for this
+/// process's images alone, as PyTorch's BatchNorm2d under DDP; a communicator of several ranks
+/// for all their images, as SyncBatchNorm and inplace-ABN's InPlaceABNSync. Process-wide, set by
+/// data-parallel training before its first forward pass.
+public enum BatchNormSync {
+    nonisolated(unsafe) public static var communicator: Communicator?
+}
+
+/// `width` per-channel values of every group of channels, laid out as `width` blocks of `c`.
+private func channelValues(_ n: Int, _ c: Int, _ plane: Int, width: Int,
+                           _ body: (Range<Int>) -> [SIMD8<Double>]) -> [Double] {
+    var values = [Double](repeating: 0, count: width * c)
+    values.withUnsafeMutableBufferPointer { out in
+        let p = out.baseAddress!
+        forEachChannelGroup(n, c, plane) { group in
+            let lanes = body(group)
+            for k in 0..<width { for (j, ch) in group.enumerated() { p[k * c + ch] = lanes[k][j] } }
+        }
+    }
+    return values
 }

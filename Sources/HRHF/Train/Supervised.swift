@@ -2,11 +2,12 @@ import Foundation
 
 /// Cross-entropy on a batch's labels (ignore 255), plus half of it on the auxiliary head's
 /// logits when the network has one (torchvision's aux_loss weight).
-public func supervisedLoss(_ model: DeepLabV3, _ batch: Batch) -> Tensor {
+/// Under data parallelism, this rank's share of the global batch's loss (see `DataParallel.weighted`).
+public func supervisedLoss(_ model: DeepLabV3, _ batch: Batch, parallel: DataParallel? = nil) -> Tensor {
     let out = model.run(batch.images)
     var loss = crossEntropy(out.logits, batch.labels)
     if let aux = out.auxLogits { loss = loss + 0.5 * crossEntropy(aux, batch.labels) }
-    return loss
+    return parallel.map { $0.weighted(loss, labels: batch.labels) } ?? loss
 }
 
 /// What a step-0 training run needs to know.
@@ -18,6 +19,8 @@ public struct StepZeroJob {
     public var setting: IncrementalSetting
     public var config: TrainingConfig
     public var normalization: Normalization = .imagenet
+    /// The ranks that share every batch (one process by default).
+    public var communicator: Communicator = .single
 
     public init(architecture: ArchitectureDescription, train: SegmentationDataset, val: SegmentationDataset?,
                 task: IncrementalTask, setting: IncrementalSetting, config: TrainingConfig) {
@@ -55,6 +58,16 @@ public struct StepZeroJob {
                                  seed: config.seed, labelTransform: { proto.trainingLabels($0) })
         let trainer = Trainer(model: model, config: config, checkpoint: checkpoint,
                               identity: ["hrhf.job": "step0 \(task.name) \(setting.rawValue) \(model.architecture.name)"])
+        if communicator.size > 1 {
+            guard config.batchSize >= communicator.size else {
+                throw DatasetError(file: train.root.path,
+                                   "a batch of \(config.batchSize) cannot be shared by \(communicator.size) ranks")
+            }
+            let parallel = DataParallel(communicator)
+            loader.share = parallel.share(of: config.batchSize)
+            parallel.shareDropout(model, batchSize: config.batchSize)
+            trainer.dataParallel = parallel
+        }
         return (trainer, loader)
     }
 }

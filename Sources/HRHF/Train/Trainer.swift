@@ -50,6 +50,9 @@ public final class Trainer {
     /// Keep batch norm in evaluation mode while training (running statistics fixed, affine
     /// parameters still learned): for batches whose statistics differ from the test images'.
     public var frozenBatchNorm = false
+    /// Set for data-parallel training: losses and gradients are summed over its ranks, and rank 0
+    /// alone writes checkpoints.
+    public var dataParallel: DataParallel?
 
     public init(model: Module, parameters: [Tensor]? = nil, config: TrainingConfig, checkpoint: URL?,
                 identity: [String: String] = [:]) {
@@ -93,7 +96,7 @@ public final class Trainer {
     }
 
     public func saveCheckpoint() throws {
-        guard let checkpoint else { return }
+        guard let checkpoint, dataParallel?.communicator.isRoot ?? true else { return }
         var m = metadata
         m["hrhf.iteration"] = String(iteration)
         let tensors = model.stateDict().map { ("model.\($0.name)", $0.tensor) }
@@ -115,14 +118,17 @@ public final class Trainer {
                 .rate(base: config.learningRate, iteration: iteration, total: config.iterations)
             reseedDropout(model, seed: config.seed, iteration: iteration)
             let value = try loss(iteration)
-            guard value.item.isFinite else {
-                throw WeightFileError(file: checkpoint?.path ?? "training", "loss became \(value.item) at iteration \(iteration)")
+            let item = dataParallel.map { Float($0.communicator.sum(Double(value.item))) } ?? value.item
+            guard item.isFinite else {
+                throw WeightFileError(file: checkpoint?.path ?? "training",
+                                      "loss became \(item) at iteration \(iteration)")
             }
             optimizer.zeroGrad()
             value.backward()
+            dataParallel?.sumGradients(optimizer.parameters)
             optimizer.step()
             iteration += 1
-            report(iteration, value.item)
+            report(iteration, item)
             if config.checkpointEvery > 0 && iteration % config.checkpointEvery == 0 && iteration < config.iterations {
                 try saveCheckpoint()
             }

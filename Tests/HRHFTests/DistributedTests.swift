@@ -1,0 +1,210 @@
+import XCTest
+@testable import HRHF
+
+/// The tools under `mpirun -np 2` against one process: the same losses, weights, evaluation and
+/// pack. CI installs Open MPI (tools/install-deps.sh), so these run there; without mpirun they skip.
+final class DistributedTests: XCTestCase {
+    /// A 16-class version of the tiny test network, and a Shapes set of 16 training and 5
+    /// validation images (an odd count, so the ranks' shares differ).
+    static let arch = ArchitectureDescription(name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1],
+                                              baseWidth: 4, outputStride: 8, headChannels: 8, classesPerStep: [16])
+    static let root: URL = {
+        let dir = temporaryDirectory()
+        try! ShapesGenerator(size: 32, seed: 5).write(to: dir, train: 16, val: 5)
+        try! JSONEncoder().encode(arch).write(to: dir.appendingPathComponent("tiny.json"))
+        return dir
+    }()
+
+    /// Runs `tool` on `ranks` MPI ranks (as root, oversubscribed: CI machines have two cores).
+    func mpirun(_ ranks: Int, _ tool: String,
+                _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":")
+            .map { URL(fileURLWithPath: String($0)).appendingPathComponent("mpirun") }
+        guard let launcher = path.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
+            print("DistributedTests skipped: mpirun is not installed (Debian: apt-get install openmpi-bin)")
+            throw XCTSkip("mpirun is not installed")
+        }
+        return try runProcess(launcher, ["-np", "\(ranks)", "--oversubscribe", try toolURL(tool).path] + arguments,
+                              environment: ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                                            "OMPI_MCA_rmaps_base_oversubscribe": "1",
+                                            // Containers often forbid the cross-memory attach vader uses by default.
+                                            "OMPI_MCA_btl_vader_single_copy_mechanism": "none"])
+    }
+
+    func value(after label: String, in output: String) -> String? {
+        output.split(separator: "\n").first { $0.hasPrefix(label) }
+            .map { $0.dropFirst(label.count).trimmingCharacters(in: .whitespaces) }
+    }
+
+    func weights(_ url: URL) throws -> [String: Tensor] {
+        Dictionary(uniqueKeysWithValues: try ModelFile.load(url).0.stateDict().map { ($0.name, $0.tensor) })
+    }
+
+    func testTrainingWithSyncBatchNormOnTwoRanksMatchesOneProcess() throws {
+        let dir = temporaryDirectory()
+        func arguments(_ out: String, batch: Int = 4, syncBN: Bool = true) -> [String] {
+            ["--data", Self.root.path, "--arch", Self.root.appendingPathComponent("tiny.json").path,
+             "--iterations", "3", "--batch", "\(batch)", "--crop", "24", "--seed", "3", "--threads", "1",
+             "--eval-limit", "5",
+             "--out", dir.appendingPathComponent(out).path] + (syncBN ? ["--sync-bn"] : [])
+        }
+        let one = try runTool("hrhf-train", arguments("one.safetensors"))
+        XCTAssertEqual(one.status, 0, one.stderr)
+        let two = try mpirun(2, "hrhf-train", arguments("two.safetensors"))
+        XCTAssertEqual(two.status, 0, two.stderr + two.stdout)
+        // Rank 1 prints nothing: one report, one model, no checkpoint left behind.
+        XCTAssertEqual(two.stdout.components(separatedBy: "final loss (smoothed)").count, 2, two.stdout)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("two.safetensors.ckpt").path))
+        let loss = "final loss (smoothed)", miou = "val mIoU all (classes 0-15)"
+        XCTAssertNotNil(value(after: loss, in: one.stdout), one.stdout)
+        XCTAssertEqual(value(after: loss, in: two.stdout), value(after: loss, in: one.stdout))
+        XCTAssertEqual(value(after: miou, in: two.stdout), value(after: miou, in: one.stdout))
+        // Sums over two ranks add in another order than over one batch: float rounding only (measured
+        // largest relative difference 1.4e-6, in backbone.bn1.bias).
+        let single = try weights(dir.appendingPathComponent("one.safetensors"))
+        let parallel = try weights(dir.appendingPathComponent("two.safetensors"))
+        XCTAssertEqual(Set(single.keys), Set(parallel.keys))
+        for (name, t) in single { assertClose(parallel[name], t, tolerance: 1e-5, name) }
+
+        // Without --sync-bn each rank normalises with its own two images' statistics (as DDP):
+        // the running statistics then differ, which shows the test above can fail.
+        let local = try mpirun(2, "hrhf-train", arguments("local.safetensors", syncBN: false))
+        XCTAssertEqual(local.status, 0, local.stderr)
+        let perRank = try weights(dir.appendingPathComponent("local.safetensors"))
+        let name = "backbone.bn1.running_var"
+        XCTAssertGreaterThan(relativeError(perRank[name]!, single[name]!), 1e-3)
+
+        // One image per rank: the ASPP pooling branch's batch norm sees one value per channel on
+        // each rank, which only synchronised statistics make valid (two values over both ranks).
+        // Its input gradient is then a difference of nearly equal terms (x-hat is +-1 up to eps),
+        // so rounding differences of order 1e-7 grow to about 1e-2: the weights are not compared
+        // (measured: up to 6e-4 apart after two iterations), the losses are.
+        let one2 = try runTool("hrhf-train", arguments("one2.safetensors", batch: 2))
+        XCTAssertEqual(one2.status, 0, one2.stderr)
+        let two2 = try mpirun(2, "hrhf-train", arguments("two2.safetensors", batch: 2))
+        XCTAssertEqual(two2.status, 0, two2.stderr)
+        XCTAssertNotNil(value(after: loss, in: one2.stdout), one2.stdout)
+        XCTAssertEqual(value(after: loss, in: two2.stdout), value(after: loss, in: one2.stdout))
+    }
+
+    func testEvaluationOnTwoRanksMatchesOneProcess() throws {
+        let dir = temporaryDirectory()
+        let model = try DeepLabV3(Self.arch, seed: 21)
+        var rng = SeededGenerator(seed: 22)
+        for (name, t) in model.namedBuffers() where name.hasSuffix("running_var") {
+            for i in 0..<t.count { t.pointer[i] = 0.5 + rng.nextUnitFloat() }
+        }
+        let modelURL = dir.appendingPathComponent("m.safetensors")
+        let card = ModelCard(architecture: Self.arch, classNames: Array(DatasetClasses.shapes.prefix(16)))
+        try ModelFile.save(model, card: card, to: modelURL)
+        func arguments(_ json: String) -> [String] {
+            ["--model", modelURL.path, "--data", Self.root.path, "--step", "0", "--threads", "1",
+             "--json", dir.appendingPathComponent(json).path]
+        }
+        let one = try runTool("hrhf-eval", arguments("one.json"))
+        XCTAssertEqual(one.status, 0, one.stderr)
+        let two = try mpirun(2, "hrhf-eval", arguments("two.json"))
+        XCTAssertEqual(two.status, 0, two.stderr)
+        let report = try Data(contentsOf: dir.appendingPathComponent("one.json"))
+        XCTAssertTrue(String(decoding: report, as: UTF8.self).contains("\"images\" : 5"))
+        XCTAssertEqual(try Data(contentsOf: dir.appendingPathComponent("two.json")), report)
+    }
+
+    func testSynthesisOnTwoRanksWritesTheSamePack() throws {
+        let (teacher, _, _) = try SynthesisTests.tinyTeacher()
+        let dir = temporaryDirectory()
+        // Three batches of two: rank 0 makes two of them, rank 1 one.
+        func arguments(_ out: String) -> [String] {
+            ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--synth-batch", "2",
+             "--synth-iterations", "2", "--resolution", "16", "--seed", "7", "--threads", "1",
+             "--out", dir.appendingPathComponent(out).path]
+        }
+        let one = try runTool("hrhf-synth", arguments("one.tar"))
+        XCTAssertEqual(one.status, 0, one.stderr)
+        let two = try mpirun(2, "hrhf-synth", arguments("two.tar"))
+        XCTAssertEqual(two.status, 0, two.stderr)
+        let pack = try Data(contentsOf: dir.appendingPathComponent("one.tar"))
+        XCTAssertGreaterThan(pack.count, 10_000)
+        XCTAssertEqual(try Data(contentsOf: dir.appendingPathComponent("two.tar")), pack)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("two.tar.partial.d").path))
+    }
+
+    /// tools/cluster/synth-array.sbatch and synth-merge.sbatch run by hand with the variables Slurm
+    /// sets: three array tasks and the merge give the single run's pack, byte for byte.
+    func testSlurmArrayScriptsMakeTheSinglePack() throws {
+        let (teacher, _, _) = try SynthesisTests.tinyTeacher()
+        let dir = temporaryDirectory()
+        let scripts = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("tools/cluster")
+        let tools = try toolURL("hrhf-synth").deletingLastPathComponent().path
+        let bash = URL(fileURLWithPath: "/bin/bash"), pack = dir.appendingPathComponent("packs/p.tar")
+        let common = ["PATH": tools + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"),
+                      "TEACHER": teacher.path, "CLASSES": "1-5", "COUNT": "6", "SEED": "7", "RESOLUTION": "16",
+                      "PACK": pack.path, "EXTRA_ARGS": "--synth-iterations 2 --synth-batch 2 --threads 1"]
+        for task in 3...5 {
+            let slurm = ["SLURM_ARRAY_TASK_ID": "\(task)", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "3"]
+            let r = try runProcess(bash, [scripts.appendingPathComponent("synth-array.sbatch").path],
+                                   environment: common.merging(slurm) { $1 })
+            XCTAssertEqual(r.status, 0, r.stderr)
+        }
+        let merge = try runProcess(bash, [scripts.appendingPathComponent("synth-merge.sbatch").path],
+                                   environment: common.merging(["PARTS": "3"]) { $1 })
+        XCTAssertEqual(merge.status, 0, merge.stderr)
+        XCTAssertTrue(merge.stdout.contains("merged 3 parts"), merge.stdout)
+        let single = dir.appendingPathComponent("single.tar")
+        let one = try runTool("hrhf-synth", ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--seed", "7",
+                                             "--resolution", "16", "--synth-iterations", "2", "--synth-batch", "2",
+                                             "--threads", "1", "--out", single.path])
+        XCTAssertEqual(one.status, 0, one.stderr)
+        XCTAssertEqual(try Data(contentsOf: pack), try Data(contentsOf: single))
+        let left = try FileManager.default.contentsOfDirectory(atPath: pack.deletingLastPathComponent().path)
+        XCTAssertEqual(left, ["p.tar"], "the merge removes the parts")
+    }
+
+    func testAFailingRankEndsTheJobWithItsRankAndError() throws {
+        let out = temporaryDirectory().appendingPathComponent("m.safetensors")
+        let r = try mpirun(2, "hrhf-train", ["--data", Self.root.path, "--arch", "deeplabv3-small", "--iterations", "1",
+                                             "--batch", "1", "--threads", "1", "--out", out.path])
+        XCTAssertNotEqual(r.status, 0)
+        XCTAssertTrue(r.stderr.contains("error: rank 0 of 2: ") || r.stderr.contains("error: rank 1 of 2: "), r.stderr)
+        XCTAssertTrue(r.stderr.contains("a batch of 1 cannot be shared by 2 ranks"), r.stderr)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
+        // Distillation is one process only for now: under mpirun it refuses before touching anything.
+        let distill = try mpirun(2, "hrhf-distill", ["--old", out.path, "--data", Self.root.path, "--out", out.path])
+        XCTAssertNotEqual(distill.status, 0)
+        XCTAssertTrue(distill.stderr.contains("hrhf-distill is not data-parallel yet"), distill.stderr)
+    }
+
+    func testBatchSharesAndLaunchDetection() throws {
+        XCTAssertEqual((0..<3).map { DataParallel.share(of: 8, rank: $0, size: 3) }, [0..<3, 3..<6, 6..<8])
+        XCTAssertEqual((0..<2).map { DataParallel.share(of: 5, rank: $0, size: 2) }, [0..<3, 3..<5])
+        XCTAssertTrue(Communicator.launchedByMPI(["OMPI_COMM_WORLD_SIZE": "2"]))
+        XCTAssertTrue(Communicator.launchedByMPI(["PMIX_RANK": "0"]))
+        XCTAssertTrue(Communicator.launchedByMPI(["PMI_SIZE": "4"]))
+        XCTAssertFalse(Communicator.launchedByMPI(["SLURM_PROCID": "0", "PATH": "/usr/bin"]))
+        XCTAssertEqual(Communicator.single.size, 1)
+        var counts = [3, 4]
+        Communicator.single.allreduceSum(&counts)
+        XCTAssertEqual(counts, [3, 4])
+    }
+
+    func testShardFromTheScheduler() throws {
+        func shard(_ env: [String: String], count: Int? = nil) throws -> [Int] {
+            let s = try shardFromEnvironment(env, count: count)
+            return [s.index, s.count]
+        }
+        XCTAssertEqual(try shard(["SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "4"]), [1, 4])
+        let slurm = ["SLURM_ARRAY_TASK_ID": "8", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"]
+        XCTAssertEqual(try shard(slurm), [4, 4])
+        XCTAssertEqual(try shard(["JOB_COMPLETION_INDEX": "2"], count: 3), [3, 3])
+        XCTAssertEqual(try shard(["JOB_COMPLETION_INDEX": "0", "HRHF_SHARD_COUNT": "2"]), [1, 2])
+        func refusal(_ env: [String: String], count: Int? = nil) -> String {
+            do { _ = try shardFromEnvironment(env, count: count); return "accepted" } catch { return "\(error)" }
+        }
+        XCTAssertTrue(refusal(["JOB_COMPLETION_INDEX": "3"], count: 3).contains("shard 4 of 3 is outside 1...3"))
+        XCTAssertTrue(refusal(["JOB_COMPLETION_INDEX": "1"]).contains("give --shard-count or HRHF_SHARD_COUNT"))
+        XCTAssertTrue(refusal(["SLURM_ARRAY_TASK_ID": "x1", "SLURM_ARRAY_TASK_COUNT": "2"])
+            .contains("SLURM_ARRAY_TASK_ID: environment variable is \"x1\", not a whole number"))
+        XCTAssertTrue(refusal([:]).contains("--shard auto needs SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX"))
+    }
+}
