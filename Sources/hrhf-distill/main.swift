@@ -13,7 +13,11 @@ struct Distill: ParsableCommand {
     @OptionGroup var data: DataOptions
     @Option(help: "The step to learn.") var step: Int = 1
     @Option(name: .customLong("last-step"), help: "Run steps --step through this one, synthesising a pack after each.") var lastStep: Int?
-    @Option(help: "ft, lwf, mib, plop, gsc, hrhf, hrhf+gsc or joint.") var method: String = "hrhf+gsc"
+    @Option(help: "A method of --list-methods: ft, lwf, mib, plop, gsc, hrhf, hrhf+gsc, joint or an ablation.")
+    var method: String = "hrhf+gsc"
+    /// Read before parsing (main() below): listing needs none of the options a step requires.
+    @Flag(name: .customLong("list-methods"), help: "Print the methods' loss terms and settings, and exit.")
+    var listMethods = false
     @Option(help: "Override the method's background handling: plain, unbiased, pseudo or proto.") var background: String?
     @Option(name: .customLong("fake-ratio"), help: "Override the share of each batch from the packs (0.5: as many fake images as real ones).") var fakeRatio: Float?
     @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images.") var kd: Float?
@@ -51,37 +55,39 @@ struct Distill: ParsableCommand {
         compute.apply()
         var options = try DistillationOptions.preset(method)
         if let background {
-            guard let b = BackgroundHandling(rawValue: background) else { throw ValidationError("unknown --background \(background)") }
-            options.background = b
+            guard let b = BackgroundHandling(rawValue: background) else {
+                throw OptionError(option: "--background", "\(background): plain, unbiased, pseudo or proto")
+            }
+            options.method.background = b
         }
         if let fakeRatio { options.fakeRatio = fakeRatio }
-        if let kd { options.realKDWeight = kd }
-        if let fakeKD { options.fakeKDWeight = fakeKD }
-        if let featureWeight { options.featureWeight = featureWeight }
-        if let fakeCE { options.fakeCEWeight = fakeCE }
+        if let kd { options.method.setWeight(.kd, on: .real, kd) }
+        if let fakeKD { options.method.setWeight(.kd, on: .fake, fakeKD) }
+        if let featureWeight { options.method.setWeight(.feat, on: .fake, featureWeight) }
+        if let fakeCE { options.method.setWeight(.ce, on: .fake, fakeCE) }
         if let fakeBackground {
-            guard ["plain", "folded"].contains(fakeBackground) else { throw ValidationError("--fake-background is plain or folded, not \(fakeBackground)") }
+            guard ["plain", "folded"].contains(fakeBackground) else {
+                throw OptionError(option: "--fake-background", "\(fakeBackground): plain or folded")
+            }
             options.fakeFoldsNewClasses = fakeBackground == "folded"
         }
         if let compensationRange {
             let parts = compensationRange.split(separator: ",").compactMap { Float(String($0)) }
-            guard parts.count == 2, parts[0] > 0, parts[0] <= parts[1] else {
-                throw ValidationError("--compensation-range takes MIN,MAX with 0 < MIN <= MAX, not \(compensationRange)")
+            guard parts.count == 2 else {
+                throw OptionError(option: "--compensation-range", "\(compensationRange): MIN,MAX with 0 < MIN <= MAX")
             }
             (options.compensationMin, options.compensationMax) = (parts[0], parts[1])
         }
-        if let gradientCompensation { options.gradientCompensation = gradientCompensation }
-        if let soft { options.softWeight = soft }
-        if let sharp { options.sharpWeight = sharp }
-        if let relation { options.relationWeight = relation }
+        if let gradientCompensation { options.method.gradientCompensation = gradientCompensation }
+        if let soft { options.method.setWeight(.soft, on: .both, soft) }
+        if let sharp { options.method.setWeight(.sharp, on: .both, sharp) }
+        if let relation { options.method.setWeight(.rel, on: .both, relation) }
         if let freezeBN { options.freezeBatchNorm = freezeBN }
         if let splitBN { options.splitBatchNorm = splitBN }
-        if let bnRecalibration {
-            guard bnRecalibration >= 0 else { throw ValidationError("--bn-recalibration takes a number of batches >= 0, not \(bnRecalibration)") }
-            options.batchNormRecalibration = bnRecalibration
-        }
+        if let bnRecalibration { options.batchNormRecalibration = bnRecalibration }
         if let protoTau { options.prototypeTau = protoTau }
         if let protoOldConfidence { options.prototypeOldConfidence = protoOldConfidence }
+        try options.validate()
         let train = try data.open(split: "train")
         let val = try? data.open(split: "val")
         let task = try data.task(train)
@@ -147,4 +153,8 @@ struct Distill: ParsableCommand {
     }
 }
 
-Distill.main()
+if CommandLine.arguments.dropFirst().contains("--list-methods") {
+    print(Method.listing())
+} else {
+    Distill.main()
+}

@@ -68,7 +68,8 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(w.pointer[3], 0)
         // Under the unbiased CE, background's p is p(0) + p(1): 1.0 and 1.0 here, so g = 0 for both
         // (mean 0: weight 1), the new-class pixel still 1.
-        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, backgroundIncludes: 1..<2)
+        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2,
+                                             backgroundIncludes: 1..<2)
         XCTAssertEqual(Array(wu.array.prefix(3)), [1, 1, 1])
         // Three old classes, labels 0 and 1 (a re-labelled pixel).
         let l3 = Tensor(shape: [1, 4, 1, 2], values: [Foundation.log(0.6), Foundation.log(0.6), Foundation.log(0.1), Foundation.log(0.2),
@@ -122,7 +123,7 @@ final class DistillationTests: XCTestCase {
                                                           5, 0, 5, 5, 0, 0])
         let features = Tensor(shape: [1, 2, 1, 3], values: [1, 0, 0, 1, 0, 0])
         let labels = Labels(shape: [1, 1, 6], values: [0, 0, 0, 0, 0, 0])
-        var o = DistillationOptions()
+        var o = DistillationOptions(method: Method.table[0])
         o.prototypeTau = 0.6
         o.prototypeOldConfidence = 0.9
         let out = protos.relabel(labels, oldLogits: logits, oldFeatures: features, options: o)
@@ -271,7 +272,7 @@ final class DistillationTests: XCTestCase {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc", iterations: 2, options: options)
         let before = step.model.namedBuffers().map { $0.tensor.array }
         let weightsBefore = step.model.parameters.map { $0.array }
-        let trainer = step.makeTrainer(checkpoint: nil)
+        let trainer = try step.makeTrainer(checkpoint: nil)
         try trainer.run(loss: { try step.loss($0).total })
         XCTAssertEqual(step.model.namedBuffers().map { $0.tensor.array }, before, "running statistics untouched")
         XCTAssertNotEqual(step.model.parameters.map { $0.array }, weightsBefore, "weights still learn")
@@ -281,11 +282,11 @@ final class DistillationTests: XCTestCase {
         func run(interrupt: Bool) throws -> [Float] {
             let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
             let ckpt = temporaryDirectory().appendingPathComponent("s.ckpt")
-            let trainer = step.makeTrainer(checkpoint: ckpt)
+            let trainer = try step.makeTrainer(checkpoint: ckpt)
             if interrupt {
                 try trainer.run(stopAfter: 2, loss: { try step.loss($0).total })
                 let (again, _) = try Self.stepFixture(method: "hrhf+gsc")
-                let resumed = again.makeTrainer(checkpoint: ckpt)
+                let resumed = try again.makeTrainer(checkpoint: ckpt)
                 XCTAssertTrue(try resumed.resume())
                 try resumed.run(loss: { try again.loss($0).total })
                 return again.model.stateDict().flatMap { $0.tensor.array }

@@ -23,12 +23,12 @@ final class MethodPinTests: XCTestCase {
     /// The methods' presets and two ablations that reach the remaining loss branches.
     static func configurations() throws -> [(name: String, options: DistillationOptions)] {
         var featurePlain = try DistillationOptions.preset("hrhf+gsc")
-        featurePlain.featureWeight = 0.5
+        featurePlain.method.setWeight(.feat, on: .fake, 0.5)
         featurePlain.fakeFoldsNewClasses = false
         featurePlain.sharpConfidence = 0.4
         var pseudoKD = try DistillationOptions.preset("hrhf")
-        pseudoKD.background = .pseudo
-        pseudoKD.plainKDWeight = 2
+        pseudoKD.method.background = .pseudo
+        pseudoKD.method.setWeight(.lwfKD, on: .real, 2)
         let presets = try ["ft", "lwf", "mib", "plop", "gsc", "hrhf", "hrhf+gsc", "joint"].map {
             ($0, try DistillationOptions.preset($0))
         }
@@ -69,8 +69,8 @@ final class MethodPinTests: XCTestCase {
             weights: "21ef1e5307c675cc4fee9e7fe8b1f1e0eee1d37c5344c6b92419d63491ee7581"),
         "lwf": Pin(
             losses: [
-                ["ce": 7.3602796, "kd": 0.48117673, "total": 12.172047],
-                ["ce": 6.8146434, "kd": 0.44544044, "total": 11.269048],
+                ["ce": 7.3602796, "lwf_kd": 0.48117673, "total": 12.172047],
+                ["ce": 6.8146434, "lwf_kd": 0.44544044, "total": 11.269048],
             ],
             weights: "8fec0547437c44307db1ddb5d54a5002f34cf029fddab941db9c6dbcfafe7eac"),
         "mib": Pin(
@@ -81,8 +81,8 @@ final class MethodPinTests: XCTestCase {
             weights: "f30e83e44b8f8eb18967f92c691460ba383527a75bac7f9e31151d357aabb9ad"),
         "plop": Pin(
             losses: [
-                ["ce": 5.090594, "kd": 0.48117673, "total": 9.902361],
-                ["ce": 5.967897, "kd": 0.45430443, "total": 10.510941],
+                ["ce": 5.090594, "lwf_kd": 0.48117673, "total": 9.902361],
+                ["ce": 5.967897, "lwf_kd": 0.45430443, "total": 10.510941],
             ],
             weights: "6593393d2d28cbedd09ba00786345c54a045d1a80bbbc2296455ad5f3b2e3b3e"),
         "gsc": Pin(
@@ -115,16 +115,18 @@ final class MethodPinTests: XCTestCase {
             weights: "24e0366a781cb6e90dee0797677912604c19a62ca2bb770e90fa607f85d0e073"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
-                ["ce": 4.827484, "fake_ce": 0.15848738, "fake_kd": 0.4391548, "feat": 0.6873218, "kd": 0.39957416,
+                ["ce": 4.827484, "fake_ce": 0.15848738, "fake_feat": 0.6873218, "fake_kd": 0.4391548, "kd": 0.39957416,
                  "rel": 0.068862624, "sharp": 0.3282175, "soft": 4.113217, "total": 14.769007],
-                ["ce": 4.352339, "fake_ce": 0.74420357, "fake_kd": 0.3463592, "feat": 0.4540536, "kd": 0.40011,
+                ["ce": 4.352339, "fake_ce": 0.74420357, "fake_feat": 0.4540536, "fake_kd": 0.3463592, "kd": 0.40011,
                  "rel": 0.05887265, "sharp": 0.6084163, "soft": 3.536919, "total": 13.699378],
             ],
             weights: "02b436ba0bfcc87e6b251e5742d8879e5c0f5225c6c70dc12ca24dc80a601358"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
-                ["ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39429823, "total": 14.190354],
-                ["ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.41504762, "total": 13.246702],
+                ["ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416, "lwf_kd": 0.39429823,
+                 "total": 14.190354],
+                ["ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.4337337, "lwf_kd": 0.41504762,
+                 "total": 13.246702],
             ],
             weights: "801b7b5d22fe9725178596f161353d12c86cc8bbdfe83dfa01462dfe2082485a"),
     ]

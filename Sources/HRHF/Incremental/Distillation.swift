@@ -68,98 +68,71 @@ public enum BackgroundHandling: String, Codable, Sendable, CaseIterable {
     case proto
 }
 
-/// Every switch and weight of a distillation step; `--method` presets fill them.
+/// A distillation step's method (its row of `Method.table`, with any weight overridden) and
+/// the settings its terms share; every default is here.
 public struct DistillationOptions: Codable, Equatable, Sendable {
-    public var method = "hrhf+gsc"
-    public var background = BackgroundHandling.proto
-    /// Share of each batch drawn from the synthetic packs (0: real images only), added to the
-    /// real images of the batch.
+    public var method: Method
+    /// Share of each batch drawn from the synthetic packs, added to the real images of the batch,
+    /// for a method with terms on the fake half (0: real images only).
     public var fakeRatio: Float = 0.5
-    /// Unbiased KD on the real half (MiB's, weight 10 in MiB).
-    public var realKDWeight: Float = 10
-    /// LwF's plain KD on real images.
-    public var plainKDWeight: Float = 0
     public var kdTemperature: Float = 1
-    /// Fake half: unbiased KD and cross-entropy with the old model's confident labels.
-    public var fakeKDWeight: Float = 10
-    public var fakeCEWeight: Float = 1
+    /// Fake half: the old model's argmax is a label where its probability is at least this.
     public var fakeConfidence: Float = 0.7
     /// Score the fake half's background as background-or-new (as its KD does) instead of
     /// background alone.
     public var fakeFoldsNewClasses = true
-    /// Feature distillation (mean squared difference of the head's output) on the fake half.
-    public var featureWeight: Float = 0
-    /// GSC's weights below were chosen on a held-out Shapes set (tools/tune.sh, another seed than
-    /// the benchmark's validation images) at 300 iterations: METHOD.md's clamp [0.5, 2] and
-    /// weights 1 / 0.1 / 1 cost 2-4 points of all-class mIoU there.
-    /// GSC step-aware gradient compensation of the cross-entropy.
-    public var gradientCompensation = true
+    /// Clamp of GSC's step-aware compensation weights. METHOD.md's [0.5, 2] cost 2-4 points of
+    /// all-class mIoU on the held-out Shapes set (tools/tune.sh, docs/tuning.md).
     public var compensationMin: Float = 0.8
     public var compensationMax: Float = 1.25
-    public var softWeight: Float = 0.25
     public var softTemperature: Float = 2
-    public var sharpWeight: Float = 0.02
     public var sharpConfidence: Float = 0.9
-    public var relationWeight: Float = 0.25
     /// Prototypes: mean feature of pixels the old model labels with confidence >= this.
     public var prototypeConfidence: Float = 0.9
     /// Re-label when the prototype softmax of the old argmax class is >= tauP ...
     public var prototypeTau: Float = 0.7
     /// ... and the old model's confidence is >= tauConf. Both strict because re-labelling
-    /// trusts the old model, and over several steps its errors compound: against the full
-    /// training masks (`--audit-relabelling`) the zoo model's re-labels are 95% right, the fourth
-    /// step's old model's 74% at 0.5 / 0.7 (a fifth of them true background); 0.7 / 0.9 halves
-    /// the wrong ones and scored better on the held-out set (15-1: 50.2 vs 48.1 all mIoU, mean of
-    /// two packs; 15-5: 68.5 vs 68.1).
+    /// trusts the old model, and over several steps its errors compound (docs/tuning.md).
     public var prototypeOldConfidence: Float = 0.9
     public var prototypeTemperature: Float = 1
     /// Pseudo-labels: normalised entropy below this (and below the class's batch median).
     public var pseudoEntropy: Float = 0.5
-    /// Joint training: every seen class's labels on all images (the upper bound).
-    public var joint = false
     /// Batch norm keeps the old model's running statistics during the step (half of every
-    /// batch is synthetic, with other statistics than real test images). Off by default: with
-    /// the zoo model at lr 0.01 it diverged within 10 iterations.
+    /// batch is synthetic, with other statistics than real test images). Off: with the zoo
+    /// model at lr 0.01 it diverged within 10 iterations.
     public var freezeBatchNorm = false
     /// Real batches over which batch norm's running statistics are re-estimated after the step
-    /// (torch's update_bn; 0: keep those of training). Training batches of the pack methods are
-    /// half synthetic, so their running statistics mix in what test images do not have. Off by
-    /// default: on the held-out set (15-1, 80 iterations a step, 25 batches) it cost hrhf+gsc
-    /// 51.2 -> 33.0 and hrhf 53.8 -> 31.5 all mIoU. The weights learn under the mixed batches'
-    /// normalisation, so statistics of real images alone no longer fit them.
+    /// (torch's update_bn; 0: keep those of training). Off: the weights learn under the mixed
+    /// batches' normalisation, so statistics of real images alone no longer fit them.
     public var batchNormRecalibration = 0
     /// Batch norm normalises a batch's real and fake images with their own statistics in
     /// training, and its running statistics follow the real ones only (`BatchNorm2d.batchSplit`).
     public var splitBatchNorm = false
 
-    public init() {}
+    public init(method: Method) {
+        self.method = method
+    }
 
-    /// The methods of the comparison table as presets of the switches above.
-    public static func preset(_ method: String) throws -> DistillationOptions {
-        var o = DistillationOptions()
-        o.method = method
-        func noGSC() { o.gradientCompensation = false; o.softWeight = 0; o.sharpWeight = 0; o.relationWeight = 0 }
-        switch method {
-        case "ft":
-            noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0
-        case "lwf":
-            noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0; o.plainKDWeight = 10
-        case "mib":
-            noGSC(); o.background = .unbiased; o.fakeRatio = 0
-        case "plop":
-            noGSC(); o.background = .pseudo; o.fakeRatio = 0; o.realKDWeight = 0; o.plainKDWeight = 10
-        case "gsc":
-            o.background = .proto; o.fakeRatio = 0
-        case "hrhf":
-            noGSC(); o.background = .unbiased
-        case "hrhf+gsc":
-            break
-        case "joint":
-            noGSC(); o.background = .plain; o.fakeRatio = 0; o.realKDWeight = 0; o.joint = true
-        default:
-            throw DatasetError(file: method, "unknown method: ft, lwf, mib, plop, gsc, hrhf, hrhf+gsc or joint")
+    /// The options of a method of `Method.table`, with the defaults above.
+    public static func preset(_ name: String) throws -> DistillationOptions {
+        DistillationOptions(method: try Method.named(name))
+    }
+
+    /// Whether the step's batches hold fake images.
+    public var usesFakeHalf: Bool { method.readsPacks && fakeRatio > 0 }
+
+    /// Checks the method and the settings that options can break.
+    public func validate() throws {
+        try method.validate()
+        guard fakeRatio.isFinite && fakeRatio >= 0 && fakeRatio < 1 else {
+            throw OptionError(option: "fake ratio", "\(fakeRatio): a share of the batch from 0 up to (not including) 1")
         }
-        return o
+        guard compensationMin > 0 && compensationMin <= compensationMax && compensationMax.isFinite else {
+            throw OptionError(option: "compensation range", "\(compensationMin),\(compensationMax): 0 < MIN <= MAX")
+        }
+        guard batchNormRecalibration >= 0 else {
+            throw OptionError(option: "bn recalibration", "\(batchNormRecalibration) batches: a count from 0")
+        }
     }
 }
 

@@ -100,7 +100,7 @@ public struct IncrementalRun {
                                                   packs: loaded, options: options, config: stepConfig,
                                                   auditRelabelling: auditRelabelling)
                 let checkpoint = URL(fileURLWithPath: target.path + ".ckpt")
-                let trainer = runner.makeTrainer(checkpoint: checkpoint)
+                let trainer = try runner.makeTrainer(checkpoint: checkpoint)
                 let resumed = try trainer.resume()
                 event(.stepStarted(step: step, images: runner.realLoader.indices.count, packs: loaded.count,
                                    iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
@@ -121,7 +121,7 @@ public struct IncrementalRun {
                                           limit: evalLimit)
                     card.notes["step\(step)_val_miou_all"] = String(format: "%.4f", report!.all ?? 0)
                 }
-                card.notes["step\(step)_method"] = options.method
+                card.notes["step\(step)_method"] = options.method.name
                 try ModelFile.save(runner.model, card: card, to: target)
                 try? FileManager.default.removeItem(atPath: target.path + ".ckpt")
                 event(.stepFinished(step: step, report: report, seconds: Date().timeIntervalSince(start), model: target))
@@ -129,7 +129,7 @@ public struct IncrementalRun {
                 previous = target
             }
             // The next step's pack, from this step's model.
-            let usesPacks = options.fakeRatio > 0 || options.background == .proto && !packs.isEmpty
+            let usesPacks = options.usesFakeHalf || options.method.background == .proto && !packs.isEmpty
             if step < lastStep && usesPacks && stepPackClasses != .none {
                 let packURL = packURL(afterStep: step)
                 if !FileManager.default.fileExists(atPath: packURL.path) {

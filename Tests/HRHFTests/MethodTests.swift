@@ -1,0 +1,94 @@
+import Foundation
+import XCTest
+@testable import HRHF
+
+final class MethodTests: XCTestCase {
+    func testEveryRowIsValidAndSumsInTheBenchmarksOrder() throws {
+        let names = Method.table.map(\.name)
+        XCTAssertEqual(Set(names).count, names.count, "one row per method")
+        for m in ["ft", "lwf", "mib", "plop", "gsc", "hrhf", "hrhf+gsc", "joint"] {
+            XCTAssertTrue(names.contains(m), m)
+        }
+        for m in Method.table {
+            XCTAssertNoThrow(try m.validate(), m.name)
+            XCTAssertEqual(m.terms.map(\.rank), m.terms.map(\.rank).sorted(), "\(m.name): terms in the sum's order")
+        }
+        let hrhf = try Method.named("hrhf+gsc")
+        XCTAssertEqual(hrhf.terms.map(\.label), ["ce", "kd", "fake_ce", "fake_kd", "soft", "sharp", "rel"])
+        XCTAssertEqual(hrhf.terms.map(\.weight), [1, 10, 1, 10, 0.25, 0.02, 0.25])
+        XCTAssertTrue(hrhf.readsPacks)
+        XCTAssertFalse(try Method.named("gsc").readsPacks)
+        XCTAssertEqual(try Method.named("joint").data, .allSteps)
+        // An ablation row is its method with one thing changed.
+        var noProto = hrhf
+        noProto.name = "hrhf+gsc-no-proto"
+        noProto.background = .unbiased
+        XCTAssertEqual(try Method.named("hrhf+gsc-no-proto"), noProto)
+    }
+
+    func testSetWeightKeepsTheSumsOrder() throws {
+        var m = try Method.named("hrhf")
+        m.setWeight(.lwfKD, on: .real, 2)
+        XCTAssertEqual(m.terms.map(\.label), ["ce", "kd", "lwf_kd", "fake_ce", "fake_kd"])
+        m.setWeight(.soft, on: .both, 0.5)
+        m.setWeight(.feat, on: .fake, 3)
+        XCTAssertEqual(m.terms.map(\.label), ["ce", "kd", "lwf_kd", "fake_ce", "fake_kd", "fake_feat", "soft"])
+        m.setWeight(.kd, on: .real, 4)
+        XCTAssertEqual(m.terms[1], WeightedTerm(.kd, 4, .real))
+        m.setWeight(.kd, on: .real, 0)
+        m.setWeight(.ce, on: .fake, 0)
+        XCTAssertEqual(m.terms.map(\.label), ["ce", "lwf_kd", "fake_kd", "fake_feat", "soft"])
+        var ft = try Method.named("ft")
+        ft.setWeight(.kd, on: .fake, 10)
+        XCTAssertTrue(ft.readsPacks, "a fake-half term makes a method read packs")
+    }
+
+    func testOptionErrorsNameTheOptionAndTheReason() throws {
+        func error(_ body: () throws -> Void) -> OptionError? {
+            do { try body() } catch { return error as? OptionError }
+            return nil
+        }
+        XCTAssertEqual(error { _ = try Method.named("nope") }?.description,
+                       "method: unknown method nope: " + Method.table.map(\.name).joined(separator: ", "))
+        var m = try Method.named("mib")
+        m.terms[1].weight = -1
+        XCTAssertEqual(error { try m.validate() },
+                       OptionError(option: "kd", "weight -1.0: a weight is a finite number above 0"))
+        m = try Method.named("mib")
+        m.terms.append(WeightedTerm(.ce, 1, .both))
+        XCTAssertEqual(error { try m.validate() }?.option, "ce")
+        m = try Method.named("mib")
+        m.terms.append(m.terms[1])
+        XCTAssertEqual(error { try m.validate() }, OptionError(option: "kd", "given twice in method mib"))
+        m.terms = [WeightedTerm(.kd, 10, .fake)]
+        XCTAssertEqual(error { try m.validate() }, OptionError(option: "method", "mib has no term on the real images"))
+        var o = try DistillationOptions.preset("hrhf")
+        o.fakeRatio = 1
+        XCTAssertEqual(error { try o.validate() }?.option, "fake ratio")
+        o.fakeRatio = 0.5
+        (o.compensationMin, o.compensationMax) = (2, 1)
+        XCTAssertEqual(error { try o.validate() }, OptionError(option: "compensation range", "2.0,1.0: 0 < MIN <= MAX"))
+    }
+
+    func testListMethodsPrintsTheTable() throws {
+        let (status, stdout, _) = try runTool("hrhf-distill", ["--list-methods"])
+        XCTAssertEqual(status, 0)
+        XCTAssertEqual(stdout, Method.listing() + "\n")
+        let lines = stdout.split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines.count, Method.table.count + 2)
+        let row = try XCTUnwrap(lines.first { $0.hasPrefix("hrhf+gsc ") })
+        XCTAssertEqual(row.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " "),
+                       "hrhf+gsc 1 ce, 10 kd 1 ce, 10 kd 0.25 soft, 0.02 sharp, 0.25 rel proto GSC background step")
+    }
+
+    func testAnUnknownMethodIsAnOptionError() throws {
+        let out = temporaryDirectory().appendingPathComponent("m.safetensors")
+        let (status, stdout, stderr) = try runTool("hrhf-distill", ["--old", "missing.safetensors", "--data", "missing",
+                                                                    "--method", "nope", "--out", out.path])
+        XCTAssertEqual(status, 1)
+        XCTAssertTrue(stderr.contains("method: unknown method nope: ft, lwf, mib"), stderr)
+        XCTAssertEqual(stdout, "")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"))
+    }
+}
