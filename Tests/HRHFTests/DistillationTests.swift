@@ -178,7 +178,7 @@ final class DistillationTests: XCTestCase {
         // In a step, the audit's batches are the training batches with their full masks: every
         // pixel the step labels with a new class holds that class in the full mask too.
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc", auditRelabelling: true)
-        let real = try step.realLoader.batch(2), full = try step.auditLoader!.batch(2)
+        let real = try step.data.realLoader.batch(2), full = try step.data.auditLoader!.batch(2)
         XCTAssertEqual(real.images.array, full.images.array)
         var newPixels = 0
         for (l, t) in zip(real.labels.values, full.labels.values) where l != 0 && l != 255 {
@@ -208,8 +208,8 @@ final class DistillationTests: XCTestCase {
         try step.recalibrateBatchNorm(batches: 2)
         var expected = [Float](repeating: 0, count: bn1.runningMean.count)
         for b in 0..<2 {
-            let x = try step.realLoader.batch(step.config.iterations + b).images
-            XCTAssertEqual(x.shape[0], step.realPerBatch)
+            let x = try step.data.realLoader.batch(step.config.iterations + b).images
+            XCTAssertEqual(x.shape[0], step.data.realPerBatch)
             let means = withNoGrad { mean(conv1(x), axes: [0, 2, 3]) }.array
             for c in expected.indices { expected[c] += means[c] / 2 }
         }
@@ -224,7 +224,7 @@ final class DistillationTests: XCTestCase {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc", options: o)
         let layers = step.model.namedModules().compactMap { $0.module as? BatchNorm2d }
         XCTAssertFalse(layers.isEmpty)
-        XCTAssertTrue(layers.allSatisfy { $0.batchSplit == step.realPerBatch })
+        XCTAssertTrue(layers.allSatisfy { $0.batchSplit == step.data.realPerBatch })
         let plain = try Self.stepFixture(method: "hrhf+gsc").0.model.namedModules().compactMap { $0.module as? BatchNorm2d }
         XCTAssertTrue(plain.allSatisfy { $0.batchSplit == nil }, "off by default")
         // One training forward of 4 real + 4 fake images moves the first layer's running mean
@@ -232,7 +232,7 @@ final class DistillationTests: XCTestCase {
         let modules = Dictionary(uniqueKeysWithValues: step.model.namedModules().map { ($0.name, $0.module) })
         let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d), bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
         let before = bn1.runningMean.array
-        let realMeans = withNoGrad { mean(conv1(try! step.realLoader.batch(0).images), axes: [0, 2, 3]) }.array
+        let realMeans = withNoGrad { mean(conv1(try! step.data.realLoader.batch(0).images), axes: [0, 2, 3]) }.array
         step.model.train()
         XCTAssertTrue(try step.loss(0).total.item.isFinite)
         let expected = zip(before, realMeans).map { 0.9 * $0 + 0.1 * $1 }
@@ -242,25 +242,25 @@ final class DistillationTests: XCTestCase {
     func testHalfRealHalfFakeBatches() throws {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
         // Batch 4 real images; fake ratio 0.5 adds as many fake ones.
-        XCTAssertEqual(step.realPerBatch, 4)
-        XCTAssertEqual(try step.fakeSampler!.batch(0).shape, [4, 3, 24, 24])
-        XCTAssertEqual(try step.fakeSampler!.batch(3).array, try step.fakeSampler!.batch(3).array, "deterministic")
-        XCTAssertEqual(try step.realLoader.batch(0).images.shape, [4, 3, 24, 24])
+        XCTAssertEqual(step.data.realPerBatch, 4)
+        XCTAssertEqual(try step.data.fakeSampler!.batch(0).shape, [4, 3, 24, 24])
+        XCTAssertEqual(try step.data.fakeSampler!.batch(3).array, try step.data.fakeSampler!.batch(3).array, "deterministic")
+        XCTAssertEqual(try step.data.realLoader.batch(0).images.shape, [4, 3, 24, 24])
         XCTAssertEqual(step.model.numClasses, 9)
         let (loss, parts) = try step.loss(0)
         XCTAssertTrue(loss.item.isFinite)
         XCTAssertEqual(Set(parts.keys), ["ce", "kd", "fake_ce", "fake_kd", "soft", "sharp", "rel"])
         let (mib, _) = try Self.stepFixture(method: "mib")
-        XCTAssertNil(mib.fakeSampler)
-        XCTAssertEqual(mib.realPerBatch, 4)
+        XCTAssertNil(mib.data.fakeSampler)
+        XCTAssertEqual(mib.data.realPerBatch, 4)
         XCTAssertEqual(Set(try mib.loss(0).parts.keys), ["ce", "kd"])
         XCTAssertThrowsError(try DistillationOptions.preset("nope"))
         // A quarter fake: 4 real + round(4 * 0.25 / 0.75) = 1 fake; a ratio of 1 leaves no real images.
         var quarter = try DistillationOptions.preset("hrhf")
         quarter.fakeRatio = 0.25
         let (q, _) = try Self.stepFixture(method: "hrhf", options: quarter)
-        XCTAssertEqual(q.realPerBatch, 4)
-        XCTAssertEqual(try q.fakeSampler!.batch(0).shape[0], 1)
+        XCTAssertEqual(q.data.realPerBatch, 4)
+        XCTAssertEqual(try q.data.fakeSampler!.batch(0).shape[0], 1)
         quarter.fakeRatio = 1
         XCTAssertThrowsError(try Self.stepFixture(method: "hrhf", options: quarter))
     }

@@ -18,7 +18,7 @@ final class MethodTests: XCTestCase {
         XCTAssertEqual(hrhf.terms.map(\.weight), [1, 10, 1, 10, 0.25, 0.02, 0.25])
         XCTAssertTrue(hrhf.readsPacks)
         XCTAssertFalse(try Method.named("gsc").readsPacks)
-        XCTAssertEqual(try Method.named("joint").data, .allSteps)
+        XCTAssertEqual(try Method.named("joint").trainingSet, .allSteps)
         // An ablation row is its method with one thing changed.
         var noProto = hrhf
         noProto.name = "hrhf+gsc-no-proto"

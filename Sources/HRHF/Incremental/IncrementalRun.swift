@@ -102,7 +102,7 @@ public struct IncrementalRun {
                 let checkpoint = URL(fileURLWithPath: target.path + ".ckpt")
                 let trainer = try runner.makeTrainer(checkpoint: checkpoint)
                 let resumed = try trainer.resume()
-                event(.stepStarted(step: step, images: runner.realLoader.indices.count, packs: loaded.count,
+                event(.stepStarted(step: step, images: runner.data.indices.count, packs: loaded.count,
                                    iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
                                    resumedAt: trainer.iteration))
                 let start = Date()
@@ -115,7 +115,7 @@ public struct IncrementalRun {
                 if let audit = runner.relabelAudit { event(.relabelAudit(step: step, audit: audit)) }
                 try runner.recalibrateBatchNorm(batches: options.batchNormRecalibration)
                 var report: IoUReport?
-                var card = runner.card
+                var card = runner.models.card
                 if let val {
                     report = try evaluate(model: runner.model, normalization: card.normalization, dataset: val, proto: runner.proto,
                                           limit: evalLimit)

@@ -13,7 +13,7 @@ public enum ClassifierInitialisation: String, Codable, Sendable {
 }
 
 /// The images and labels a step trains on.
-public enum StepData: String, Codable, Sendable {
+public enum TrainingSet: String, Codable, Sendable {
     /// The step's images, labelled for its own classes (the protocol).
     case step
     /// Every image of every step so far with all their labels: joint training, the upper bound.
@@ -81,24 +81,24 @@ public struct WeightedTerm: Codable, Equatable, Sendable {
 }
 
 /// An incremental method: the terms of its loss, how it handles the background of real images,
-/// whether GSC compensates its cross-entropy, how new classifier rows start, and its data.
+/// whether GSC compensates its cross-entropy, how new classifier rows start, and its images.
 public struct Method: Codable, Equatable, Sendable {
     public var name: String
     public var terms: [WeightedTerm]
     public var background: BackgroundHandling
     public var gradientCompensation: Bool
     public var classifier: ClassifierInitialisation
-    public var data: StepData
+    public var trainingSet: TrainingSet
 
     public init(_ name: String, _ terms: [WeightedTerm], background: BackgroundHandling,
                 gradientCompensation: Bool = false, classifier: ClassifierInitialisation = .background,
-                data: StepData = .step) {
+                trainingSet: TrainingSet = .step) {
         self.name = name
         self.terms = terms
         self.background = background
         self.gradientCompensation = gradientCompensation
         self.classifier = classifier
-        self.data = data
+        self.trainingSet = trainingSet
     }
 
     /// Whether the method reads synthetic images (a term on the fake half).
@@ -175,7 +175,7 @@ extension Method {
                background: .proto, gradientCompensation: true),
         Method("hrhf+gsc-no-soft-sharp", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10), both(.rel, 0.25)],
                background: .proto, gradientCompensation: true),
-        Method("joint", [real(.ce)], background: .plain, data: .allSteps),
+        Method("joint", [real(.ce)], background: .plain, trainingSet: .allSteps),
     ]
 
     public static func named(_ name: String) throws -> Method {
@@ -193,10 +193,11 @@ extension Method {
         }
         let rows = methods.map { m in
             [m.name, terms(m, .real), terms(m, .fake), terms(m, .both), m.background.rawValue,
-             m.gradientCompensation ? "GSC" : "-", m.classifier.rawValue, m.data.rawValue]
+             m.gradientCompensation ? "GSC" : "-", m.classifier.rawValue, m.trainingSet.rawValue]
         }
-        let table = formatTable(header: ["method", "real half", "fake half", "whole batch", "background",
-                                         "ce compensation", "new rows from", "data"], rows: rows, leftAligned: true)
+        let header = ["method", "real half", "fake half", "whole batch", "background", "ce compensation",
+                      "new rows from", "training set"]
+        let table = formatTable(header: header, rows: rows, leftAligned: true)
         return table.split(separator: "\n").map { line in String(line.reversed().drop { $0 == " " }.reversed()) }
             .joined(separator: "\n")
     }
