@@ -45,7 +45,9 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("synth-count"), help: "Images of the pack made after each step of a multi-step run.") var synthCount: Int = 64
     @Option(name: .customLong("step-pack"), help: "Classes of the pack made after each step: new (the step's new classes, earlier packs kept), all (every old class, replacing them) or none (the starting packs only).") var stepPack: String = "new"
     @OptionGroup var synthesis: SynthesisOptionGroup
-    @Option(name: .customLong("eval-limit"), help: "Validation images per evaluation (default all).") var evalLimit: Int?
+    @Option(name: .customLong("eval-limit"),
+            help: "Validation images per evaluation (default all; 0: no evaluation, for data without a val split).")
+    var evalLimit: Int?
     @Option(help: "Write the evaluations as JSON.") var json: String?
     @Option(help: "Append PLOP-format CSV lines.") var csv: String?
     @Option(help: "The final model.") var out: String
@@ -89,7 +91,8 @@ struct Distill: ParsableCommand {
         if let protoOldConfidence { options.prototypeOldConfidence = protoOldConfidence }
         try options.validate()
         let train = try data.open(split: "train")
-        let val = try? data.open(split: "val")
+        if let evalLimit, evalLimit < 0 { throw OptionError(option: "--eval-limit", "\(evalLimit): a count from 0") }
+        let val = evalLimit == 0 ? nil : try data.open(split: "val")
         let task = try data.task(train)
         let last = lastStep ?? step
         guard step >= 1, last >= step, last < task.steps.count else {
@@ -124,7 +127,6 @@ struct Distill: ParsableCommand {
                 if let report {
                     print(report.table())
                     allReports.append(report)
-                    try? writeReport(report, json: nil, csv: csv, classCount: report.perClass.count)
                 }
                 summary.append(["\(s)", IoUReport.percent(report?.old), IoUReport.percent(report?.new), IoUReport.percent(report?.all),
                                 formatDuration(seconds), model.path])
@@ -143,6 +145,7 @@ struct Distill: ParsableCommand {
                 print(qualitySummary(manifest, out: url.path, imagesPerMinute: nil, seconds: nil))
             }
         }
+        for report in allReports { try writeReport(report, json: nil, csv: csv, classCount: report.perClass.count) }
         if let json {
             let encoder = JSONEncoder()
             encoder.outputFormatting = [.prettyPrinted, .sortedKeys]

@@ -91,4 +91,15 @@ final class MethodTests: XCTestCase {
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"))
     }
+
+    func testADivergedLossIsATrainingError() throws {
+        let model = try DeepLabV3(SynthesisTests.tinyArch, seed: 1)
+        let trainer = Trainer(model: model, config: TrainingConfig(iterations: 3, batchSize: 1, cropSize: 8),
+                              checkpoint: nil)
+        let finite = { mean(model.parameters[0]) }
+        XCTAssertThrowsError(try trainer.run(loss: { it in it == 0 ? finite() : Tensor(scalar: .infinity) })) { error in
+            XCTAssertEqual(error as? TrainingError, TrainingError(iteration: 1, "the loss became inf"))
+            XCTAssertEqual("\(error)", "training, iteration 1: the loss became inf")
+        }
+    }
 }

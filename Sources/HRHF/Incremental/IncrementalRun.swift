@@ -123,7 +123,9 @@ public struct IncrementalRun {
                 }
                 card.notes["step\(step)_method"] = options.method.name
                 try ModelFile.save(runner.model, card: card, to: target)
-                try? FileManager.default.removeItem(atPath: target.path + ".ckpt")
+                if FileManager.default.fileExists(atPath: checkpoint.path) {
+                    try FileManager.default.removeItem(at: checkpoint)
+                }
                 event(.stepFinished(step: step, report: report, seconds: Date().timeIntervalSince(start), model: target))
                 if let report { reports.append(report) }
                 previous = target

@@ -116,7 +116,7 @@ public final class Trainer {
             reseedDropout(model, seed: config.seed, iteration: iteration)
             let value = try loss(iteration)
             guard value.item.isFinite else {
-                throw WeightFileError(file: checkpoint?.path ?? "training", "loss became \(value.item) at iteration \(iteration)")
+                throw TrainingError(iteration: iteration, "the loss became \(value.item)")
             }
             optimizer.zeroGrad()
             value.backward()
@@ -128,4 +128,17 @@ public final class Trainer {
             }
         }
     }
+}
+
+/// A training run that cannot go on: a diverged loss, at the iteration it happened.
+public struct TrainingError: Error, CustomStringConvertible, Equatable {
+    public var iteration: Int
+    public var problem: String
+
+    public init(iteration: Int, _ problem: String) {
+        self.iteration = iteration
+        self.problem = problem
+    }
+
+    public var description: String { "training, iteration \(iteration): \(problem)" }
 }
