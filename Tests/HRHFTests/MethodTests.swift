@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import HRHF
+import HRHFCommandLine
 
 final class MethodTests: XCTestCase {
     func testEveryRowIsValidAndSumsInTheBenchmarksOrder() throws {
@@ -100,6 +101,16 @@ final class MethodTests: XCTestCase {
         XCTAssertThrowsError(try trainer.run(loss: { it in it == 0 ? finite() : Tensor(scalar: .infinity) })) { error in
             XCTAssertEqual(error as? TrainingError, TrainingError(iteration: 1, "the loss became inf"))
             XCTAssertEqual("\(error)", "training, iteration 1: the loss became inf")
+        }
+    }
+
+    func testClassListsAreOptionsWithBoundedRanges() throws {
+        XCTAssertEqual(try parseClassList("1-3,5, 7-8"), [1, 2, 3, 5, 7, 8])
+        for bad in ["", "1-", "3-1", "0-5", "1,,2", "1-2-3", "x", "1-99999999999"] {
+            XCTAssertThrowsError(try parseClassList(bad), bad) { error in
+                XCTAssertEqual(error as? OptionError,
+                               OptionError(option: "--classes", "\(bad): class ids from 1 to 1000 such as 1-15 or 1,3,5-7"))
+            }
         }
     }
 }

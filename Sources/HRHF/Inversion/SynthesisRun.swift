@@ -148,16 +148,3 @@ public struct SynthesisJob {
         workDirectory.appendingPathComponent(String(format: "batches/%06d.json", batch))
     }
 }
-
-/// Parses "1-15", "1,3,5-7" into class ids.
-public func parseClassList(_ text: String) throws -> [Int] {
-    var out: [Int] = []
-    for part in text.split(separator: ",") {
-        let bounds = part.split(separator: "-").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
-        guard (bounds.count == 1 || bounds.count == 2), let lo = bounds.first, let hi = bounds.last, lo <= hi else {
-            throw DatasetError(file: text, "expected class ids such as 1-15 or 1,3,5-7")
-        }
-        out += Array(lo...hi)
-    }
-    return out
-}
