@@ -20,11 +20,20 @@ final class MethodTests: XCTestCase {
         XCTAssertTrue(hrhf.readsPacks)
         XCTAssertFalse(try Method.named("gsc").readsPacks)
         XCTAssertEqual(try Method.named("joint").trainingSet, .allSteps)
-        // An ablation row is its method with one thing changed.
-        var noProto = hrhf
-        noProto.name = "hrhf+gsc-no-proto"
-        noProto.background = .unbiased
-        XCTAssertEqual(try Method.named("hrhf+gsc-no-proto"), noProto)
+        // Each ablation row is hrhf+gsc with the options tools/benchmark.sh gave before it had rows.
+        func ablation(_ name: String, _ change: (inout Method) -> Void) throws {
+            var m = hrhf
+            m.name = name
+            change(&m)
+            XCTAssertEqual(try Method.named(name), m, name)
+        }
+        try ablation("hrhf+gsc-no-proto") { $0.background = .unbiased }
+        try ablation("hrhf+gsc-no-compensation") { $0.gradientCompensation = false }
+        try ablation("hrhf+gsc-no-relation") { $0.setWeight(.rel, on: .both, 0) }
+        try ablation("hrhf+gsc-no-soft-sharp") {
+            $0.setWeight(.soft, on: .both, 0)
+            $0.setWeight(.sharp, on: .both, 0)
+        }
     }
 
     func testSetWeightKeepsTheSumsOrder() throws {
