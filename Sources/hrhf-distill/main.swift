@@ -138,13 +138,24 @@ struct Distill: ParsableCommand {
         }
         let config = TrainingConfig(iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr,
                                     seed: seed, checkpointEvery: checkpointEvery)
+        var progress: ProgressLine?
+        let (synthCount, synthesisOptions) = (synthCount, synthesis.options)
+        func synthesize(_ request: PackRequest) throws {
+            let job = try SynthesisJob(request: request, count: synthCount, options: synthesisOptions)
+            let perBatch = synthesisOptions.iterations
+            let outcome = try job.run(resume: true, started: { resumed in
+                if let resumed { print(resumeLine(resumed, batchesInRun: job.batches.count)) }
+                progress = ProgressLine("pack after step \(request.afterStep)", total: job.batches.count * perBatch,
+                                        unit: "it", alreadyDone: (resumed?.batches.count ?? 0) * perBatch)
+            }) { done, _, _ in progress?.update(done) }
+            progress?.finish()
+            print(qualitySummary(outcome.manifest, out: request.out.path, imagesPerMinute: nil, seconds: nil))
+        }
         var run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step,
                                  lastStep: last, setting: data.setting, packs: pack.map { URL(fileURLWithPath: $0) },
-                                 options: options, config: config, synthCount: synthCount,
-                                 stepPackClasses: stepPackClasses, synthOptions: synthesis.options,
-                                 out: URL(fileURLWithPath: out), evalLimit: evalLimit)
+                                 options: options, config: config, stepPackClasses: stepPackClasses,
+                                 synthesize: synthesize, out: URL(fileURLWithPath: out), evalLimit: evalLimit)
         run.auditRelabelling = auditRelabelling
-        var progress: ProgressLine?
         var summary: [[String]] = []
         var allReports: [IoUReport] = []
         _ = try run.run { event in
@@ -174,15 +185,6 @@ struct Distill: ParsableCommand {
                 progress?.finish()
                 progress = nil
                 print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")
-            case let .synthesisStarted(s, batches, resumed):
-                if let resumed { print(resumeLine(resumed, batchesInRun: batches)) }
-                progress = ProgressLine("pack after step \(s)", total: batches * synthesis.iterations, unit: "it",
-                                        alreadyDone: (resumed?.batches.count ?? 0) * synthesis.iterations)
-            case let .synthesis(_, done, _):
-                progress?.update(done)
-            case let .packWritten(_, manifest, url):
-                progress?.finish()
-                print(qualitySummary(manifest, out: url.path, imagesPerMinute: nil, seconds: nil))
             }
         }
         for report in allReports { try writeReport(report, json: nil, csv: csv, classCount: report.perClass.count) }

@@ -314,7 +314,9 @@ final class DistillationTests: XCTestCase {
             let out = temporaryDirectory().appendingPathComponent("m.safetensors")
             let run = IncrementalRun(old: url, train: train, val: nil, task: task, firstStep: 1, lastStep: 2, setting: .overlap,
                                      packs: [firstPack], options: try DistillationOptions.preset("hrhf"), config: config,
-                                     synthCount: 2, stepPackClasses: mode, synthOptions: o, out: out)
+                                     stepPackClasses: mode,
+                                     synthesize: { _ = try SynthesisJob(request: $0, count: 2, options: o).run(resume: true) },
+                                     out: out)
             var packsPerStep: [Int: Int] = [:]
             _ = try run.run { if case let .stepStarted(step, _, packs, _, _, _) = $0 { packsPerStep[step] = packs } }
             if mode == .none {

@@ -118,8 +118,35 @@ final class MethodTests: XCTestCase {
         for bad in ["", "1-", "3-1", "0-5", "1,,2", "1-2-3", "x", "1-99999999999"] {
             XCTAssertThrowsError(try parseClassList(bad), bad) { error in
                 XCTAssertEqual(error as? OptionError,
-                               OptionError(option: "--classes", "\(bad): class ids from 1 to 1000 such as 1-15 or 1,3,5-7"))
+                               OptionError(option: "--classes",
+                                           "\(bad): class ids from 1 to 1000 such as 1-15 or 1,3,5-7"))
             }
         }
+    }
+
+    /// hrhf-distill passes synthesis into a two-step run: the pack after step 1 is written and summarised.
+    func testTheCommandLineSynthesisesBetweenSteps() throws {
+        let (teacher, model, card) = try SynthesisTests.tinyTeacher()
+        let dir = temporaryDirectory()
+        let firstPack = dir.appendingPathComponent("p0.tar")
+        var o = SynthesisTests.smallOptions()
+        o.resolution = 24
+        _ = try SynthesisJob(teacherURL: teacher, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2,
+                             options: o, seed: 1, out: firstPack).run(resume: false)
+        let out = dir.appendingPathComponent("m.safetensors")
+        let (status, stdout, stderr) = try runTool("hrhf-distill", [
+            "--old", teacher.path, "--pack", firstPack.path, "--data", DataTests.shapesRoot.path, "--dataset", "shapes",
+            "--task", "1-5,6,7", "--step", "1", "--last-step", "2", "--method", "hrhf", "--iterations", "1",
+            "--batch", "2", "--crop", "24", "--eval-limit", "0", "--synth-count", "2", "--synth-iterations", "2",
+            "--synth-batch", "2", "--resolution", "24", "--out", out.path,
+        ])
+        XCTAssertEqual(status, 0, stderr)
+        let pack = dir.appendingPathComponent("m-step1-pack.tar")
+        XCTAssertEqual(try SyntheticPack(url: pack).manifest.classes.map(\.id), [6])
+        let lines = stdout.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
+        XCTAssertTrue(lines.contains { $0.hasPrefix("pack ") && $0.hasSuffix(pack.path) }, stdout)
+        XCTAssertTrue(lines.contains("step 2 of 1-5,6,7 (overlap), method hrhf: classes 7, 1 real images, 2 packs, "
+                                     + "1 iterations"), stdout)
+        XCTAssertEqual(try ModelFile.load(out).0.numClasses, 8)
     }
 }

@@ -148,3 +148,12 @@ public struct SynthesisJob {
         workDirectory.appendingPathComponent(String(format: "batches/%06d.json", batch))
     }
 }
+
+extension SynthesisJob {
+    /// The job of a pack a multi-step run needs after a step, its teacher read from the request.
+    public init(request: PackRequest, count: Int, options: InversionOptions) throws {
+        let (model, card) = try ModelFile.load(request.teacher)
+        self.init(teacherURL: request.teacher, model: model, card: card, classes: request.classes, count: count,
+                  options: options, seed: request.seed, out: request.out)
+    }
+}
