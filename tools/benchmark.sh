@@ -31,7 +31,7 @@ run() {  # name task laststep iterations method [extra...]
   [ -f "$dir/$name.json" ] && return 0
   [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && return 0
   local packs=()
-  case $method in hrhf|hrhf+gsc|gsc) packs=(--pack "$dir/pack-15.tar") ;; esac
+  case $method in hrhf*|gsc) packs=(--pack "$dir/pack-15.tar") ;; esac
   "$bin/hrhf-distill" --old "$model" "${packs[@]}" "${common[@]}" --task "$task" --step 1 --last-step "$last" \
     --method "$method" --iterations "$its" --batch 8 --synth-count 16 --synth-iterations 150 --out "$dir/$name.safetensors" \
     --json "$dir/$name.json" --threads 1 "$@" > "$dir/$name.log" 2>&1 || { echo "$name failed: see $dir/$name.log"; return 1; }
@@ -54,12 +54,12 @@ for m in joint mib lwf ft; do queue "15-1-$m" 15-1 5 "$it151" "$m"; queue "15-5-
 # The re-labelling methods also report how their re-labelling fares against the full training
 # masks (a diagnostic written to their logs; the method never reads those labels).
 for m in hrhf+gsc hrhf gsc; do queue "15-1-$m" 15-1 5 "$it151" "$m" $([ "$m" = hrhf ] || echo --audit-relabelling); done
-queue "15-1-hrhf+gsc-no-proto" 15-1 5 "$it151" hrhf+gsc --background unbiased
+queue "15-1-hrhf+gsc-no-proto" 15-1 5 "$it151" hrhf+gsc-no-proto
 for m in hrhf+gsc hrhf gsc; do queue "15-5-$m" 15-5 1 "$it155" "$m" $([ "$m" = hrhf ] || echo --audit-relabelling); done
-queue "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc --gradient-compensation false
-queue "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc --soft 0 --sharp 0
-queue "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc --relation 0
-queue "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc --background unbiased
+queue "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc-no-compensation
+queue "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc-no-soft-sharp
+queue "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc-no-relation
+queue "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc-no-proto
 # Every method gets 8 real images per batch; hrhf and hrhf+gsc add 8 fake ones. MiB with 16
 # real images per batch shows what the larger batch alone would give.
 queue "15-5-mib-batch16" 15-5 1 "$it155" mib --batch 16

@@ -16,7 +16,7 @@ mkdir -p out/tune
 [ -f data/shapes-tune/shapes.json ] || "$bin/hrhf-data" shapes --out data/shapes-tune --train 1 --val 200 --size 128 --seed 7 >/dev/null
 [ -f out/tune/pack-15.tar ] || "$bin/hrhf-synth" --model zoo/shapes-15-5-step0.safetensors --classes 1-15 --count 64 --seed 0 --out out/tune/pack-15.tar >/dev/null
 packs=()
-case $method in hrhf|hrhf+gsc|gsc) packs=(--pack out/tune/pack-15.tar) ;; esac
+case $method in hrhf*|gsc) packs=(--pack out/tune/pack-15.tar) ;; esac
 if [ ! -f "out/tune/$name.safetensors" ]; then
   "$bin/hrhf-distill" --old zoo/shapes-15-5-step0.safetensors "${packs[@]}" --data data/shapes --dataset shapes \
     --task "$task" --step 1 --last-step "$last" --method "$method" --iterations "$its" --eval-limit 1 \

@@ -88,8 +88,3 @@ public func rangeList(_ values: [Int]) -> String {
     }
     return parts.joined(separator: ",")
 }
-
-/// Prints on standard error.
-public func printError(_ text: String) {
-    FileHandle.standardError.write(Data((text + "\n").utf8))
-}

@@ -72,3 +72,19 @@ public func qualitySummary(_ m: PackManifest, out: String, imagesPerMinute: Doub
     if let seconds { rows.append(["time", formatDuration(seconds)]) }
     return formatTable(header: ["synthetic pack", ""], rows: rows, leftAligned: true)
 }
+
+/// Parses "1-15", "1,3,5-7" into class ids, at most `maxClassID` (1000: ADE20K has 150 classes),
+/// so that a mistyped range cannot allocate without bound.
+public func parseClassList(_ text: String, option: String = "--classes", maxClassID: Int = 1000) throws -> [Int] {
+    var out: [Int] = []
+    for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+        let bounds = part.split(separator: "-", omittingEmptySubsequences: false)
+            .map { Int($0.trimmingCharacters(in: .whitespaces)) }
+        guard bounds.count == 1 || bounds.count == 2, let lo = bounds.first ?? nil, let hi = bounds.last ?? nil,
+              1 <= lo, lo <= hi, hi <= maxClassID else {
+            throw OptionError(option: option, "\(text): class ids from 1 to \(maxClassID) such as 1-15 or 1,3,5-7")
+        }
+        out += Array(lo...hi)
+    }
+    return out
+}

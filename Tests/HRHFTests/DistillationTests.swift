@@ -68,7 +68,8 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(w.pointer[3], 0)
         // Under the unbiased CE, background's p is p(0) + p(1): 1.0 and 1.0 here, so g = 0 for both
         // (mean 0: weight 1), the new-class pixel still 1.
-        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, backgroundIncludes: 1..<2)
+        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2,
+                                             backgroundIncludes: 1..<2)
         XCTAssertEqual(Array(wu.array.prefix(3)), [1, 1, 1])
         // Three old classes, labels 0 and 1 (a re-labelled pixel).
         let l3 = Tensor(shape: [1, 4, 1, 2], values: [Foundation.log(0.6), Foundation.log(0.6), Foundation.log(0.1), Foundation.log(0.2),
@@ -122,7 +123,7 @@ final class DistillationTests: XCTestCase {
                                                           5, 0, 5, 5, 0, 0])
         let features = Tensor(shape: [1, 2, 1, 3], values: [1, 0, 0, 1, 0, 0])
         let labels = Labels(shape: [1, 1, 6], values: [0, 0, 0, 0, 0, 0])
-        var o = DistillationOptions()
+        var o = DistillationOptions(method: Method.table[0])
         o.prototypeTau = 0.6
         o.prototypeOldConfidence = 0.9
         let out = protos.relabel(labels, oldLogits: logits, oldFeatures: features, options: o)
@@ -177,7 +178,7 @@ final class DistillationTests: XCTestCase {
         // In a step, the audit's batches are the training batches with their full masks: every
         // pixel the step labels with a new class holds that class in the full mask too.
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc", auditRelabelling: true)
-        let real = try step.realLoader.batch(2), full = try step.auditLoader!.batch(2)
+        let real = try step.data.realLoader.batch(2), full = try step.data.auditLoader!.batch(2)
         XCTAssertEqual(real.images.array, full.images.array)
         var newPixels = 0
         for (l, t) in zip(real.labels.values, full.labels.values) where l != 0 && l != 255 {
@@ -207,8 +208,8 @@ final class DistillationTests: XCTestCase {
         try step.recalibrateBatchNorm(batches: 2)
         var expected = [Float](repeating: 0, count: bn1.runningMean.count)
         for b in 0..<2 {
-            let x = try step.realLoader.batch(step.config.iterations + b).images
-            XCTAssertEqual(x.shape[0], step.realPerBatch)
+            let x = try step.data.realLoader.batch(step.config.iterations + b).images
+            XCTAssertEqual(x.shape[0], step.data.realPerBatch)
             let means = withNoGrad { mean(conv1(x), axes: [0, 2, 3]) }.array
             for c in expected.indices { expected[c] += means[c] / 2 }
         }
@@ -223,7 +224,7 @@ final class DistillationTests: XCTestCase {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc", options: o)
         let layers = step.model.namedModules().compactMap { $0.module as? BatchNorm2d }
         XCTAssertFalse(layers.isEmpty)
-        XCTAssertTrue(layers.allSatisfy { $0.batchSplit == step.realPerBatch })
+        XCTAssertTrue(layers.allSatisfy { $0.batchSplit == step.data.realPerBatch })
         let plain = try Self.stepFixture(method: "hrhf+gsc").0.model.namedModules().compactMap { $0.module as? BatchNorm2d }
         XCTAssertTrue(plain.allSatisfy { $0.batchSplit == nil }, "off by default")
         // One training forward of 4 real + 4 fake images moves the first layer's running mean
@@ -231,7 +232,7 @@ final class DistillationTests: XCTestCase {
         let modules = Dictionary(uniqueKeysWithValues: step.model.namedModules().map { ($0.name, $0.module) })
         let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d), bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
         let before = bn1.runningMean.array
-        let realMeans = withNoGrad { mean(conv1(try! step.realLoader.batch(0).images), axes: [0, 2, 3]) }.array
+        let realMeans = withNoGrad { mean(conv1(try! step.data.realLoader.batch(0).images), axes: [0, 2, 3]) }.array
         step.model.train()
         XCTAssertTrue(try step.loss(0).total.item.isFinite)
         let expected = zip(before, realMeans).map { 0.9 * $0 + 0.1 * $1 }
@@ -241,25 +242,25 @@ final class DistillationTests: XCTestCase {
     func testHalfRealHalfFakeBatches() throws {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
         // Batch 4 real images; fake ratio 0.5 adds as many fake ones.
-        XCTAssertEqual(step.realPerBatch, 4)
-        XCTAssertEqual(try step.fakeSampler!.batch(0).shape, [4, 3, 24, 24])
-        XCTAssertEqual(try step.fakeSampler!.batch(3).array, try step.fakeSampler!.batch(3).array, "deterministic")
-        XCTAssertEqual(try step.realLoader.batch(0).images.shape, [4, 3, 24, 24])
+        XCTAssertEqual(step.data.realPerBatch, 4)
+        XCTAssertEqual(try step.data.fakeSampler!.batch(0).shape, [4, 3, 24, 24])
+        XCTAssertEqual(try step.data.fakeSampler!.batch(3).array, try step.data.fakeSampler!.batch(3).array, "deterministic")
+        XCTAssertEqual(try step.data.realLoader.batch(0).images.shape, [4, 3, 24, 24])
         XCTAssertEqual(step.model.numClasses, 9)
         let (loss, parts) = try step.loss(0)
         XCTAssertTrue(loss.item.isFinite)
         XCTAssertEqual(Set(parts.keys), ["ce", "kd", "fake_ce", "fake_kd", "soft", "sharp", "rel"])
         let (mib, _) = try Self.stepFixture(method: "mib")
-        XCTAssertNil(mib.fakeSampler)
-        XCTAssertEqual(mib.realPerBatch, 4)
+        XCTAssertNil(mib.data.fakeSampler)
+        XCTAssertEqual(mib.data.realPerBatch, 4)
         XCTAssertEqual(Set(try mib.loss(0).parts.keys), ["ce", "kd"])
         XCTAssertThrowsError(try DistillationOptions.preset("nope"))
         // A quarter fake: 4 real + round(4 * 0.25 / 0.75) = 1 fake; a ratio of 1 leaves no real images.
         var quarter = try DistillationOptions.preset("hrhf")
         quarter.fakeRatio = 0.25
         let (q, _) = try Self.stepFixture(method: "hrhf", options: quarter)
-        XCTAssertEqual(q.realPerBatch, 4)
-        XCTAssertEqual(try q.fakeSampler!.batch(0).shape[0], 1)
+        XCTAssertEqual(q.data.realPerBatch, 4)
+        XCTAssertEqual(try q.data.fakeSampler!.batch(0).shape[0], 1)
         quarter.fakeRatio = 1
         XCTAssertThrowsError(try Self.stepFixture(method: "hrhf", options: quarter))
     }
@@ -271,7 +272,7 @@ final class DistillationTests: XCTestCase {
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc", iterations: 2, options: options)
         let before = step.model.namedBuffers().map { $0.tensor.array }
         let weightsBefore = step.model.parameters.map { $0.array }
-        let trainer = step.makeTrainer(checkpoint: nil)
+        let trainer = try step.makeTrainer(checkpoint: nil)
         try trainer.run(loss: { try step.loss($0).total })
         XCTAssertEqual(step.model.namedBuffers().map { $0.tensor.array }, before, "running statistics untouched")
         XCTAssertNotEqual(step.model.parameters.map { $0.array }, weightsBefore, "weights still learn")
@@ -281,11 +282,11 @@ final class DistillationTests: XCTestCase {
         func run(interrupt: Bool) throws -> [Float] {
             let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
             let ckpt = temporaryDirectory().appendingPathComponent("s.ckpt")
-            let trainer = step.makeTrainer(checkpoint: ckpt)
+            let trainer = try step.makeTrainer(checkpoint: ckpt)
             if interrupt {
                 try trainer.run(stopAfter: 2, loss: { try step.loss($0).total })
                 let (again, _) = try Self.stepFixture(method: "hrhf+gsc")
-                let resumed = again.makeTrainer(checkpoint: ckpt)
+                let resumed = try again.makeTrainer(checkpoint: ckpt)
                 XCTAssertTrue(try resumed.resume())
                 try resumed.run(loss: { try again.loss($0).total })
                 return again.model.stateDict().flatMap { $0.tensor.array }
@@ -313,7 +314,9 @@ final class DistillationTests: XCTestCase {
             let out = temporaryDirectory().appendingPathComponent("m.safetensors")
             let run = IncrementalRun(old: url, train: train, val: nil, task: task, firstStep: 1, lastStep: 2, setting: .overlap,
                                      packs: [firstPack], options: try DistillationOptions.preset("hrhf"), config: config,
-                                     synthCount: 2, stepPackClasses: mode, synthOptions: o, out: out)
+                                     stepPackClasses: mode,
+                                     synthesize: { _ = try SynthesisJob(request: $0, count: 2, options: o).run(resume: true) },
+                                     out: out)
             var packsPerStep: [Int: Int] = [:]
             _ = try run.run { if case let .stepStarted(step, _, packs, _, _, _) = $0 { packsPerStep[step] = packs } }
             if mode == .none {

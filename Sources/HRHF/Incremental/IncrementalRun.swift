@@ -13,8 +13,18 @@ public enum StepPackClasses: String, Codable, Sendable, CaseIterable {
     case none
 }
 
+/// A pack a multi-step run needs after a step: `classes` synthesised from the model the step
+/// wrote (`teacher`), written to `out`; a pack left unfinished there is resumed.
+public struct PackRequest: Sendable {
+    public var afterStep: Int
+    public var teacher: URL
+    public var classes: [Int]
+    public var seed: UInt64
+    public var out: URL
+}
+
 /// Steps `firstStep...lastStep` of a task in one go, as a user would script them: each step
-/// distils from the previous model; between steps a new pack is synthesised from the new model
+/// distils from the previous model; between steps `synthesize` makes a pack from the new model
 /// when the method uses packs (see `StepPackClasses`). Finished steps (their model file exists)
 /// are skipped, an interrupted step resumes from its checkpoint.
 public struct IncrementalRun {
@@ -28,18 +38,18 @@ public struct IncrementalRun {
     public var packs: [URL]
     public var options: DistillationOptions
     public var config: TrainingConfig
-    public var synthCount: Int
     public var stepPackClasses: StepPackClasses
-    public var synthOptions: InversionOptions
+    /// Synthesis is passed in, so that distillation does not depend on it.
+    public var synthesize: (PackRequest) throws -> Void
     public var out: URL
     public var evalLimit: Int?
     /// Count how prototypical re-labelling fares against the training images' full masks.
     public var auditRelabelling = false
 
     public init(old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
-                lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions, config: TrainingConfig,
-                synthCount: Int, stepPackClasses: StepPackClasses = .new, synthOptions: InversionOptions, out: URL,
-                evalLimit: Int? = nil) {
+                lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions,
+                config: TrainingConfig, stepPackClasses: StepPackClasses = .new,
+                synthesize: @escaping (PackRequest) throws -> Void, out: URL, evalLimit: Int? = nil) {
         self.old = old
         self.train = train
         self.val = val
@@ -50,9 +60,8 @@ public struct IncrementalRun {
         self.packs = packs
         self.options = options
         self.config = config
-        self.synthCount = synthCount
         self.stepPackClasses = stepPackClasses
-        self.synthOptions = synthOptions
+        self.synthesize = synthesize
         self.out = out
         self.evalLimit = evalLimit
     }
@@ -76,10 +85,6 @@ public struct IncrementalRun {
         case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
         /// The re-labelling audit of a step's iterations (those run in this process).
         case relabelAudit(step: Int, audit: RelabelAudit)
-        /// The pack after a step begins (`resumed`: what an interrupted synthesis left).
-        case synthesisStarted(afterStep: Int, batches: Int, resumed: SynthesisJob.ResumedWork?)
-        case synthesis(afterStep: Int, done: Int, total: Int)
-        case packWritten(afterStep: Int, manifest: PackManifest, url: URL)
     }
 
     public func run(_ event: @escaping (Event) -> Void) throws -> [IoUReport] {
@@ -96,13 +101,13 @@ public struct IncrementalRun {
                 let loaded = try currentPacks.map { try SyntheticPack(url: $0) }
                 var stepConfig = config
                 stepConfig.seed = config.seed &+ UInt64(step)
-                let runner = try DistillationStep(old: oldModel, oldCard: oldCard, train: train, task: task, step: step, setting: setting,
-                                                  packs: loaded, options: options, config: stepConfig,
-                                                  auditRelabelling: auditRelabelling)
+                let runner = try DistillationStep(old: oldModel, oldCard: oldCard, train: train, task: task, step: step,
+                                                  setting: setting, packs: loaded, options: options,
+                                                  config: stepConfig, auditRelabelling: auditRelabelling)
                 let checkpoint = URL(fileURLWithPath: target.path + ".ckpt")
-                let trainer = runner.makeTrainer(checkpoint: checkpoint)
+                let trainer = try runner.makeTrainer(checkpoint: checkpoint)
                 let resumed = try trainer.resume()
-                event(.stepStarted(step: step, images: runner.realLoader.indices.count, packs: loaded.count,
+                event(.stepStarted(step: step, images: runner.data.indices.count, packs: loaded.count,
                                    iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
                                    resumedAt: trainer.iteration))
                 let start = Date()
@@ -111,36 +116,38 @@ public struct IncrementalRun {
                     let (total, p) = try runner.loss(it)
                     parts = p
                     return total
-                }) { done, loss in event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts)) }
+                }) { done, loss in
+                    event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts))
+                }
                 if let audit = runner.relabelAudit { event(.relabelAudit(step: step, audit: audit)) }
                 try runner.recalibrateBatchNorm(batches: options.batchNormRecalibration)
                 var report: IoUReport?
-                var card = runner.card
+                var card = runner.models.card
                 if let val {
-                    report = try evaluate(model: runner.model, normalization: card.normalization, dataset: val, proto: runner.proto,
-                                          limit: evalLimit)
+                    report = try evaluate(model: runner.model, normalization: card.normalization, dataset: val,
+                                          proto: runner.proto, limit: evalLimit)
                     card.notes["step\(step)_val_miou_all"] = String(format: "%.4f", report!.all ?? 0)
                 }
-                card.notes["step\(step)_method"] = options.method
+                card.notes["step\(step)_method"] = options.method.name
                 try ModelFile.save(runner.model, card: card, to: target)
-                try? FileManager.default.removeItem(atPath: target.path + ".ckpt")
-                event(.stepFinished(step: step, report: report, seconds: Date().timeIntervalSince(start), model: target))
+                if FileManager.default.fileExists(atPath: checkpoint.path) {
+                    try FileManager.default.removeItem(at: checkpoint)
+                }
+                let seconds = Date().timeIntervalSince(start)
+                event(.stepFinished(step: step, report: report, seconds: seconds, model: target))
                 if let report { reports.append(report) }
                 previous = target
             }
             // The next step's pack, from this step's model.
-            let usesPacks = options.fakeRatio > 0 || options.background == .proto && !packs.isEmpty
+            let usesPacks = options.usesFakeHalf || options.method.background == .proto && !packs.isEmpty
             if step < lastStep && usesPacks && stepPackClasses != .none {
                 let packURL = packURL(afterStep: step)
                 if !FileManager.default.fileExists(atPath: packURL.path) {
-                    let (model, card) = try ModelFile.load(previous)
-                    let classes = stepPackClasses == .new ? task.classes(at: step) : Array(1..<model.numClasses)
-                    let job = SynthesisJob(teacherURL: previous, model: model, card: card, classes: classes,
-                                           count: synthCount, options: synthOptions, seed: config.seed &+ UInt64(100 + step), out: packURL)
-                    let outcome = try job.run(resume: true, started: { resumed in
-                        event(.synthesisStarted(afterStep: step, batches: job.batches.count, resumed: resumed))
-                    }) { done, total, _ in event(.synthesis(afterStep: step, done: done, total: total)) }
-                    event(.packWritten(afterStep: step, manifest: outcome.manifest, url: packURL))
+                    // The step's model holds the classes seen so far, 0..<n (DistillationStep checks).
+                    let classes = stepPackClasses == .new ? task.classes(at: step)
+                        : Array(1..<task.seen(through: step).count)
+                    try synthesize(PackRequest(afterStep: step, teacher: previous, classes: classes,
+                                               seed: config.seed &+ UInt64(100 + step), out: packURL))
                 }
                 currentPacks = stepPackClasses == .new ? currentPacks + [packURL] : [packURL]
             }

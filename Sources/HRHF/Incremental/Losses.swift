@@ -141,9 +141,11 @@ public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Te
 /// `backgroundIncludes`, p(0) adds those classes' probabilities, as the unbiased or folded
 /// cross-entropy does);
 /// w = g^z / mean(g^z over the pixels of the same step group), z = |old| / |current| classes;
-/// new-class pixels weigh 1; weights clamped to [wMin, wMax]. Ignored pixels get 0.
+/// new-class pixels weigh 1; weights clamped to [wMin, wMax] (`DistillationOptions.compensationMin`
+/// and `compensationMax`). Ignored pixels get 0.
 public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
-                                        z: Float, wMin: Float = 0.5, wMax: Float = 2, backgroundIncludes merged: Range<Int>? = nil) -> Tensor {
+                                        z: Float, wMin: Float, wMax: Float,
+                                        backgroundIncludes merged: Range<Int>? = nil) -> Tensor {
     withNoGrad {
         let p = softmax(logits)
         let (n, c, h, w) = nchw(p, "gradient compensation")

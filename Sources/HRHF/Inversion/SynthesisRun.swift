@@ -246,15 +246,11 @@ public struct SynthesisJob {
     }
 }
 
-/// Parses "1-15", "1,3,5-7" into class ids.
-public func parseClassList(_ text: String) throws -> [Int] {
-    var out: [Int] = []
-    for part in text.split(separator: ",") {
-        let bounds = part.split(separator: "-").compactMap { Int($0.trimmingCharacters(in: .whitespaces)) }
-        guard (bounds.count == 1 || bounds.count == 2), let lo = bounds.first, let hi = bounds.last, lo <= hi else {
-            throw DatasetError(file: text, "expected class ids such as 1-15 or 1,3,5-7")
-        }
-        out += Array(lo...hi)
+extension SynthesisJob {
+    /// The job of a pack a multi-step run needs after a step, its teacher read from the request.
+    public init(request: PackRequest, count: Int, options: InversionOptions) throws {
+        let (model, card) = try ModelFile.load(request.teacher)
+        self.init(teacherURL: request.teacher, model: model, card: card, classes: request.classes, count: count,
+                  options: options, seed: request.seed, out: request.out)
     }
-    return out
 }

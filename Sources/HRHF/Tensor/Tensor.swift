@@ -62,7 +62,6 @@ public final class Tensor: @unchecked Sendable {
     public var rank: Int { shape.count }
     public var pointer: UnsafeMutablePointer<Float> { storage.pointer }
     public var buffer: UnsafeMutableBufferPointer<Float> { storage.buffer }
-    public var isLeaf: Bool { gradFn == nil }
 
     public init(shape: [Int], storage: TensorStorage, requiresGrad: Bool = false) {
         precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")

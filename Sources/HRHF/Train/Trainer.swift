@@ -120,8 +120,7 @@ public final class Trainer {
             let value = try loss(iteration)
             let item = dataParallel.map { Float($0.communicator.sum(Double(value.item))) } ?? value.item
             guard item.isFinite else {
-                throw WeightFileError(file: checkpoint?.path ?? "training",
-                                      "loss became \(item) at iteration \(iteration)")
+                throw TrainingError(iteration: iteration, "the loss became \(item)")
             }
             optimizer.zeroGrad()
             value.backward()
@@ -134,4 +133,17 @@ public final class Trainer {
             }
         }
     }
+}
+
+/// A training run that cannot go on: a diverged loss, at the iteration it happened.
+public struct TrainingError: Error, CustomStringConvertible, Equatable {
+    public var iteration: Int
+    public var problem: String
+
+    public init(iteration: Int, _ problem: String) {
+        self.iteration = iteration
+        self.problem = problem
+    }
+
+    public var description: String { "training, iteration \(iteration): \(problem)" }
 }

@@ -1,0 +1,300 @@
+import Foundation
+
+/// The images of a batch a loss term reads: the step's real ones, the synthetic ones, or all.
+public enum BatchHalf: String, Codable, Sendable, CaseIterable {
+    case real, fake, both
+}
+
+/// How the new classifier rows of a step start.
+public enum ClassifierInitialisation: String, Codable, Sendable {
+    /// MiB's: each new row is the background row; their biases and the background's become
+    /// b_bg - log(new classes + 1), so the background's probability is shared, not changed.
+    case background
+}
+
+/// The images and labels a step trains on.
+public enum TrainingSet: String, Codable, Sendable {
+    /// The step's images, labelled for its own classes (the protocol).
+    case step
+    /// Every image of every step so far with all their labels: joint training, the upper bound.
+    case allSteps = "all steps"
+}
+
+/// One term of a step's loss (METHOD.md), on one half of the batch.
+public enum LossTerm: String, Codable, Sendable, CaseIterable {
+    /// Cross-entropy: on the real half with the step's labels after background handling, on the
+    /// fake half with the old model's confident argmax; GSC-compensated when the method says so.
+    case ce
+    /// MiB's unbiased knowledge distillation (new classes folded into background).
+    case kd
+    /// LwF's knowledge distillation over the old classes, as MiB implements it.
+    case lwfKD = "lwf_kd"
+    /// Mean squared difference of the new and the old model's head features.
+    case feat
+    /// GSC's soft distillation, sharpness and relation terms.
+    case soft, sharp, rel
+
+    /// The term's value on `half` of what the step computed.
+    func value(on half: BatchHalf, _ batch: StepBatch) -> Tensor {
+        let (new, old) = batch.logits(half)
+        let options = batch.options
+        switch self {
+        case .ce:
+            return batch.crossEntropy(half)
+        case .kd:
+            return unbiasedDistillation(new, old, temperature: options.kdTemperature)
+        case .lwfKD:
+            return plainDistillation(new, old, temperature: options.kdTemperature)
+        case .feat:
+            let (newFeatures, oldFeatures) = batch.features(half)
+            return mean(square(newFeatures - oldFeatures))
+        case .soft:
+            return softDistillation(new, old, temperature: options.softTemperature)
+        case .sharp:
+            return sharpEntropy(new, old, confidence: options.sharpConfidence)
+        case .rel:
+            return relationDistillation(new, old)
+        }
+    }
+}
+
+/// A loss term as a method uses it: its weight and the half of the batch it reads.
+public struct WeightedTerm: Codable, Equatable, Sendable {
+    public var term: LossTerm
+    public var weight: Float
+    public var half: BatchHalf
+
+    public init(_ term: LossTerm, _ weight: Float, _ half: BatchHalf) {
+        self.term = term
+        self.weight = weight
+        self.half = half
+    }
+
+    /// The term's name in the step's loss parts.
+    public var label: String { half == .fake ? "fake_" + term.rawValue : term.rawValue }
+
+    /// Position in the sum of a step's loss: real, fake, then whole-batch terms, each in
+    /// `LossTerm`'s order (the order the benchmark's results were made in).
+    var rank: Int {
+        BatchHalf.allCases.firstIndex(of: half)! * LossTerm.allCases.count + LossTerm.allCases.firstIndex(of: term)!
+    }
+}
+
+/// An incremental method: the terms of its loss, how it handles the background of real images,
+/// whether GSC compensates its cross-entropy, how new classifier rows start, and its images.
+public struct Method: Codable, Equatable, Sendable {
+    public var name: String
+    public var terms: [WeightedTerm]
+    public var background: BackgroundHandling
+    public var gradientCompensation: Bool
+    public var classifier: ClassifierInitialisation
+    public var trainingSet: TrainingSet
+
+    public init(_ name: String, _ terms: [WeightedTerm], background: BackgroundHandling,
+                gradientCompensation: Bool = false, classifier: ClassifierInitialisation = .background,
+                trainingSet: TrainingSet = .step) {
+        self.name = name
+        self.terms = terms
+        self.background = background
+        self.gradientCompensation = gradientCompensation
+        self.classifier = classifier
+        self.trainingSet = trainingSet
+    }
+
+    /// Whether the method reads synthetic images (a term on the fake half).
+    public var readsPacks: Bool { terms.contains { $0.half == .fake } }
+
+    /// Sets a term's weight: 0 removes it, a term the method lacks joins at its place in the sum.
+    public mutating func setWeight(_ term: LossTerm, on half: BatchHalf, _ weight: Float) {
+        let added = WeightedTerm(term, weight, half)
+        terms.removeAll { $0.term == term && $0.half == half }
+        guard weight != 0 else { return }
+        terms.insert(added, at: terms.firstIndex { $0.rank > added.rank } ?? terms.count)
+    }
+
+    /// Checks what options can break: every weight finite and positive, each term once, a term
+    /// the real half reads, and the cross-entropy on a half with labels.
+    public func validate() throws {
+        for t in terms {
+            guard t.weight.isFinite && t.weight > 0 else {
+                throw OptionError(option: t.label, "weight \(t.weight): a weight is a finite number above 0")
+            }
+            guard t.term != .ce || t.half != .both else {
+                throw OptionError(option: t.label, "the cross-entropy reads the labels of the real or the fake half")
+            }
+            guard terms.filter({ $0.term == t.term && $0.half == t.half }).count == 1 else {
+                throw OptionError(option: t.label, "given twice in method \(name)")
+            }
+        }
+        guard terms.contains(where: { $0.half != .fake }) else {
+            throw OptionError(option: "method", "\(name) has no term on the real images")
+        }
+    }
+}
+
+/// A method option that cannot be used, and why.
+public struct OptionError: Error, CustomStringConvertible, Equatable {
+    public var option: String
+    public var reason: String
+
+    public init(option: String, _ reason: String) {
+        self.option = option
+        self.reason = reason
+    }
+
+    public var description: String { "\(option): \(reason)" }
+}
+
+/// The methods: the one place each is defined. `hrhf-distill --list-methods` prints this table.
+extension Method {
+    private static func real(_ term: LossTerm, _ weight: Float = 1) -> WeightedTerm { .init(term, weight, .real) }
+    private static func fake(_ term: LossTerm, _ weight: Float = 1) -> WeightedTerm { .init(term, weight, .fake) }
+    private static func both(_ term: LossTerm, _ weight: Float) -> WeightedTerm { .init(term, weight, .both) }
+
+    // GSC's weights were chosen on a held-out Shapes set (tools/tune.sh; docs/tuning.md): METHOD.md's
+    // 1 / 0.1 / 1 cost 2-4 points of all-class mIoU there.
+    public static let table: [Method] = [
+        Method("ft", [real(.ce)], background: .plain),
+        Method("lwf", [real(.ce), real(.lwfKD, 10)], background: .plain),
+        Method("mib", [real(.ce), real(.kd, 10)], background: .unbiased),
+        Method("plop", [real(.ce), real(.lwfKD, 10)], background: .pseudo),
+        Method("gsc", [real(.ce), real(.kd, 10), both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+               background: .proto, gradientCompensation: true),
+        Method("hrhf", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10)], background: .unbiased),
+        Method("hrhf+gsc", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                            both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+               background: .proto, gradientCompensation: true),
+        Method("hrhf+gsc-no-compensation", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                                            both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+               background: .proto),
+        Method("hrhf+gsc-no-proto", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                                     both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+               background: .unbiased, gradientCompensation: true),
+        Method("hrhf+gsc-no-relation", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                                        both(.soft, 0.25), both(.sharp, 0.02)],
+               background: .proto, gradientCompensation: true),
+        Method("hrhf+gsc-no-soft-sharp", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10), both(.rel, 0.25)],
+               background: .proto, gradientCompensation: true),
+        Method("joint", [real(.ce)], background: .plain, trainingSet: .allSteps),
+    ]
+
+    public static func named(_ name: String) throws -> Method {
+        guard let method = table.first(where: { $0.name == name }) else {
+            throw OptionError(option: "method", "unknown method \(name): \(table.map(\.name).joined(separator: ", "))")
+        }
+        return method
+    }
+
+    /// The table as text: per half of the batch, each term with its weight.
+    public static func listing(_ methods: [Method] = table) -> String {
+        func terms(_ m: Method, _ half: BatchHalf) -> String {
+            let list = m.terms.filter { $0.half == half }.map { String(format: "%g %@", $0.weight, $0.term.rawValue) }
+            return list.isEmpty ? "-" : list.joined(separator: ", ")
+        }
+        let rows = methods.map { m in
+            [m.name, terms(m, .real), terms(m, .fake), terms(m, .both), m.background.rawValue,
+             m.gradientCompensation ? "GSC" : "-", m.classifier.rawValue, m.trainingSet.rawValue]
+        }
+        let header = ["method", "real half", "fake half", "whole batch", "background", "ce compensation",
+                      "new rows from", "training set"]
+        let table = formatTable(header: header, rows: rows, leftAligned: true)
+        return table.split(separator: "\n").map { line in String(line.reversed().drop { $0 == " " }.reversed()) }
+            .joined(separator: "\n")
+    }
+}
+
+/// What a step computed on one batch, which its loss terms read: both models' outputs, the
+/// real half's labels after background handling, and the halves of the batch.
+struct StepBatch {
+    let options: DistillationOptions
+    let new: (logits: Tensor, features: Tensor)
+    /// The old model's logits upsampled to the input's size, its features at the head's.
+    let old: (logits: Tensor, features: Tensor)
+    let realCount: Int
+    let hasFake: Bool
+    let newReal: Tensor, oldReal: Tensor
+    let newFake: Tensor?, oldFake: Tensor?
+    let oldClasses: Int
+    let stepOfClass: [Int]
+    let step: Int
+    /// The real half's labels after the method's background handling.
+    var labels: Labels
+
+    init(options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
+         realCount: Int, labels: Labels, oldClasses: Int, stepOfClass: [Int], step: Int) {
+        self.options = options
+        self.new = new
+        self.old = old
+        self.realCount = realCount
+        let n = new.logits.shape[0]
+        hasFake = realCount < n
+        // One slice per half, shared by every term that reads it.
+        newReal = hasFake ? sliceBatch(new.logits, 0..<realCount) : new.logits
+        oldReal = hasFake ? withNoGrad { sliceBatch(old.logits, 0..<realCount) } : old.logits
+        newFake = hasFake ? sliceBatch(new.logits, realCount..<n) : nil
+        oldFake = hasFake ? withNoGrad { sliceBatch(old.logits, realCount..<n) } : nil
+        self.labels = labels
+        self.oldClasses = oldClasses
+        self.stepOfClass = stepOfClass
+        self.step = step
+    }
+
+    /// The new and the old model's logits on `half` (the fake half exists when `hasFake`).
+    func logits(_ half: BatchHalf) -> (new: Tensor, old: Tensor) {
+        switch half {
+        case .real: (newReal, oldReal)
+        case .fake: (newFake!, oldFake!)
+        case .both: (new.logits, old.logits)
+        }
+    }
+
+    func features(_ half: BatchHalf) -> (new: Tensor, old: Tensor) {
+        let n = new.features.shape[0]
+        let range = half == .fake ? realCount..<n : 0..<(half == .real ? realCount : n)
+        guard range != 0..<n else { return (new.features, old.features) }
+        return (sliceBatch(new.features, range), withNoGrad { sliceBatch(old.features, range) })
+    }
+
+    /// The cross-entropy of `half`: real images on the step's labels (old objects scored as
+    /// background-or-old under the unbiased and prototype handlings, MiB), fake images on the old
+    /// model's confident argmax (new classes folded into background unless the options say not).
+    func crossEntropy(_ half: BatchHalf) -> Tensor {
+        let (new, old) = logits(half)
+        let classes = new.shape[1]
+        if half == .real {
+            let unbiased = options.method.background == .unbiased || options.method.background == .proto
+            return unbiased
+                ? unbiasedCrossEntropy(new, labels, oldClasses: oldClasses,
+                                       pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses))
+                : HRHF.crossEntropy(new, labels, pixelWeights: compensation(new, labels, backgroundIncludes: nil))
+        }
+        precondition(half == .fake, "validated: the cross-entropy reads one half")
+        let fakeLabels = withNoGrad { confidentLabels(old, threshold: options.fakeConfidence) }
+        return options.fakeFoldsNewClasses
+            ? foldedCrossEntropy(new, fakeLabels, oldClasses: oldClasses,
+                                 pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes))
+            : HRHF.crossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
+    }
+
+    /// GSC's step-aware pixel weights when the method compensates its cross-entropy.
+    func compensation(_ logits: Tensor, _ labels: Labels, backgroundIncludes: Range<Int>?) -> Tensor? {
+        guard options.method.gradientCompensation else { return nil }
+        let z = Float(oldClasses) / Float(logits.shape[1] - oldClasses)
+        return gradientCompensationWeights(logits, labels, stepOfClass: stepOfClass, currentStep: step, z: z,
+                                           wMin: options.compensationMin, wMax: options.compensationMax,
+                                           backgroundIncludes: backgroundIncludes)
+    }
+
+    /// The method's loss: its terms' weighted sum, in the table's order, and each term's value.
+    func loss() throws -> (total: Tensor, parts: [String: Float]) {
+        var total: Tensor?
+        var parts: [String: Float] = [:]
+        for t in options.method.terms where t.half != .fake || hasFake {
+            let value = t.term.value(on: t.half, self)
+            total = total.map { $0 + t.weight * value } ?? t.weight * value
+            parts[t.label] = value.item
+        }
+        guard let total else { throw OptionError(option: "method", "\(options.method.name) has no term on this batch") }
+        return (total, parts)
+    }
+}
