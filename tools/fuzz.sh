@@ -84,6 +84,12 @@ SWIFT_BACKTRACE=enable=no HRHF_FUZZ_TARGET=$target ASAN_OPTIONS=detect_leaks=0 \
     -max_total_time="$seconds" -rss_limit_mb=1024 -malloc_limit_mb=1024 -timeout=10 -detect_leaks=0 \
     -artifact_prefix="$artifacts/" "$@" > "$log" 2>&1 || true
 elapsed=$(( $(date +%s) - started ))
+# An input that crashes or times out never removes its scratch folder: remove those of dead processes.
+for dir in /dev/shm/hrhf-fuzz-*; do
+    [[ -d "$dir" ]] || continue
+    pid=${dir#/dev/shm/hrhf-fuzz-}
+    kill -0 "${pid%%-*}" 2>/dev/null || rm -rf "$dir"
+done
 
 # One regression file per distinct crash: the first frame in Sources/ outside the harness, or
 # for a harness violation its first two words.
