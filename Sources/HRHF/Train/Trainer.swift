@@ -120,7 +120,7 @@ public final class Trainer {
             }
             optimizer.zeroGrad()
             value.backward()
-            optimizer.step()
+            Profiler.region(.optimizer) { optimizer.step() }
             iteration += 1
             report(iteration, value.item)
             if config.checkpointEvery > 0 && iteration % config.checkpointEvery == 0 && iteration < config.iterations {
