@@ -424,7 +424,9 @@ def main():
             ours = model(image)
         theirs = npy(args.logits_check[1])
         diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else math.inf
-        print(f"torch logits parity: max |torch - hrhf| = {diff:.2e} (tolerance 1e-4)", file=sys.stderr)
+        scale = theirs.abs().max().item()
+        print(f"torch logits parity: max |torch - hrhf| = {diff:.2e} of logits up to {scale:.1f} in magnitude "
+              f"({diff / max(scale, 1e-12):.1e} relative; tolerance 1e-4 absolute)", file=sys.stderr)
         if not diff <= 1e-4:
             sys.exit(f"torch logits differ from the toolkit's: {diff} (shapes {tuple(ours.shape)} and {tuple(theirs.shape)})")
     with open(f"{args.inputs}/job.json") as f:
