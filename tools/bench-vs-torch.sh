@@ -53,20 +53,23 @@ model=zoo/shapes-15-5-step0.safetensors
   --out "$tmp/pack.tar" > "$tmp/synth.log" 2>&1
 images=(data/shapes/JPEGImages/*.png)
 image=${images[0]}
-"$bin/hrhf-predict" --model "$model" "$image" --out "$tmp/predict" --logits "$tmp/logits.npy" --threads "$threads" >/dev/null
+"$bin/hrhf-predict" --model "$model" "$image" --out "$tmp/predict" --logits "$tmp/logits.npy" --threads "$threads" \
+  >/dev/null
 jobs="synth mib hrhf+gsc"
 for j in $jobs; do
   "$bin/hrhf-bench" --job "$j" --model "$model" --data data/shapes --pack "$tmp/pack.tar" --dump "$tmp/$j" --repeats 1 \
     --threads "$threads" >/dev/null
 done
-"$python" tools/bench_small_torch.py --job synth --inputs "$tmp/synth" --model "$model" --threads "$threads" --repeats 1 \
-  --logits-check "$image" "$tmp/logits.npy" >/dev/null
+"$python" tools/bench_small_torch.py --job synth --inputs "$tmp/synth" --model "$model" --threads "$threads" \
+  --repeats 1 --logits-check "$image" "$tmp/logits.npy" >/dev/null
 declare -A hs ts ratio spread
 cost=""
 for r in $(seq "$rounds"); do
   for j in $jobs; do
-    ours=$("$bin/hrhf-bench" --job "$j" --model "$model" --data data/shapes --pack "$tmp/pack.tar" --threads "$threads" --repeats 5)
-    theirs=$("$python" tools/bench_small_torch.py --job "$j" --inputs "$tmp/$j" --model "$model" --threads "$threads" --repeats 5)
+    ours=$("$bin/hrhf-bench" --job "$j" --model "$model" --data data/shapes --pack "$tmp/pack.tar" \
+      --threads "$threads" --repeats 5)
+    theirs=$("$python" tools/bench_small_torch.py --job "$j" --inputs "$tmp/$j" --model "$model" \
+      --threads "$threads" --repeats 5)
     hs[$j]+=" $(get "$ours" it_per_s)"; ts[$j]+=" $(get "$theirs" it_per_s)"
     ratio[$j]+=" $(echo "$(get "$ours" it_per_s) / $(get "$theirs" it_per_s)" | bc -l)"
     [ "$j" = mib ] && mib_s=$(get "$ours" seconds)
@@ -75,13 +78,16 @@ for r in $(seq "$rounds"); do
   done
 done
 range() { tr ' ' '\n' | grep . | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.2f-%.2f", lo, hi }'; }
-printf "\n| zoo model job (deeplabv3-small, 128 px) | hrhf it/s | torch it/s | hrhf/torch | target | hrhf it/s range | torch it/s range |\n"
+printf "\n| zoo model job (deeplabv3-small, 128 px) | hrhf it/s | torch it/s | hrhf/torch | target "
+printf "| hrhf it/s range | torch it/s range |\n"
 printf "| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
 for j in $jobs; do
   case $j in synth) name="synthesis (SegInversion, batch 8)";; mib) name="MiB distillation (16 images)";;
     *) name="hrhf+gsc distillation (8 real + 8 fake)";; esac
-  printf "| %s | %.3f | %.3f | %.2fx | >= 1.5x | %s | %s |\n" "$name" "$(echo ${hs[$j]} | median)" "$(echo ${ts[$j]} | median)" \
-    "$(echo ${ratio[$j]} | median)" "$(echo ${hs[$j]} | range)" "$(echo ${ts[$j]} | range)"
+  printf "| %s | %.3f | %.3f | %.2fx | >= 1.5x | %s | %s |\n" "$name" "$(echo ${hs[$j]} | median)" \
+    "$(echo ${ts[$j]} | median)" "$(echo ${ratio[$j]} | median)" "$(echo ${hs[$j]} | range)" \
+    "$(echo ${ts[$j]} | range)"
 done
 printf "\nhrhf+gsc iteration / MiB iteration (hrhf): %.2fx (target <= 1.3x)\n" "$(echo $cost | median)"
-printf "(median over %s rounds of 5 iterations after one warm-up; each ratio the median of the rounds' ratios)\n" "$rounds"
+printf "(median over %s rounds of 5 iterations after one warm-up; each ratio the median of the rounds' ratios)\n" \
+  "$rounds"

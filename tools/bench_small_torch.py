@@ -89,7 +89,8 @@ class SmallDeepLab(nn.Module):
         super().__init__()
         width, head = arch["baseWidth"], arch["headChannels"]
         self.backbone = Backbone(width, arch["layers"])
-        self.classifier = nn.Sequential(ASPP(width * 8, arch["asppRates"], head), nn.Conv2d(head, head, 3, padding=1, bias=False),
+        self.classifier = nn.Sequential(ASPP(width * 8, arch["asppRates"], head),
+                                        nn.Conv2d(head, head, 3, padding=1, bias=False),
                                         nn.BatchNorm2d(head), nn.ReLU(), nn.Conv2d(head, classes, 1))
 
     def run(self, x):
@@ -163,7 +164,7 @@ def total_variation(x):
     return tv2, tv1
 
 
-def synth_job(args, d, device_threads):
+def synth_job(args, d):
     model, card = load_model(args.model)
     model.eval().requires_grad_(False)
     o = d["options"]
@@ -290,7 +291,8 @@ def relabel(labels, old_logits, old_features, prototypes, o):
         p_px = proto_p.flatten(1).gather(1, flat).view(n, h, w)
         candidate = (labels == 0) & (argmax != 0)
         out = torch.where(candidate & (nearest_px != argmax), torch.full_like(labels, 255), labels)
-        accept = candidate & (nearest_px == argmax) & (p_px >= o["prototypeTau"]) & (confidence >= o["prototypeOldConfidence"])
+        accept = (candidate & (nearest_px == argmax) & (p_px >= o["prototypeTau"])
+                  & (confidence >= o["prototypeOldConfidence"]))
         return torch.where(accept, argmax, out)
 
 
@@ -322,7 +324,7 @@ def relation_distillation(new, old_logits):
     return (rows_new - rows_old).abs().sum() / (max(rows, 1) * old)
 
 
-def distill_job(args, d, threads):
+def distill_job(args, d):
     old_model, card = load_model(args.model)
     old_model.eval().requires_grad_(False)
     old = sum(card["architecture"]["classesPerStep"])
@@ -400,6 +402,12 @@ def distill_job(args, d, threads):
     return x.shape[0], first, iteration
 
 
+def timed(body):
+    start = time.perf_counter()
+    body()
+    return time.perf_counter() - start
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", choices=["synth", "mib", "hrhf+gsc"], required=True)
@@ -428,25 +436,21 @@ def main():
         print(f"torch logits parity: max |torch - hrhf| = {diff:.2e} of logits up to {scale:.1f} in magnitude "
               f"({diff / max(scale, 1e-12):.1e} relative; tolerance 1e-4 absolute)", file=sys.stderr)
         if not diff <= 1e-4:
-            sys.exit(f"torch logits differ from the toolkit's: {diff} (shapes {tuple(ours.shape)} and {tuple(theirs.shape)})")
+            sys.exit(f"torch logits differ from the toolkit's: {diff} "
+                     f"(shapes {tuple(ours.shape)} and {tuple(theirs.shape)})")
     with open(f"{args.inputs}/job.json") as f:
         d = json.load(f)
     if d["job"] != args.job:
         sys.exit(f"{args.inputs} holds the inputs of job {d['job']}, not {args.job}")
-    batch, first, body = (synth_job if args.job == "synth" else distill_job)(args, d, args.threads)
+    batch, first, body = (synth_job if args.job == "synth" else distill_job)(args, d)
     delta = abs(first - d["loss"]) / max(abs(d["loss"]), 1e-12)
     print(f"torch {args.job} first loss {first:.6f}, toolkit {d['loss']:.6f}: relative difference {delta:.1e} "
           f"(tolerance {args.tolerance:.0e})", file=sys.stderr)
     if not delta <= args.tolerance:
         sys.exit(f"torch {args.job}: the first iteration's loss {first} differs from the toolkit's {d['loss']} "
                  f"by {delta:.2e} relative, more than {args.tolerance}: the reference does not measure the same work")
-    body()
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        body()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    body()  # warm-up
+    seconds = statistics.median(timed(body) for _ in range(args.repeats))
     print(f"torch {args.job} batch={batch} seconds={seconds:.4f} it_per_s={1 / seconds:.3f} loss_delta={delta:.1e}")
 
 

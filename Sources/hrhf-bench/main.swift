@@ -26,7 +26,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Image side for --network.")
     var size: Int = 256
 
-    @Option(help: "Instead, time one iteration of a job of the zoo model: synth (batch 8), mib (16 images) or hrhf+gsc (8 real + 8 fake).")
+    @Option(help: "Instead, time one iteration of a job of the zoo model: synth (batch 8), mib (16 images) "
+            + "or hrhf+gsc (8 real + 8 fake).")
     var job: String?
 
     @Option(help: "The model of --job.")
@@ -38,10 +39,12 @@ struct Bench: ParsableCommand {
     @Option(help: "A synthetic pack for --job hrhf+gsc.")
     var pack: String?
 
-    @Option(help: "Write the first iteration's inputs and loss of --job to this directory (for tools/bench_small_torch.py).")
+    @Option(help: "Write the first iteration's inputs and loss of --job to this directory "
+            + "(for tools/bench_small_torch.py).")
     var dump: String?
 
-    @Flag(help: "With --job: after the timing, a table of where an iteration's time goes by op kind (mean of --repeats).")
+    @Flag(help: "With --job: after the timing, a table of where an iteration's time goes by op kind "
+          + "(mean of --repeats).")
     var profile = false
 
     func run() throws {
@@ -96,7 +99,8 @@ struct Bench: ParsableCommand {
     }
 
     func runJob(_ job: BenchJob) throws {
-        let bench = try JobBenchmark(job: job, model: URL(fileURLWithPath: model), data: data.map { URL(fileURLWithPath: $0) },
+        let bench = try JobBenchmark(job: job, model: URL(fileURLWithPath: model),
+                                     data: data.map { URL(fileURLWithPath: $0) },
                                      pack: pack.map { URL(fileURLWithPath: $0) })
         if let dump { try bench.dump(to: URL(fileURLWithPath: dump)) }
         var failure: Error?
@@ -105,12 +109,14 @@ struct Bench: ParsableCommand {
         }
         if let failure { throw failure }
         // One machine-readable line, for tools/bench-vs-torch.sh.
-        print(String(format: "hrhf %@ batch=%d seconds=%.4f it_per_s=%.3f", job.rawValue, bench.batch, seconds, 1 / seconds))
+        print(String(format: "hrhf %@ batch=%d seconds=%.4f it_per_s=%.3f", job.rawValue, bench.batch, seconds,
+                     1 / seconds))
         guard profile else { return }
         Profiler.start()
         for _ in 0..<max(repeats, 1) { try bench.run() }
         let perIteration = Profiler.stop().mapValues { $0 / Double(max(repeats, 1)) }
-        print("\n\(job.rawValue): one iteration by op kind (mean of \(max(repeats, 1)); backward counted with its forward's kind)")
+        print("\n\(job.rawValue): one iteration by op kind (mean of \(max(repeats, 1)); "
+              + "backward counted with its forward's kind)")
         print(profileTable(perIteration))
     }
 }

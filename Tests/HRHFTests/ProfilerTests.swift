@@ -61,7 +61,7 @@ final class ProfilerTests: XCTestCase {
 
     func testTheTableGivesMillisecondsAndShares() {
         let table = profileTable([.convolution: 0.3, .loss: 0.1])
-        let lines = table.split(separator: "\n").map { $0.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " ") }
+        let lines = table.split(separator: "\n").map { $0.split(separator: " ").joined(separator: " ") }
         XCTAssertEqual(lines[0], "op kind ms share")
         XCTAssertEqual(lines[2], "convolutions 300.0 75%")
         XCTAssertEqual(lines[5], "loss terms 100.0 25%")

@@ -32,9 +32,14 @@ public final class JobBenchmark {
             iterate = { setup.iterate() }
             dumpInputs = { try setup.dump(to: $0) }
         case .mib, .hrhfGSC:
-            guard let data else { throw WeightFileError(file: "hrhf-bench", "job \(job.rawValue) needs --data (a Shapes root)") }
-            guard job == .mib || pack != nil else { throw WeightFileError(file: "hrhf-bench", "job hrhf+gsc needs --pack") }
-            let setup = try DistillationIterations(job: job, old: teacher, card: card, data: data, pack: job == .mib ? nil : pack)
+            guard let data else {
+                throw WeightFileError(file: "hrhf-bench", "job \(job.rawValue) needs --data (a Shapes root)")
+            }
+            guard job == .mib || pack != nil else {
+                throw WeightFileError(file: "hrhf-bench", "job hrhf+gsc needs --pack")
+            }
+            let setup = try DistillationIterations(job: job, old: teacher, card: card, data: data,
+                                                   pack: job == .mib ? nil : pack)
             batch = setup.images
             iterate = { try setup.iterate() }
             dumpInputs = { try setup.dump(to: $0) }
@@ -92,7 +97,8 @@ private final class SynthesisIterations {
     /// One iteration as `SegInversion.synthesize` runs it.
     func iterate() {
         adam.learningRate = learningRate
-        let (per, loss) = inversion.iterationLoss(x, view: inversion.drawView(jitter: options.jitter, rng: &rng), targets: targets)
+        let view = inversion.drawView(jitter: options.jitter, rng: &rng)
+        let (per, loss) = inversion.iterationLoss(x, view: view, targets: targets)
         SegInversion.keepBest(x, per: per, best: best, bestLoss: &bestLoss)
         inversion.update(x, loss: loss, adam: adam)
         iteration += 1
@@ -110,8 +116,9 @@ private final class SynthesisIterations {
             let c = inversion.teacher.numClasses
             return stride(from: 0, to: v.count, by: c).map { Array(v[$0..<($0 + c)]) }
         }
-        try writeJobDescription(["job": BenchJob.synth.rawValue, "loss": loss.item, "kIn": rows(k.kIn), "kOut": rows(k.kOut),
-                                 "kAbs": rows(k.kAbs), "absentWeights": rows(k.absMask), "dy": view.roll?.dy ?? 0,
+        try writeJobDescription(["job": BenchJob.synth.rawValue, "loss": loss.item, "kIn": rows(k.kIn),
+                                 "kOut": rows(k.kOut), "kAbs": rows(k.kAbs), "absentWeights": rows(k.absMask),
+                                 "dy": view.roll?.dy ?? 0,
                                  "dx": view.roll?.dx ?? 0, "flip": view.flip, "learningRate": learningRate],
                                 options: options, to: directory)
     }
@@ -131,10 +138,11 @@ private final class DistillationIterations {
         let task = try IncrementalTask.named("15-5", foreground: foreground)
         let options = try DistillationOptions.preset(job.rawValue)
         // MiB sees 16 real images; hrhf+gsc 8 real and as many fake ones.
-        let config = TrainingConfig(iterations: 1 << 20, batchSize: pack == nil ? 16 : 8, cropSize: 128, learningRate: 0.01,
-                                    seed: 0, checkpointEvery: 0)
+        let config = TrainingConfig(iterations: 1 << 20, batchSize: pack == nil ? 16 : 8, cropSize: 128,
+                                    learningRate: 0.01, seed: 0, checkpointEvery: 0)
+        let packs = try pack.map { [try SyntheticPack(url: $0)] } ?? []
         step = try DistillationStep(old: old, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
-                                    packs: try pack.map { [try SyntheticPack(url: $0)] } ?? [], options: options, config: config)
+                                    packs: packs, options: options, config: config)
         trainer = step.makeTrainer(checkpoint: nil)
         images = step.realPerBatch + (step.fakeSampler?.batchSize ?? 0)
     }
@@ -151,7 +159,9 @@ private final class DistillationIterations {
         try NPY.write(real.images, to: directory.appendingPathComponent("real.npy"))
         try NPY.write(Tensor(shape: real.labels.shape, values: real.labels.values.map(Float.init)),
                       to: directory.appendingPathComponent("labels.npy"))
-        if let fake = try step.fakeSampler?.batch(0) { try NPY.write(fake, to: directory.appendingPathComponent("fake.npy")) }
+        if let fake = try step.fakeSampler?.batch(0) {
+            try NPY.write(fake, to: directory.appendingPathComponent("fake.npy"))
+        }
         if let prototypes = step.prototypes {
             let rows = prototypes.vectors.flatMap { $0 ?? [Float](repeating: .nan, count: prototypes.channels) }
             try NPY.write(Tensor(shape: [prototypes.vectors.count, prototypes.channels], values: rows),
@@ -165,8 +175,9 @@ private final class DistillationIterations {
         model.train()
         // The batch-norm running statistics that forward moved are put back.
         for ((_, t), (_, saved)) in zip(model.stateDict(), state) { t.assign(saved) }
-        try writeJobDescription(["job": job.rawValue, "loss": loss.item, "parts": parts, "newClasses": model.numClasses - step.oldClasses,
-                                 "fake": step.fakeSampler != nil, "learningRate": step.config.learningRate],
+        try writeJobDescription(["job": job.rawValue, "loss": loss.item, "parts": parts,
+                                 "newClasses": model.numClasses - step.oldClasses, "fake": step.fakeSampler != nil,
+                                 "learningRate": step.config.learningRate],
                                 options: step.options, to: directory)
     }
 }

@@ -251,14 +251,16 @@ public final class SegInversion {
     func drawView(jitter: Int, rng: inout SeededGenerator) -> View {
         var roll: (dy: Int, dx: Int)?
         if jitter > 0 {
-            let dy = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter, dx = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter
+            let dy = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter
+            let dx = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter
             roll = (dy, dx)
         }
         return View(roll: roll, flip: options.flip && rng.nextUnitFloat() < 0.5)
     }
 
     /// The per-image losses and the total of one iteration on `view` of the images `x`.
-    func iterationLoss(_ x: Tensor, view: View, targets: [(classes: [Int], areas: [Float])]) -> (per: Tensor, loss: Tensor) {
+    func iterationLoss(_ x: Tensor, view: View,
+                       targets: [(classes: [Int], areas: [Float])]) -> (per: Tensor, loss: Tensor) {
         let augmented = Profiler.region(.data) { () -> Tensor in
             var v = x
             if let r = view.roll { v = roll(v, dy: r.dy, dx: r.dx) }

@@ -42,7 +42,8 @@ public enum Profiler {
         charge()
         isEnabled = false
         stack = []
-        return Dictionary(uniqueKeysWithValues: ProfileKind.allCases.map { ($0, Double(nanoseconds[$0.rawValue]) / 1e9) })
+        let seconds = ProfileKind.allCases.map { ($0, Double(nanoseconds[$0.rawValue]) / 1e9) }
+        return Dictionary(uniqueKeysWithValues: seconds)
     }
 
     /// Charges the time since the last change of region to the current kind.
@@ -87,5 +88,6 @@ public func profileTable(_ seconds: [ProfileKind: Double]) -> String {
         let s = seconds[kind] ?? 0
         return [kind.title, String(format: "%.1f", s * 1e3), String(format: "%.0f%%", total > 0 ? 100 * s / total : 0)]
     }
-    return formatTable(header: ["op kind", "ms", "share"], rows: rows + [["total", String(format: "%.1f", total * 1e3), "100%"]])
+    let totalRow = ["total", String(format: "%.1f", total * 1e3), "100%"]
+    return formatTable(header: ["op kind", "ms", "share"], rows: rows + [totalRow])
 }
