@@ -26,8 +26,8 @@ struct Bench: ParsableCommand {
     @Option(help: "Image side for --network.")
     var size: Int = 256
 
-    @Option(help: "Instead, time one iteration of a job of the zoo model: synth (batch 8), mib (16 images) "
-            + "or hrhf+gsc (8 real + 8 fake).")
+    @Option(help: .init("Instead, time one iteration of a job of the zoo model: synth (batch 8), mib (16 images) "
+                        + "or hrhf+gsc (8 real + 8 fake)."))
     var job: String?
 
     @Option(help: "The model of --job.")
@@ -39,12 +39,12 @@ struct Bench: ParsableCommand {
     @Option(help: "A synthetic pack for --job hrhf+gsc.")
     var pack: String?
 
-    @Option(help: "Write the first iteration's inputs and loss of --job to this directory "
-            + "(for tools/bench_small_torch.py).")
+    @Option(help: .init("Write the first iteration's inputs and loss of --job to this directory "
+                        + "(for tools/bench_small_torch.py)."))
     var dump: String?
 
-    @Flag(help: "With --job: after the timing, a table of where an iteration's time goes by op kind "
-          + "(mean of --repeats).")
+    @Flag(help: .init("With --job: after the timing, a table of where an iteration's time goes by op kind "
+                      + "(mean of --repeats)."))
     var profile = false
 
     func run() throws {
