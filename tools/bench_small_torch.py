@@ -416,6 +416,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--tolerance", type=float, default=1e-5, help="relative difference allowed in the first loss")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timing, torch.profiler's ops of --repeats iterations by self CPU time (on stderr)")
     ap.add_argument("--logits-check", nargs=2, metavar=("IMAGE", "NPY"),
                     help="an image and `hrhf-predict --logits` of it: the logits must agree within 1e-4")
     args = ap.parse_args()
@@ -452,6 +454,11 @@ def main():
     body()  # warm-up
     seconds = statistics.median(timed(body) for _ in range(args.repeats))
     print(f"torch {args.job} batch={batch} seconds={seconds:.4f} it_per_s={1 / seconds:.3f} loss_delta={delta:.1e}")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(args.repeats):
+                body()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20), file=sys.stderr)
 
 
 if __name__ == "__main__":
