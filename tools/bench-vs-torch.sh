@@ -15,6 +15,7 @@ python=${1:-/opt/torchvenv/bin/python}
 threads=${2:-2}
 rounds=${3:-3}
 part=${4:-all}
+case $part in all | resnet50 | small) ;; *) echo "bench-vs-torch.sh: the fourth argument is all, resnet50 or small" >&2; exit 1;; esac
 swift build -c release --product hrhf-bench >/dev/null
 get() { echo "$1" | tr ' ' '\n' | grep "^$2=" | cut -d= -f2; }
 median() { tr ' ' '\n' | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
