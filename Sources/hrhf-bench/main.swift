@@ -26,8 +26,34 @@ struct Bench: ParsableCommand {
     @Option(help: "Image side for --network.")
     var size: Int = 256
 
+    @Option(help: .init("Instead, time one iteration of a job of the zoo model: synth (batch 8), mib (16 images) "
+                        + "or hrhf+gsc (8 real + 8 fake)."))
+    var job: String?
+
+    @Option(help: "The model of --job.")
+    var model: String = "zoo/shapes-15-5-step0.safetensors"
+
+    @Option(help: "A Shapes root (hrhf-data shapes) for --job mib and hrhf+gsc.")
+    var data: String?
+
+    @Option(help: "A synthetic pack for --job hrhf+gsc.")
+    var pack: String?
+
+    @Option(help: .init("Write the first iteration's inputs and loss of --job to this directory "
+                        + "(for tools/bench_small_torch.py)."))
+    var dump: String?
+
+    @Flag(help: .init("With --job: after the timing, a table of where an iteration's time goes by op kind "
+                      + "(mean of --repeats)."))
+    var profile = false
+
     func run() throws {
         setComputeThreads(threads)
+        if let job {
+            guard let j = BenchJob(rawValue: job) else { throw ValidationError("--job must be synth, mib or hrhf+gsc") }
+            try runJob(j)
+            return
+        }
         if let network {
             guard let w = NetworkWorkload(rawValue: workload) else { throw ValidationError("--workload must be eval, train or invert") }
             var arch = try ArchitectureDescription.resolve(network)
@@ -70,6 +96,28 @@ struct Bench: ParsableCommand {
         print("")
         print("target: 3x3 convolutions forward >= 60% and backward >= 50% of sgemm: "
               + (missed.isEmpty ? "met" : "missed by \(missed.joined(separator: ", "))"))
+    }
+
+    func runJob(_ job: BenchJob) throws {
+        let bench = try JobBenchmark(job: job, model: URL(fileURLWithPath: model),
+                                     data: data.map { URL(fileURLWithPath: $0) },
+                                     pack: pack.map { URL(fileURLWithPath: $0) })
+        if let dump { try bench.dump(to: URL(fileURLWithPath: dump)) }
+        var failure: Error?
+        let seconds = medianSeconds(repeats: repeats) {
+            do { try bench.run() } catch { failure = failure ?? error }
+        }
+        if let failure { throw failure }
+        // One machine-readable line, for tools/bench-vs-torch.sh.
+        print(String(format: "hrhf %@ batch=%d seconds=%.4f it_per_s=%.3f", job.rawValue, bench.batch, seconds,
+                     1 / seconds))
+        guard profile else { return }
+        Profiler.start()
+        for _ in 0..<max(repeats, 1) { try bench.run() }
+        let perIteration = Profiler.stop().mapValues { $0 / Double(max(repeats, 1)) }
+        print("\n\(job.rawValue): one iteration by op kind (mean of \(max(repeats, 1)); "
+              + "backward counted with its forward's kind)")
+        print(profileTable(perIteration))
     }
 }
 

@@ -144,8 +144,8 @@ public final class DistillationStep {
 
     /// The loss of iteration `it` and its parts (for the progress line).
     public func loss(_ it: Int) throws -> (total: Tensor, parts: [String: Float]) {
-        let real = try data.realLoader.batch(it)
-        let fakeImages = try data.fakeSampler?.batch(it)
+        let real = try Profiler.region(.data) { try data.realLoader.batch(it) }
+        let fakeImages = try Profiler.region(.data) { try data.fakeSampler?.batch(it) }
         let x = fakeImages.map { concatBatch([real.images, $0]) } ?? real.images
         let size = (x.shape[2], x.shape[3])
         let oldOut = withNoGrad { models.old.run(x, upsample: false) }

@@ -20,12 +20,15 @@ public final class BatchNormStatisticsRecorder {
     public init(attachingTo model: Module) {
         layers = model.namedModules().compactMap { name, m in (m as? BatchNorm2d).map { (name, $0) } }
         for (name, bn) in layers {
+            // The statistics are the inputs of a loss term (the inversion's feature statistics).
             bn.inputObserver = { [unowned self] x in
-                let mu = mean(x, axes: [0, 2, 3])
-                let centered = x - reshape(mu, [1, -1, 1, 1])
-                let variance = mean(square(centered), axes: [0, 2, 3])
-                self.records.append(BatchNormInputStatistics(layer: name, mean: mu, variance: variance,
-                                                             runningMean: bn.runningMean, runningVar: bn.runningVar))
+                Profiler.region(.loss) {
+                    let mu = mean(x, axes: [0, 2, 3])
+                    let centered = x - reshape(mu, [1, -1, 1, 1])
+                    let variance = mean(square(centered), axes: [0, 2, 3])
+                    self.records.append(BatchNormInputStatistics(layer: name, mean: mu, variance: variance,
+                                                                 runningMean: bn.runningMean, runningVar: bn.runningVar))
+                }
             }
         }
     }

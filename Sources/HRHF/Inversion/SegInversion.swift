@@ -161,13 +161,15 @@ public final class SegInversion {
         return (l2!, l1!)
     }
 
-    func terms(_ x: Tensor, targets: [(classes: [Int], areas: [Float])]) -> Terms {
-        let (b, _, h, w) = nchw(x, "inversion")
-        let hw = h * w
-        let c = teacher.numClasses
-        recorder.reset()
-        let logits = teacher.run(x).logits
-        let logP = logSoftmax(logits), p = exp(logP)
+    /// Per (image, class), B x C row-major: the top-K counts of SAA (in), SAA (out) and the absent
+    /// classes, and the weights the terms give them (0 where a class takes no part).
+    struct SAACounts {
+        var kIn, kOut, kAbs: [Int]
+        var inMask, outA, outB, absMask: [Float]
+    }
+
+    func saaCounts(_ targets: [(classes: [Int], areas: [Float])], classes c: Int, pixels hw: Int) -> SAACounts {
+        let b = targets.count
         var kIn = [Int](repeating: 0, count: b * c), kOut = [Int](repeating: 0, count: b * c)
         var kAbs = [Int](repeating: 0, count: b * c)
         var inMask = [Float](repeating: 0, count: b * c), outA = [Float](repeating: 0, count: b * c)
@@ -193,14 +195,24 @@ public final class SegInversion {
                 absMask[i * c + cls] = 1 / Float(absent.count)
             }
         }
+        return SAACounts(kIn: kIn, kOut: kOut, kAbs: kAbs, inMask: inMask, outA: outA, outB: outB, absMask: absMask)
+    }
+
+    func terms(_ x: Tensor, targets: [(classes: [Int], areas: [Float])]) -> Terms {
+        let (b, _, h, w) = nchw(x, "inversion")
+        let c = teacher.numClasses
+        recorder.reset()
+        let logits = teacher.run(x).logits
+        let logP = logSoftmax(logits), p = exp(logP)
+        let k = saaCounts(targets, classes: c, pixels: h * w)
         func constant(_ v: [Float]) -> Tensor { Tensor(shape: [b, c], values: v) }
         // SAA (in): mean of the top-K log-probabilities of each target class and background.
-        let inside = -sum(spatialTopKMean(logP, k: kIn) * constant(inMask), axes: [1])
+        let inside = -sum(spatialTopKMean(logP, k: k.kIn) * constant(k.inMask), axes: [1])
         // SAA (out): mean probability of the class beyond its K (1 + margin) strongest pixels.
         let pSums = sum(p, axes: [2, 3])
-        let outside = sum(pSums * constant(outA) - spatialTopKMean(p, k: kOut) * constant(outB), axes: [1])
+        let outside = sum(pSums * constant(k.outA) - spatialTopKMean(p, k: k.kOut) * constant(k.outB), axes: [1])
         // Absent old classes: their strongest responses pushed down.
-        let absent = sum(spatialTopKMean(p, k: kAbs) * constant(absMask), axes: [1])
+        let absent = sum(spatialTopKMean(p, k: k.kAbs) * constant(k.absMask), axes: [1])
         let (tv2, tv1) = Self.totalVariation(x)
         let l2 = sqrt(mean(square(x), axes: [1, 2, 3]) + 1e-12)
         var bn = Tensor(scalar: 0)
@@ -226,6 +238,57 @@ public final class SegInversion {
                 let p = x.pointer + (b * 3 + ch) * plane
                 for i in 0..<plane { p[i] = min(max(p[i], lo), hi) }
             }
+        }
+    }
+
+    /// One iteration's augmentation: a roll by (dy, dx) when jitter is on, and a horizontal flip.
+    struct View {
+        var roll: (dy: Int, dx: Int)?
+        var flip: Bool
+    }
+
+    /// Draws one iteration's random roll of up to `jitter` pixels and its flip (p 0.5).
+    func drawView(jitter: Int, rng: inout SeededGenerator) -> View {
+        var roll: (dy: Int, dx: Int)?
+        if jitter > 0 {
+            let dy = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter
+            let dx = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter
+            roll = (dy, dx)
+        }
+        return View(roll: roll, flip: options.flip && rng.nextUnitFloat() < 0.5)
+    }
+
+    /// The per-image losses and the total of one iteration on `view` of the images `x`.
+    func iterationLoss(_ x: Tensor, view: View,
+                       targets: [(classes: [Int], areas: [Float])]) -> (per: Tensor, loss: Tensor) {
+        let augmented = Profiler.region(.data) { () -> Tensor in
+            var v = x
+            if let r = view.roll { v = roll(v, dy: r.dy, dx: r.dx) }
+            return view.flip ? flipHorizontal(v) : v
+        }
+        return Profiler.region(.loss) {
+            let t = terms(augmented, targets: targets)
+            let per = perImage(t)
+            return (per, mean(per) + options.weightBN * t.bn)
+        }
+    }
+
+    /// Each image keeps its lowest-loss state (the batch-level statistics term aside).
+    static func keepBest(_ x: Tensor, per: Tensor, best: Tensor, bestLoss: inout [Float]) {
+        let n = x.count / max(x.shape[0], 1)
+        for b in 0..<x.shape[0] where per.pointer[b] < bestLoss[b] {
+            bestLoss[b] = per.pointer[b]
+            (best.pointer + b * n).update(from: x.pointer + b * n, count: n)
+        }
+    }
+
+    /// The gradient of `loss` for the images, Adam's step, and the clip to valid pixels.
+    func update(_ x: Tensor, loss: Tensor, adam: Adam) {
+        x.grad = nil
+        loss.backward()
+        Profiler.region(.optimizer) {
+            adam.step()
+            clip(x)
         }
     }
 
@@ -257,25 +320,9 @@ public final class SegInversion {
             for it in 0..<iterations {
                 adam.learningRate = LearningRateSchedule.cosine.rate(
                     base: options.learningRate, iteration: it, total: iterations, warmup: min(options.warmup, iterations - 1))
-                var view = x
-                if jitter > 0 {
-                    let dy = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter, dx = Int(rng.next() % UInt64(2 * jitter + 1)) - jitter
-                    view = roll(view, dy: dy, dx: dx)
-                }
-                if options.flip && rng.nextUnitFloat() < 0.5 { view = flipHorizontal(view) }
-                let t = terms(view, targets: targets)
-                let per = perImage(t)
-                let loss = mean(per) + options.weightBN * t.bn
-                // Each image keeps its lowest-loss state (the batch-level statistics term aside).
-                for b in 0..<count where per.pointer[b] < bestLoss[b] {
-                    bestLoss[b] = per.pointer[b]
-                    let n = 3 * size * size
-                    (best.pointer + b * n).update(from: x.pointer + b * n, count: n)
-                }
-                x.grad = nil
-                loss.backward()
-                adam.step()
-                clip(x)
+                let (per, loss) = iterationLoss(x, view: drawView(jitter: jitter, rng: &rng), targets: targets)
+                Self.keepBest(x, per: per, best: best, bestLoss: &bestLoss)
+                update(x, loss: loss, adam: adam)
                 done += 1
                 progress?(done, options.iterations, loss.item)
             }

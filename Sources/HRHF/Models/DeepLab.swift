@@ -167,6 +167,10 @@ public final class DeepLabV3: Module {
 
     /// Logits (upsampled bilinearly to the input size when `upsample`), features, aux logits.
     public func run(_ x: Tensor, upsample: Bool = true) -> SegmentationOutput {
+        Profiler.network { layersForward(x, upsample: upsample) }
+    }
+
+    private func layersForward(_ x: Tensor, upsample: Bool) -> SegmentationOutput {
         _ = nchw(x, "DeepLabV3")
         precondition(x.shape[1] == 3, "DeepLabV3 expects 3-channel images, got \(x.shape)")
         let size = (x.shape[2], x.shape[3])

@@ -27,7 +27,9 @@ public final class Conv2d: Module {
     public var outChannels: Int { weight.shape[0] }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding, dilation: dilation, groups: groups)
+        Profiler.op(.convolution) {
+            conv2d(x, weight: weight, bias: bias, stride: stride, padding: padding, dilation: dilation, groups: groups)
+        }
     }
 }
 
@@ -74,7 +76,12 @@ public final class BatchNorm2d: Module {
         if let n = numBatchesTracked { registerBuffer("num_batches_tracked", n) }
     }
 
-    public override func forward(_ x: Tensor) -> Tensor { normalize(x, relu: false) }
+    public override func forward(_ x: Tensor) -> Tensor { profiledNormalize(x, relu: false) }
+
+    /// `normalize` as a batch-norm op of a profile.
+    func profiledNormalize(_ x: Tensor, relu applyReLU: Bool) -> Tensor {
+        Profiler.op(.batchNorm) { normalize(x, relu: applyReLU) }
+    }
 
     /// The layer's forward, then a ReLU when `relu` (a torchvision block's): the layer's own
     /// activation or the ReLU runs inside the normalisation's op (see `batchNorm2d`).
@@ -160,12 +167,14 @@ public func convNorm(_ x: Tensor, _ conv: Conv2d, _ bn: BatchNorm2d, relu applyR
     case (.identity, false): slope = nil
     case (.identity, true): slope = 0
     case (.leakyRelu(let s), false): slope = s
-    case (.leakyRelu, true): return bn.normalize(conv(x), relu: true)
+    case (.leakyRelu, true): return bn.profiledNormalize(conv(x), relu: true)
     }
-    guard bn.canFold(after: conv) else { return bn.normalize(conv(x), relu: applyReLU) }
+    guard bn.canFold(after: conv) else { return bn.profiledNormalize(conv(x), relu: applyReLU) }
     let (scale, shift) = bn.foldedScaleShift(convBias: conv.bias)
-    return conv2dAffine(x, weight: conv.weight, scale: scale, shift: shift, negativeSlope: slope, stride: conv.stride,
-                        padding: conv.padding, dilation: conv.dilation, groups: conv.groups)
+    return Profiler.op(.convolution) {
+        conv2dAffine(x, weight: conv.weight, scale: scale, shift: shift, negativeSlope: slope, stride: conv.stride,
+                     padding: conv.padding, dilation: conv.dilation, groups: conv.groups)
+    }
 }
 
 /// Runs `layers` in order, each Conv2d, BatchNorm2d (, ReLU) run through `convNorm`.

@@ -6,11 +6,14 @@ final class GradFn {
     let name: String
     let inputs: [Tensor]
     let backward: (Tensor) -> [Tensor?]
+    /// What the backward step counts as in a profile (the kind current when the op ran).
+    let profileKind: ProfileKind
 
     init(name: String, inputs: [Tensor], backward: @escaping (Tensor) -> [Tensor?]) {
         self.name = name
         self.inputs = inputs
         self.backward = backward
+        profileKind = Profiler.isEnabled ? Profiler.recordingKind : .other
     }
 }
 
@@ -85,7 +88,7 @@ extension Tensor {
                 t.grad = t.grad.map { accumulate($0, g) } ?? g.copy()
                 continue
             }
-            let inputGrads = fn.backward(g)
+            let inputGrads = Profiler.region(fn.profileKind) { fn.backward(g) }
             precondition(inputGrads.count == fn.inputs.count, "\(fn.name): wrong gradient count")
             for (input, ig) in zip(fn.inputs, inputGrads) {
                 guard let ig, input.requiresGrad else { continue }

@@ -125,7 +125,7 @@ public final class Trainer {
             optimizer.zeroGrad()
             value.backward()
             dataParallel?.sumGradients(optimizer.parameters)
-            optimizer.step()
+            Profiler.region(.optimizer) { optimizer.step() }
             iteration += 1
             report(iteration, item)
             if config.checkpointEvery > 0 && iteration % config.checkpointEvery == 0 && iteration < config.iterations {

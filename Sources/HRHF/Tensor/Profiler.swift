@@ -1,0 +1,93 @@
+import Foundation
+
+/// What a span of time was spent on, in `hrhf-bench --profile`'s table.
+public enum ProfileKind: Int, CaseIterable, Sendable {
+    case convolution, batchNorm, elementwise, loss, data, optimizer, other
+
+    public var title: String {
+        switch self {
+        case .convolution: "convolutions"
+        case .batchNorm: "batch norm"
+        case .elementwise: "elementwise (activations, pooling, resize, concat)"
+        case .loss: "loss terms"
+        case .data: "data loading and augmentation"
+        case .optimizer: "optimiser"
+        case .other: "other (graph walk, bookkeeping)"
+        }
+    }
+}
+
+/// Where the time of a job goes, by op kind; off unless a benchmark turns it on. Time is
+/// exclusive: a span counts for the innermost region open. Regions are explicit (data, loss,
+/// optimiser, a network's forward) or op hooks (convolution, batch norm), which only count
+/// inside a network's forward, so the ops a loss term runs stay loss. Backward steps count for
+/// the kind that was current when their op was recorded. Single-threaded use: the op entry
+/// points and the tape run on the calling thread (kernels parallelise inside an op).
+public enum Profiler {
+    nonisolated(unsafe) public private(set) static var isEnabled = false
+    nonisolated(unsafe) private static var stack: [ProfileKind] = []
+    nonisolated(unsafe) private static var mark: UInt64 = 0
+    nonisolated(unsafe) private static var nanoseconds = [UInt64](repeating: 0, count: ProfileKind.allCases.count)
+
+    /// Starts counting from zero; time outside every region is `other`.
+    public static func start() {
+        nanoseconds = [UInt64](repeating: 0, count: ProfileKind.allCases.count)
+        stack = [.other]
+        mark = DispatchTime.now().uptimeNanoseconds
+        isEnabled = true
+    }
+
+    /// Stops counting and returns the seconds per kind.
+    public static func stop() -> [ProfileKind: Double] {
+        charge()
+        isEnabled = false
+        stack = []
+        let seconds = ProfileKind.allCases.map { ($0, Double(nanoseconds[$0.rawValue]) / 1e9) }
+        return Dictionary(uniqueKeysWithValues: seconds)
+    }
+
+    /// Charges the time since the last change of region to the current kind.
+    private static func charge() {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if let top = stack.last { nanoseconds[top.rawValue] += now &- mark }
+        mark = now
+    }
+
+    /// Runs `body` as an explicit region of `kind` (data, loss, optimiser).
+    @inline(__always)
+    public static func region<T>(_ kind: ProfileKind, _ body: () throws -> T) rethrows -> T {
+        guard isEnabled else { return try body() }
+        charge()
+        stack.append(kind)
+        defer {
+            charge()
+            stack.removeLast()
+        }
+        return try body()
+    }
+
+    /// A network's forward: its convolutions and batch norms count as such, the rest as elementwise.
+    @inline(__always)
+    public static func network<T>(_ body: () throws -> T) rethrows -> T { try region(.elementwise, body) }
+
+    /// An op entry point's hook: `kind` counts only inside a network's forward.
+    @inline(__always)
+    static func op<T>(_ kind: ProfileKind, _ body: () throws -> T) rethrows -> T {
+        guard isEnabled, stack.last == .elementwise else { return try body() }
+        return try region(kind, body)
+    }
+
+    /// The kind a backward step of an op recorded now is charged to.
+    static var recordingKind: ProfileKind { stack.last ?? .other }
+}
+
+/// The per-kind table of one profiled iteration, with each kind's share.
+public func profileTable(_ seconds: [ProfileKind: Double]) -> String {
+    let total = seconds.values.reduce(0, +)
+    let rows = ProfileKind.allCases.map { kind -> [String] in
+        let s = seconds[kind] ?? 0
+        return [kind.title, String(format: "%.1f", s * 1e3), String(format: "%.0f%%", total > 0 ? 100 * s / total : 0)]
+    }
+    let totalRow = ["total", String(format: "%.1f", total * 1e3), "100%"]
+    return formatTable(header: ["op kind", "ms", "share"], rows: rows + [totalRow])
+}

@@ -1,0 +1,83 @@
+import XCTest
+@testable import HRHF
+
+final class ProfilerTests: XCTestCase {
+    func testBackwardStepsCountAsTheKindTheirOpRanIn() throws {
+        let conv = Conv2d(3, 4, kernelSize: 3, padding: 1, bias: false, rng: &Self.rng)
+        let x = randn([1, 3, 8, 8], seed: 1)
+        x.requiresGrad = true
+        XCTAssertFalse(Profiler.isEnabled, "off unless a benchmark turns it on")
+        XCTAssertEqual(conv(x).gradFn?.profileKind, .other)
+
+        Profiler.start()
+        defer { _ = Profiler.stop() }
+        // Op hooks count inside a network's forward only: elsewhere the op is what encloses it.
+        XCTAssertEqual(conv(x).gradFn?.profileKind, .other)
+        let y = Profiler.network { relu(conv(x)) }
+        XCTAssertEqual(y.gradFn?.profileKind, .elementwise)
+        XCTAssertEqual(y.gradFn?.inputs[0].gradFn?.profileKind, .convolution)
+        let loss = Profiler.region(.loss) { Profiler.network { sum(conv(x)) } }
+        XCTAssertEqual(loss.gradFn?.profileKind, .elementwise)
+        XCTAssertEqual(Profiler.region(.loss) { mean(y) }.gradFn?.profileKind, .loss)
+        XCTAssertEqual(Profiler.region(.data) { Profiler.op(.convolution) { conv(x) } }.gradFn?.profileKind, .data)
+    }
+
+    func testTimeCountsForTheInnermostRegionOnly() {
+        Profiler.start()
+        Profiler.region(.data) {
+            usleep(30_000)
+            Profiler.region(.loss) { _ = usleep(150_000) }
+        }
+        let seconds = Profiler.stop()
+        XCTAssertFalse(Profiler.isEnabled)
+        XCTAssertGreaterThanOrEqual(seconds[.loss]!, 0.15)
+        XCTAssertGreaterThanOrEqual(seconds[.data]!, 0.03)
+        XCTAssertLessThan(seconds[.data]!, 0.15, "the nested loss region is not data's")
+        XCTAssertEqual(seconds[.convolution], 0)
+    }
+
+    func testAProfiledTrainingStepChargesEveryKindAndAllItsTime() throws {
+        let model = try DeepLabV3(SynthesisTests.tinyArch, seed: 3)
+        model.train()
+        let sgd = SGD(model.parameters, learningRate: 0.01, momentum: 0.9)
+        let x = randn([2, 3, 32, 32], seed: 4)
+        let target = Labels(shape: [2, 32, 32], values: (0..<2048).map { Int32($0 % 6) })
+        let start = DispatchTime.now().uptimeNanoseconds
+        Profiler.start()
+        let logits = model.run(x).logits
+        let loss = Profiler.region(.loss) { crossEntropy(logits, target) }
+        loss.backward()
+        Profiler.region(.optimizer) { sgd.step() }
+        let seconds = Profiler.stop()
+        let wall = Double(DispatchTime.now().uptimeNanoseconds - start) / 1e9
+        for kind in [ProfileKind.convolution, .batchNorm, .elementwise, .loss, .optimizer] {
+            XCTAssertGreaterThan(seconds[kind]!, 0, "\(kind)")
+        }
+        XCTAssertEqual(seconds[.data], 0)
+        let total = seconds.values.reduce(0, +)
+        XCTAssertLessThanOrEqual(total, wall)
+        XCTAssertGreaterThan(total, wall * 0.9, "every span between start and stop is charged to a kind")
+    }
+
+    func testTheTableGivesMillisecondsAndShares() {
+        let table = profileTable([.convolution: 0.3, .loss: 0.1])
+        let lines = table.split(separator: "\n").map { $0.split(separator: " ").joined(separator: " ") }
+        XCTAssertEqual(lines[0], "op kind ms share")
+        XCTAssertEqual(lines[2], "convolutions 300.0 75%")
+        XCTAssertEqual(lines[5], "loss terms 100.0 25%")
+        XCTAssertEqual(lines[6], "data loading and augmentation 0.0 0%")
+        XCTAssertEqual(lines.last, "total 400.0 100%")
+    }
+
+    func testDistillationJobsRefuseToStartWithoutTheirData() throws {
+        let (url, _, _) = try SynthesisTests.tinyTeacher()
+        XCTAssertThrowsError(try JobBenchmark(job: .mib, model: url, data: nil, pack: nil)) { e in
+            XCTAssertEqual("\(e)", "hrhf-bench: job mib needs --data (a Shapes root)")
+        }
+        XCTAssertThrowsError(try JobBenchmark(job: .hrhfGSC, model: url, data: temporaryDirectory(), pack: nil)) { e in
+            XCTAssertEqual("\(e)", "hrhf-bench: job hrhf+gsc needs --pack")
+        }
+    }
+
+    nonisolated(unsafe) static var rng = SeededGenerator(seed: 7)
+}
