@@ -24,12 +24,14 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.0"),
     ],
     targets: [
-        .systemLibrary(name: "COpenBLAS", pkgConfig: "openblas",
-                       providers: [.apt(["libopenblas-dev"])]),
+        .systemLibrary(
+            name: "COpenBLAS", pkgConfig: "openblas",
+            providers: [.apt(["libopenblas-dev"])]),
         .systemLibrary(name: "CPNG", pkgConfig: "libpng16", providers: [.apt(["libpng-dev"])]),
         .systemLibrary(name: "CJPEG", pkgConfig: "libjpeg", providers: [.apt(["libjpeg-dev"])]),
-        .systemLibrary(name: "CArchive", pkgConfig: "libarchive",
-                       providers: [.apt(["libarchive-dev"])]),
+        .systemLibrary(
+            name: "CArchive", pkgConfig: "libarchive",
+            providers: [.apt(["libarchive-dev"])]),
         .systemLibrary(name: "CMPI", pkgConfig: "ompi-c", providers: [.apt(["libopenmpi-dev", "openmpi-bin"])]),
         // setjmp/longjmp error handling for libpng and libjpeg stays inside C.
         .target(name: "CImageIO", dependencies: ["CPNG", "CJPEG"]),
@@ -39,8 +41,10 @@ let package = Package(
         .target(name: "CMemory"),
         .target(
             name: "HRHF",
-            dependencies: ["COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory", "CMPI",
-                           .product(name: "Crypto", package: "swift-crypto")]
+            dependencies: [
+                "COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory", "CMPI",
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
         ),
         .target(
             name: "HRHFCommandLine",

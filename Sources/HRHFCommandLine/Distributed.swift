@@ -28,6 +28,7 @@ extension ParsableCommand {
 /// batch-norm sums) and the time it spent there, per iteration of `iterations`.
 public func allreduceSummary(_ communicator: Communicator, iterations: Int) -> String {
     let n = Double(max(iterations, 1))
-    return String(format: "%.2f MB in %.1f calls, %.1f ms", Double(communicator.allreduceBytes) / 1e6 / n,
-                  Double(communicator.allreduceCalls) / n, communicator.allreduceSeconds * 1000 / n)
+    return String(
+        format: "%.2f MB in %.1f calls, %.1f ms", Double(communicator.allreduceBytes) / 1e6 / n,
+        Double(communicator.allreduceCalls) / n, communicator.allreduceSeconds * 1000 / n)
 }

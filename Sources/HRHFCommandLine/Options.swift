@@ -26,7 +26,9 @@ public func parseIntList(_ text: String) throws -> [Int] {
 public func parseSize(_ text: String) throws -> (Int, Int) {
     let parts = text.lowercased().split(separator: "x").compactMap { Int($0) }
     if parts.count == 1 && parts[0] > 0 { return (parts[0], parts[0]) }
-    guard parts.count == 2, parts.allSatisfy({ $0 > 0 }) else { throw ValidationError("expected a size HxW, got \(text)") }
+    guard parts.count == 2, parts.allSatisfy({ $0 > 0 }) else {
+        throw ValidationError("expected a size HxW, got \(text)")
+    }
     return (parts[0], parts[1])
 }
 

@@ -14,8 +14,10 @@ public final class ProgressLine {
     var lastDecile = -1
 
     /// `clock` is injectable so tests can fix the elapsed time.
-    public init(_ label: String, total: Int, unit: String = "it", alreadyDone: Int = 0,
-                clock: @escaping () -> Date = Date.init) {
+    public init(
+        _ label: String, total: Int, unit: String = "it", alreadyDone: Int = 0,
+        clock: @escaping () -> Date = Date.init
+    ) {
         self.label = label
         self.total = max(total, 1)
         self.unit = unit
@@ -31,8 +33,9 @@ public final class ProgressLine {
         let worked = done - alreadyDone
         let rate = elapsed > 0 && worked > 0 ? Double(worked) / elapsed : 0
         let eta = rate > 0 ? Double(total - done) / rate : .infinity
-        return String(format: "%@ %d/%d (%3.0f%%) %.2f %@/s ETA %@", label, done, total,
-                      100 * Double(done) / Double(total), rate, unit, formatDuration(eta))
+        return String(
+            format: "%@ %d/%d (%3.0f%%) %.2f %@/s ETA %@", label, done, total,
+            100 * Double(done) / Double(total), rate, unit, formatDuration(eta))
             + (detail.isEmpty ? "" : "  " + detail)
     }
 
@@ -62,7 +65,8 @@ public final class ProgressLine {
 public func formatDuration(_ seconds: Double) -> String {
     guard seconds.isFinite else { return "?" }
     let s = Int(seconds.rounded())
-    return s >= 3600 ? String(format: "%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60) : String(format: "%d:%02d", s / 60, s % 60)
+    return s >= 3600
+        ? String(format: "%d:%02d:%02d", s / 3600, s / 60 % 60, s % 60) : String(format: "%d:%02d", s / 60, s % 60)
 }
 
 /// The first line of a resumed training run: which checkpoint, how far it had got.

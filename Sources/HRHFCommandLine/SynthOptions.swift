@@ -8,27 +8,38 @@ public struct SynthesisOptionGroup: ParsableArguments {
     public init() {}
     static let d = InversionOptions()
 
-    @Option(name: .customLong("synth-iterations"), help: "Optimisation steps per synthesis batch.") public var iterations: Int = d.iterations
-    @Option(help: "Adam learning rate on the images (betas 0.5, 0.9; cosine schedule).") public var synthLr: Float = d.learningRate
+    @Option(name: .customLong("synth-iterations"), help: "Optimisation steps per synthesis batch.") public
+        var iterations: Int = d.iterations
+    @Option(help: "Adam learning rate on the images (betas 0.5, 0.9; cosine schedule).") public var synthLr: Float = d
+        .learningRate
     @Option(help: "Warm-up iterations of the learning rate.") public var warmup: Int = d.warmup
-    @Option(name: .customLong("synth-batch"), help: "Images optimised together.") public var synthBatch: Int = d.batchSize
+    @Option(name: .customLong("synth-batch"), help: "Images optimised together.") public var synthBatch: Int = d
+        .batchSize
     @Option(help: "Image side in pixels.") public var resolution: Int = d.resolution
     @Option(help: "Random roll of up to this many pixels per iteration.") public var jitter: Int = d.jitter
     @Option(help: "Random horizontal flips (true/false).") public var flip: Bool = d.flip
-    @Option(name: .customLong("classes-per-image"), help: "Target classes per image: 1 to this.") public var classesPerImage: Int = d.maxClasses
-    @Option(name: .customLong("area-min"), help: "Smallest target area (share of the image).") public var areaMin: Float = d.areaMin
+    @Option(name: .customLong("classes-per-image"), help: "Target classes per image: 1 to this.") public
+        var classesPerImage: Int = d.maxClasses
+    @Option(name: .customLong("area-min"), help: "Smallest target area (share of the image).") public var areaMin:
+        Float = d.areaMin
     @Option(name: .customLong("area-max"), help: "Largest target area.") public var areaMax: Float = d.areaMax
-    @Option(name: .customLong("area-total"), help: "Largest total target area of an image.") public var areaTotal: Float = d.areaTotalMax
+    @Option(name: .customLong("area-total"), help: "Largest total target area of an image.") public var areaTotal:
+        Float = d.areaTotalMax
     @Option(help: "SAA (out) margin.") public var margin: Float = d.margin
-    @Option(name: .customLong("absent-fraction"), help: "Top share of pixels pushed down for absent classes.") public var absentFraction: Float = d.absentFraction
+    @Option(name: .customLong("absent-fraction"), help: "Top share of pixels pushed down for absent classes.") public
+        var absentFraction: Float = d.absentFraction
     @Option(name: .customLong("l-out"), help: "Weight of SAA (out).") public var lOut: Float = d.lambdaOut
-    @Option(name: .customLong("l-abs"), help: "Weight of the absent-class term.") public var lAbs: Float = d.lambdaAbsent
-    @Option(name: .customLong("w-bn"), help: "Weight of the feature-statistics term.") public var wBN: Float = d.weightBN
-    @Option(name: .customLong("bn-first"), help: "Multiplier of the first batch-norm layer.") public var bnFirst: Float = d.firstBNMultiplier
+    @Option(name: .customLong("l-abs"), help: "Weight of the absent-class term.") public var lAbs: Float = d
+        .lambdaAbsent
+    @Option(name: .customLong("w-bn"), help: "Weight of the feature-statistics term.") public var wBN: Float = d
+        .weightBN
+    @Option(name: .customLong("bn-first"), help: "Multiplier of the first batch-norm layer.") public var bnFirst:
+        Float = d.firstBNMultiplier
     @Option(name: .customLong("w-tv2"), help: "Weight of the L2 total variation.") public var wTV2: Float = d.weightTV2
     @Option(name: .customLong("w-tv1"), help: "Weight of the L1 total variation.") public var wTV1: Float = d.weightTV1
     @Option(name: .customLong("w-l2"), help: "Weight of the image norm.") public var wL2: Float = d.weightL2
-    @Option(name: .customLong("warm-start"), help: "Share of iterations run first at half resolution (0 off).") public var warmStart: Float = d.warmStart
+    @Option(name: .customLong("warm-start"), help: "Share of iterations run first at half resolution (0 off).") public
+        var warmStart: Float = d.warmStart
 
     public var options: InversionOptions {
         var o = InversionOptions()
@@ -61,7 +72,10 @@ public struct SynthesisOptionGroup: ParsableArguments {
 public func qualitySummary(_ m: PackManifest, out: String, imagesPerMinute: Double?, seconds: Double?) -> String {
     var rows: [[String]] = [
         ["pack", out],
-        ["images", "\(m.images.count)" + (m.shard.map { " (shard \($0.index)/\($0.count) of \(m.generator.count))" } ?? "")],
+        [
+            "images",
+            "\(m.images.count)" + (m.shard.map { " (shard \($0.index)/\($0.count) of \(m.generator.count))" } ?? ""),
+        ],
         ["classes", m.classes.map { "\($0.id)" }.joined(separator: ",")],
         ["area correlation (target vs achieved)", String(format: "%.3f", m.quality.areaCorrelation)],
         ["area mean absolute difference", String(format: "%.3f", m.quality.areaMeanAbsoluteDifference)],
@@ -81,7 +95,8 @@ public func parseClassList(_ text: String, option: String = "--classes", maxClas
         let bounds = part.split(separator: "-", omittingEmptySubsequences: false)
             .map { Int($0.trimmingCharacters(in: .whitespaces)) }
         guard bounds.count == 1 || bounds.count == 2, let lo = bounds.first ?? nil, let hi = bounds.last ?? nil,
-              1 <= lo, lo <= hi, hi <= maxClassID else {
+            1 <= lo, lo <= hi, hi <= maxClassID
+        else {
             throw OptionError(option: option, "\(text): class ids from 1 to \(maxClassID) such as 1-15 or 1,3,5-7")
         }
         out += Array(lo...hi)

@@ -38,7 +38,9 @@ struct Convert: ParsableCommand {
     @Flag(name: .customLong("list-archs"), help: "List the known architectures and class lists.")
     var listArchs = false
 
-    @Option(name: .customLong("write-cards"), help: "Write a JSON card per architecture and class list into DIR (the zoo's cards).")
+    @Option(
+        name: .customLong("write-cards"),
+        help: "Write a JSON card per architecture and class list into DIR (the zoo's cards).")
     var writeCards: String?
 
     func run() throws {

@@ -27,13 +27,19 @@ struct Shapes: ParsableCommand {
         let progress = ProgressLine("shapes", total: train + val, unit: "img")
         let lock = NSLock()
         try generator.write(to: URL(fileURLWithPath: out), train: train, val: val) { done, _ in
-            lock.lock(); progress.update(done); lock.unlock()
+            lock.lock()
+            progress.update(done)
+            lock.unlock()
         }
         let seconds = progress.finish()
-        print(formatTable(header: ["shapes", ""], rows: [
-            ["directory", out], ["train images", "\(train)"], ["val images", "\(val)"], ["size", "\(size)x\(size)"],
-            ["seed", "\(seed)"], ["classes", "20 + background"], ["time", String(format: "%.1f s", seconds)],
-        ], leftAligned: true))
+        print(
+            formatTable(
+                header: ["shapes", ""],
+                rows: [
+                    ["directory", out], ["train images", "\(train)"], ["val images", "\(val)"],
+                    ["size", "\(size)x\(size)"],
+                    ["seed", "\(seed)"], ["classes", "20 + background"], ["time", String(format: "%.1f s", seconds)],
+                ], leftAligned: true))
     }
 }
 
@@ -56,10 +62,16 @@ struct Lists: ParsableCommand {
             let proto = StepProtocol(task: task, step: step, setting: data.setting)
             let indices = try proto.trainingIndices(dataset)
             let classes = task.classes(at: step)
-            rows.append(["\(step)", classes.count > 6 ? "\(classes.first!)-\(classes.last!)" : classes.map(String.init).joined(separator: ","),
-                         "\(indices.count)"])
+            rows.append([
+                "\(step)",
+                classes.count > 6
+                    ? "\(classes.first!)-\(classes.last!)" : classes.map(String.init).joined(separator: ","),
+                "\(indices.count)",
+            ])
         }
         print(formatTable(header: ["step", "classes", "images"], rows: rows))
-        print("task \(task.name), \(data.setting.rawValue), \(dataset.count) \(split) images; lists cached in \(dataset.root.appendingPathComponent(".hrhf-lists").path)")
+        print(
+            "task \(task.name), \(data.setting.rawValue), \(dataset.count) \(split) images; lists cached in \(dataset.root.appendingPathComponent(".hrhf-lists").path)"
+        )
     }
 }

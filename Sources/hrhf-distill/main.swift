@@ -22,18 +22,21 @@ struct Distill: ParsableCommand {
     var listMethods = false
     @Option(help: "Override the method's background handling: plain, unbiased, pseudo or proto.")
     var background: String?
-    @Option(name: .customLong("fake-ratio"),
-            help: "Override the share of each batch from the packs (0.5: as many fake images as real ones).")
+    @Option(
+        name: .customLong("fake-ratio"),
+        help: "Override the share of each batch from the packs (0.5: as many fake images as real ones).")
     var fakeRatio: Float?
     @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images (0 drops the term).")
     var kd: Float?
     @Option(name: .customLong("fake-kd"), help: "Override the KD weight on fake images.") var fakeKD: Float?
     @Option(name: .customLong("fake-ce"), help: "Override the cross-entropy weight on fake images.") var fakeCE: Float?
-    @Option(name: .customLong("fake-background"),
-            help: "Fake half's background: plain, or folded (background or new, as its KD; the default).")
+    @Option(
+        name: .customLong("fake-background"),
+        help: "Fake half's background: plain, or folded (background or new, as its KD; the default).")
     var fakeBackground: String?
-    @Option(name: .customLong("compensation-range"),
-            help: "Clamp of GSC's compensation weights, MIN,MAX (default 0.8,1.25).")
+    @Option(
+        name: .customLong("compensation-range"),
+        help: "Clamp of GSC's compensation weights, MIN,MAX (default 0.8,1.25).")
     var compensationRange: String?
     @Option(name: .customLong("feature-weight"), help: "Feature distillation on the fake half.")
     var featureWeight: Float?
@@ -42,27 +45,37 @@ struct Distill: ParsableCommand {
     @Option(name: .customLong("soft"), help: "Override GSC's soft distillation weight.") var soft: Float?
     @Option(name: .customLong("sharp"), help: "Override GSC's sharpness weight.") var sharp: Float?
     @Option(name: .customLong("relation"), help: "Override GSC's relation weight.") var relation: Float?
-    @Option(name: .customLong("proto-tau"),
-            help: .init("Override the prototype agreement (softmax over prototype distances) a re-labelled pixel needs "
-                  + "(default 0.7)."))
+    @Option(
+        name: .customLong("proto-tau"),
+        help: .init(
+            "Override the prototype agreement (softmax over prototype distances) a re-labelled pixel needs "
+                + "(default 0.7)."))
     var protoTau: Float?
-    @Option(name: .customLong("proto-old-confidence"),
-            help: "Override the old model's confidence a re-labelled pixel needs (default 0.9).")
+    @Option(
+        name: .customLong("proto-old-confidence"),
+        help: "Override the old model's confidence a re-labelled pixel needs (default 0.9).")
     var protoOldConfidence: Float?
-    @Flag(name: .customLong("audit-relabelling"),
-          help: .init("Report how prototypical re-labelling fares against the training images' full masks "
+    @Flag(
+        name: .customLong("audit-relabelling"),
+        help: .init(
+            "Report how prototypical re-labelling fares against the training images' full masks "
                 + "(a diagnostic; the method never reads them)."))
     var auditRelabelling = false
-    @Option(name: .customLong("freeze-bn"),
-            help: "Override whether batch norm keeps the old running statistics (true/false).")
+    @Option(
+        name: .customLong("freeze-bn"),
+        help: "Override whether batch norm keeps the old running statistics (true/false).")
     var freezeBN: Bool?
-    @Option(name: .customLong("bn-recalibration"),
-            help: .init("Override the real batches over which batch norm's statistics are re-estimated after "
-                  + "each step (0: keep training's)."))
+    @Option(
+        name: .customLong("bn-recalibration"),
+        help: .init(
+            "Override the real batches over which batch norm's statistics are re-estimated after "
+                + "each step (0: keep training's)."))
     var bnRecalibration: Int?
-    @Option(name: .customLong("split-bn"),
-            help: .init("Override whether batch norm normalises real and fake images with their own statistics, "
-                  + "its running ones from the real only (true/false)."))
+    @Option(
+        name: .customLong("split-bn"),
+        help: .init(
+            "Override whether batch norm normalises real and fake images with their own statistics, "
+                + "its running ones from the real only (true/false)."))
     var splitBN: Bool?
     @Option(help: "Training iterations per step.") var iterations: Int = 1000
     @Option(help: "Real images per batch; the pack methods add fake ones (--fake-ratio of the whole batch).")
@@ -74,13 +87,16 @@ struct Distill: ParsableCommand {
     @Option(help: "Random seed.") var seed: UInt64 = 0
     @Option(name: .customLong("synth-count"), help: "Images of the pack made after each step of a multi-step run.")
     var synthCount: Int = 64
-    @Option(name: .customLong("step-pack"),
-            help: .init("Classes of the pack made after each step: new (the step's new classes, earlier packs "
-                  + "kept), all (every old class, replacing them) or none (the starting packs only)."))
+    @Option(
+        name: .customLong("step-pack"),
+        help: .init(
+            "Classes of the pack made after each step: new (the step's new classes, earlier packs "
+                + "kept), all (every old class, replacing them) or none (the starting packs only)."))
     var stepPack: String = "new"
     @OptionGroup var synthesis: SynthesisOptionGroup
-    @Option(name: .customLong("eval-limit"),
-            help: "Validation images per evaluation (default all; 0: no evaluation, for data without a val split).")
+    @Option(
+        name: .customLong("eval-limit"),
+        help: "Validation images per evaluation (default all; 0: no evaluation, for data without a val split).")
     var evalLimit: Int?
     @Option(help: "Write the evaluations as JSON.") var json: String?
     @Option(help: "Append PLOP-format CSV lines.") var csv: String?
@@ -134,58 +150,69 @@ struct Distill: ParsableCommand {
         let task = try data.task(train)
         let last = lastStep ?? step
         guard step >= 1, last >= step, last < task.steps.count else {
-            throw OptionError(option: "--step", "steps \(step)-\(last) are outside task \(task.name) "
-                                  + "(steps 1-\(task.steps.count - 1))")
+            throw OptionError(
+                option: "--step",
+                "steps \(step)-\(last) are outside task \(task.name) "
+                    + "(steps 1-\(task.steps.count - 1))")
         }
         guard let stepPackClasses = StepPackClasses(rawValue: stepPack) else {
             throw OptionError(option: "--step-pack", "\(stepPack): new, all or none")
         }
-        let config = TrainingConfig(iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr,
-                                    seed: seed, checkpointEvery: checkpointEvery)
+        let config = TrainingConfig(
+            iterations: iterations, batchSize: batch, cropSize: crop, learningRate: lr,
+            seed: seed, checkpointEvery: checkpointEvery)
         var progress: ProgressLine?
         let (synthCount, synthesisOptions) = (synthCount, synthesis.options)
         func synthesize(_ request: PackRequest) throws {
             let job = try SynthesisJob(request: request, count: synthCount, options: synthesisOptions)
             let perBatch = synthesisOptions.iterations
-            let outcome = try job.run(resume: true, started: { resumed in
-                if let resumed { print(resumeLine(resumed, batchesInRun: job.batches.count)) }
-                progress = ProgressLine("pack after step \(request.afterStep)", total: job.batches.count * perBatch,
-                                        unit: "it", alreadyDone: (resumed?.batches.count ?? 0) * perBatch)
-            }) { done, _, _ in progress?.update(done) }
+            let outcome = try job.run(
+                resume: true,
+                started: { resumed in
+                    if let resumed { print(resumeLine(resumed, batchesInRun: job.batches.count)) }
+                    progress = ProgressLine(
+                        "pack after step \(request.afterStep)", total: job.batches.count * perBatch,
+                        unit: "it", alreadyDone: (resumed?.batches.count ?? 0) * perBatch)
+                }
+            ) { done, _, _ in progress?.update(done) }
             progress?.finish()
             print(qualitySummary(outcome.manifest, out: request.out.path, imagesPerMinute: nil, seconds: nil))
         }
-        var run = IncrementalRun(old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step,
-                                 lastStep: last, setting: data.setting, packs: pack.map { URL(fileURLWithPath: $0) },
-                                 options: options, config: config, stepPackClasses: stepPackClasses,
-                                 synthesize: synthesize, out: URL(fileURLWithPath: out), evalLimit: evalLimit)
+        var run = IncrementalRun(
+            old: URL(fileURLWithPath: old), train: train, val: val, task: task, firstStep: step,
+            lastStep: last, setting: data.setting, packs: pack.map { URL(fileURLWithPath: $0) },
+            options: options, config: config, stepPackClasses: stepPackClasses,
+            synthesize: synthesize, out: URL(fileURLWithPath: out), evalLimit: evalLimit)
         run.auditRelabelling = auditRelabelling
         var summary: [[String]] = []
         var allReports: [IoUReport] = []
         _ = try run.run { event in
             switch event {
-            case let .stepAlreadyDone(s, model):
+            case .stepAlreadyDone(let s, let model):
                 print("step \(s) already done: \(model.path) (kept; delete it to run the step again)")
-            case let .stepStarted(s, images, packs, total, checkpoint, resumedAt):
+            case .stepStarted(let s, let images, let packs, let total, let checkpoint, let resumedAt):
                 if let checkpoint { print(resumeLine(checkpoint: checkpoint, iterationsDone: resumedAt, of: total)) }
                 let classes = task.classes(at: s).map(String.init).joined(separator: ",")
-                print("step \(s) of \(task.name) (\(data.setting.rawValue)), method \(method): classes \(classes), "
-                      + "\(images) real images, \(packs == 0 ? "no pack" : packs == 1 ? "1 pack" : "\(packs) packs"), "
-                      + "\(total) iterations")
+                print(
+                    "step \(s) of \(task.name) (\(data.setting.rawValue)), method \(method): classes \(classes), "
+                        + "\(images) real images, \(packs == 0 ? "no pack" : packs == 1 ? "1 pack" : "\(packs) packs"), "
+                        + "\(total) iterations")
                 progress = ProgressLine("step \(s)", total: total, unit: "it", alreadyDone: resumedAt)
-            case let .iteration(_, done, _, loss, parts):
+            case .iteration(_, let done, _, let loss, let parts):
                 let detail = parts.keys.sorted().map { String(format: "%@ %.3f", $0, parts[$0]!) }
                     .joined(separator: " ")
                 progress?.update(done, detail: String(format: "loss %.3f  ", loss) + detail)
-            case let .stepFinished(s, report, seconds, model):
+            case .stepFinished(let s, let report, let seconds, let model):
                 progress?.finish()
                 if let report {
                     print(report.table())
                     allReports.append(report)
                 }
-                summary.append(["\(s)", IoUReport.percent(report?.old), IoUReport.percent(report?.new),
-                                IoUReport.percent(report?.all), formatDuration(seconds), model.path])
-            case let .relabelAudit(s, audit):
+                summary.append([
+                    "\(s)", IoUReport.percent(report?.old), IoUReport.percent(report?.new),
+                    IoUReport.percent(report?.all), formatDuration(seconds), model.path,
+                ])
+            case .relabelAudit(let s, let audit):
                 progress?.finish()
                 progress = nil
                 print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")

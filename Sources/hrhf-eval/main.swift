@@ -15,7 +15,8 @@ struct Eval: ParsableCommand {
     @Option(help: "Evaluate only the first N images.") var limit: Int?
     @Option(help: "Write the report as JSON.") var json: String?
     @Option(help: "Append the PLOP-format CSV line.") var csv: String?
-    @Option(name: .customLong("save-predictions"), help: "Write palette PNG predictions into DIR.") var savePredictions: String?
+    @Option(name: .customLong("save-predictions"), help: "Write palette PNG predictions into DIR.") var savePredictions:
+        String?
     @OptionGroup var compute: ComputeOptions
 
     func run() throws {
@@ -24,9 +25,13 @@ struct Eval: ParsableCommand {
         let dataset = try data.open(split: split)
         let task = try data.task(dataset)
         let step = self.step ?? (card.history.count - 1)
-        guard step >= 0 && step < task.steps.count else { throw ValidationError("step \(step) is outside task \(task.name)") }
+        guard step >= 0 && step < task.steps.count else {
+            throw ValidationError("step \(step) is outside task \(task.name)")
+        }
         guard net.numClasses >= task.seen(through: step).count else {
-            throw ValidationError("the model has \(net.numClasses) outputs, step \(step) of \(task.name) needs \(task.seen(through: step).count)")
+            throw ValidationError(
+                "the model has \(net.numClasses) outputs, step \(step) of \(task.name) needs \(task.seen(through: step).count)"
+            )
         }
         let proto = StepProtocol(task: task, step: step, setting: data.setting)
         let outDir = savePredictions.map { URL(fileURLWithPath: $0) }
@@ -39,8 +44,10 @@ struct Eval: ParsableCommand {
         }
         let progress = ProgressLine("eval", total: count, unit: "img")
         let communicator = Communicator.current
-        let report = try evaluate(model: net, normalization: card.normalization, dataset: dataset, proto: proto,
-                                  limit: limit, communicator: communicator) { i, _, sample, prediction in
+        let report = try evaluate(
+            model: net, normalization: card.normalization, dataset: dataset, proto: proto,
+            limit: limit, communicator: communicator
+        ) { i, _, sample, prediction in
             if let outDir {
                 let url = try outputURL(in: outDir, name: sample.name, suffix: ".png")
                 try ImageIO.writePalettePNG(prediction, to: url)

@@ -11,7 +11,8 @@ struct PackCommand: ParsableCommand {
 }
 
 struct Inspect: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "Generator options, teacher, class and area histograms, confidence.")
+    static let configuration = CommandConfiguration(
+        abstract: "Generator options, teacher, class and area histograms, confidence.")
     @Argument(help: "The pack.") var pack: String
 
     func run() throws {
@@ -19,24 +20,34 @@ struct Inspect: ParsableCommand {
         let m = p.manifest
         print(qualitySummary(m, out: pack, imagesPerMinute: nil, seconds: nil))
         print("")
-        print(formatTable(header: ["generator", ""], rows: [
-            ["name", "\(m.generator.name) \(m.generator.version)"], ["seed", "\(m.generator.seed)"],
-            ["teacher", "\(m.teacher.file) (\(m.teacher.card.architecture.name))"], ["teacher SHA-256", m.teacher.sha256],
-        ] + optionRows(m.generator.options), leftAligned: true))
+        print(
+            formatTable(
+                header: ["generator", ""],
+                rows: [
+                    ["name", "\(m.generator.name) \(m.generator.version)"], ["seed", "\(m.generator.seed)"],
+                    ["teacher", "\(m.teacher.file) (\(m.teacher.card.architecture.name))"],
+                    ["teacher SHA-256", m.teacher.sha256],
+                ] + optionRows(m.generator.options), leftAligned: true))
         print("")
         let names = m.teacher.card.classNames
         let rows = m.classes.map { c -> [String] in
             let with = m.images.filter { $0.targets.contains(c.id) }
             let areas = with.compactMap { r in r.targets.firstIndex(of: c.id).map { r.achievedAreas[$0] } }
-            return [String(c.id), c.id < names.count ? names[c.id] : "?", String(with.count),
-                    areas.isEmpty ? "-" : String(format: "%.1f%%", 100 * areas.reduce(0, +) / Double(areas.count))]
+            return [
+                String(c.id), c.id < names.count ? names[c.id] : "?", String(with.count),
+                areas.isEmpty ? "-" : String(format: "%.1f%%", 100 * areas.reduce(0, +) / Double(areas.count)),
+            ]
         }
         print(formatTable(header: ["id", "class", "images", "mean achieved area"], rows: rows))
         print("")
         var histogram = [Int](repeating: 0, count: 10)
         for a in m.images.flatMap(\.achievedAreas) { histogram[min(9, Int(a * 10))] += 1 }
-        print(formatTable(header: ["achieved area", "objects"], rows: histogram.enumerated().map {
-            ["\($0.offset * 10)-\($0.offset * 10 + 10)%", String($0.element)] }))
+        print(
+            formatTable(
+                header: ["achieved area", "objects"],
+                rows: histogram.enumerated().map {
+                    ["\($0.offset * 10)-\($0.offset * 10 + 10)%", String($0.element)]
+                }))
     }
 
     func optionRows(_ o: InversionOptions) -> [[String]] {
@@ -51,10 +62,14 @@ struct Verify: ParsableCommand {
         abstract: "Check entries, checksums, the manifest against its teacher, every image and label; "
             + "optionally the teacher and how far its argmax agrees with the labels.")
     @Argument(help: "The pack.") var pack: String
-    @Option(help: ArgumentHelp("The teacher model: its SHA-256 and classes must be the ones the pack records, and "
-                               + "its argmax on each image must agree with the label.")) var model: String?
-    @Option(help: ArgumentHelp("With --model: the least share of each label's pixels (not 255) on which it must "
-                               + "equal the teacher's argmax.")) var minAgreement = SyntheticPack.defaultLabelAgreement
+    @Option(
+        help: ArgumentHelp(
+            "The teacher model: its SHA-256 and classes must be the ones the pack records, and "
+                + "its argmax on each image must agree with the label.")) var model: String?
+    @Option(
+        help: ArgumentHelp(
+            "With --model: the least share of each label's pixels (not 255) on which it must "
+                + "equal the teacher's argmax.")) var minAgreement = SyntheticPack.defaultLabelAgreement
 
     func run() throws {
         let p = try SyntheticPack(url: URL(fileURLWithPath: pack))
@@ -64,13 +79,15 @@ struct Verify: ParsableCommand {
             let url = URL(fileURLWithPath: model)
             let sha = try sha256Hex(file: url)
             guard sha == p.manifest.teacher.sha256 else {
-                throw PackError(file: pack, entry: "manifest.json",
-                                "teacher SHA-256 \(p.manifest.teacher.sha256) is not that of \(model) (\(sha))")
+                throw PackError(
+                    file: pack, entry: "manifest.json",
+                    "teacher SHA-256 \(p.manifest.teacher.sha256) is not that of \(model) (\(sha))")
             }
             let (network, card) = try ModelFile.load(url)
             guard card.classes == p.manifest.teacher.card.classes else {
-                throw PackError(file: pack, entry: "manifest.json",
-                                "field teacher.card.classes: not the classes of \(model)")
+                throw PackError(
+                    file: pack, entry: "manifest.json",
+                    "field teacher.card.classes: not the classes of \(model)")
             }
             let shares = try p.checkLabels(Predictor(model: network, card: card), minimum: minAgreement)
             for (record, share) in zip(p.manifest.images.sorted { $0.index < $1.index }, shares) {
@@ -78,8 +95,9 @@ struct Verify: ParsableCommand {
             }
             agreement = String(format: ", labels agree with the teacher (lowest %.2f%%)", 100 * (shares.min() ?? 1))
         }
-        print("\(pack): OK, \(p.manifest.images.count) images, \(p.files.count) entries, checksums match, "
-              + "images and labels decode" + (model != nil ? ", teacher matches" : "") + agreement)
+        print(
+            "\(pack): OK, \(p.manifest.images.count) images, \(p.files.count) entries, checksums match, "
+                + "images and labels decode" + (model != nil ? ", teacher matches" : "") + agreement)
     }
 }
 
@@ -93,8 +111,9 @@ struct Export: ParsableCommand {
     func run() throws {
         let p = try SyntheticPack(url: URL(fileURLWithPath: pack))
         let ids = try VOCExport.write(p, to: URL(fileURLWithPath: voc))
-        print("exported \(ids.count) images of \(pack) to \(voc): JPEGImages/ (PNG), SegmentationClass/, "
-              + "SegmentationClassAug/, ImageSets/Segmentation/train.txt, splits/ (MiB's lists), list/ (PLOP's)")
+        print(
+            "exported \(ids.count) images of \(pack) to \(voc): JPEGImages/ (PNG), SegmentationClass/, "
+                + "SegmentationClassAug/, ImageSets/Segmentation/train.txt, splits/ (MiB's lists), list/ (PLOP's)")
     }
 }
 
@@ -109,10 +128,12 @@ struct Import: ParsableCommand {
     var classes: [Int] = []
 
     func run() throws {
-        let manifest = try PackImport.run(folder: URL(fileURLWithPath: folder), teacher: URL(fileURLWithPath: model),
-                                          classes: classes.isEmpty ? nil : classes, to: URL(fileURLWithPath: out))
-        print("imported \(manifest.images.count) images of \(manifest.generator.options.resolution) pixels into "
-              + "\(out), classes \(manifest.classes.map { String($0.id) }.joined(separator: " "))")
+        let manifest = try PackImport.run(
+            folder: URL(fileURLWithPath: folder), teacher: URL(fileURLWithPath: model),
+            classes: classes.isEmpty ? nil : classes, to: URL(fileURLWithPath: out))
+        print(
+            "imported \(manifest.images.count) images of \(manifest.generator.options.resolution) pixels into "
+                + "\(out), classes \(manifest.classes.map { String($0.id) }.joined(separator: " "))")
     }
 }
 
@@ -129,7 +150,8 @@ struct Merge: ParsableCommand {
 }
 
 struct Sheet: ParsableCommand {
-    static let configuration = CommandConfiguration(abstract: "A contact-sheet PNG: images beside their pseudo-label overlays, captioned.")
+    static let configuration = CommandConfiguration(
+        abstract: "A contact-sheet PNG: images beside their pseudo-label overlays, captioned.")
     @Argument(help: "The pack.") var pack: String
     @Option(help: "The PNG to write.") var out: String
     @Option(help: "Images on the sheet.") var limit: Int = 16

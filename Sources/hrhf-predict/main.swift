@@ -38,8 +38,9 @@ struct Predict: ParsableCommand {
         for (path, stem) in zip(images, stems) {
             _ = try outputURL(in: outDir, name: stem, suffix: "_mask.png")
             guard seen.insert(stem).inserted else {
-                throw DatasetError(file: path,
-                                   "another image has the name \(stem): their outputs would overwrite each other")
+                throw DatasetError(
+                    file: path,
+                    "another image has the name \(stem): their outputs would overwrite each other")
             }
         }
         try FileManager.default.createDirectory(at: outDir, withIntermediateDirectories: true)
@@ -54,13 +55,18 @@ struct Predict: ParsableCommand {
             let mask = argmaxMasks(output)[0]
             let stem = stems[i]
             try ImageIO.writePalettePNG(mask, to: try outputURL(in: outDir, name: stem, suffix: "_mask.png"))
-            try ImageIO.writePNG(try overlay(image, mask, name: path),
-                                 to: try outputURL(in: outDir, name: stem, suffix: "_overlay.png"))
+            try ImageIO.writePNG(
+                try overlay(image, mask, name: path),
+                to: try outputURL(in: outDir, name: stem, suffix: "_overlay.png"))
             if logits != nil { collected.append(output) }
             var counts = [Int](repeating: 0, count: card.classes.count)
             for v in mask.values { counts[Int(v)] += 1 }
             let top = counts.enumerated().filter { $0.element > 0 }.sorted { $0.element > $1.element }.prefix(3)
-                .map { String(format: "%@ %.0f%%", card.classNames[$0.offset], 100 * Double($0.element) / Double(mask.values.count)) }
+                .map {
+                    String(
+                        format: "%@ %.0f%%", card.classNames[$0.offset],
+                        100 * Double($0.element) / Double(mask.values.count))
+                }
             rows.append([stem, "\(mask.width)x\(mask.height)", top.joined(separator: ", ")])
             progress.update(i + 1)
         }

@@ -15,11 +15,13 @@ struct Train: ParsableCommand {
     @Option(help: "Images per batch.") var batch: Int = 8
     @Option(help: "Square training crop in pixels.") var crop: Int = 128
     @Option(help: "Base learning rate (SGD, nesterov, momentum 0.9, weight decay 1e-4, poly 0.9).") var lr: Float = 0.01
-    @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int = 200
+    @Option(name: .customLong("checkpoint-every"), help: "Iterations between checkpoints.") var checkpointEvery: Int =
+        200
     @Option(help: "Checkpoint file (default: OUT.ckpt).") var checkpoint: String?
     @Flag(help: "Continue from the checkpoint if there is one.") var resume = false
     @Option(help: "Random seed.") var seed: UInt64 = 0
-    @Option(name: .customLong("eval-limit"), help: "Validation images to evaluate at the end (default all).") var evalLimit: Int?
+    @Option(name: .customLong("eval-limit"), help: "Validation images to evaluate at the end (default all).")
+    var evalLimit: Int?
     @Option(help: "Write the final evaluation as JSON.") var json: String?
     @Option(help: "Append the PLOP-format CSV line of the final evaluation.") var csv: String?
     @Option(help: "Native model to write.") var out: String
@@ -37,11 +39,13 @@ struct Train: ParsableCommand {
         guard let total = iterations ?? epochs.map({ max(1, $0 * max(1, count / batch)) }) else {
             throw ValidationError("give --iterations or --epochs")
         }
-        var config = TrainingConfig(iterations: total, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
-                                    checkpointEvery: checkpointEvery)
+        var config = TrainingConfig(
+            iterations: total, batchSize: batch, cropSize: crop, learningRate: lr, seed: seed,
+            checkpointEvery: checkpointEvery)
         config.seed = seed
-        var job = StepZeroJob(architecture: try ArchitectureDescription.resolve(arch), train: train, val: val,
-                              task: task, setting: data.setting, config: config)
+        var job = StepZeroJob(
+            architecture: try ArchitectureDescription.resolve(arch), train: train, val: val,
+            task: task, setting: data.setting, config: config)
         let communicator = Communicator.current
         job.communicator = communicator
         if syncBN { BatchNormSync.communicator = communicator }
@@ -53,8 +57,9 @@ struct Train: ParsableCommand {
         } else if !resume, FileManager.default.fileExists(atPath: checkpointURL.path) {
             throw ValidationError("\(checkpointURL.path) exists: pass --resume to continue it, or delete it")
         }
-        print("step 0 of \(task.name) (\(data.setting.rawValue)): classes 0-\(task.steps[0].last!), \(count) images, "
-              + "\(total) iterations of \(batch) at \(crop)px, \(model.parameterCount) parameters")
+        print(
+            "step 0 of \(task.name) (\(data.setting.rawValue)): classes 0-\(task.steps[0].last!), \(count) images, "
+                + "\(total) iterations of \(batch) at \(crop)px, \(model.parameterCount) parameters")
         let progress = ProgressLine("train", total: total, unit: "it", alreadyDone: trainer.iteration)
         var smoothed: Float?
         let parallel = trainer.dataParallel
@@ -63,17 +68,23 @@ struct Train: ParsableCommand {
             progress.update(it, detail: String(format: "loss %.4f", smoothed!))
         }
         let seconds = progress.finish()
-        var notes = ["command": invocation, "dataset": data.data, "task": task.name, "step": "0",
-                     "setting": data.setting.rawValue, "iterations": "\(total)", "train_seconds": String(format: "%.0f", seconds)]
-        var summary: [[String]] = [["iterations", "\(total)"], ["time", formatDuration(seconds)],
-                                   ["final loss (smoothed)", String(format: "%.4f", smoothed ?? .nan)]]
+        var notes = [
+            "command": invocation, "dataset": data.data, "task": task.name, "step": "0",
+            "setting": data.setting.rawValue, "iterations": "\(total)",
+            "train_seconds": String(format: "%.0f", seconds),
+        ]
+        var summary: [[String]] = [
+            ["iterations", "\(total)"], ["time", formatDuration(seconds)],
+            ["final loss (smoothed)", String(format: "%.4f", smoothed ?? .nan)],
+        ]
         if communicator.size > 1 {
             summary.append(["ranks x threads", "\(communicator.size) x \(compute.threads)"])
             summary.append(["allreduce per iteration (rank 0)", allreduceSummary(communicator, iterations: total)])
         }
         if let val {
-            let report = try evaluate(model: model, normalization: job.normalization, dataset: val, proto: proto,
-                                      limit: evalLimit, communicator: communicator)
+            let report = try evaluate(
+                model: model, normalization: job.normalization, dataset: val, proto: proto,
+                limit: evalLimit, communicator: communicator)
             print(report.table())
             notes["val_miou_all"] = String(format: "%.4f", report.all ?? 0)
             notes["val_images"] = "\(report.images)"

@@ -1,12 +1,13 @@
 import XCTest
+
 @testable import HRHF
 
 final class AutogradTests: XCTestCase {
     func testTensorBytesAreCountedAndGlibcKeepsFreedBlocks() {
         #if canImport(Glibc)
-        // The malloc settings were once silently skipped (a preprocessor test that was never
-        // true); a training iteration then spent a third of its time in page faults.
-        XCTAssertTrue(mallocKeepsFreedMemory)
+            // The malloc settings were once silently skipped (a preprocessor test that was never
+            // true); a training iteration then spent a third of its time in page faults.
+            XCTAssertTrue(mallocKeepsFreedMemory)
         #endif
         let before = TensorStorage.liveBytes
         TensorStorage.resetPeakBytes()
@@ -29,8 +30,10 @@ final class AutogradTests: XCTestCase {
 
     func testInputOnlyGradientLeavesFrozenWeightsAlone() {
         var rng = SeededGenerator(seed: 2)
-        let model = Sequential([Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
-                                Conv2d(4, 2, kernelSize: 1, rng: &rng)])
+        let model = Sequential([
+            Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
+            Conv2d(4, 2, kernelSize: 1, rng: &rng),
+        ])
         model.eval()
         model.setRequiresGrad(false)
         let x = randn([1, 3, 6, 6], seed: 3).requiringGrad()
@@ -120,10 +123,13 @@ final class AutogradTests: XCTestCase {
         assertClose(split.runningVar, real.runningVar, "running variance from the first part only")
         XCTAssertGreaterThan(relativeError(fake.runningMean, real.runningMean), 0.5, "the parts' statistics differ")
         // Evaluation, and a batch no larger than the split, are plain batch norm.
-        split.eval(); real.eval()
+        split.eval()
+        real.eval()
         assertClose(split(shifted), real(shifted), "evaluation ignores the split")
-        split.train(); let whole = BatchNorm2d(3)
-        whole.weight.assign(split.weight); whole.bias.assign(split.bias)
+        split.train()
+        let whole = BatchNorm2d(3)
+        whole.weight.assign(split.weight)
+        whole.bias.assign(split.bias)
         split.batchSplit = 5
         assertClose(split(shifted), whole(shifted), "a split at the batch size is one batch")
     }
@@ -132,12 +138,16 @@ final class AutogradTests: XCTestCase {
         var rng = SeededGenerator(seed: 9)
         let down = Sequential([Conv2d(4, 8, kernelSize: 1, bias: false, rng: &rng), BatchNorm2d(8)])
         let block = BasicBlock(inplanes: 4, planes: 8, downsample: down, rng: &rng)
-        XCTAssertEqual(block.stateDict().map(\.name), [
-            "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked",
-            "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var", "bn2.num_batches_tracked",
-            "downsample.0.weight", "downsample.1.weight", "downsample.1.bias", "downsample.1.running_mean",
-            "downsample.1.running_var", "downsample.1.num_batches_tracked",
-        ])
+        XCTAssertEqual(
+            block.stateDict().map(\.name),
+            [
+                "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                "bn1.num_batches_tracked",
+                "conv2.weight", "bn2.weight", "bn2.bias", "bn2.running_mean", "bn2.running_var",
+                "bn2.num_batches_tracked",
+                "downsample.0.weight", "downsample.1.weight", "downsample.1.bias", "downsample.1.running_mean",
+                "downsample.1.running_var", "downsample.1.num_batches_tracked",
+            ])
     }
 
     func testLoadStateDictReportsEveryProblemAndChangesNothing() {
@@ -147,11 +157,14 @@ final class AutogradTests: XCTestCase {
         var values = ["weight": Tensor(zeros: [3, 2, 3, 3]), "extra.weight": Tensor(zeros: [1])]
         XCTAssertThrowsError(try conv.loadStateDict(values, source: "m.pth")) { error in
             let text = "\(error)"
-            XCTAssertTrue(text.contains("m.pth") && text.contains("missing keys: bias") && text.contains("unexpected keys: extra.weight"), text)
+            XCTAssertTrue(
+                text.contains("m.pth") && text.contains("missing keys: bias")
+                    && text.contains("unexpected keys: extra.weight"), text)
         }
         values = ["weight": Tensor(zeros: [3, 2, 1, 1]), "bias": Tensor(zeros: [3])]
         XCTAssertThrowsError(try conv.loadStateDict(values)) { error in
-            XCTAssertTrue("\(error)".contains("weight: shape [3, 2, 1, 1] where the model has [3, 2, 3, 3]"), "\(error)")
+            XCTAssertTrue(
+                "\(error)".contains("weight: shape [3, 2, 1, 1] where the model has [3, 2, 3, 3]"), "\(error)")
         }
         XCTAssertEqual(conv.weight.array, before)
     }

@@ -1,13 +1,15 @@
 import XCTest
+
 @testable import HRHF
 
 /// Convolutions as one product per tap over the rectangle where it reads the image, against
 /// the im2col path (PyTorch parity of both is in PyTorchParityTests.testConv2dCases).
 final class ConvPerTapTests: XCTestCase {
     func geometry(channels: Int, size: Int, dilation: Int, padding: Int? = nil) -> Conv2dGeometry {
-        Conv2dGeometry(inChannels: channels, outChannels: 256, kernelH: 3, kernelW: 3, strideH: 1, strideW: 1,
-                       padH: padding ?? dilation, padW: padding ?? dilation, dilationH: dilation, dilationW: dilation,
-                       groups: 1, inH: size, inW: size)
+        Conv2dGeometry(
+            inChannels: channels, outChannels: 256, kernelH: 3, kernelW: 3, strideH: 1, strideW: 1,
+            padH: padding ?? dilation, padW: padding ?? dilation, dilationH: dilation, dilationW: dilation,
+            groups: 1, inH: size, inW: size)
     }
 
     /// Rectangles and counts by hand for ASPP's rate 12 on a 32x32 map: a corner tap reads the
@@ -36,7 +38,8 @@ final class ConvPerTapTests: XCTestCase {
 
     /// Which convolutions of DeepLabV3-ResNet at 256x256 (32x32 maps at output stride 8) take it.
     func testTheAutomaticChoice() {
-        XCTAssertTrue(geometry(channels: 2048, size: 32, dilation: 12).runsPerTap, "ASPP rate 12: 56% of im2col reads the image")
+        XCTAssertTrue(
+            geometry(channels: 2048, size: 32, dilation: 12).runsPerTap, "ASPP rate 12: 56% of im2col reads the image")
         XCTAssertTrue(geometry(channels: 2048, size: 32, dilation: 24).runsPerTap, "ASPP rate 24: 25%")
         XCTAssertTrue(geometry(channels: 512, size: 32, dilation: 4).runsPerTap, "layer4's rate 4: 84%")
         XCTAssertTrue(geometry(channels: 256, size: 32, dilation: 2).runsPerTap, "layer3's rate 2: 92%")
@@ -57,13 +60,17 @@ final class ConvPerTapTests: XCTestCase {
         let saved = (ParallelConfig.threads, Im2colBlocking.floats, PerTapProducts.mode)
         defer { (ParallelConfig.threads, Im2colBlocking.floats, PerTapProducts.mode) = saved }
         // (batch, height, width, dilation, padding, kernel)
-        let cases = [(1, 9, 11, 4, 4, 3), (2, 7, 6, 3, 2, 3), (1, 6, 5, 2, 3, 3), (2, 5, 7, 1, 1, 3), (1, 6, 6, 6, 6, 3), (1, 8, 7, 2, 4, 5)]
+        let cases = [
+            (1, 9, 11, 4, 4, 3), (2, 7, 6, 3, 2, 3), (1, 6, 5, 2, 3, 3), (2, 5, 7, 1, 1, 3), (1, 6, 6, 6, 6, 3),
+            (1, 8, 7, 2, 4, 5),
+        ]
         for (i, c) in cases.enumerated() {
             let x = randn([c.0, 256, c.1, c.2], seed: UInt64(300 + i))
             let w = randn([6, 256, c.5, c.5], seed: UInt64(310 + i), std: 0.05)
             let bias = randn([6], seed: UInt64(320 + i))
-            let geo = Conv2dGeometry(inChannels: 256, outChannels: 6, kernelH: c.5, kernelW: c.5, strideH: 1, strideW: 1,
-                                     padH: c.4, padW: c.4, dilationH: c.3, dilationW: c.3, groups: 1, inH: c.1, inW: c.2)
+            let geo = Conv2dGeometry(
+                inChannels: 256, outChannels: 6, kernelH: c.5, kernelW: c.5, strideH: 1, strideW: 1,
+                padH: c.4, padW: c.4, dilationH: c.3, dilationW: c.3, groups: 1, inH: c.1, inW: c.2)
             func run() -> [Tensor] {
                 let (xi, wi, bi) = (x.detached(), w.detached(), bias.detached())
                 for t in [xi, wi, bi] { t.requiresGrad = true }
@@ -81,7 +88,9 @@ final class ConvPerTapTests: XCTestCase {
                 (ParallelConfig.threads, Im2colBlocking.floats) = (threads, floats)
                 let got = run()
                 for (k, what) in ["output", "input gradient", "weight gradient", "bias gradient"].enumerated() {
-                    assertClose(got[k], reference[k], tolerance: 1e-5, "case \(i) \(what) at \(threads) threads, block \(floats)")
+                    assertClose(
+                        got[k], reference[k], tolerance: 1e-5,
+                        "case \(i) \(what) at \(threads) threads, block \(floats)")
                 }
             }
         }
@@ -100,14 +109,18 @@ final class ConvPerTapTests: XCTestCase {
             PerTapProducts.mode = mode
             let xi = x.detached()
             xi.requiresGrad = true
-            let y = conv2dAffine(xi, weight: w, scale: scale, shift: shift, negativeSlope: 0, padding: (5, 5), dilation: (5, 5))
+            let y = conv2dAffine(
+                xi, weight: w, scale: scale, shift: shift, negativeSlope: 0, padding: (5, 5), dilation: (5, 5))
             sum(y * randn(y.shape, seed: 344)).backward()
             results.append([y, xi.grad!])
         }
         assertClose(results[1][0], results[0][0], tolerance: 1e-5, "per-tap evaluation block values")
         assertClose(results[1][1], results[0][1], tolerance: 1e-5, "per-tap evaluation block input gradient")
         PerTapProducts.mode = .always
-        let small = randn([2, 3, 6, 5], seed: 345), ws = randn([4, 3, 3, 3], seed: 346, std: 0.3), bs = randn([4], seed: 347)
-        checkGradients([small, ws, bs], samples: 8) { t in conv2d(t[0], weight: t[1], bias: t[2], padding: (3, 3), dilation: (3, 3)) }
+        let small = randn([2, 3, 6, 5], seed: 345), ws = randn([4, 3, 3, 3], seed: 346, std: 0.3),
+            bs = randn([4], seed: 347)
+        checkGradients([small, ws, bs], samples: 8) { t in
+            conv2d(t[0], weight: t[1], bias: t[2], padding: (3, 3), dilation: (3, 3))
+        }
     }
 }

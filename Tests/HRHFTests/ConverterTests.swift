@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// Conversion of PyTorch checkpoints (zip, legacy, safetensors; torchvision and MiB flavours)
@@ -28,7 +29,8 @@ final class ConverterTests: XCTestCase {
         for file in ["tv_small.pth", "tv_small_legacy.pth", "tv_small.safetensors"] {
             let r = try roundTrip(file, ModelParityTests.tvSmall, reference: "tv_small")
             XCTAssertEqual(r.flavor, .torchvision)
-            XCTAssertEqual(r.format, file.hasSuffix("safetensors") ? "safetensors" : file.contains("legacy") ? "legacy" : "zip")
+            XCTAssertEqual(
+                r.format, file.hasSuffix("safetensors") ? "safetensors" : file.contains("legacy") ? "legacy" : "zip")
         }
         let wrapped = try roundTrip("tv_basic.pth", ModelParityTests.tvBasic, reference: "tv_basic")
         XCTAssertEqual(wrapped.wrapper, "state_dict")
@@ -46,11 +48,14 @@ final class ConverterTests: XCTestCase {
     }
 
     func testCardRecordsClassesStepsAndSource() throws {
-        let (_, card, report) = try Converter.convert(models.appendingPathComponent("mib_small.pth"),
-                                                      options(ModelParityTests.mibSmall))
+        let (_, card, report) = try Converter.convert(
+            models.appendingPathComponent("mib_small.pth"),
+            options(ModelParityTests.mibSmall))
         XCTAssertEqual(card.architecture.classesPerStep, [4, 2])
         XCTAssertEqual(card.classNames, Array(DatasetClasses.voc.prefix(6)))
-        XCTAssertEqual(card.history, [IncrementalStep(step: 0, classes: [0, 1, 2, 3]), IncrementalStep(step: 1, classes: [4, 5])])
+        XCTAssertEqual(
+            card.history,
+            [IncrementalStep(step: 0, classes: [0, 1, 2, 3]), IncrementalStep(step: 1, classes: [4, 5])])
         XCTAssertEqual(card.source?.sha256, report.sha256)
         XCTAssertEqual(report.sha256, try sha256Hex(file: models.appendingPathComponent("mib_small.pth")))
         XCTAssertEqual(report.sha256.count, 64)
@@ -73,12 +78,16 @@ final class ConverterTests: XCTestCase {
         }
     }
 
-    func assertRefused(_ url: URL, _ expected: [String], arch: ArchitectureDescription = ModelParityTests.tvSmall,
-                       file: StaticString = #filePath, line: UInt = #line) {
+    func assertRefused(
+        _ url: URL, _ expected: [String], arch: ArchitectureDescription = ModelParityTests.tvSmall,
+        file: StaticString = #filePath, line: UInt = #line
+    ) {
         XCTAssertThrowsError(try Converter.convert(url, options(arch)), file: file, line: line) { e in
             let text = "\(e)"
             XCTAssertTrue(text.contains(url.path), "message must name the file: \(text)", file: file, line: line)
-            for s in expected { XCTAssertTrue(text.contains(s), "expected \"\(s)\" in: \(text)", file: file, line: line) }
+            for s in expected {
+                XCTAssertTrue(text.contains(s), "expected \"\(s)\" in: \(text)", file: file, line: line)
+            }
         }
     }
 
@@ -109,16 +118,19 @@ final class ConverterTests: XCTestCase {
         try Data("this is not a checkpoint at all".utf8).write(to: garbage)
         assertRefused(garbage, ["unknown file type"])
 
-        assertRefused(models.appendingPathComponent("hostile/short_storage.pth"),
-                      ["backbone.conv1.weight", "storage 0 declares 588 elements of F32 but holds 1176 bytes"])
-        assertRefused(models.appendingPathComponent("hostile/complex_dtype.pth"), ["refused global torch.ComplexFloatStorage"])
+        assertRefused(
+            models.appendingPathComponent("hostile/short_storage.pth"),
+            ["backbone.conv1.weight", "storage 0 declares 588 elements of F32 but holds 1176 bytes"])
+        assertRefused(
+            models.appendingPathComponent("hostile/complex_dtype.pth"), ["refused global torch.ComplexFloatStorage"])
     }
 
     func testWrongShapesAndMissingKeysNameTheKey() throws {
         var narrow = ModelParityTests.tvSmall
         narrow.headChannels = 16
-        assertRefused(models.appendingPathComponent("tv_small.pth"),
-                      ["classifier.0.convs.0.0.weight: shape [8, 128, 1, 1] where the model has [16, 128, 1, 1]"], arch: narrow)
+        assertRefused(
+            models.appendingPathComponent("tv_small.pth"),
+            ["classifier.0.convs.0.0.weight: shape [8, 128, 1, 1] where the model has [16, 128, 1, 1]"], arch: narrow)
         // A state dict lacking one tensor.
         let st = try SafeTensorsFile.read(models.appendingPathComponent("tv_small.safetensors"))
         let partial = SafeTensorsFile(tensors: st.tensors.filter { $0.name != "backbone.layer2.0.conv2.weight" })
@@ -152,15 +164,23 @@ final class ConverterTests: XCTestCase {
         let out = temporaryDirectory().appendingPathComponent("never.safetensors")
         let archFile = temporaryDirectory().appendingPathComponent("arch.json")
         try JSONEncoder().encode(ModelParityTests.tvSmall).write(to: archFile)
-        let bad = try runTool("hrhf-convert", [models.appendingPathComponent("hostile/os_system.pth").path,
-                                               "--arch", archFile.path, "--out", out.path])
+        let bad = try runTool(
+            "hrhf-convert",
+            [
+                models.appendingPathComponent("hostile/os_system.pth").path,
+                "--arch", archFile.path, "--out", out.path,
+            ])
         XCTAssertNotEqual(bad.status, 0)
         XCTAssertTrue(bad.stderr.contains("os_system.pth") && bad.stderr.contains("refused global"), bad.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path + ".partial"))
 
-        let good = try runTool("hrhf-convert", [models.appendingPathComponent("tv_small_legacy.pth").path,
-                                                "--arch", archFile.path, "--classes", "voc", "--out", out.path])
+        let good = try runTool(
+            "hrhf-convert",
+            [
+                models.appendingPathComponent("tv_small_legacy.pth").path,
+                "--arch", archFile.path, "--classes", "voc", "--out", out.path,
+            ])
         XCTAssertEqual(good.status, 0, good.stderr)
         let parameters = try DeepLabV3(ModelParityTests.tvSmall).parameterCount
         XCTAssertTrue(good.stdout.contains("parameters") && good.stdout.contains("\(parameters)"), good.stdout)

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 final class DataTests: XCTestCase {
@@ -39,10 +40,14 @@ final class DataTests: XCTestCase {
         XCTAssertEqual(s.name, "shapes_train_000000")
         // MiB's list format: "/JPEGImages/X.png /SegmentationClass/X.png".
         let list = temporaryDirectory().appendingPathComponent("train_aug.txt")
-        try "/JPEGImages/shapes_val_000001.png /SegmentationClass/shapes_val_000001.png\n".write(to: list, atomically: true, encoding: .utf8)
-        let aug = try VOCDataset(root: Self.shapesRoot, split: "train_aug", classNames: DatasetClasses.shapes, list: list)
+        try "/JPEGImages/shapes_val_000001.png /SegmentationClass/shapes_val_000001.png\n".write(
+            to: list, atomically: true, encoding: .utf8)
+        let aug = try VOCDataset(
+            root: Self.shapesRoot, split: "train_aug", classNames: DatasetClasses.shapes, list: list)
         XCTAssertEqual(aug.count, 1)
-        XCTAssertEqual(try aug.sample(0).labels, try VOCDataset(root: Self.shapesRoot, split: "val", classNames: DatasetClasses.shapes).sample(1).labels)
+        XCTAssertEqual(
+            try aug.sample(0).labels,
+            try VOCDataset(root: Self.shapesRoot, split: "val", classNames: DatasetClasses.shapes).sample(1).labels)
     }
 
     func testADEAndCityscapesLayoutsLoad() throws {
@@ -50,14 +55,16 @@ final class DataTests: XCTestCase {
         let ade = temporaryDirectory()
         for (split, folder) in [("train", "training"), ("val", "validation")] {
             for d in ["images/\(folder)", "annotations/\(folder)"] {
-                try FileManager.default.createDirectory(at: ade.appendingPathComponent(d), withIntermediateDirectories: true)
+                try FileManager.default.createDirectory(
+                    at: ade.appendingPathComponent(d), withIntermediateDirectories: true)
             }
             for i in 0..<2 {
                 let (image, mask) = g.sample(split: split, index: i)
                 try ImageIO.writePNG(image, to: ade.appendingPathComponent("images/\(folder)/ADE_\(i).png"))
                 // ADE stores class ids as grey values 0-150.
-                try ImageIO.writeGreyPNG(IndexMask(width: 24, height: 24, values: mask.values.map { $0 * 7 }),
-                                         to: ade.appendingPathComponent("annotations/\(folder)/ADE_\(i).png"))
+                try ImageIO.writeGreyPNG(
+                    IndexMask(width: 24, height: 24, values: mask.values.map { $0 * 7 }),
+                    to: ade.appendingPathComponent("annotations/\(folder)/ADE_\(i).png"))
             }
         }
         let adeSet = try openDataset("ade", root: ade, split: "val")
@@ -66,13 +73,16 @@ final class DataTests: XCTestCase {
         XCTAssertEqual(try adeSet.sample(1).labels.values, g.sample(split: "val", index: 1).mask.values.map { $0 * 7 })
 
         let cs = temporaryDirectory()
-        let imgDir = cs.appendingPathComponent("leftImg8bit/val/aachen"), gtDir = cs.appendingPathComponent("gtFine/val/aachen")
+        let imgDir = cs.appendingPathComponent("leftImg8bit/val/aachen"),
+            gtDir = cs.appendingPathComponent("gtFine/val/aachen")
         for d in [imgDir, gtDir] { try FileManager.default.createDirectory(at: d, withIntermediateDirectories: true) }
         let (image, _) = g.sample(split: "val", index: 0)
         try ImageIO.writePNG(image, to: imgDir.appendingPathComponent("aachen_000000_000019_leftImg8bit.png"))
         // Label ids 7 (road), 26 (car), 0 (unlabeled), 33 (bicycle).
         let ids: [UInt16] = (0..<(24 * 24)).map { [7, 26, 0, 33][$0 % 4] }
-        try ImageIO.writeGreyPNG(IndexMask(width: 24, height: 24, values: ids), to: gtDir.appendingPathComponent("aachen_000000_000019_gtFine_labelIds.png"))
+        try ImageIO.writeGreyPNG(
+            IndexMask(width: 24, height: 24, values: ids),
+            to: gtDir.appendingPathComponent("aachen_000000_000019_gtFine_labelIds.png"))
         let csSet = try openDataset("cityscapes", root: cs, split: "val")
         XCTAssertEqual(csSet.count, 1)
         XCTAssertEqual(Array(try csSet.sample(0).labels.values.prefix(4)), [0, 13, 255, 18], "mapped to train ids")
@@ -135,8 +145,12 @@ final class DataTests: XCTestCase {
         try "shapes_val_000000\n../../x/pwn\n".write(to: list, atomically: true, encoding: .utf8)
         let (model, _, _) = try SynthesisTests.tinyTeacher()
         let out = root.appendingPathComponent("deep/predictions")
-        let r = try runTool("hrhf-eval", ["--model", model.path, "--data", root.path, "--task", "3-2",
-                                          "--save-predictions", out.path, "--threads", "1"])
+        let r = try runTool(
+            "hrhf-eval",
+            [
+                "--model", model.path, "--data", root.path, "--task", "3-2",
+                "--save-predictions", out.path, "--threads", "1",
+            ])
         XCTAssertEqual(r.status, 1, r.stderr)
         XCTAssertTrue(r.stderr.contains("\(list.path): line 2: name \"../../x/pwn\" holds a /"), r.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: out.path))
@@ -152,10 +166,13 @@ final class DataTests: XCTestCase {
         XCTAssertEqual(try IncrementalTask.named("10-5-5", foreground: 20).steps.map(\.count), [11, 5, 5])
         XCTAssertEqual(try IncrementalTask.named("19-1", foreground: 20).steps.map(\.count), [20, 1])
         XCTAssertEqual(try IncrementalTask.named("10-1", foreground: 20).steps.count, 11)
-        XCTAssertEqual(try IncrementalTask.named("100-10", foreground: 150).steps.map(\.count), [101, 10, 10, 10, 10, 10])
+        XCTAssertEqual(
+            try IncrementalTask.named("100-10", foreground: 150).steps.map(\.count), [101, 10, 10, 10, 10, 10])
         XCTAssertEqual(try IncrementalTask.named("100-5", foreground: 150).steps.count, 11)
         XCTAssertEqual(try IncrementalTask.named("50-50", foreground: 150).steps.map(\.count), [51, 50, 50])
-        XCTAssertEqual(try IncrementalTask.named("1-15,16-20", foreground: 20), IncrementalTask(name: "1-15,16-20", steps: t155.steps))
+        XCTAssertEqual(
+            try IncrementalTask.named("1-15,16-20", foreground: 20),
+            IncrementalTask(name: "1-15,16-20", steps: t155.steps))
         XCTAssertEqual(try IncrementalTask.named("1-15", foreground: 20).steps, [Array(0...15)])
         XCTAssertThrowsError(try IncrementalTask.named("1-15,10-20", foreground: 20))
         XCTAssertThrowsError(try IncrementalTask.named("100-50", foreground: 20))
@@ -184,7 +201,9 @@ final class DataTests: XCTestCase {
         let proto = StepProtocol(task: task, step: 1, setting: .overlap)
         let cache = temporaryDirectory()
         let first = try proto.trainingIndices(ds, cacheDirectory: cache)
-        let expected = try (0..<ds.count).filter { proto.usesForTraining(Set(try ds.readLabels($0).values.map(Int.init))) }
+        let expected = try (0..<ds.count).filter {
+            proto.usesForTraining(Set(try ds.readLabels($0).values.map(Int.init)))
+        }
         XCTAssertEqual(first, expected)
         let file = cache.appendingPathComponent("15-5-overlap-step1-train.txt")
         XCTAssertEqual(try String(contentsOf: file, encoding: .utf8).split(separator: "\n").count, first.count)
@@ -208,20 +227,26 @@ final class DataTests: XCTestCase {
         for seed in 0..<8 {
             var r = SeededGenerator(seed: UInt64(seed))
             let (i2, m2) = aug.apply(image, mask, rng: &r)
-            if m2 == mask { XCTAssertEqual(i2, image) } else {
+            if m2 == mask {
+                XCTAssertEqual(i2, image)
+            } else {
                 mirrored += 1
-                for y in 0..<40 { for x in 0..<40 { XCTAssertEqual(m2.values[y * 40 + x], mask.values[y * 40 + 39 - x]) } }
+                for y in 0..<40 {
+                    for x in 0..<40 { XCTAssertEqual(m2.values[y * 40 + x], mask.values[y * 40 + 39 - x]) }
+                }
             }
         }
         XCTAssertGreaterThan(mirrored, 0)
-        XCTAssertEqual(resizeMask(IndexMask(width: 2, height: 1, values: [3, 9]), width: 4, height: 1).values, [3, 3, 9, 9])
+        XCTAssertEqual(
+            resizeMask(IndexMask(width: 2, height: 1, values: [3, 9]), width: 4, height: 1).values, [3, 3, 9, 9])
     }
 
     func testBatchesAreDeterministicAndPrefetchingChangesNothing() throws {
         let ds = try VOCDataset(root: Self.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         func loader() -> BatchLoader {
-            BatchLoader(dataset: ds, indices: Array(0..<ds.count), batchSize: 4, augmentation: Augmentation(cropSize: 24),
-                        normalization: .imagenet, seed: 7, labelTransform: { $0 })
+            BatchLoader(
+                dataset: ds, indices: Array(0..<ds.count), batchSize: 4, augmentation: Augmentation(cropSize: 24),
+                normalization: .imagenet, seed: 7, labelTransform: { $0 })
         }
         let a = loader(), b = loader()
         for it in [0, 1, 2, 7, 8] {
@@ -235,8 +260,9 @@ final class DataTests: XCTestCase {
 
     func testConfusionMatrixAndReport() throws {
         var m = ConfusionMatrix(classes: 3)
-        m.add(prediction: IndexMask(width: 6, height: 1, values: [0, 0, 1, 1, 2, 1]),
-              label: IndexMask(width: 6, height: 1, values: [0, 1, 1, 1, 2, 255]))
+        m.add(
+            prediction: IndexMask(width: 6, height: 1, values: [0, 0, 1, 1, 2, 1]),
+            label: IndexMask(width: 6, height: 1, values: [0, 1, 1, 1, 2, 255]))
         // class 0: TP 1, FN 0, FP 1 -> 1/2; class 1: TP 2, FN 1, FP 0 -> 2/3; class 2: 1.
         XCTAssertEqual(m.iou(0)!, 0.5, accuracy: 1e-12)
         XCTAssertEqual(m.iou(1)!, 2.0 / 3, accuracy: 1e-12)
@@ -254,11 +280,13 @@ final class DataTests: XCTestCase {
     }
 
     func testInterruptedTrainingResumesToTheSameWeights() throws {
-        let arch = ArchitectureDescription(name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1], baseWidth: 4,
-                                           outputStride: 8, headChannels: 8, classesPerStep: [16])
+        let arch = ArchitectureDescription(
+            name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1], baseWidth: 4,
+            outputStride: 8, headChannels: 8, classesPerStep: [16])
         let train = try VOCDataset(root: Self.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         let task = try IncrementalTask.named("15-5", foreground: 20)
-        let config = TrainingConfig(iterations: 6, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 3, checkpointEvery: 3)
+        let config = TrainingConfig(
+            iterations: 6, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 3, checkpointEvery: 3)
         let job = StepZeroJob(architecture: arch, train: train, val: nil, task: task, setting: .overlap, config: config)
         func run(interrupt: Bool) throws -> [Float] {
             let ckpt = temporaryDirectory().appendingPathComponent("run.ckpt")

@@ -1,10 +1,15 @@
 import XCTest
+
 @testable import HRHF
 
 final class DistillationTests: XCTestCase {
     func labelsWithIgnore(_ shape: [Int], classes: Int, seed: UInt64) -> Labels {
         var rng = SeededGenerator(seed: seed)
-        return Labels(shape: shape, values: (0..<shape.reduce(1, *)).map { _ in rng.nextUnitFloat() < 0.15 ? 255 : Int32(rng.next() % UInt64(classes)) })
+        return Labels(
+            shape: shape,
+            values: (0..<shape.reduce(1, *)).map { _ in
+                rng.nextUnitFloat() < 0.15 ? 255 : Int32(rng.next() % UInt64(classes))
+            })
     }
 
     func testLossesHaveFiniteDifferenceGradients() {
@@ -12,9 +17,12 @@ final class DistillationTests: XCTestCase {
         var rng = SeededGenerator(seed: 3)
         let realLabels = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 4, 5, 255][Int(rng.next() % 4)] })
         let weights = Tensor.uniform([2, 3, 4], low: 0.5, high: 2, rng: &rng)
-        checkGradients([new]) { nllLoss(logSoftmax($0[0]), self.labelsWithIgnore([2, 3, 4], classes: 6, seed: 4), pixelWeights: weights) }
+        checkGradients([new]) {
+            nllLoss(logSoftmax($0[0]), self.labelsWithIgnore([2, 3, 4], classes: 6, seed: 4), pixelWeights: weights)
+        }
         checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4) }
-        let relabelled = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 2, 4, 5, 255][Int(rng.next() % 5)] })
+        let relabelled = Labels(
+            shape: [2, 3, 4], values: (0..<24).map { _ in [0, 2, 4, 5, 255][Int(rng.next() % 5)] })
         checkGradients([new]) { unbiasedCrossEntropy($0[0], relabelled, oldClasses: 4) }
         checkGradients([new]) { unbiasedCrossEntropy($0[0], realLabels, oldClasses: 4, pixelWeights: weights) }
         let fakeLabels = Labels(shape: [2, 3, 4], values: (0..<24).map { _ in [0, 1, 3, 255][Int(rng.next() % 4)] })
@@ -32,19 +40,23 @@ final class DistillationTests: XCTestCase {
         let logits = Tensor(shape: [1, 5, 1, 1], values: [0.5, 1.0, -0.3, 2.0, 0.1])
         let p = softmax(logits).array
         let bgLabel = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [0]), oldClasses: 3).item
-        XCTAssertEqual(bgLabel, -Foundation.log(p[0] + p[1] + p[2]), accuracy: 1e-5, "background absorbs the old classes")
+        XCTAssertEqual(
+            bgLabel, -Foundation.log(p[0] + p[1] + p[2]), accuracy: 1e-5, "background absorbs the old classes")
         let newLabel = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [3]), oldClasses: 3).item
         XCTAssertEqual(newLabel, -Foundation.log(p[3]), accuracy: 1e-5)
         let relabelled = unbiasedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [2]), oldClasses: 3).item
-        XCTAssertEqual(relabelled, -Foundation.log(p[2]), accuracy: 1e-5, "a re-labelled old pixel is scored on its class")
+        XCTAssertEqual(
+            relabelled, -Foundation.log(p[2]), accuracy: 1e-5, "a re-labelled old pixel is scored on its class")
         let folded = foldedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [0]), oldClasses: 3).item
-        XCTAssertEqual(folded, -Foundation.log(p[0] + p[3] + p[4]), accuracy: 1e-5, "fake background absorbs the new classes")
+        XCTAssertEqual(
+            folded, -Foundation.log(p[0] + p[3] + p[4]), accuracy: 1e-5, "fake background absorbs the new classes")
         let foldedOld = foldedCrossEntropy(logits, Labels(shape: [1, 1, 1], values: [2]), oldClasses: 3).item
         XCTAssertEqual(foldedOld, -Foundation.log(p[2]), accuracy: 1e-5)
         let oldLogits = Tensor(shape: [1, 3, 1, 1], values: [0.2, -1, 0.7])
         let q = softmax(oldLogits).array
         let kd = unbiasedDistillation(logits, oldLogits).item
-        let expected = -(q[0] * Foundation.log(p[0] + p[3] + p[4]) + q[1] * Foundation.log(p[1]) + q[2] * Foundation.log(p[2])) / 3
+        let expected =
+            -(q[0] * Foundation.log(p[0] + p[3] + p[4]) + q[1] * Foundation.log(p[1]) + q[2] * Foundation.log(p[2])) / 3
         XCTAssertEqual(kd, expected, accuracy: 1e-5, "new classes fold into background")
         // Soft: KL over the old classes is zero when the new model agrees with the old one.
         let same = concatChannels([oldLogits, Tensor(shape: [1, 2, 1, 1], values: [3, -2])])
@@ -54,13 +66,16 @@ final class DistillationTests: XCTestCase {
 
     func testGradientCompensationWeights() {
         // Two old-class pixels of step 0 with p(y) 0.9 and 0.5, one new-class pixel, one ignored.
-        let logits = Tensor(shape: [1, 3, 1, 4], values: [
-            Foundation.log(0.9), Foundation.log(0.5), 0, 0,
-            Foundation.log(0.1), Foundation.log(0.5), 0, 0,
-            -30, -30, 0, 0,
-        ])
+        let logits = Tensor(
+            shape: [1, 3, 1, 4],
+            values: [
+                Foundation.log(0.9), Foundation.log(0.5), 0, 0,
+                Foundation.log(0.1), Foundation.log(0.5), 0, 0,
+                -30, -30, 0, 0,
+            ])
         let labels = Labels(shape: [1, 1, 4], values: [0, 0, 2, 255])
-        let w = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2)
+        let w = gradientCompensationWeights(
+            logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2)
         // g^z = 0.01 and 0.25, mean 0.13: 0.0769 -> clamped to 0.5; 1.923.
         XCTAssertEqual(w.pointer[0], 0.5, accuracy: 1e-5)
         XCTAssertEqual(w.pointer[1], 0.25 / 0.13, accuracy: 1e-4)
@@ -68,14 +83,20 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(w.pointer[3], 0)
         // Under the unbiased CE, background's p is p(0) + p(1): 1.0 and 1.0 here, so g = 0 for both
         // (mean 0: weight 1), the new-class pixel still 1.
-        let wu = gradientCompensationWeights(logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2,
-                                             backgroundIncludes: 1..<2)
+        let wu = gradientCompensationWeights(
+            logits, labels, stepOfClass: [0, 0, 1], currentStep: 1, z: 2, wMin: 0.5, wMax: 2,
+            backgroundIncludes: 1..<2)
         XCTAssertEqual(Array(wu.array.prefix(3)), [1, 1, 1])
         // Three old classes, labels 0 and 1 (a re-labelled pixel).
-        let l3 = Tensor(shape: [1, 4, 1, 2], values: [Foundation.log(0.6), Foundation.log(0.6), Foundation.log(0.1), Foundation.log(0.2),
-                                                       Foundation.log(0.1), Foundation.log(0.1), Foundation.log(0.2), Foundation.log(0.1)])
-        let w3 = gradientCompensationWeights(l3, Labels(shape: [1, 1, 2], values: [0, 1]), stepOfClass: [0, 0, 0, 1], currentStep: 1,
-                                             z: 1, wMin: 0.1, wMax: 10, backgroundIncludes: 1..<3)
+        let l3 = Tensor(
+            shape: [1, 4, 1, 2],
+            values: [
+                Foundation.log(0.6), Foundation.log(0.6), Foundation.log(0.1), Foundation.log(0.2),
+                Foundation.log(0.1), Foundation.log(0.1), Foundation.log(0.2), Foundation.log(0.1),
+            ])
+        let w3 = gradientCompensationWeights(
+            l3, Labels(shape: [1, 1, 2], values: [0, 1]), stepOfClass: [0, 0, 0, 1], currentStep: 1,
+            z: 1, wMin: 0.1, wMax: 10, backgroundIncludes: 1..<3)
         // Pixel 0 (p = 0.6, 0.1, 0.1, 0.2; label 0): g = 1 - (0.6 + 0.1 + 0.1) = 0.2. Pixel 1
         // (p = 0.6, 0.2, 0.1, 0.1; label 1): g = 1 - 0.2 = 0.8. Mean 0.5.
         XCTAssertEqual(w3.pointer[0], 0.2 / 0.5, accuracy: 1e-4)
@@ -89,7 +110,8 @@ final class DistillationTests: XCTestCase {
             try old.loadStateDict(Dictionary(uniqueKeysWithValues: weights.tensors.map { ($0.name, $0.tensor) }))
             old.eval()
             let card = ModelCard(architecture: arch, classNames: Array(DatasetClasses.voc.prefix(arch.numClasses)))
-            let (new, newCard) = try extendModel(old, card: card, newClassNames: ["a", "b", "c"], step: arch.classesPerStep.count)
+            let (new, newCard) = try extendModel(
+                old, card: card, newClassNames: ["a", "b", "c"], step: arch.classesPerStep.count)
             new.eval()
             XCTAssertEqual(new.numClasses, old.numClasses + 3)
             XCTAssertEqual(newCard.history.last?.classes, Array(old.numClasses..<(old.numClasses + 3)))
@@ -104,7 +126,11 @@ final class DistillationTests: XCTestCase {
                     var folded: Float = 0
                     for k in [0] + Array(c..<cNew) { folded += pNew.pointer[(b * cNew + k) * h * w + i] }
                     worst = max(worst, Swift.abs(folded - pOld.pointer[(b * c) * h * w + i]))
-                    for k in 1..<c { worst = max(worst, Swift.abs(pNew.pointer[(b * cNew + k) * h * w + i] - pOld.pointer[(b * c + k) * h * w + i])) }
+                    for k in 1..<c {
+                        worst = max(
+                            worst,
+                            Swift.abs(pNew.pointer[(b * cNew + k) * h * w + i] - pOld.pointer[(b * c + k) * h * w + i]))
+                    }
                 }
             }
             XCTAssertLessThan(worst, 1e-5, "\(file): background + new = old background, old classes unchanged")
@@ -119,8 +145,12 @@ final class DistillationTests: XCTestCase {
         // background elsewhere: pixel 0 is relabelled cat, pixel 1 (background per pixel, though
         // its cell is cat-like) stays background, pixels 2 and 3 disagree with their cell's
         // prototype (255), pixels 4 and 5 stay background.
-        let logits = Tensor(shape: [1, 2, 1, 6], values: [0, 5, 0, 0, 5, 5,
-                                                          5, 0, 5, 5, 0, 0])
+        let logits = Tensor(
+            shape: [1, 2, 1, 6],
+            values: [
+                0, 5, 0, 0, 5, 5,
+                5, 0, 5, 5, 0, 0,
+            ])
         let features = Tensor(shape: [1, 2, 1, 3], values: [1, 0, 0, 1, 0, 0])
         let labels = Labels(shape: [1, 1, 6], values: [0, 0, 0, 0, 0, 0])
         var o = DistillationOptions(method: Method.table[0])
@@ -130,31 +160,40 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(out.values, [1, 0, 255, 255, 0, 0])
         // Below the old model's confidence threshold: left as background.
         o.prototypeOldConfidence = 0.999
-        XCTAssertEqual(protos.relabel(labels, oldLogits: logits, oldFeatures: features, options: o).values, [0, 0, 255, 255, 0, 0])
+        XCTAssertEqual(
+            protos.relabel(labels, oldLogits: logits, oldFeatures: features, options: o).values, [0, 0, 255, 255, 0, 0])
         o.prototypeOldConfidence = 0.9
         // Pixels labelled with a new class are never touched.
-        let kept = protos.relabel(Labels(shape: [1, 1, 6], values: [7, 0, 0, 0, 0, 0]), oldLogits: logits, oldFeatures: features, options: o)
+        let kept = protos.relabel(
+            Labels(shape: [1, 1, 6], values: [7, 0, 0, 0, 0, 0]), oldLogits: logits, oldFeatures: features, options: o)
         XCTAssertEqual(kept.values[0], 7)
         // Pseudo-labels: confident old predictions on background pixels only.
-        let pseudo = pseudoLabel(Labels(shape: [1, 1, 3], values: [0, 0, 4]),
-                                 oldLogits: Tensor(shape: [1, 2, 1, 3], values: [0, 9, 0, 9, 0, 9]), threshold: 0.5)
+        let pseudo = pseudoLabel(
+            Labels(shape: [1, 1, 3], values: [0, 0, 4]),
+            oldLogits: Tensor(shape: [1, 2, 1, 3], values: [0, 9, 0, 9, 0, 9]), threshold: 0.5)
         XCTAssertEqual(pseudo.values, [1, 0, 4])
     }
 
-    static func stepFixture(method: String, iterations: Int = 4, options: DistillationOptions? = nil,
-                            auditRelabelling: Bool = false) throws -> (DistillationStep, URL) {
+    static func stepFixture(
+        method: String, iterations: Int = 4, options: DistillationOptions? = nil,
+        auditRelabelling: Bool = false
+    ) throws -> (DistillationStep, URL) {
         let (url, model, card) = try SynthesisTests.tinyTeacher()
         let packURL = temporaryDirectory().appendingPathComponent("p.tar")
         var o = SynthesisTests.smallOptions()
         o.resolution = 24
-        _ = try SynthesisJob(teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 4, options: o, seed: 1,
-                             out: packURL).run(resume: false)
+        _ = try SynthesisJob(
+            teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 4, options: o, seed: 1,
+            out: packURL
+        ).run(resume: false)
         let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         let task = try IncrementalTask.named("1-5,6-8", foreground: 20)
-        let config = TrainingConfig(iterations: iterations, batchSize: 4, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
-        let step = try DistillationStep(old: model, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
-                                        packs: [try SyntheticPack(url: packURL)], options: try options ?? DistillationOptions.preset(method),
-                                        config: config, auditRelabelling: auditRelabelling)
+        let config = TrainingConfig(
+            iterations: iterations, batchSize: 4, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
+        let step = try DistillationStep(
+            old: model, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
+            packs: [try SyntheticPack(url: packURL)], options: try options ?? DistillationOptions.preset(method),
+            config: config, auditRelabelling: auditRelabelling)
         return (step, url)
     }
 
@@ -195,7 +234,8 @@ final class DistillationTests: XCTestCase {
         XCTAssertGreaterThan(oldPixels, 0)
         XCTAssertLessThanOrEqual(counted.right.reduce(0, +) + counted.missed.reduce(0, +), oldPixels)
         XCTAssertGreaterThanOrEqual(counted.relabelled + counted.missed.reduce(0, +), oldPixels)
-        XCTAssertNil(try Self.stepFixture(method: "mib", auditRelabelling: true).0.relabelAudit, "only re-labelling is audited")
+        XCTAssertNil(
+            try Self.stepFixture(method: "mib", auditRelabelling: true).0.relabelAudit, "only re-labelling is audited")
     }
 
     func testBatchNormRecalibrationUsesRealBatchesOnly() throws {
@@ -204,7 +244,8 @@ final class DistillationTests: XCTestCase {
         // batches drawn after the training iterations, none of them fake.
         let (step, _) = try Self.stepFixture(method: "hrhf+gsc")
         let modules = Dictionary(uniqueKeysWithValues: step.model.namedModules().map { ($0.name, $0.module) })
-        let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d), bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
+        let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d),
+            bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
         try step.recalibrateBatchNorm(batches: 2)
         var expected = [Float](repeating: 0, count: bn1.runningMean.count)
         for b in 0..<2 {
@@ -225,18 +266,22 @@ final class DistillationTests: XCTestCase {
         let layers = step.model.namedModules().compactMap { $0.module as? BatchNorm2d }
         XCTAssertFalse(layers.isEmpty)
         XCTAssertTrue(layers.allSatisfy { $0.batchSplit == step.data.realPerBatch })
-        let plain = try Self.stepFixture(method: "hrhf+gsc").0.model.namedModules().compactMap { $0.module as? BatchNorm2d }
+        let plain = try Self.stepFixture(method: "hrhf+gsc").0.model.namedModules().compactMap {
+            $0.module as? BatchNorm2d
+        }
         XCTAssertTrue(plain.allSatisfy { $0.batchSplit == nil }, "off by default")
         // One training forward of 4 real + 4 fake images moves the first layer's running mean
         // by momentum 0.1 towards the real images' channel means alone.
         let modules = Dictionary(uniqueKeysWithValues: step.model.namedModules().map { ($0.name, $0.module) })
-        let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d), bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
+        let conv1 = try XCTUnwrap(modules["backbone.conv1"] as? Conv2d),
+            bn1 = try XCTUnwrap(modules["backbone.bn1"] as? BatchNorm2d)
         let before = bn1.runningMean.array
         let realMeans = withNoGrad { mean(conv1(try! step.data.realLoader.batch(0).images), axes: [0, 2, 3]) }.array
         step.model.train()
         XCTAssertTrue(try step.loss(0).total.item.isFinite)
         let expected = zip(before, realMeans).map { 0.9 * $0 + 0.1 * $1 }
-        assertClose(bn1.runningMean, Tensor(shape: [expected.count], values: expected), "running mean from the real images")
+        assertClose(
+            bn1.runningMean, Tensor(shape: [expected.count], values: expected), "running mean from the real images")
     }
 
     func testHalfRealHalfFakeBatches() throws {
@@ -244,7 +289,8 @@ final class DistillationTests: XCTestCase {
         // Batch 4 real images; fake ratio 0.5 adds as many fake ones.
         XCTAssertEqual(step.data.realPerBatch, 4)
         XCTAssertEqual(try step.data.fakeSampler!.batch(0).shape, [4, 3, 24, 24])
-        XCTAssertEqual(try step.data.fakeSampler!.batch(3).array, try step.data.fakeSampler!.batch(3).array, "deterministic")
+        XCTAssertEqual(
+            try step.data.fakeSampler!.batch(3).array, try step.data.fakeSampler!.batch(3).array, "deterministic")
         XCTAssertEqual(try step.data.realLoader.batch(0).images.shape, [4, 3, 24, 24])
         XCTAssertEqual(step.model.numClasses, 9)
         let (loss, parts) = try step.loss(0)
@@ -305,22 +351,29 @@ final class DistillationTests: XCTestCase {
         var o = SynthesisTests.smallOptions()
         o.resolution = 24
         let firstPack = temporaryDirectory().appendingPathComponent("p0.tar")
-        _ = try SynthesisJob(teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2, options: o, seed: 1,
-                             out: firstPack).run(resume: false)
+        _ = try SynthesisJob(
+            teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2, options: o, seed: 1,
+            out: firstPack
+        ).run(resume: false)
         let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         let task = try IncrementalTask.named("1-5,6,7", foreground: 20)
-        let config = TrainingConfig(iterations: 2, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
+        let config = TrainingConfig(
+            iterations: 2, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 5, checkpointEvery: 2)
         for mode in StepPackClasses.allCases {
             let out = temporaryDirectory().appendingPathComponent("m.safetensors")
-            let run = IncrementalRun(old: url, train: train, val: nil, task: task, firstStep: 1, lastStep: 2, setting: .overlap,
-                                     packs: [firstPack], options: try DistillationOptions.preset("hrhf"), config: config,
-                                     stepPackClasses: mode,
-                                     synthesize: { _ = try SynthesisJob(request: $0, count: 2, options: o).run(resume: true) },
-                                     out: out)
+            let run = IncrementalRun(
+                old: url, train: train, val: nil, task: task, firstStep: 1, lastStep: 2, setting: .overlap,
+                packs: [firstPack], options: try DistillationOptions.preset("hrhf"), config: config,
+                stepPackClasses: mode,
+                synthesize: { _ = try SynthesisJob(request: $0, count: 2, options: o).run(resume: true) },
+                out: out)
             var packsPerStep: [Int: Int] = [:]
-            _ = try run.run { if case let .stepStarted(step, _, packs, _, _, _) = $0 { packsPerStep[step] = packs } }
+            _ = try run.run {
+                if case .stepStarted(let step, _, let packs, _, _, _) = $0 { packsPerStep[step] = packs }
+            }
             if mode == .none {
-                XCTAssertFalse(FileManager.default.fileExists(atPath: run.packURL(afterStep: 1).path), "no pack between steps")
+                XCTAssertFalse(
+                    FileManager.default.fileExists(atPath: run.packURL(afterStep: 1).path), "no pack between steps")
                 XCTAssertEqual(packsPerStep, [1: 1, 2: 1], "the first pack serves both steps")
                 XCTAssertEqual(try ModelFile.load(out).0.numClasses, 8)
                 continue
@@ -342,7 +395,7 @@ final class DistillationTests: XCTestCase {
             var kept: [Int: String] = [:]
             _ = try run.run { event in
                 if case .stepStarted = event { started += 1 }
-                if case let .stepAlreadyDone(step, model) = event { kept[step] = model.path }
+                if case .stepAlreadyDone(let step, let model) = event { kept[step] = model.path }
             }
             XCTAssertEqual(started, 0, "finished steps are skipped")
             XCTAssertEqual(kept, [1: run.modelURL(step: 1).path, 2: out.path], "and named as kept")

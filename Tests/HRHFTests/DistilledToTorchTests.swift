@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+
 @testable import HRHF
 
 /// A model distilled by hrhf-distill (16 classes grown to 21), loaded by PyTorch with

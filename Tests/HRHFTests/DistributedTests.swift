@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// The tools under `mpirun -np 2` against one process: the same losses, weights, evaluation and
@@ -6,8 +7,9 @@ import XCTest
 final class DistributedTests: XCTestCase {
     /// A 16-class version of the tiny test network, and a Shapes set of 16 training and 5
     /// validation images (an odd count, so the ranks' shares differ).
-    static let arch = ArchitectureDescription(name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1],
-                                              baseWidth: 4, outputStride: 8, headChannels: 8, classesPerStep: [16])
+    static let arch = ArchitectureDescription(
+        name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1],
+        baseWidth: 4, outputStride: 8, headChannels: 8, classesPerStep: [16])
     static let root: URL = {
         let dir = temporaryDirectory()
         try! ShapesGenerator(size: 32, seed: 5).write(to: dir, train: 16, val: 5)
@@ -16,19 +18,24 @@ final class DistributedTests: XCTestCase {
     }()
 
     /// Runs `tool` on `ranks` MPI ranks (as root, oversubscribed: CI machines have two cores).
-    func mpirun(_ ranks: Int, _ tool: String,
-                _ arguments: [String]) throws -> (status: Int32, stdout: String, stderr: String) {
+    func mpirun(
+        _ ranks: Int, _ tool: String,
+        _ arguments: [String]
+    ) throws -> (status: Int32, stdout: String, stderr: String) {
         let path = (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin").split(separator: ":")
             .map { URL(fileURLWithPath: String($0)).appendingPathComponent("mpirun") }
         guard let launcher = path.first(where: { FileManager.default.isExecutableFile(atPath: $0.path) }) else {
             print("DistributedTests skipped: mpirun is not installed (Debian: apt-get install openmpi-bin)")
             throw XCTSkip("mpirun is not installed")
         }
-        return try runProcess(launcher, ["-np", "\(ranks)", "--oversubscribe", try toolURL(tool).path] + arguments,
-                              environment: ["OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
-                                            "OMPI_MCA_rmaps_base_oversubscribe": "1",
-                                            // Containers often forbid the cross-memory attach vader uses by default.
-                                            "OMPI_MCA_btl_vader_single_copy_mechanism": "none"])
+        return try runProcess(
+            launcher, ["-np", "\(ranks)", "--oversubscribe", try toolURL(tool).path] + arguments,
+            environment: [
+                "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+                "OMPI_MCA_rmaps_base_oversubscribe": "1",
+                // Containers often forbid the cross-memory attach vader uses by default.
+                "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
+            ])
     }
 
     func value(after label: String, in output: String) -> String? {
@@ -43,10 +50,12 @@ final class DistributedTests: XCTestCase {
     func testTrainingWithSyncBatchNormOnTwoRanksMatchesOneProcess() throws {
         let dir = temporaryDirectory()
         func arguments(_ out: String, batch: Int = 4, syncBN: Bool = true) -> [String] {
-            ["--data", Self.root.path, "--arch", Self.root.appendingPathComponent("tiny.json").path,
-             "--iterations", "3", "--batch", "\(batch)", "--crop", "24", "--seed", "3", "--threads", "1",
-             "--eval-limit", "5",
-             "--out", dir.appendingPathComponent(out).path] + (syncBN ? ["--sync-bn"] : [])
+            [
+                "--data", Self.root.path, "--arch", Self.root.appendingPathComponent("tiny.json").path,
+                "--iterations", "3", "--batch", "\(batch)", "--crop", "24", "--seed", "3", "--threads", "1",
+                "--eval-limit", "5",
+                "--out", dir.appendingPathComponent(out).path,
+            ] + (syncBN ? ["--sync-bn"] : [])
         }
         let one = try runTool("hrhf-train", arguments("one.safetensors"))
         XCTAssertEqual(one.status, 0, one.stderr)
@@ -98,8 +107,10 @@ final class DistributedTests: XCTestCase {
         let card = ModelCard(architecture: Self.arch, classNames: Array(DatasetClasses.shapes.prefix(16)))
         try ModelFile.save(model, card: card, to: modelURL)
         func arguments(_ json: String) -> [String] {
-            ["--model", modelURL.path, "--data", Self.root.path, "--step", "0", "--threads", "1",
-             "--json", dir.appendingPathComponent(json).path]
+            [
+                "--model", modelURL.path, "--data", Self.root.path, "--step", "0", "--threads", "1",
+                "--json", dir.appendingPathComponent(json).path,
+            ]
         }
         let one = try runTool("hrhf-eval", arguments("one.json"))
         XCTAssertEqual(one.status, 0, one.stderr)
@@ -115,9 +126,11 @@ final class DistributedTests: XCTestCase {
         let dir = temporaryDirectory()
         // Three batches of two: rank 0 makes two of them, rank 1 one.
         func arguments(_ out: String) -> [String] {
-            ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--synth-batch", "2",
-             "--synth-iterations", "2", "--resolution", "16", "--seed", "7", "--threads", "1",
-             "--out", dir.appendingPathComponent(out).path]
+            [
+                "--model", teacher.path, "--classes", "1-5", "--count", "6", "--synth-batch", "2",
+                "--synth-iterations", "2", "--resolution", "16", "--seed", "7", "--threads", "1",
+                "--out", dir.appendingPathComponent(out).path,
+            ]
         }
         let one = try runTool("hrhf-synth", arguments("one.tar"))
         XCTAssertEqual(one.status, 0, one.stderr)
@@ -138,23 +151,31 @@ final class DistributedTests: XCTestCase {
             .deletingLastPathComponent().appendingPathComponent("tools/cluster")
         let tools = try toolURL("hrhf-synth").deletingLastPathComponent().path
         let bash = URL(fileURLWithPath: "/bin/bash"), pack = dir.appendingPathComponent("packs/p.tar")
-        let common = ["PATH": tools + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"),
-                      "TEACHER": teacher.path, "CLASSES": "1-5", "COUNT": "6", "SEED": "7", "RESOLUTION": "16",
-                      "PACK": pack.path, "EXTRA_ARGS": "--synth-iterations 2 --synth-batch 2 --threads 1"]
+        let common = [
+            "PATH": tools + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "/usr/bin:/bin"),
+            "TEACHER": teacher.path, "CLASSES": "1-5", "COUNT": "6", "SEED": "7", "RESOLUTION": "16",
+            "PACK": pack.path, "EXTRA_ARGS": "--synth-iterations 2 --synth-batch 2 --threads 1",
+        ]
         for task in 3...5 {
             let slurm = ["SLURM_ARRAY_TASK_ID": "\(task)", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "3"]
-            let r = try runProcess(bash, [scripts.appendingPathComponent("synth-array.sbatch").path],
-                                   environment: common.merging(slurm) { $1 })
+            let r = try runProcess(
+                bash, [scripts.appendingPathComponent("synth-array.sbatch").path],
+                environment: common.merging(slurm) { $1 })
             XCTAssertEqual(r.status, 0, r.stderr)
         }
-        let merge = try runProcess(bash, [scripts.appendingPathComponent("synth-merge.sbatch").path],
-                                   environment: common.merging(["PARTS": "3"]) { $1 })
+        let merge = try runProcess(
+            bash, [scripts.appendingPathComponent("synth-merge.sbatch").path],
+            environment: common.merging(["PARTS": "3"]) { $1 })
         XCTAssertEqual(merge.status, 0, merge.stderr)
         XCTAssertTrue(merge.stdout.contains("merged 3 parts"), merge.stdout)
         let single = dir.appendingPathComponent("single.tar")
-        let one = try runTool("hrhf-synth", ["--model", teacher.path, "--classes", "1-5", "--count", "6", "--seed", "7",
-                                             "--resolution", "16", "--synth-iterations", "2", "--synth-batch", "2",
-                                             "--threads", "1", "--out", single.path])
+        let one = try runTool(
+            "hrhf-synth",
+            [
+                "--model", teacher.path, "--classes", "1-5", "--count", "6", "--seed", "7",
+                "--resolution", "16", "--synth-iterations", "2", "--synth-batch", "2",
+                "--threads", "1", "--out", single.path,
+            ])
         XCTAssertEqual(one.status, 0, one.stderr)
         XCTAssertEqual(try Data(contentsOf: pack), try Data(contentsOf: single))
         let left = try FileManager.default.contentsOfDirectory(atPath: pack.deletingLastPathComponent().path)
@@ -163,8 +184,12 @@ final class DistributedTests: XCTestCase {
 
     func testAFailingRankEndsTheJobWithItsRankAndError() throws {
         let out = temporaryDirectory().appendingPathComponent("m.safetensors")
-        let r = try mpirun(2, "hrhf-train", ["--data", Self.root.path, "--arch", "deeplabv3-small", "--iterations", "1",
-                                             "--batch", "1", "--threads", "1", "--out", out.path])
+        let r = try mpirun(
+            2, "hrhf-train",
+            [
+                "--data", Self.root.path, "--arch", "deeplabv3-small", "--iterations", "1",
+                "--batch", "1", "--threads", "1", "--out", out.path,
+            ])
         XCTAssertNotEqual(r.status, 0)
         XCTAssertTrue(r.stderr.contains("error: rank 0 of 2: ") || r.stderr.contains("error: rank 1 of 2: "), r.stderr)
         XCTAssertTrue(r.stderr.contains("a batch of 1 cannot be shared by 2 ranks"), r.stderr)
@@ -199,12 +224,16 @@ final class DistributedTests: XCTestCase {
         XCTAssertEqual(try shard(["JOB_COMPLETION_INDEX": "2"], count: 3), [3, 3])
         XCTAssertEqual(try shard(["JOB_COMPLETION_INDEX": "0", "HRHF_SHARD_COUNT": "2"]), [1, 2])
         func refusal(_ env: [String: String], count: Int? = nil) -> String {
-            do { _ = try shardFromEnvironment(env, count: count); return "accepted" } catch { return "\(error)" }
+            do {
+                _ = try shardFromEnvironment(env, count: count)
+                return "accepted"
+            } catch { return "\(error)" }
         }
         XCTAssertTrue(refusal(["JOB_COMPLETION_INDEX": "3"], count: 3).contains("shard 4 of 3 is outside 1...3"))
         XCTAssertTrue(refusal(["JOB_COMPLETION_INDEX": "1"]).contains("give --shard-count or HRHF_SHARD_COUNT"))
-        XCTAssertTrue(refusal(["SLURM_ARRAY_TASK_ID": "x1", "SLURM_ARRAY_TASK_COUNT": "2"])
-            .contains("SLURM_ARRAY_TASK_ID: environment variable is \"x1\", not a whole number"))
+        XCTAssertTrue(
+            refusal(["SLURM_ARRAY_TASK_ID": "x1", "SLURM_ARRAY_TASK_COUNT": "2"])
+                .contains("SLURM_ARRAY_TASK_ID: environment variable is \"x1\", not a whole number"))
         XCTAssertTrue(refusal([:]).contains("--shard auto needs SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX"))
     }
 }

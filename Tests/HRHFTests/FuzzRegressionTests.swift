@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+
 @testable import HRHF
 
 /// Replays the committed fuzz inputs through the very harnesses libFuzzer drives (`FuzzTarget`),
@@ -43,8 +44,9 @@ final class FuzzRegressionTests: XCTestCase {
             let accepted = files.filter { !$0.lastPathComponent.hasPrefix("refused-") }
             XCTAssertFalse(accepted.isEmpty, "\(target) has no seed it accepts")
             for file in accepted {
-                XCTAssertEqual(target.run(try Data(contentsOf: file), name: file.lastPathComponent), .accepted,
-                               "\(target) \(file.lastPathComponent)")
+                XCTAssertEqual(
+                    target.run(try Data(contentsOf: file), name: file.lastPathComponent), .accepted,
+                    "\(target) \(file.lastPathComponent)")
             }
             for file in files where file.lastPathComponent.hasPrefix("refused-") {
                 try assertRefused(target, file)

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// Finite-difference checks of every differentiable op (tolerances in `checkGradients`).
@@ -20,8 +21,10 @@ final class GradientCheckTests: XCTestCase {
     }
 
     func testBroadcastArithmetic() {
-        let shapes: [([Int], [Int])] = [([2, 3, 4, 5], [2, 3, 4, 5]), ([2, 3, 4, 5], [1, 3, 1, 1]),
-                                        ([2, 1, 4, 5], [2, 3, 1, 5]), ([3, 4], [1]), ([2, 3, 2, 2], [3, 1, 1])]
+        let shapes: [([Int], [Int])] = [
+            ([2, 3, 4, 5], [2, 3, 4, 5]), ([2, 3, 4, 5], [1, 3, 1, 1]),
+            ([2, 1, 4, 5], [2, 3, 1, 5]), ([3, 4], [1]), ([2, 3, 2, 2], [3, 1, 1]),
+        ]
         for (i, (sa, sb)) in shapes.enumerated() {
             let a = randn(sa, seed: UInt64(10 + i)), b = randn(sb, seed: UInt64(20 + i))
             checkGradients([a, b]) { $0[0] + $0[1] }
@@ -79,8 +82,9 @@ final class GradientCheckTests: XCTestCase {
             var inputs = [x, w]
             if c.7 { inputs.append(randn([c.1], seed: UInt64(50 + i))) }
             checkGradients(inputs, samples: 8) { t in
-                conv2d(t[0], weight: t[1], bias: t.count > 2 ? t[2] : nil, stride: (c.3, c.3),
-                       padding: (c.4, c.4), dilation: (c.5, c.5), groups: c.6)
+                conv2d(
+                    t[0], weight: t[1], bias: t.count > 2 ? t[2] : nil, stride: (c.3, c.3),
+                    padding: (c.4, c.4), dilation: (c.5, c.5), groups: c.6)
             }
         }
     }
@@ -99,24 +103,31 @@ final class GradientCheckTests: XCTestCase {
             let w = randn([c.1, c.0 / c.6, c.2, c.2], seed: UInt64(140 + i), std: 0.3)
             let convBias = c.7 ? randn([c.1], seed: UInt64(150 + i)) : nil
             let gamma = randn([c.1], seed: UInt64(160 + i)), beta = randn([c.1], seed: UInt64(170 + i))
-            let rm = randn([c.1], seed: UInt64(180 + i), std: 0.2), rv = mapValues(randn([c.1], seed: UInt64(190 + i))) { 0.5 + Swift.abs($0) }
+            let rm = randn([c.1], seed: UInt64(180 + i), std: 0.2),
+                rv = mapValues(randn([c.1], seed: UInt64(190 + i))) { 0.5 + Swift.abs($0) }
             func layers(_ t: Tensor) -> Tensor {
-                let y = batchNorm2d(conv2d(t, weight: w, bias: convBias, stride: (c.3, c.3), padding: (c.4, c.4),
-                                           dilation: (c.5, c.5), groups: c.6),
-                                    weight: gamma, bias: beta, runningMean: rm, runningVar: rv, training: false)
+                let y = batchNorm2d(
+                    conv2d(
+                        t, weight: w, bias: convBias, stride: (c.3, c.3), padding: (c.4, c.4),
+                        dilation: (c.5, c.5), groups: c.6),
+                    weight: gamma, bias: beta, runningMean: rm, runningVar: rv, training: false)
                 return c.8.map { leakyRelu(y, slope: $0) } ?? y
             }
             let scale = Tensor(zeros: [c.1]), shift = Tensor(zeros: [c.1])
             for ch in 0..<c.1 {
                 scale.pointer[ch] = gamma.pointer[ch] / (rv.pointer[ch] + 1e-5).squareRoot()
-                shift.pointer[ch] = beta.pointer[ch] - rm.pointer[ch] * scale.pointer[ch] + (convBias?.pointer[ch] ?? 0) * scale.pointer[ch]
+                shift.pointer[ch] =
+                    beta.pointer[ch] - rm.pointer[ch] * scale.pointer[ch] + (convBias?.pointer[ch] ?? 0)
+                    * scale.pointer[ch]
             }
             func fused(_ t: Tensor) -> Tensor {
-                conv2dAffine(t, weight: w, scale: scale, shift: shift, negativeSlope: c.8, stride: (c.3, c.3),
-                             padding: (c.4, c.4), dilation: (c.5, c.5), groups: c.6)
+                conv2dAffine(
+                    t, weight: w, scale: scale, shift: shift, negativeSlope: c.8, stride: (c.3, c.3),
+                    padding: (c.4, c.4), dilation: (c.5, c.5), groups: c.6)
             }
-            let r = randn([2, c.1, (7 + 2 * c.4 - c.5 * (c.2 - 1) - 1) / c.3 + 1, (6 + 2 * c.4 - c.5 * (c.2 - 1) - 1) / c.3 + 1],
-                          seed: UInt64(200 + i))
+            let r = randn(
+                [2, c.1, (7 + 2 * c.4 - c.5 * (c.2 - 1) - 1) / c.3 + 1, (6 + 2 * c.4 - c.5 * (c.2 - 1) - 1) / c.3 + 1],
+                seed: UInt64(200 + i))
             var grads: [Tensor] = []
             var values: [Tensor] = []
             for f in [layers, fused] {
@@ -159,14 +170,21 @@ final class GradientCheckTests: XCTestCase {
             for slope: Float in [0, 0.01, 0.2] {
                 var values: [[Float]] = [], grads: [[[Float]]] = []
                 for fused in [false, true] {
-                    let t = [x, w, b].map { v -> Tensor in let c = v.detached(); c.requiresGrad = true; return c }
+                    let t = [x, w, b].map { v -> Tensor in
+                        let c = v.detached()
+                        c.requiresGrad = true
+                        return c
+                    }
                     let stats = training ? (nil, nil) : (rm, rv)
                     let y: Tensor
                     if fused {
-                        y = batchNorm2d(t[0], weight: t[1], bias: t[2], runningMean: stats.0, runningVar: stats.1,
-                                        training: training, negativeSlope: slope)
+                        y = batchNorm2d(
+                            t[0], weight: t[1], bias: t[2], runningMean: stats.0, runningVar: stats.1,
+                            training: training, negativeSlope: slope)
                     } else {
-                        let z = batchNorm2d(t[0], weight: t[1], bias: t[2], runningMean: stats.0, runningVar: stats.1, training: training)
+                        let z = batchNorm2d(
+                            t[0], weight: t[1], bias: t[2], runningMean: stats.0, runningVar: stats.1,
+                            training: training)
                         y = slope == 0 ? relu(z) : leakyRelu(z, slope: slope)
                     }
                     sum(y * r).backward()
@@ -175,22 +193,28 @@ final class GradientCheckTests: XCTestCase {
                 }
                 XCTAssertEqual(values[1], values[0], "training \(training) slope \(slope): values")
                 XCTAssertEqual(grads[1], grads[0], "training \(training) slope \(slope): gradients of x, weight, bias")
-                XCTAssertTrue(values[0].contains { $0 < 0 } == (slope > 0) && values[0].contains { $0 == 0 } == (slope == 0),
-                              "the activation did cut (slope \(slope))")
+                XCTAssertTrue(
+                    values[0].contains { $0 < 0 } == (slope > 0) && values[0].contains { $0 == 0 } == (slope == 0),
+                    "the activation did cut (slope \(slope))")
             }
         }
         let identityMean = Tensor(zeros: [4]), identityVar = Tensor(shape: [4], repeating: 1 - 1e-5)
         let a = awayFromZero([2, 4, 3, 3], seed: 75)
         checkGradients([a]) { t in
-            batchNorm2d(t[0], weight: nil, bias: nil, runningMean: identityMean, runningVar: identityVar, training: false,
-                        negativeSlope: 0.2)
+            batchNorm2d(
+                t[0], weight: nil, bias: nil, runningMean: identityMean, runningVar: identityVar, training: false,
+                negativeSlope: 0.2)
         }
 
         // relu(a + b): values and both gradients as the two ops give them, bit for bit.
         let u = randn([2, 3, 4, 5], seed: 76), v = randn([2, 3, 4, 5], seed: 77), ru = randn(u.shape, seed: 78)
         var results: [[[Float]]] = []
         for fused in [false, true] {
-            let t = [u, v].map { s -> Tensor in let c = s.detached(); c.requiresGrad = true; return c }
+            let t = [u, v].map { s -> Tensor in
+                let c = s.detached()
+                c.requiresGrad = true
+                return c
+            }
             let y = fused ? addRelu(t[0], t[1]) : relu(t[0] + t[1])
             sum(y * ru).backward()
             results.append([y.array, t[0].grad!.array, t[1].grad!.array])
@@ -229,9 +253,11 @@ final class GradientCheckTests: XCTestCase {
     func testCrossEntropyWithIgnoreAndWeights() {
         var rng = SeededGenerator(seed: 90)
         let x = randn([2, 4, 3, 5], seed: 91, std: 2)
-        let target = Labels(shape: [2, 3, 5], values: (0..<30).map { _ in
-            rng.nextUnitFloat() < 0.2 ? 255 : Int32(rng.next() % 4)
-        })
+        let target = Labels(
+            shape: [2, 3, 5],
+            values: (0..<30).map { _ in
+                rng.nextUnitFloat() < 0.2 ? 255 : Int32(rng.next() % 4)
+            })
         let weights = Tensor.uniform([2, 3, 5], low: 0.5, high: 2, rng: &rng)
         XCTAssertTrue(target.values.contains(255) && target.values.contains(0))
         checkGradients([x]) { crossEntropy($0[0], target) }
@@ -278,7 +304,9 @@ final class GradientCheckTests: XCTestCase {
             let pixels = (0..<12).filter { assignment[$0] == Int32(k) }
             for ch in 0..<3 {
                 let values = pixels.map { x.pointer[($0 / 6 * 3 + ch) * 6 + $0 % 6] }
-                XCTAssertEqual(means.pointer[k * 3 + ch], values.isEmpty ? 0 : values.reduce(0, +) / Float(values.count), accuracy: 1e-6)
+                XCTAssertEqual(
+                    means.pointer[k * 3 + ch], values.isEmpty ? 0 : values.reduce(0, +) / Float(values.count),
+                    accuracy: 1e-6)
             }
         }
     }
@@ -299,8 +327,10 @@ final class GradientCheckTests: XCTestCase {
 
     func testBatchNormStatisticsHookHasInputGradient() {
         var rng = SeededGenerator(seed: 130)
-        let model = Sequential([Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
-                                Conv2d(4, 2, kernelSize: 1, rng: &rng), BatchNorm2d(2)])
+        let model = Sequential([
+            Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
+            Conv2d(4, 2, kernelSize: 1, rng: &rng), BatchNorm2d(2),
+        ])
         model.eval()
         model.setRequiresGrad(false)
         let recorder = BatchNormStatisticsRecorder(attachingTo: model)

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// PNG and JPEG decoding against Pillow (Fixtures/images, tools/gen_image_fixtures.py), writing,
@@ -41,8 +42,10 @@ final class ImageTests: XCTestCase {
     }
 
     func testDamagedFilesAreRefusedWithTheFileNamed() {
-        for (name, phrase) in [("truncated.png", "corrupt or truncated PNG"), ("truncated.jpg", "JPEG"),
-                               ("not_an_image.png", "neither a PNG nor a JPEG")] {
+        for (name, phrase) in [
+            ("truncated.png", "corrupt or truncated PNG"), ("truncated.jpg", "JPEG"),
+            ("not_an_image.png", "neither a PNG nor a JPEG"),
+        ] {
             let url = dir.appendingPathComponent(name)
             XCTAssertThrowsError(try ImageIO.readRGB(url), name) { e in
                 XCTAssertTrue("\(e)".hasPrefix(url.path) && "\(e)".contains(phrase), "\(e)")
@@ -66,8 +69,10 @@ final class ImageTests: XCTestCase {
         let bomb = HostilePackTests.hugeOneBitPNG()
         let limit = ImageIO.defaultPixelLimit
         XCTAssertEqual(limit, 67_108_864)
-        let decoders = [{ _ = try ImageIO.decodeRGB(bomb, name: "bomb.png") },
-                        { _ = try ImageIO.decodeIndexPNG(bomb, name: "bomb.png") }]
+        let decoders = [
+            { _ = try ImageIO.decodeRGB(bomb, name: "bomb.png") },
+            { _ = try ImageIO.decodeIndexPNG(bomb, name: "bomb.png") },
+        ]
         for decode in decoders {
             XCTAssertThrowsError(try decode()) { e in
                 let expected = "32768x32768 pixels is over the limit of \(limit) pixels per image"
@@ -93,14 +98,21 @@ final class ImageTests: XCTestCase {
         // JPEG: the frame header's 65500 x 65500 is refused before libjpeg allocates for it.
         for (name, marker) in [("baseline", UInt8(0xC0)), ("progressive", UInt8(0xC2))] {
             var bytes = [UInt8](try Data(contentsOf: dir.appendingPathComponent("\(name).jpg")))
-            let sof = try XCTUnwrap((0..<(bytes.count - 1)).first { bytes[$0] == 0xFF && bytes[$0 + 1] == marker },
-                                    name)
-            for at in [sof + 5, sof + 7] { bytes[at] = 0xFF; bytes[at + 1] = 0xDC }
+            let sof = try XCTUnwrap(
+                (0..<(bytes.count - 1)).first { bytes[$0] == 0xFF && bytes[$0 + 1] == marker },
+                name)
+            for at in [sof + 5, sof + 7] {
+                bytes[at] = 0xFF
+                bytes[at + 1] = 0xDC
+            }
             XCTAssertThrowsError(try ImageIO.decodeRGB(Data(bytes), name: name)) { e in
                 XCTAssertEqual("\(e)", "\(name): 65500x65500 pixels is over the limit of \(limit) pixels per image")
             }
-            XCTAssertThrowsError(try ImageIO.decodeRGB(try Data(contentsOf: dir.appendingPathComponent("\(name).jpg")),
-                                                       name: name, maxPixels: 100)) { e in
+            XCTAssertThrowsError(
+                try ImageIO.decodeRGB(
+                    try Data(contentsOf: dir.appendingPathComponent("\(name).jpg")),
+                    name: name, maxPixels: 100)
+            ) { e in
                 XCTAssertTrue("\(e)".contains("pixels is over the limit of 100 pixels"), "\(e)")
             }
         }
@@ -114,7 +126,8 @@ final class ImageTests: XCTestCase {
         }
         // One Huffman code, "0", for symbol 0 (a DC difference of 0, or an end of band).
         let table = [UInt8(1)] + [UInt8](repeating: 0, count: 15) + [0]
-        var bytes: [UInt8] = [0xFF, 0xD8] + segment(0xDB, [0] + [UInt8](repeating: 1, count: 64))
+        var bytes: [UInt8] =
+            [0xFF, 0xD8] + segment(0xDB, [0] + [UInt8](repeating: 1, count: 64))
             + segment(0xC2, [8, 0, 8, 0, 8, 1, 1, 0x11, 0]) + segment(0xC4, [0x00] + table + [0x10] + table)
         func scan(_ start: Int, _ end: Int, _ high: Int, _ low: Int) {
             bytes += segment(0xDA, [1, 1, 0, UInt8(start), UInt8(end), UInt8(high << 4 | low)]) + [0x7F]
@@ -147,8 +160,9 @@ final class ImageTests: XCTestCase {
         let text = chunk("tEXt", Array("Comment\0".utf8) + [UInt8](repeating: 0x61, count: 9 << 20))
         let profile = chunk("iCCP", Array("icc\0\0".utf8) + [UInt8](repeating: 0x5A, count: 1 << 20))
         let padded = Data(plain.prefix(33) + text + profile + plain.dropFirst(33))
-        XCTAssertEqual(try ImageIO.decodeRGB(padded, name: "padded.png"),
-                       try ImageIO.decodeRGB(plain, name: "plain.png"))
+        XCTAssertEqual(
+            try ImageIO.decodeRGB(padded, name: "padded.png"),
+            try ImageIO.decodeRGB(plain, name: "plain.png"))
     }
 
     func testWriteThenReadRoundTrips() throws {
@@ -157,7 +171,7 @@ final class ImageTests: XCTestCase {
         let image = RGBImage(width: 9, height: 5, pixels: (0..<135).map { _ in UInt8(rng.next() % 256) })
         try ImageIO.writePNG(image, to: out.appendingPathComponent("a.png"))
         XCTAssertEqual(try ImageIO.readRGB(out.appendingPathComponent("a.png")), image)
-        let mask = IndexMask(width: 9, height: 5, values: (0..<45).map { UInt16($0 % 21) } )
+        let mask = IndexMask(width: 9, height: 5, values: (0..<45).map { UInt16($0 % 21) })
         try ImageIO.writePalettePNG(mask, to: out.appendingPathComponent("m.png"))
         XCTAssertEqual(try ImageIO.readIndexPNG(out.appendingPathComponent("m.png")), mask)
         // The palette is VOC's: class 1 is (128, 0, 0), 15 (person) is (192, 128, 128).
@@ -191,14 +205,17 @@ final class ImageTests: XCTestCase {
 
     func testPredictCommandWritesMasksOverlaysAndLogits() throws {
         let work = temporaryDirectory()
-        let (model, card, _) = try Converter.convert(Fixtures.directory.appendingPathComponent("models/tv_small.pth"),
-                                                     ConversionOptions(architecture: ModelParityTests.tvSmall,
-                                                                       classNames: DatasetClasses.voc))
+        let (model, card, _) = try Converter.convert(
+            Fixtures.directory.appendingPathComponent("models/tv_small.pth"),
+            ConversionOptions(
+                architecture: ModelParityTests.tvSmall,
+                classNames: DatasetClasses.voc))
         let modelURL = work.appendingPathComponent("m.safetensors")
         try ModelFile.save(model, card: card, to: modelURL)
         let imageURL = dir.appendingPathComponent("rgb.png")
         let npy = work.appendingPathComponent("logits.npy")
-        let r = try runTool("hrhf-predict", ["--model", modelURL.path, imageURL.path, "--out", work.path, "--logits", npy.path])
+        let r = try runTool(
+            "hrhf-predict", ["--model", modelURL.path, imageURL.path, "--out", work.path, "--logits", npy.path])
         XCTAssertEqual(r.status, 0, r.stderr)
         let logits = try NPY.read(npy)
         XCTAssertEqual(logits.shape, [1, 5, 13, 17])

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+
 @testable import HRHF
 
 /// Pins every method's distillation bitwise on this machine: the loss and each of its parts at
@@ -32,8 +33,10 @@ final class MethodPinTests: XCTestCase {
         let presets = try ["ft", "lwf", "mib", "plop", "gsc", "hrhf", "hrhf+gsc", "joint"].map {
             ($0, try DistillationOptions.preset($0))
         }
-        return presets + [("hrhf+gsc feature, plain fake background, sharp 0.4", featurePlain),
-                          ("hrhf pseudo, plain KD", pseudoKD)]
+        return presets + [
+            ("hrhf+gsc feature, plain fake background, sharp 0.4", featurePlain),
+            ("hrhf pseudo, plain KD", pseudoKD),
+        ]
     }
 
     /// Two training iterations of step 1 of 1-5,6-8 on Shapes from the tiny teacher, 2 real
@@ -42,10 +45,12 @@ final class MethodPinTests: XCTestCase {
         let (old, card) = try ModelFile.load(teacher)
         let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         let task = try IncrementalTask.named("1-5,6-8", foreground: 20)
-        let config = TrainingConfig(iterations: 2, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 5,
-                                    checkpointEvery: 2)
-        let step = try DistillationStep(old: old, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
-                                        packs: [try SyntheticPack(url: pack)], options: options, config: config)
+        let config = TrainingConfig(
+            iterations: 2, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 5,
+            checkpointEvery: 2)
+        let step = try DistillationStep(
+            old: old, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
+            packs: [try SyntheticPack(url: pack)], options: options, config: config)
         var losses: [[String: Float]] = []
         try step.makeTrainer(checkpoint: nil).run(loss: { it in
             let (total, parts) = try step.loss(it)
@@ -87,10 +92,14 @@ final class MethodPinTests: XCTestCase {
             weights: "6593393d2d28cbedd09ba00786345c54a045d1a80bbbc2296455ad5f3b2e3b3e"),
         "gsc": Pin(
             losses: [
-                ["ce": 5.012454, "kd": 0.4925445, "rel": 0.072580814, "sharp": 0.0, "soft": 5.0510335,
-                 "total": 11.218802],
-                ["ce": 5.0834813, "kd": 0.44680268, "rel": 0.060193177, "sharp": 0.0, "soft": 4.138403,
-                 "total": 10.601157],
+                [
+                    "ce": 5.012454, "kd": 0.4925445, "rel": 0.072580814, "sharp": 0.0, "soft": 5.0510335,
+                    "total": 11.218802,
+                ],
+                [
+                    "ce": 5.0834813, "kd": 0.44680268, "rel": 0.060193177, "sharp": 0.0, "soft": 4.138403,
+                    "total": 10.601157,
+                ],
             ],
             weights: "9240a5d84237841993eed793decd7d20fc8c13e3ad03de95633f3cc134949a76"),
         "hrhf": Pin(
@@ -101,10 +110,14 @@ final class MethodPinTests: XCTestCase {
             weights: "d8c150e85b4df791fc6728dab1e4c8f685a309d4d0a7fa6182d6512a6674399e"),
         "hrhf+gsc": Pin(
             losses: [
-                ["ce": 4.827484, "fake_ce": 0.15848738, "fake_kd": 0.4391548, "kd": 0.39957416, "rel": 0.068862624,
-                 "sharp": 0.0, "soft": 4.113217, "total": 14.418781],
-                ["ce": 4.108208, "fake_ce": 0.6640069, "fake_kd": 0.34313056, "kd": 0.40052044, "rel": 0.05638741,
-                 "sharp": 0.0, "soft": 3.5563016, "total": 13.111898],
+                [
+                    "ce": 4.827484, "fake_ce": 0.15848738, "fake_kd": 0.4391548, "kd": 0.39957416, "rel": 0.068862624,
+                    "sharp": 0.0, "soft": 4.113217, "total": 14.418781,
+                ],
+                [
+                    "ce": 4.108208, "fake_ce": 0.6640069, "fake_kd": 0.34313056, "kd": 0.40052044, "rel": 0.05638741,
+                    "sharp": 0.0, "soft": 3.5563016, "total": 13.111898,
+                ],
             ],
             weights: "340005d93bba552ed9b26a0d2d3afb684f93a36a00da1097493c2197d1dcf741"),
         "joint": Pin(
@@ -115,18 +128,28 @@ final class MethodPinTests: XCTestCase {
             weights: "24e0366a781cb6e90dee0797677912604c19a62ca2bb770e90fa607f85d0e073"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
-                ["ce": 4.827484, "fake_ce": 0.15848738, "fake_feat": 0.6873218, "fake_kd": 0.4391548, "kd": 0.39957416,
-                 "rel": 0.068862624, "sharp": 0.3282175, "soft": 4.113217, "total": 14.769007],
-                ["ce": 4.352339, "fake_ce": 0.74420357, "fake_feat": 0.4540536, "fake_kd": 0.3463592, "kd": 0.40011,
-                 "rel": 0.05887265, "sharp": 0.6084163, "soft": 3.536919, "total": 13.699378],
+                [
+                    "ce": 4.827484, "fake_ce": 0.15848738, "fake_feat": 0.6873218, "fake_kd": 0.4391548,
+                    "kd": 0.39957416,
+                    "rel": 0.068862624, "sharp": 0.3282175, "soft": 4.113217, "total": 14.769007,
+                ],
+                [
+                    "ce": 4.352339, "fake_ce": 0.74420357, "fake_feat": 0.4540536, "fake_kd": 0.3463592, "kd": 0.40011,
+                    "rel": 0.05887265, "sharp": 0.6084163, "soft": 3.536919, "total": 13.699378,
+                ],
             ],
             weights: "02b436ba0bfcc87e6b251e5742d8879e5c0f5225c6c70dc12ca24dc80a601358"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
-                ["ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416, "lwf_kd": 0.39429823,
-                 "total": 14.190354],
-                ["ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.4337337, "lwf_kd": 0.41504762,
-                 "total": 13.246702],
+                [
+                    "ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416,
+                    "lwf_kd": 0.39429823,
+                    "total": 14.190354,
+                ],
+                [
+                    "ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.4337337, "lwf_kd": 0.41504762,
+                    "total": 13.246702,
+                ],
             ],
             weights: "801b7b5d22fe9725178596f161353d12c86cc8bbdfe83dfa01462dfe2082485a"),
     ]
@@ -143,8 +166,10 @@ final class MethodPinTests: XCTestCase {
         let pack = temporaryDirectory().appendingPathComponent("p.tar")
         var o = SynthesisTests.smallOptions()
         o.resolution = 24
-        _ = try SynthesisJob(teacherURL: teacher, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 4,
-                             options: o, seed: 1, out: pack).run(resume: false)
+        _ = try SynthesisJob(
+            teacherURL: teacher, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 4,
+            options: o, seed: 1, out: pack
+        ).run(resume: false)
         for (name, options) in try Self.configurations() {
             let pin = try Self.pin(options, teacher: teacher, pack: pack)
             XCTAssertEqual(pin.losses.count, 2, name)

@@ -1,7 +1,8 @@
 import Foundation
-import XCTest
-@testable import HRHF
 import HRHFCommandLine
+import XCTest
+
+@testable import HRHF
 
 final class MethodTests: XCTestCase {
     func testEveryRowIsValidAndSumsInTheBenchmarksOrder() throws {
@@ -58,12 +59,14 @@ final class MethodTests: XCTestCase {
             do { try body() } catch { return error as? OptionError }
             return nil
         }
-        XCTAssertEqual(error { _ = try Method.named("nope") }?.description,
-                       "method: unknown method nope: " + Method.table.map(\.name).joined(separator: ", "))
+        XCTAssertEqual(
+            error { _ = try Method.named("nope") }?.description,
+            "method: unknown method nope: " + Method.table.map(\.name).joined(separator: ", "))
         var m = try Method.named("mib")
         m.terms[1].weight = -1
-        XCTAssertEqual(error { try m.validate() },
-                       OptionError(option: "kd", "weight -1.0: a weight is a finite number above 0"))
+        XCTAssertEqual(
+            error { try m.validate() },
+            OptionError(option: "kd", "weight -1.0: a weight is a finite number above 0"))
         m = try Method.named("mib")
         m.terms.append(WeightedTerm(.ce, 1, .both))
         XCTAssertEqual(error { try m.validate() }?.option, "ce")
@@ -87,14 +90,19 @@ final class MethodTests: XCTestCase {
         let lines = stdout.split(separator: "\n").map(String.init)
         XCTAssertEqual(lines.count, Method.table.count + 2)
         let row = try XCTUnwrap(lines.first { $0.hasPrefix("hrhf+gsc ") })
-        XCTAssertEqual(row.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " "),
-                       "hrhf+gsc 1 ce, 10 kd 1 ce, 10 kd 0.25 soft, 0.02 sharp, 0.25 rel proto GSC background step")
+        XCTAssertEqual(
+            row.split(separator: " ", omittingEmptySubsequences: true).joined(separator: " "),
+            "hrhf+gsc 1 ce, 10 kd 1 ce, 10 kd 0.25 soft, 0.02 sharp, 0.25 rel proto GSC background step")
     }
 
     func testAnUnknownMethodIsAnOptionError() throws {
         let out = temporaryDirectory().appendingPathComponent("m.safetensors")
-        let (status, stdout, stderr) = try runTool("hrhf-distill", ["--old", "missing.safetensors", "--data", "missing",
-                                                                    "--method", "nope", "--out", out.path])
+        let (status, stdout, stderr) = try runTool(
+            "hrhf-distill",
+            [
+                "--old", "missing.safetensors", "--data", "missing",
+                "--method", "nope", "--out", out.path,
+            ])
         XCTAssertEqual(status, 1)
         XCTAssertTrue(stderr.contains("method: unknown method nope: ft, lwf, mib"), stderr)
         XCTAssertEqual(stdout, "")
@@ -104,8 +112,9 @@ final class MethodTests: XCTestCase {
 
     func testADivergedLossIsATrainingError() throws {
         let model = try DeepLabV3(SynthesisTests.tinyArch, seed: 1)
-        let trainer = Trainer(model: model, config: TrainingConfig(iterations: 3, batchSize: 1, cropSize: 8),
-                              checkpoint: nil)
+        let trainer = Trainer(
+            model: model, config: TrainingConfig(iterations: 3, batchSize: 1, cropSize: 8),
+            checkpoint: nil)
         let finite = { mean(model.parameters[0]) }
         XCTAssertThrowsError(try trainer.run(loss: { it in it == 0 ? finite() : Tensor(scalar: .infinity) })) { error in
             XCTAssertEqual(error as? TrainingError, TrainingError(iteration: 1, "the loss became inf"))
@@ -117,9 +126,11 @@ final class MethodTests: XCTestCase {
         XCTAssertEqual(try parseClassList("1-3,5, 7-8"), [1, 2, 3, 5, 7, 8])
         for bad in ["", "1-", "3-1", "0-5", "1,,2", "1-2-3", "x", "1-99999999999"] {
             XCTAssertThrowsError(try parseClassList(bad), bad) { error in
-                XCTAssertEqual(error as? OptionError,
-                               OptionError(option: "--classes",
-                                           "\(bad): class ids from 1 to 1000 such as 1-15 or 1,3,5-7"))
+                XCTAssertEqual(
+                    error as? OptionError,
+                    OptionError(
+                        option: "--classes",
+                        "\(bad): class ids from 1 to 1000 such as 1-15 or 1,3,5-7"))
             }
         }
     }
@@ -131,22 +142,29 @@ final class MethodTests: XCTestCase {
         let firstPack = dir.appendingPathComponent("p0.tar")
         var o = SynthesisTests.smallOptions()
         o.resolution = 24
-        _ = try SynthesisJob(teacherURL: teacher, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2,
-                             options: o, seed: 1, out: firstPack).run(resume: false)
+        _ = try SynthesisJob(
+            teacherURL: teacher, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2,
+            options: o, seed: 1, out: firstPack
+        ).run(resume: false)
         let out = dir.appendingPathComponent("m.safetensors")
-        let (status, stdout, stderr) = try runTool("hrhf-distill", [
-            "--old", teacher.path, "--pack", firstPack.path, "--data", DataTests.shapesRoot.path, "--dataset", "shapes",
-            "--task", "1-5,6,7", "--step", "1", "--last-step", "2", "--method", "hrhf", "--iterations", "1",
-            "--batch", "2", "--crop", "24", "--eval-limit", "0", "--synth-count", "2", "--synth-iterations", "2",
-            "--synth-batch", "2", "--resolution", "24", "--out", out.path,
-        ])
+        let (status, stdout, stderr) = try runTool(
+            "hrhf-distill",
+            [
+                "--old", teacher.path, "--pack", firstPack.path, "--data", DataTests.shapesRoot.path, "--dataset",
+                "shapes",
+                "--task", "1-5,6,7", "--step", "1", "--last-step", "2", "--method", "hrhf", "--iterations", "1",
+                "--batch", "2", "--crop", "24", "--eval-limit", "0", "--synth-count", "2", "--synth-iterations", "2",
+                "--synth-batch", "2", "--resolution", "24", "--out", out.path,
+            ])
         XCTAssertEqual(status, 0, stderr)
         let pack = dir.appendingPathComponent("m-step1-pack.tar")
         XCTAssertEqual(try SyntheticPack(url: pack).manifest.classes.map(\.id), [6])
         let lines = stdout.split(separator: "\n").map { $0.trimmingCharacters(in: .whitespaces) }
         XCTAssertTrue(lines.contains { $0.hasPrefix("pack ") && $0.hasSuffix(pack.path) }, stdout)
-        XCTAssertTrue(lines.contains("step 2 of 1-5,6,7 (overlap), method hrhf: classes 7, 1 real images, 2 packs, "
-                                     + "1 iterations"), stdout)
+        XCTAssertTrue(
+            lines.contains(
+                "step 2 of 1-5,6,7 (overlap), method hrhf: classes 7, 1 real images, 2 packs, "
+                    + "1 iterations"), stdout)
         XCTAssertEqual(try ModelFile.load(out).0.numClasses, 8)
     }
 }

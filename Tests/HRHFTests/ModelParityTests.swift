@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// Small DeepLabV3 models of both flavours against PyTorch's logits
@@ -6,21 +7,25 @@ import XCTest
 /// their descriptions and loaded from the fixtures' state dicts by key, unchanged: module
 /// names equal the PyTorch state-dict keys. Tolerance: relative error 1e-4.
 final class ModelParityTests: XCTestCase {
-    static let tvSmall = ArchitectureDescription(name: "tv-small", flavor: .torchvision, block: .bottleneck,
-                                                 layers: [1, 1, 1, 1], baseWidth: 4, outputStride: 8, headChannels: 8,
-                                                 auxHead: true, classesPerStep: [5])
-    static let tvBasic = ArchitectureDescription(name: "tv-basic", flavor: .torchvision, block: .basic,
-                                                 layers: [1, 1, 1, 1], baseWidth: 8, outputStride: 8, headChannels: 8,
-                                                 classesPerStep: [4])
-    static let mibSmall = ArchitectureDescription(name: "mib-small", flavor: .mib, block: .bottleneck,
-                                                  layers: [1, 1, 2, 1], baseWidth: 4, outputStride: 16, headChannels: 8,
-                                                  classesPerStep: [4, 2])
+    static let tvSmall = ArchitectureDescription(
+        name: "tv-small", flavor: .torchvision, block: .bottleneck,
+        layers: [1, 1, 1, 1], baseWidth: 4, outputStride: 8, headChannels: 8,
+        auxHead: true, classesPerStep: [5])
+    static let tvBasic = ArchitectureDescription(
+        name: "tv-basic", flavor: .torchvision, block: .basic,
+        layers: [1, 1, 1, 1], baseWidth: 8, outputStride: 8, headChannels: 8,
+        classesPerStep: [4])
+    static let mibSmall = ArchitectureDescription(
+        name: "mib-small", flavor: .mib, block: .bottleneck,
+        layers: [1, 1, 2, 1], baseWidth: 4, outputStride: 16, headChannels: 8,
+        classesPerStep: [4, 2])
 
     func check(_ name: String, _ arch: ArchitectureDescription) throws {
         let model = try DeepLabV3(arch)
         let weights = try Fixtures.file("models/\(name).safetensors")
-        try model.loadStateDict(Dictionary(uniqueKeysWithValues: weights.tensors.map { ($0.name, $0.tensor) }),
-                                source: name)
+        try model.loadStateDict(
+            Dictionary(uniqueKeysWithValues: weights.tensors.map { ($0.name, $0.tensor) }),
+            source: name)
         model.eval()
         let reference = try Fixtures.file("models/\(name)_logits.safetensors")
         let out = withNoGrad { model.run(reference["input"]!) }

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// torch.optim parity on one gradient sequence (Fixtures/core_ops.safetensors), and schedules.
@@ -32,14 +33,23 @@ final class OptimizerTests: XCTestCase {
         let grads = (0..<4).map { randn([6], seed: UInt64(200 + $0)) }
         let a = randn([6], seed: 210).requiringGrad()
         let sgd = SGD([a], learningRate: 0.1, momentum: 0.9, nesterov: true)
-        for g in grads[0..<2] { a.grad = g; sgd.step() }
+        for g in grads[0..<2] {
+            a.grad = g
+            sgd.step()
+        }
         let saved = Dictionary(uniqueKeysWithValues: sgd.stateTensors().map { ($0.name, $0.tensor.copy()) })
         let midpoint = a.copy()
-        for g in grads[2...] { a.grad = g; sgd.step() }
+        for g in grads[2...] {
+            a.grad = g
+            sgd.step()
+        }
         let b = midpoint.requiringGrad()
         let resumed = SGD([b], learningRate: 0.1, momentum: 0.9, nesterov: true)
         resumed.loadState(saved)
-        for g in grads[2...] { b.grad = g; resumed.step() }
+        for g in grads[2...] {
+            b.grad = g
+            resumed.step()
+        }
         XCTAssertEqual(a.array, b.array)
     }
 

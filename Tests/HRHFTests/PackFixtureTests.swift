@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+
 @testable import HRHF
 
 /// The packs hrhf-synth wrote into Fixtures/packs, which tools/test_hrhf_pack.py reads with the Python
@@ -17,16 +18,30 @@ final class PackFixtureTests: XCTestCase {
     }
 
     static let expected = [
-        Expected(name: "shapes-32px-2.tar", shard: nil, indices: [0, 1], digests: [
-            ("f4903cfc78a28b77a67f8e08dd7a3929817acb983c1285cd1f70333dd507b2c0",
-             "22d1f0f59540682ed30d93b7dd77dd80d4a07523eb3d87966a9e23e41c7ef8ca"),
-            ("ec88a61cfa4a0241fee301e6f2af66c650f1196bf0bea7721b35254f33fb23b5",
-             "951ae15e65ffa8f17ab17c907dc7b205a7ce421c9399be2297f266ed6448200f")]),
-        Expected(name: "shapes-32px-shard-2of2.tar", shard: .init(index: 2, count: 2), indices: [1, 3], digests: [
-            ("99572119cad916e3c2e1834f6b3840a45ebf01e067d878c123a0532a5f259d85",
-             "c3d0c71bc4225f92caafbc6e366b19e66a70df4a32dddcf76bcad97a41785494"),
-            ("bf00fadd20c526bae3df590dc77217b30ac02641eee718fada8fb9c468b83da5",
-             "aa216a2845ae584ce09cfeb5bb1c024b9773f52cb4248af08f8527a37b143209")]),
+        Expected(
+            name: "shapes-32px-2.tar", shard: nil, indices: [0, 1],
+            digests: [
+                (
+                    "f4903cfc78a28b77a67f8e08dd7a3929817acb983c1285cd1f70333dd507b2c0",
+                    "22d1f0f59540682ed30d93b7dd77dd80d4a07523eb3d87966a9e23e41c7ef8ca"
+                ),
+                (
+                    "ec88a61cfa4a0241fee301e6f2af66c650f1196bf0bea7721b35254f33fb23b5",
+                    "951ae15e65ffa8f17ab17c907dc7b205a7ce421c9399be2297f266ed6448200f"
+                ),
+            ]),
+        Expected(
+            name: "shapes-32px-shard-2of2.tar", shard: .init(index: 2, count: 2), indices: [1, 3],
+            digests: [
+                (
+                    "99572119cad916e3c2e1834f6b3840a45ebf01e067d878c123a0532a5f259d85",
+                    "c3d0c71bc4225f92caafbc6e366b19e66a70df4a32dddcf76bcad97a41785494"
+                ),
+                (
+                    "bf00fadd20c526bae3df590dc77217b30ac02641eee718fada8fb9c468b83da5",
+                    "aa216a2845ae584ce09cfeb5bb1c024b9773f52cb4248af08f8527a37b143209"
+                ),
+            ]),
     ]
 
     func testFixturePacksAreReadAndTheirManifestsValidate() throws {
@@ -51,12 +66,15 @@ final class PackFixtureTests: XCTestCase {
             XCTAssertEqual(try m.encoded(), pack.files["manifest.json"], "\(expected.name): manifest encodes otherwise")
             let copy = temporaryDirectory().appendingPathComponent(expected.name)
             defer { try? FileManager.default.removeItem(at: copy.deletingLastPathComponent()) }
-            try SyntheticPack.write(manifest: m, files: { name in
-                guard let data = pack.files[name] else { throw PackError(file: url.path, entry: name, "absent") }
-                return data
-            }, to: copy)
-            XCTAssertEqual(try Data(contentsOf: copy), try Data(contentsOf: url),
-                           "\(expected.name): the writer's bytes changed")
+            try SyntheticPack.write(
+                manifest: m,
+                files: { name in
+                    guard let data = pack.files[name] else { throw PackError(file: url.path, entry: name, "absent") }
+                    return data
+                }, to: copy)
+            XCTAssertEqual(
+                try Data(contentsOf: copy), try Data(contentsOf: url),
+                "\(expected.name): the writer's bytes changed")
             for (record, digest) in zip(m.images, expected.digests) {
                 let image = try pack.image(record), label = try pack.label(record)
                 XCTAssertEqual([image.width, image.height, label.width, label.height], [32, 32, 32, 32])

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 final class ProfilerTests: XCTestCase {

@@ -1,6 +1,7 @@
-import XCTest
-@testable import HRHF
 import HRHFCommandLine
+import XCTest
+
+@testable import HRHF
 
 /// What a user sees of a long run, fresh or resumed: rates from this process's work only, and a
 /// first line naming what a resumed run continues from.
@@ -13,8 +14,9 @@ final class ProgressTests: XCTestCase {
 
     /// Five images of classes 1-5 in batches of 2, 3 iterations each (SynthesisTests' options).
     static func job(_ teacher: (URL, DeepLabV3, ModelCard), out: URL) -> SynthesisJob {
-        SynthesisJob(teacherURL: teacher.0, model: teacher.1, card: teacher.2, classes: [1, 2, 3, 4, 5], count: 5,
-                     options: SynthesisTests.smallOptions(), seed: 21, out: out)
+        SynthesisJob(
+            teacherURL: teacher.0, model: teacher.1, card: teacher.2, classes: [1, 2, 3, 4, 5], count: 5,
+            options: SynthesisTests.smallOptions(), seed: 21, out: out)
     }
 
     func testRateAndETACountOnlyTheIterationsOfThisProcess() {
@@ -33,15 +35,18 @@ final class ProgressTests: XCTestCase {
 
     func testResumeLinesNameTheFileAndTheWorkDone() {
         let checkpoint = URL(fileURLWithPath: "/runs/m.safetensors.ckpt")
-        XCTAssertEqual(resumeLine(checkpoint: checkpoint, iterationsDone: 400, of: 1000),
-                       "resuming from /runs/m.safetensors.ckpt: iterations 1-400 of 1000 already done")
+        XCTAssertEqual(
+            resumeLine(checkpoint: checkpoint, iterationsDone: 400, of: 1000),
+            "resuming from /runs/m.safetensors.ckpt: iterations 1-400 of 1000 already done")
         let directory = URL(fileURLWithPath: "/runs/p.tar.partial.d")
         let work = SynthesisJob.ResumedWork(directory: directory, batches: [0, 1, 2, 5], images: 32)
-        XCTAssertEqual(resumeLine(work, batchesInRun: 8),
-                       "resuming from /runs/p.tar.partial.d: 4 of 8 batches already done (batches 0-2,5, 32 images)")
+        XCTAssertEqual(
+            resumeLine(work, batchesInRun: 8),
+            "resuming from /runs/p.tar.partial.d: 4 of 8 batches already done (batches 0-2,5, 32 images)")
         let nothing = SynthesisJob.ResumedWork(directory: directory, batches: [], images: 0)
-        XCTAssertEqual(resumeLine(nothing, batchesInRun: 8),
-                       "resuming from /runs/p.tar.partial.d: 0 of 8 batches already done")
+        XCTAssertEqual(
+            resumeLine(nothing, batchesInRun: 8),
+            "resuming from /runs/p.tar.partial.d: 0 of 8 batches already done")
     }
 
     func testRangeListJoinsRuns() {
@@ -82,16 +87,22 @@ final class ProgressTests: XCTestCase {
         let out = temporaryDirectory().appendingPathComponent("p.tar")
         // The library job and the flags below describe the same run (SynthesisTests.smallOptions).
         XCTAssertThrowsError(try Self.job(teacher, out: out).run(resume: false, stopAfterBatches: 1))
-        let r = try runTool("hrhf-synth", ["--model", teacher.0.path, "--classes", "1-5", "--count", "5",
-                                          "--seed", "21", "--synth-iterations", "3", "--warmup", "1",
-                                          "--synth-batch", "2", "--resolution", "16", "--jitter", "2",
-                                          "--threads", "1", "--resume", "--out", out.path])
+        let r = try runTool(
+            "hrhf-synth",
+            [
+                "--model", teacher.0.path, "--classes", "1-5", "--count", "5",
+                "--seed", "21", "--synth-iterations", "3", "--warmup", "1",
+                "--synth-batch", "2", "--resolution", "16", "--jitter", "2",
+                "--threads", "1", "--resume", "--out", out.path,
+            ])
         XCTAssertEqual(r.status, 0, r.stderr)
         let lines = r.stdout.split(separator: "\n").map(String.init)
-        XCTAssertEqual(lines.first,
-                       "resuming from \(out.path).partial.d: 1 of 3 batches already done (batches 0, 2 images)")
-        XCTAssertTrue(lines.dropFirst().first?.hasPrefix("inverting teacher.safetensors into 5 images") == true,
-                      r.stdout)
+        XCTAssertEqual(
+            lines.first,
+            "resuming from \(out.path).partial.d: 1 of 3 batches already done (batches 0, 2 images)")
+        XCTAssertTrue(
+            lines.dropFirst().first?.hasPrefix("inverting teacher.safetensors into 5 images") == true,
+            r.stdout)
         XCTAssertEqual(try SyntheticPack(url: out).manifest.images.count, 5)
     }
 }

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 /// Ops and a ResNet block against PyTorch (Fixtures/core_ops.safetensors, written by
@@ -9,8 +10,10 @@ final class PyTorchParityTests: XCTestCase {
     func t(_ key: String) throws -> Tensor { try Fixtures.tensor(file, key) }
 
     func testConv2dCases() throws {
-        let names = ["plain", "strided", "dilated", "grouped", "pointwise", "strided_pointwise", "k7s2", "dilated_pad_wide",
-                     "dead_taps", "dead_tap_rows", "no_live_tap"]
+        let names = [
+            "plain", "strided", "dilated", "grouped", "pointwise", "strided_pointwise", "k7s2", "dilated_pad_wide",
+            "dead_taps", "dead_tap_rows", "no_live_tap",
+        ]
         // 1 thread: one product per image; 2: whole images per worker (the fixtures' batch is
         // even); 3: columns and input channels split between workers.
         // Block limits: the default (every fixture's im2col fits whole), then blocks of 16 and of
@@ -19,19 +22,27 @@ final class PyTorchParityTests: XCTestCase {
         // always (every stride-1 single-group case; a block limit of 1 float gives one output
         // row per product).
         let saved = (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns, PerTapProducts.mode)
-        defer { (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns, PerTapProducts.mode) = saved }
+        defer {
+            (ParallelConfig.threads, Im2colBlocking.floats, Im2colBlocking.minColumns, PerTapProducts.mode) = saved
+        }
         let limits = [1, 2, 3].map({ ($0, 0) }) + [(1, 16), (2, 1), (3, 16)]
-        for (mode, (threads, blockColumns)) in [PerTapProducts.Mode.never, .always].flatMap({ m in limits.map { (m, $0) } }) {
+        for (mode, (threads, blockColumns)) in [PerTapProducts.Mode.never, .always].flatMap({ m in
+            limits.map { (m, $0) }
+        }) {
             (ParallelConfig.threads, PerTapProducts.mode) = (threads, mode)
-            (Im2colBlocking.floats, Im2colBlocking.minColumns) = blockColumns == 0 ? (saved.1, saved.2) : (1, blockColumns)
+            (Im2colBlocking.floats, Im2colBlocking.minColumns) =
+                blockColumns == 0 ? (saved.1, saved.2) : (1, blockColumns)
             for name in names {
                 let p = "conv/\(name)/"
-                let label = "\(name) at \(threads) threads, per-tap \(mode)" + (blockColumns == 0 ? "" : ", im2col blocks of \(blockColumns) columns")
+                let label =
+                    "\(name) at \(threads) threads, per-tap \(mode)"
+                    + (blockColumns == 0 ? "" : ", im2col blocks of \(blockColumns) columns")
                 let x = try t(p + "x").requiringGrad(), w = try t(p + "weight").requiringGrad()
                 let config = try t(p + "config").array.map { Int($0) }
                 let bias = try Fixtures.file(file)[p + "bias"]?.copy().requiringGrad()
-                let y = conv2d(x, weight: w, bias: bias, stride: (config[0], config[0]), padding: (config[1], config[1]),
-                               dilation: (config[2], config[2]), groups: config[3])
+                let y = conv2d(
+                    x, weight: w, bias: bias, stride: (config[0], config[0]), padding: (config[1], config[1]),
+                    dilation: (config[2], config[2]), groups: config[3])
                 XCTAssertEqual(y.shape, try t(p + "y").shape, label)
                 assertClose(y, try t(p + "y"), "\(label) output")
                 y.backward(gradient: try t(p + "gy"))
@@ -65,8 +76,10 @@ final class PyTorchParityTests: XCTestCase {
 
     func testUpdateBatchNormAveragesTheBatchesAsTorch() throws {
         var rng = SeededGenerator(seed: 1)
-        let model = Sequential([Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
-                                Conv2d(4, 3, kernelSize: 1, bias: false, rng: &rng), BatchNorm2d(3)])
+        let model = Sequential([
+            Conv2d(3, 4, kernelSize: 3, padding: 1, rng: &rng), BatchNorm2d(4), ReLU(),
+            Conv2d(4, 3, kernelSize: 1, bias: false, rng: &rng), BatchNorm2d(3),
+        ])
         let names = model.stateDict().map(\.name)
         var before: [String: Tensor] = [:]
         for name in names { before[name] = try t("update_bn/before/" + name) }

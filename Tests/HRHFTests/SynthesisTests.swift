@@ -1,10 +1,12 @@
 import XCTest
+
 @testable import HRHF
 
 final class SynthesisTests: XCTestCase {
     /// A tiny teacher with random weights: enough to exercise every code path quickly.
-    static let tinyArch = ArchitectureDescription(name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1],
-                                                  baseWidth: 4, outputStride: 8, headChannels: 8, classesPerStep: [6])
+    static let tinyArch = ArchitectureDescription(
+        name: "tiny", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1],
+        baseWidth: 4, outputStride: 8, headChannels: 8, classesPerStep: [6])
 
     static func tinyTeacher() throws -> (URL, DeepLabV3, ModelCard) {
         let model = try DeepLabV3(tinyArch, seed: 11)
@@ -33,15 +35,20 @@ final class SynthesisTests: XCTestCase {
         let (_, model, card) = try Self.tinyTeacher()
         var o = Self.smallOptions()
         o.weightTV1 = 0.1
-        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: o)
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: o)
         var rng = SeededGenerator(seed: 3)
         let targets = inversion.drawTargets(firstIndex: 0, count: 2, seed: 3, rng: &rng)
         let x = randn([2, 3, 16, 16], seed: 4)
         // Each term on its own. The ranking inside top-k can change under a step, so the step is
         // small (1e-3) and the tolerances allow for float32 noise at that step.
-        let pick: [(SegInversion.Terms) -> Tensor] = [{ $0.inside }, { $0.outside }, { $0.absent }, { $0.tv2 + $0.tv1 }, { $0.l2 }]
+        let pick: [(SegInversion.Terms) -> Tensor] = [
+            { $0.inside }, { $0.outside }, { $0.absent }, { $0.tv2 + $0.tv1 }, { $0.l2 },
+        ]
         for term in pick {
-            checkGradients([x], samples: 12, step: 1e-3, atol: 3e-3, rtol: 2e-2) { t in term(inversion.terms(t[0], targets: targets)) }
+            checkGradients([x], samples: 12, step: 1e-3, atol: 3e-3, rtol: 2e-2) { t in
+                term(inversion.terms(t[0], targets: targets))
+            }
         }
         // The statistics term through the first batch-norm layer (before max pooling: deeper
         // layers sit behind pooling and ReLU kinks that a finite step in a 16-pixel image keeps
@@ -58,7 +65,8 @@ final class SynthesisTests: XCTestCase {
         let (_, model, card) = try Self.tinyTeacher()
         var o = Self.smallOptions()
         o.maxClasses = 3
-        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: [2, 3, 5], options: o)
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [2, 3, 5], options: o)
         var rng = SeededGenerator(seed: 9)
         let drawn = inversion.drawTargets(firstIndex: 0, count: 200, seed: 9, rng: &rng)
         for t in drawn {
@@ -67,7 +75,8 @@ final class SynthesisTests: XCTestCase {
             XCTAssertLessThanOrEqual(t.areas.reduce(0, +), o.areaTotalMax + 1e-5)
             XCTAssertTrue(t.areas.allSatisfy { $0 <= o.areaMax })
         }
-        XCTAssertThrowsError(try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
+        XCTAssertThrowsError(
+            try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
     }
 
     func testEveryClassLeadsEquallyManyImagesAcrossBatches() throws {
@@ -75,7 +84,8 @@ final class SynthesisTests: XCTestCase {
         var o = Self.smallOptions()
         o.maxClasses = 1
         let classes = [1, 2, 3, 4, 5]
-        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: o)
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: classes, options: o)
         // Batches of 3 drawn separately (as shards do), 15 images: one class each, so each class
         // exactly 3 times; a different seed gives another order.
         var counts = [Int: Int]()
@@ -100,9 +110,12 @@ final class SynthesisTests: XCTestCase {
         XCTAssertEqual(pearson([1, 2, 3, 4], [1, 3, 2, 4]), 0.8, accuracy: 1e-12)
     }
 
-    func makeJob(_ teacher: (URL, DeepLabV3, ModelCard), out: URL, count: Int = 5, shard: (Int, Int)? = nil) -> SynthesisJob {
-        SynthesisJob(teacherURL: teacher.0, model: teacher.1, card: teacher.2, classes: [1, 2, 3, 4, 5], count: count,
-                     options: Self.smallOptions(), seed: 21, shard: shard, out: out)
+    func makeJob(_ teacher: (URL, DeepLabV3, ModelCard), out: URL, count: Int = 5, shard: (Int, Int)? = nil)
+        -> SynthesisJob
+    {
+        SynthesisJob(
+            teacherURL: teacher.0, model: teacher.1, card: teacher.2, classes: [1, 2, 3, 4, 5], count: count,
+            options: Self.smallOptions(), seed: 21, shard: shard, out: out)
     }
 
     func testPackIsReproducibleShardableResumableAndReadable() throws {
@@ -123,7 +136,9 @@ final class SynthesisTests: XCTestCase {
         let merged = dir.appendingPathComponent("merged.tar")
         _ = try SyntheticPack.merge([try SyntheticPack(url: s1), try SyntheticPack(url: s2)], to: merged)
         XCTAssertEqual(try sha256Hex(file: merged), try sha256Hex(file: a))
-        XCTAssertThrowsError(try SyntheticPack.merge([try SyntheticPack(url: s1)], to: dir.appendingPathComponent("x.tar"))) { e in
+        XCTAssertThrowsError(
+            try SyntheticPack.merge([try SyntheticPack(url: s1)], to: dir.appendingPathComponent("x.tar"))
+        ) { e in
             XCTAssertTrue("\(e)".contains("a shard is missing"), "\(e)")
         }
 
@@ -131,7 +146,9 @@ final class SynthesisTests: XCTestCase {
         let c = dir.appendingPathComponent("c.tar")
         XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false, stopAfterBatches: 1))
         XCTAssertTrue(FileManager.default.fileExists(atPath: c.path + ".partial.d/batches/000000.json"))
-        XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false)) { e in XCTAssertTrue("\(e)".contains("--resume")) }
+        XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false)) { e in
+            XCTAssertTrue("\(e)".contains("--resume"))
+        }
         let resumed = try makeJob(teacher, out: c).run(resume: true)
         XCTAssertEqual(resumed.resumedImages, 2)
         XCTAssertEqual(resumed.imagesMade, 3)
@@ -163,10 +180,14 @@ final class SynthesisTests: XCTestCase {
         XCTAssertEqual(names.first, "manifest.json")
         XCTAssertEqual(names.last, "SHA256SUMS")
         XCTAssertEqual(names.count, 12)
-        if FileManager.default.isExecutableFile(atPath: "/usr/bin/python3") || FileManager.default.isExecutableFile(atPath: "/usr/local/bin/python3") {
+        if FileManager.default.isExecutableFile(atPath: "/usr/bin/python3")
+            || FileManager.default.isExecutableFile(atPath: "/usr/local/bin/python3")
+        {
             let py = Process()
             py.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-            py.arguments = ["python3", "-c", "import tarfile,sys; t=tarfile.open(sys.argv[1]); print(len(t.getnames()))", a.path]
+            py.arguments = [
+                "python3", "-c", "import tarfile,sys; t=tarfile.open(sys.argv[1]); print(len(t.getnames()))", a.path,
+            ]
             let out = Pipe()
             py.standardOutput = out
             try py.run()
@@ -184,8 +205,10 @@ final class SynthesisTests: XCTestCase {
         return out
     }
 
-    func assertRefused(_ build: (TarWriter) throws -> Void, _ expected: String, limit: Int = SyntheticPack.defaultEntryLimit,
-                       file: StaticString = #filePath, line: UInt = #line) throws {
+    func assertRefused(
+        _ build: (TarWriter) throws -> Void, _ expected: String, limit: Int = SyntheticPack.defaultEntryLimit,
+        file: StaticString = #filePath, line: UInt = #line
+    ) throws {
         let url = temporaryDirectory().appendingPathComponent("hostile.tar")
         let w = try TarWriter(url: url)
         try build(w)
@@ -204,46 +227,80 @@ final class SynthesisTests: XCTestCase {
             for (n, d) in valid { try w.add(n, replacing[n] ?? d) }
         }
         let manifest = valid[0].1
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("/etc/evil", Data("x".utf8)) }, "entry /etc/evil: absolute paths")
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("images/../../evil", Data("x".utf8)) }, "entry images/../../evil: paths with ..")
-        let kinds: [(String, TarWriter.Kind, String)] = [("images/000000.png", .symlink("/etc/passwd"), "links"),
-                                                         ("labels/000000.png", .hardlink("manifest.json"), "links"),
-                                                         ("images/000001.png", .characterDevice, "device")]
+        try assertRefused(
+            { w in
+                try w.add("manifest.json", manifest)
+                try w.add("/etc/evil", Data("x".utf8))
+            }, "entry /etc/evil: absolute paths")
+        try assertRefused(
+            { w in
+                try w.add("manifest.json", manifest)
+                try w.add("images/../../evil", Data("x".utf8))
+            }, "entry images/../../evil: paths with ..")
+        let kinds: [(String, TarWriter.Kind, String)] = [
+            ("images/000000.png", .symlink("/etc/passwd"), "links"),
+            ("labels/000000.png", .hardlink("manifest.json"), "links"),
+            ("images/000001.png", .characterDevice, "device"),
+        ]
         for (name, kind, reason) in kinds {
-            try assertRefused({ w in try w.add("manifest.json", manifest); try w.add(name, Data(), kind: kind) },
-                              "entry \(name): \(reason)")
+            try assertRefused(
+                { w in
+                    try w.add("manifest.json", manifest)
+                    try w.add(name, Data(), kind: kind)
+                },
+                "entry \(name): \(reason)")
         }
         let limit = manifest.count + 100
-        try assertRefused({ w in try w.add("manifest.json", manifest)
-                                 try w.add("images/000000.png", Data(count: limit + 1)) },
-                          "entry images/000000.png: \(limit + 1) bytes is over the limit", limit: limit)
-        try assertRefused({ w in try w.add("manifest.json", manifest); try w.add("manifest.json", manifest) }, "entry manifest.json: appears twice")
-        let future = String(decoding: manifest, as: UTF8.self).replacingOccurrences(of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 9")
-        try assertRefused({ w in try copy(w, replacing: ["manifest.json": Data(future.utf8)]) }, "entry manifest.json: format version 9")
-        try assertRefused({ w in for (n, d) in valid.dropFirst() { try w.add(n, d) } }, "manifest.json: missing, or not the first entry")
+        try assertRefused(
+            { w in
+                try w.add("manifest.json", manifest)
+                try w.add("images/000000.png", Data(count: limit + 1))
+            },
+            "entry images/000000.png: \(limit + 1) bytes is over the limit", limit: limit)
+        try assertRefused(
+            { w in
+                try w.add("manifest.json", manifest)
+                try w.add("manifest.json", manifest)
+            }, "entry manifest.json: appears twice")
+        let future = String(decoding: manifest, as: UTF8.self).replacingOccurrences(
+            of: "\"formatVersion\" : 1", with: "\"formatVersion\" : 9")
+        try assertRefused(
+            { w in try copy(w, replacing: ["manifest.json": Data(future.utf8)]) },
+            "entry manifest.json: format version 9")
+        try assertRefused(
+            { w in for (n, d) in valid.dropFirst() { try w.add(n, d) } },
+            "manifest.json: missing, or not the first entry")
         // One flipped byte in an image fails the checksum.
         var damaged = valid[1].1
         damaged[damaged.count / 2] ^= 0x01
-        try assertRefused({ w in try copy(w, replacing: [valid[1].0: damaged]) }, "entry \(valid[1].0): checksum mismatch")
+        try assertRefused(
+            { w in try copy(w, replacing: [valid[1].0: damaged]) }, "entry \(valid[1].0): checksum mismatch")
         // An entry outside the whitelist.
-        try assertRefused({ w in
-            for (n, d) in valid.dropLast() { try w.add(n, d) }
-            try w.add("extra.txt", Data("x".utf8))
-            try w.add(valid.last!.0, valid.last!.1)
-        }, "entry extra.txt: not a pack entry name")
+        try assertRefused(
+            { w in
+                for (n, d) in valid.dropLast() { try w.add(n, d) }
+                try w.add("extra.txt", Data("x".utf8))
+                try w.add(valid.last!.0, valid.last!.1)
+            }, "entry extra.txt: not a pack entry name")
         // An entry the checksums do not list.
-        let sumsWithoutManifest = String(decoding: valid.last!.1, as: UTF8.self).split(separator: "\n").dropFirst()
+        let sumsWithoutManifest =
+            String(decoding: valid.last!.1, as: UTF8.self).split(separator: "\n").dropFirst()
             .joined(separator: "\n") + "\n"
-        try assertRefused({ w in try copy(w, replacing: ["SHA256SUMS": Data(sumsWithoutManifest.utf8)]) },
-                          "entry manifest.json: not listed in SHA256SUMS")
+        try assertRefused(
+            { w in try copy(w, replacing: ["SHA256SUMS": Data(sumsWithoutManifest.utf8)]) },
+            "entry manifest.json: not listed in SHA256SUMS")
     }
 
     func testCommandsVerifyAndRefuseAFlippedByte() throws {
         let teacher = try Self.tinyTeacher()
         let dir = temporaryDirectory()
         let pack = dir.appendingPathComponent("p.tar")
-        let r = try runTool("hrhf-synth", ["--model", teacher.0.path, "--classes", "1-5", "--count", "2", "--synth-iterations", "2",
-                                          "--synth-batch", "2", "--resolution", "16", "--out", pack.path, "--threads", "1"])
+        let r = try runTool(
+            "hrhf-synth",
+            [
+                "--model", teacher.0.path, "--classes", "1-5", "--count", "2", "--synth-iterations", "2",
+                "--synth-batch", "2", "--resolution", "16", "--out", pack.path, "--threads", "1",
+            ])
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertTrue(r.stdout.contains("area correlation") && r.stdout.contains("class fidelity"), r.stdout)
         let ok = try runTool("hrhf-pack", ["verify", pack.path, "--model", teacher.0.path])

@@ -1,10 +1,12 @@
 import Foundation
 import XCTest
+
 @testable import HRHF
 
 /// The committed fixtures written by the scripts in tools/.
 enum Fixtures {
-    static let directory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("Fixtures")
+    static let directory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent(
+        "Fixtures")
 
     private static var cache: [String: SafeTensorsFile] = [:]
     private static let lock = NSLock()
@@ -38,8 +40,10 @@ func relativeError(_ a: Tensor, _ b: Tensor, floor: Float = 1e-6) -> Float {
     return diff / scale
 }
 
-func assertClose(_ a: Tensor?, _ b: Tensor, tolerance: Float = 1e-4, _ what: String,
-                 file: StaticString = #filePath, line: UInt = #line) {
+func assertClose(
+    _ a: Tensor?, _ b: Tensor, tolerance: Float = 1e-4, _ what: String,
+    file: StaticString = #filePath, line: UInt = #line
+) {
     guard let a else {
         XCTFail("\(what): no value", file: file, line: line)
         return
@@ -55,11 +59,16 @@ func assertClose(_ a: Tensor?, _ b: Tensor, tolerance: Float = 1e-4, _ what: Str
 /// float32 rounding bounds how close the two can be: with step h = 1e-2 the difference quotient
 /// carries about eps_f32 * |L| / h ~ 1e-4 of noise and O(h^2) truncation, hence the stated
 /// tolerance |numeric - analytic| <= atol + rtol * |analytic| (defaults 1e-3 and 3e-3).
-func checkGradients(_ inputs: [Tensor], samples: Int = 10, step h: Float = 1e-2, atol: Float = 1e-3,
-                    rtol: Float = 3e-3, seed: UInt64 = 99, file: StaticString = #filePath, line: UInt = #line,
-                    _ f: ([Tensor]) -> Tensor) {
+func checkGradients(
+    _ inputs: [Tensor], samples: Int = 10, step h: Float = 1e-2, atol: Float = 1e-3,
+    rtol: Float = 3e-3, seed: UInt64 = 99, file: StaticString = #filePath, line: UInt = #line,
+    _ f: ([Tensor]) -> Tensor
+) {
     var rng = SeededGenerator(seed: seed)
-    for x in inputs { x.requiresGrad = true; x.grad = nil }
+    for x in inputs {
+        x.requiresGrad = true
+        x.grad = nil
+    }
     let y = f(inputs)
     let r = Tensor.randn(y.shape, rng: &rng)
     let loss = sum(y * r)
@@ -77,7 +86,8 @@ func checkGradients(_ inputs: [Tensor], samples: Int = 10, step h: Float = 1e-2,
             XCTFail("input \(k) got no gradient", file: file, line: line)
             continue
         }
-        let picks = x.count <= samples ? Array(0..<x.count) : (0..<samples).map { _ in Int(rng.next() % UInt64(x.count)) }
+        let picks =
+            x.count <= samples ? Array(0..<x.count) : (0..<samples).map { _ in Int(rng.next() % UInt64(x.count)) }
         for j in picks {
             let saved = x.pointer[j]
             x.pointer[j] = saved + h
@@ -87,9 +97,10 @@ func checkGradients(_ inputs: [Tensor], samples: Int = 10, step h: Float = 1e-2,
             x.pointer[j] = saved
             let numeric = Float((plus - minus) / Double(2 * h))
             let analytic = g.pointer[j]
-            XCTAssertLessThanOrEqual(Swift.abs(numeric - analytic), atol + rtol * Swift.abs(analytic),
-                                     "input \(k)[\(j)]: numeric \(numeric) vs analytic \(analytic)",
-                                     file: file, line: line)
+            XCTAssertLessThanOrEqual(
+                Swift.abs(numeric - analytic), atol + rtol * Swift.abs(analytic),
+                "input \(k)[\(j)]: numeric \(numeric) vs analytic \(analytic)",
+                file: file, line: line)
         }
     }
 }
@@ -111,9 +122,15 @@ func temporaryDirectory() -> URL {
 
 /// One of the package's executables, built beside the test bundle.
 func toolURL(_ name: String) throws -> URL {
-    let candidates = [Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent(),
-                      URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent()]
-    guard let dir = candidates.first(where: { FileManager.default.isExecutableFile(atPath: $0.appendingPathComponent(name).path) }) else {
+    let candidates = [
+        Bundle.main.bundleURL, Bundle.main.bundleURL.deletingLastPathComponent(),
+        URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent(),
+    ]
+    guard
+        let dir = candidates.first(where: {
+            FileManager.default.isExecutableFile(atPath: $0.appendingPathComponent(name).path)
+        })
+    else {
         throw XCTSkip("\(name) is not built beside the tests")
     }
     return dir.appendingPathComponent(name)
@@ -127,8 +144,10 @@ func runTool(_ name: String, _ arguments: [String]) throws -> (status: Int32, st
 
 /// Runs a program (with `environment` added to this process's) and returns its exit status,
 /// standard output and standard error.
-func runProcess(_ executable: URL, _ arguments: [String],
-                environment: [String: String] = [:]) throws -> (status: Int32, stdout: String, stderr: String) {
+func runProcess(
+    _ executable: URL, _ arguments: [String],
+    environment: [String: String] = [:]
+) throws -> (status: Int32, stdout: String, stderr: String) {
     let process = Process()
     process.executableURL = executable
     process.arguments = arguments
@@ -143,8 +162,10 @@ func runProcess(_ executable: URL, _ arguments: [String],
 }
 
 /// Asserts a command failed cleanly: status 1, stderr naming `names`, nothing at `out`.
-func assertFailed(_ r: (status: Int32, stdout: String, stderr: String), naming names: [String], out: URL? = nil,
-                  file: StaticString = #filePath, line: UInt = #line) {
+func assertFailed(
+    _ r: (status: Int32, stdout: String, stderr: String), naming names: [String], out: URL? = nil,
+    file: StaticString = #filePath, line: UInt = #line
+) {
     XCTAssertEqual(r.status, 1, r.stderr, file: file, line: line)
     for name in names {
         XCTAssertTrue(r.stderr.contains(name), "\(name) not in: \(r.stderr)", file: file, line: line)

@@ -1,4 +1,5 @@
 import XCTest
+
 @testable import HRHF
 
 final class VectorMathTests: XCTestCase {
@@ -30,9 +31,15 @@ final class VectorMathTests: XCTestCase {
         // The shifted form: exp(x - s) per element.
         let x: [Float] = (0..<13).map { Float($0) * 0.7 - 3 }, s: [Float] = (0..<13).map { Float($0) * 0.2 }
         var y = [Float](repeating: 0, count: 13)
-        x.withUnsafeBufferPointer { px in s.withUnsafeBufferPointer { ps in y.withUnsafeMutableBufferPointer { py in
-            vectorExp(px.baseAddress!, minus: ps.baseAddress!, py.baseAddress!, count: 13)
-        } } }
-        for i in 0..<13 { XCTAssertEqual(y[i], Foundation.exp(x[i] - s[i]), accuracy: 5e-7 * Foundation.exp(x[i] - s[i])) }
+        x.withUnsafeBufferPointer { px in
+            s.withUnsafeBufferPointer { ps in
+                y.withUnsafeMutableBufferPointer { py in
+                    vectorExp(px.baseAddress!, minus: ps.baseAddress!, py.baseAddress!, count: 13)
+                }
+            }
+        }
+        for i in 0..<13 {
+            XCTAssertEqual(y[i], Foundation.exp(x[i] - s[i]), accuracy: 5e-7 * Foundation.exp(x[i] - s[i]))
+        }
     }
 }

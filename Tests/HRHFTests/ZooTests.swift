@@ -1,8 +1,10 @@
 import XCTest
+
 @testable import HRHF
 
 final class ZooTests: XCTestCase {
-    static let zoo = Fixtures.directory.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    static let zoo = Fixtures.directory.deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
         .appendingPathComponent("zoo")
 
     func testCommittedCardsEqualTheBuiltInPresets() throws {

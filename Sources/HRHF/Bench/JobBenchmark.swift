@@ -38,8 +38,9 @@ public final class JobBenchmark {
             guard job == .mib || pack != nil else {
                 throw WeightFileError(file: "hrhf-bench", "job hrhf+gsc needs --pack")
             }
-            let setup = try DistillationIterations(job: job, old: teacher, card: card, data: data,
-                                                   pack: job == .mib ? nil : pack)
+            let setup = try DistillationIterations(
+                job: job, old: teacher, card: card, data: data,
+                pack: job == .mib ? nil : pack)
             batch = setup.images
             iterate = { try setup.iterate() }
             dumpInputs = { try setup.dump(to: $0) }
@@ -61,8 +62,9 @@ public final class JobBenchmark {
 private func writeJobDescription(_ fields: [String: Any], options: some Encodable, to directory: URL) throws {
     var all = fields
     all["options"] = try JSONSerialization.jsonObject(with: JSONEncoder().encode(options))
-    try writeAtomically(JSONSerialization.data(withJSONObject: all, options: [.sortedKeys]),
-                        to: directory.appendingPathComponent("job.json"))
+    try writeAtomically(
+        JSONSerialization.data(withJSONObject: all, options: [.sortedKeys]),
+        to: directory.appendingPathComponent("job.json"))
 }
 
 /// SegInversion iterations on a batch of the model's old foreground classes, from run seed 0.
@@ -78,8 +80,9 @@ private final class SynthesisIterations {
 
     init(teacher: DeepLabV3, card: ModelCard) throws {
         options = InversionOptions()
-        inversion = try SegInversion(teacher: teacher, normalization: card.normalization,
-                                     classes: Array(1..<teacher.numClasses), options: options)
+        inversion = try SegInversion(
+            teacher: teacher, normalization: card.normalization,
+            classes: Array(1..<teacher.numClasses), options: options)
         rng = SeededGenerator(seed: SegInversion.batchSeed(0, 0))
         targets = inversion.drawTargets(firstIndex: 0, count: options.batchSize, seed: 0, rng: &rng)
         x = Tensor.randn([options.batchSize, 3, options.resolution, options.resolution], rng: &rng)
@@ -90,8 +93,9 @@ private final class SynthesisIterations {
     }
 
     var learningRate: Float {
-        LearningRateSchedule.cosine.rate(base: options.learningRate, iteration: iteration % options.iterations,
-                                         total: options.iterations, warmup: options.warmup)
+        LearningRateSchedule.cosine.rate(
+            base: options.learningRate, iteration: iteration % options.iterations,
+            total: options.iterations, warmup: options.warmup)
     }
 
     /// One iteration as `SegInversion.synthesize` runs it.
@@ -116,11 +120,14 @@ private final class SynthesisIterations {
             let c = inversion.teacher.numClasses
             return stride(from: 0, to: v.count, by: c).map { Array(v[$0..<($0 + c)]) }
         }
-        try writeJobDescription(["job": BenchJob.synth.rawValue, "loss": loss.item, "kIn": rows(k.kIn),
-                                 "kOut": rows(k.kOut), "kAbs": rows(k.kAbs), "absentWeights": rows(k.absMask),
-                                 "dy": view.roll?.dy ?? 0,
-                                 "dx": view.roll?.dx ?? 0, "flip": view.flip, "learningRate": learningRate],
-                                options: options, to: directory)
+        try writeJobDescription(
+            [
+                "job": BenchJob.synth.rawValue, "loss": loss.item, "kIn": rows(k.kIn),
+                "kOut": rows(k.kOut), "kAbs": rows(k.kAbs), "absentWeights": rows(k.absMask),
+                "dy": view.roll?.dy ?? 0,
+                "dx": view.roll?.dx ?? 0, "flip": view.flip, "learningRate": learningRate,
+            ],
+            options: options, to: directory)
     }
 }
 
@@ -138,11 +145,13 @@ private final class DistillationIterations {
         let task = try IncrementalTask.named("15-5", foreground: foreground)
         let options = try DistillationOptions.preset(job.rawValue)
         // MiB sees 16 real images; hrhf+gsc 8 real and as many fake ones.
-        let config = TrainingConfig(iterations: 1 << 20, batchSize: pack == nil ? 16 : 8, cropSize: 128,
-                                    learningRate: 0.01, seed: 0, checkpointEvery: 0)
+        let config = TrainingConfig(
+            iterations: 1 << 20, batchSize: pack == nil ? 16 : 8, cropSize: 128,
+            learningRate: 0.01, seed: 0, checkpointEvery: 0)
         let packs = try pack.map { [try SyntheticPack(url: $0)] } ?? []
-        step = try DistillationStep(old: old, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
-                                    packs: packs, options: options, config: config)
+        step = try DistillationStep(
+            old: old, oldCard: card, train: train, task: task, step: 1, setting: .overlap,
+            packs: packs, options: options, config: config)
         trainer = try step.makeTrainer(checkpoint: nil)
         images = step.data.realPerBatch + (step.data.fakeSampler?.batchSize ?? 0)
     }
@@ -157,15 +166,17 @@ private final class DistillationIterations {
     func dump(to directory: URL) throws {
         let real = try step.data.realLoader.batch(0)
         try NPY.write(real.images, to: directory.appendingPathComponent("real.npy"))
-        try NPY.write(Tensor(shape: real.labels.shape, values: real.labels.values.map(Float.init)),
-                      to: directory.appendingPathComponent("labels.npy"))
+        try NPY.write(
+            Tensor(shape: real.labels.shape, values: real.labels.values.map(Float.init)),
+            to: directory.appendingPathComponent("labels.npy"))
         if let fake = try step.data.fakeSampler?.batch(0) {
             try NPY.write(fake, to: directory.appendingPathComponent("fake.npy"))
         }
         if let prototypes = step.models.prototypes {
             let rows = prototypes.vectors.flatMap { $0 ?? [Float](repeating: .nan, count: prototypes.channels) }
-            try NPY.write(Tensor(shape: [prototypes.vectors.count, prototypes.channels], values: rows),
-                          to: directory.appendingPathComponent("prototypes.npy"))
+            try NPY.write(
+                Tensor(shape: [prototypes.vectors.count, prototypes.channels], values: rows),
+                to: directory.appendingPathComponent("prototypes.npy"))
         }
         let model = step.model
         let state = model.stateDict().map { ($0.name, $0.tensor.copy()) }
@@ -175,9 +186,12 @@ private final class DistillationIterations {
         model.train()
         // The batch-norm running statistics that forward moved are put back.
         for ((_, t), (_, saved)) in zip(model.stateDict(), state) { t.assign(saved) }
-        try writeJobDescription(["job": job.rawValue, "loss": loss.item, "parts": parts,
-                                 "newClasses": model.numClasses - step.models.old.numClasses, "fake": step.data.fakeSampler != nil,
-                                 "learningRate": step.config.learningRate],
-                                options: step.options, to: directory)
+        try writeJobDescription(
+            [
+                "job": job.rawValue, "loss": loss.item, "parts": parts,
+                "newClasses": model.numClasses - step.models.old.numClasses, "fake": step.data.fakeSampler != nil,
+                "learningRate": step.config.learningRate,
+            ],
+            options: step.options, to: directory)
     }
 }

@@ -39,8 +39,10 @@ public struct ConvBenchCase: Sendable {
     public var name: String
     public var batch, inChannels, outChannels, kernel, dilation, size: Int
 
-    public init(_ name: String, batch: Int = 1, inChannels: Int, outChannels: Int, kernel: Int,
-                dilation: Int = 1, size: Int) {
+    public init(
+        _ name: String, batch: Int = 1, inChannels: Int, outChannels: Int, kernel: Int,
+        dilation: Int = 1, size: Int
+    ) {
         self.name = name
         self.batch = batch
         self.inChannels = inChannels
@@ -73,9 +75,10 @@ public struct ConvBenchResult: Sendable {
 public func benchmarkConvolution(_ bc: ConvBenchCase, repeats: Int) -> ConvBenchResult {
     var rng = SeededGenerator(seed: 2)
     let pad = bc.dilation * (bc.kernel - 1) / 2
-    let geo = Conv2dGeometry(inChannels: bc.inChannels, outChannels: bc.outChannels, kernelH: bc.kernel,
-                             kernelW: bc.kernel, strideH: 1, strideW: 1, padH: pad, padW: pad,
-                             dilationH: bc.dilation, dilationW: bc.dilation, groups: 1, inH: bc.size, inW: bc.size)
+    let geo = Conv2dGeometry(
+        inChannels: bc.inChannels, outChannels: bc.outChannels, kernelH: bc.kernel,
+        kernelW: bc.kernel, strideH: 1, strideW: 1, padH: pad, padW: pad,
+        dilationH: bc.dilation, dilationW: bc.dilation, groups: 1, inH: bc.size, inW: bc.size)
     let x = Tensor.randn([bc.batch, bc.inChannels, bc.size, bc.size], rng: &rng)
     let w = Tensor.randn([bc.outChannels, bc.inChannels, bc.kernel, bc.kernel], std: 0.05, rng: &rng)
     let y = Tensor(zeros: [bc.batch, bc.outChannels, geo.outH, geo.outW])
@@ -90,8 +93,9 @@ public func benchmarkConvolution(_ bc: ConvBenchCase, repeats: Int) -> ConvBench
         conv2dBackwardWeight(gy.pointer, x.pointer, geo, batch: bc.batch, gradWeight: gw.pointer)
     }
     let flops = geo.flopsPerImage * Double(bc.batch)
-    return ConvBenchResult(benchCase: bc, forwardSeconds: forward, backwardSeconds: backward,
-                           forwardGFLOPS: flops / forward / 1e9, backwardGFLOPS: 2 * flops / backward / 1e9)
+    return ConvBenchResult(
+        benchCase: bc, forwardSeconds: forward, backwardSeconds: backward,
+        forwardGFLOPS: flops / forward / 1e9, backwardGFLOPS: 2 * flops / backward / 1e9)
 }
 
 /// Training-mode batch norm with its ReLU fused, on one activation shape: forward and backward
@@ -111,18 +115,23 @@ public func benchmarkBatchNormReLU(shape: [Int], repeats: Int) -> NormBenchResul
     weight.requiresGrad = true
     bias.requiresGrad = true
     let forward = medianSeconds(repeats: repeats) {
-        _ = batchNorm2d(x, weight: weight, bias: bias, runningMean: nil, runningVar: nil, training: true, negativeSlope: 0)
+        _ = batchNorm2d(
+            x, weight: weight, bias: bias, runningMean: nil, runningVar: nil, training: true, negativeSlope: 0)
     }
     // Each backward needs its own forward: timed as the pair, less the forward's median.
     let both = medianSeconds(repeats: repeats) {
-        let y = batchNorm2d(x, weight: weight, bias: bias, runningMean: nil, runningVar: nil, training: true, negativeSlope: 0)
+        let y = batchNorm2d(
+            x, weight: weight, bias: bias, runningMean: nil, runningVar: nil, training: true, negativeSlope: 0)
         y.backward(gradient: gy)
         for t in [x, weight, bias] { t.grad = nil }
     }
     let copy = Tensor(zeros: shape)
     let copySeconds = medianSeconds(repeats: repeats) {
         let src = x.pointer, dst = copy.pointer
-        parallelBlocks(x.count, minBlock: parallelGrain) { r in (dst + r.lowerBound).update(from: src + r.lowerBound, count: r.count) }
+        parallelBlocks(x.count, minBlock: parallelGrain) { r in
+            (dst + r.lowerBound).update(from: src + r.lowerBound, count: r.count)
+        }
     }
-    return NormBenchResult(shape: shape, forwardSeconds: forward, backwardSeconds: max(both - forward, 0), copySeconds: copySeconds)
+    return NormBenchResult(
+        shape: shape, forwardSeconds: forward, backwardSeconds: max(both - forward, 0), copySeconds: copySeconds)
 }

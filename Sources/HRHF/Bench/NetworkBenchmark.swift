@@ -16,7 +16,13 @@ public enum NetworkWorkload: String, CaseIterable, Sendable {
     /// Gradient with respect to the input only, frozen weights, batch 4 (model inversion).
     case invert
 
-    public var batch: Int { switch self { case .eval: 1; case .train: 2; case .invert: 4 } }
+    public var batch: Int {
+        switch self {
+        case .eval: 1
+        case .train: 2
+        case .invert: 4
+        }
+    }
 }
 
 public struct NetworkBenchResult: Sendable {
@@ -36,11 +42,15 @@ public func peakResidentMB() -> Double {
 }
 
 /// Runs one workload on `arch` at `size` x `size`: one warm-up, then the median of `repeats`.
-public func benchmarkNetwork(_ arch: ArchitectureDescription, workload: NetworkWorkload, size: Int, repeats: Int) throws -> NetworkBenchResult {
+public func benchmarkNetwork(_ arch: ArchitectureDescription, workload: NetworkWorkload, size: Int, repeats: Int) throws
+    -> NetworkBenchResult
+{
     let model = try DeepLabV3(arch, seed: 1)
     var rng = SeededGenerator(seed: 2)
     let x = Tensor.randn([workload.batch, 3, size, size], rng: &rng)
-    let labels = Labels(shape: [workload.batch, size, size], values: (0..<(workload.batch * size * size)).map { _ in Int32(rng.next() % UInt64(arch.numClasses)) })
+    let labels = Labels(
+        shape: [workload.batch, size, size],
+        values: (0..<(workload.batch * size * size)).map { _ in Int32(rng.next() % UInt64(arch.numClasses)) })
     let body: () -> Void
     switch workload {
     case .eval:
@@ -67,6 +77,7 @@ public func benchmarkNetwork(_ arch: ArchitectureDescription, workload: NetworkW
     let flops = FlopCounter.flops
     TensorStorage.resetPeakBytes()
     let seconds = medianSeconds(repeats: repeats, body)
-    return NetworkBenchResult(medianSeconds: seconds, gflopPerRun: flops / 1e9, peakResidentMB: peakResidentMB(),
-                              tensorPeakMB: Double(TensorStorage.peakBytes) / 1_048_576)
+    return NetworkBenchResult(
+        medianSeconds: seconds, gflopPerRun: flops / 1e9, peakResidentMB: peakResidentMB(),
+        tensorPeakMB: Double(TensorStorage.peakBytes) / 1_048_576)
 }

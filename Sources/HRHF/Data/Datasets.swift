@@ -31,8 +31,9 @@ extension SegmentationDataset {
         let maskFile = maskURL(index)
         let labels = try readLabels(index)
         guard labels.width == image.width && labels.height == image.height else {
-            throw DatasetError(file: maskFile.path,
-                               "mask is \(labels.width)x\(labels.height) but its image is \(image.width)x\(image.height)")
+            throw DatasetError(
+                file: maskFile.path,
+                "mask is \(labels.width)x\(labels.height) but its image is \(image.width)x\(image.height)")
         }
         return SegmentationSample(name: name(index), image: image, labels: labels)
     }
@@ -43,7 +44,8 @@ extension SegmentationDataset {
         let labels = try mapLabels(try ImageIO.readIndexPNG(file), file: file.path)
         let limit = classNames.count
         if let bad = labels.values.first(where: { Int($0) >= limit && $0 != 255 }) {
-            throw DatasetError(file: file.path, "label \(bad) is outside the \(limit) classes (0-\(limit - 1), 255 ignore)")
+            throw DatasetError(
+                file: file.path, "label \(bad) is outside the \(limit) classes (0-\(limit - 1), 255 ignore)")
         }
         return labels
     }
@@ -199,9 +201,12 @@ public struct ADE20KDataset: SegmentationDataset {
     public func name(_ index: Int) -> String { names[index] }
     public func imageURL(_ index: Int) -> URL {
         let jpg = root.appendingPathComponent("images/\(folder)/\(names[index]).jpg")
-        return FileManager.default.fileExists(atPath: jpg.path) ? jpg : root.appendingPathComponent("images/\(folder)/\(names[index]).png")
+        return FileManager.default.fileExists(atPath: jpg.path)
+            ? jpg : root.appendingPathComponent("images/\(folder)/\(names[index]).png")
     }
-    public func maskURL(_ index: Int) -> URL { root.appendingPathComponent("annotations/\(folder)/\(names[index]).png") }
+    public func maskURL(_ index: Int) -> URL {
+        root.appendingPathComponent("annotations/\(folder)/\(names[index]).png")
+    }
     public func mapLabels(_ raw: IndexMask, file: String) throws -> IndexMask { raw }
 }
 
@@ -211,7 +216,7 @@ public struct CityscapesDataset: SegmentationDataset {
     public let root: URL
     public let split: String
     public var classNames: [String] { DatasetClasses.cityscapes }
-    let stems: [String]  // CITY/X
+    let stems: [String] // CITY/X
 
     /// Label id -> train id, as cityscapesScripts' labels.py.
     public static let trainIds: [Int: UInt16] = [
@@ -228,7 +233,8 @@ public struct CityscapesDataset: SegmentationDataset {
         }
         var stems: [String] = []
         for city in cities.sorted() {
-            let files = (try? FileManager.default.contentsOfDirectory(atPath: dir.appendingPathComponent(city).path)) ?? []
+            let files =
+                (try? FileManager.default.contentsOfDirectory(atPath: dir.appendingPathComponent(city).path)) ?? []
             for f in files.sorted() where f.hasSuffix("_leftImg8bit.png") {
                 stems.append("\(city)/\(f.dropLast("_leftImg8bit.png".count))")
             }
@@ -239,8 +245,12 @@ public struct CityscapesDataset: SegmentationDataset {
 
     public var count: Int { stems.count }
     public func name(_ index: Int) -> String { stems[index].replacingOccurrences(of: "/", with: "_") }
-    public func imageURL(_ index: Int) -> URL { root.appendingPathComponent("leftImg8bit/\(split)/\(stems[index])_leftImg8bit.png") }
-    public func maskURL(_ index: Int) -> URL { root.appendingPathComponent("gtFine/\(split)/\(stems[index])_gtFine_labelIds.png") }
+    public func imageURL(_ index: Int) -> URL {
+        root.appendingPathComponent("leftImg8bit/\(split)/\(stems[index])_leftImg8bit.png")
+    }
+    public func maskURL(_ index: Int) -> URL {
+        root.appendingPathComponent("gtFine/\(split)/\(stems[index])_gtFine_labelIds.png")
+    }
 
     public func mapLabels(_ raw: IndexMask, file: String) throws -> IndexMask {
         var lut = [UInt16](repeating: 255, count: 65536)

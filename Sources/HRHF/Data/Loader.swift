@@ -32,7 +32,8 @@ public func resizeImage(_ image: RGBImage, width: Int, height: Int) -> RGBImage 
             for x in 0..<width {
                 for c in 0..<3 {
                     func px(_ yy: Int, _ xx: Int) -> Float { Float(src[(yy * image.width + xx) * 3 + c]) }
-                    let v = ty.w0[y] * (tx.w0[x] * px(ty.i0[y], tx.i0[x]) + tx.w1[x] * px(ty.i0[y], tx.i1[x]))
+                    let v =
+                        ty.w0[y] * (tx.w0[x] * px(ty.i0[y], tx.i0[x]) + tx.w1[x] * px(ty.i0[y], tx.i1[x]))
                         + ty.w1[y] * (tx.w0[x] * px(ty.i1[y], tx.i0[x]) + tx.w1[x] * px(ty.i1[y], tx.i1[x]))
                     out[(y * width + x) * 3 + c] = UInt8(max(0, min(255, v.rounded())))
                 }
@@ -67,7 +68,11 @@ extension Augmentation {
         let mirror = flip && rng.nextUnitFloat() < 0.5
         // Padding: ImageNet's mean colour (zero after normalisation) and the ignore label.
         var pixels = [UInt8](repeating: 0, count: c * c * 3)
-        for i in 0..<(c * c) { pixels[3 * i] = 124; pixels[3 * i + 1] = 116; pixels[3 * i + 2] = 104 }
+        for i in 0..<(c * c) {
+            pixels[3 * i] = 124
+            pixels[3 * i + 1] = 116
+            pixels[3 * i + 2] = 104
+        }
         var values = [UInt16](repeating: 255, count: c * c)
         for y in 0..<min(c, h) {
             for x in 0..<min(c, w) {
@@ -110,8 +115,10 @@ public final class BatchLoader: @unchecked Sendable {
 
     private var pending: Job?
 
-    public init(dataset: SegmentationDataset, indices: [Int], batchSize: Int, augmentation: Augmentation?,
-                normalization: Normalization, seed: UInt64, labelTransform: @escaping @Sendable (IndexMask) -> IndexMask) {
+    public init(
+        dataset: SegmentationDataset, indices: [Int], batchSize: Int, augmentation: Augmentation?,
+        normalization: Normalization, seed: UInt64, labelTransform: @escaping @Sendable (IndexMask) -> IndexMask
+    ) {
         precondition(!indices.isEmpty, "no images to load")
         self.dataset = dataset
         self.indices = indices
@@ -141,12 +148,14 @@ public final class BatchLoader: @unchecked Sendable {
             let sample = try dataset.sample(index)
             var image = sample.image, labels = labelTransform(sample.labels)
             if let augmentation {
-                var rng = SeededGenerator(seed: seed ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot) &* 0x94D0_49BB_1331_11EB)
+                var rng = SeededGenerator(
+                    seed: seed ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot) &* 0x94D0_49BB_1331_11EB)
                 (image, labels) = augmentation.apply(image, labels, rng: &rng)
             }
             if let shape, shape != (image.height, image.width) {
-                throw DatasetError(file: dataset.imageURL(index).path,
-                                   "images of one batch differ in size: use a crop size or batch size 1")
+                throw DatasetError(
+                    file: dataset.imageURL(index).path,
+                    "images of one batch differ in size: use a crop size or batch size 1")
             }
             shape = (image.height, image.width)
             images.append(normalization.tensor(image))
@@ -154,7 +163,8 @@ public final class BatchLoader: @unchecked Sendable {
             names.append(sample.name)
         }
         let (h, w) = shape!
-        return Batch(images: concatBatch(images), labels: Labels(shape: [picks.count, h, w], values: labelValues), names: names)
+        return Batch(
+            images: concatBatch(images), labels: Labels(shape: [picks.count, h, w], values: labelValues), names: names)
     }
 
     /// Batch `iteration`, taken from the background thread when it was prepared there; starts

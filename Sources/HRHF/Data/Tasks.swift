@@ -25,13 +25,16 @@ public struct IncrementalTask: Equatable, Sendable, Codable {
             }
             return steps
         }
-        let known: [String: (Int, [Int])] = foreground == 150 ? [
-            "100-50": (100, [50]), "100-10": (100, [10, 10, 10, 10, 10]), "50-50": (50, [50, 50]),
-            "100-5": (100, Array(repeating: 5, count: 10)), "offline": (150, []),
-        ] : [
-            "19-1": (19, [1]), "15-5": (15, [5]), "15-1": (15, [1, 1, 1, 1, 1]), "15-5s": (15, [1, 1, 1, 1, 1]),
-            "10-1": (10, Array(repeating: 1, count: 10)), "10-5-5": (10, [5, 5]), "offline": (foreground, []),
-        ]
+        let known: [String: (Int, [Int])] =
+            foreground == 150
+            ? [
+                "100-50": (100, [50]), "100-10": (100, [10, 10, 10, 10, 10]), "50-50": (50, [50, 50]),
+                "100-5": (100, Array(repeating: 5, count: 10)), "offline": (150, []),
+            ]
+            : [
+                "19-1": (19, [1]), "15-5": (15, [5]), "15-1": (15, [1, 1, 1, 1, 1]), "15-5s": (15, [1, 1, 1, 1, 1]),
+                "10-1": (10, Array(repeating: 1, count: 10)), "10-5-5": (10, [5, 5]), "offline": (foreground, []),
+            ]
         if let (base, increments) = known[spec] {
             guard base + increments.reduce(0, +) == foreground else {
                 throw DatasetError(file: spec, "task does not fit a dataset of \(foreground) classes")
@@ -42,8 +45,10 @@ public struct IncrementalTask: Equatable, Sendable, Codable {
         var steps: [[Int]] = []
         for group in spec.split(separator: ",") {
             let bounds = group.split(separator: "-").compactMap { Int($0) }
-            guard bounds.count == 2 || bounds.count == 1, let lo = bounds.first, let hi = bounds.last, lo >= 1, lo <= hi,
-                  hi <= foreground else {
+            guard bounds.count == 2 || bounds.count == 1, let lo = bounds.first, let hi = bounds.last, lo >= 1,
+                lo <= hi,
+                hi <= foreground
+            else {
                 throw DatasetError(file: spec, "unknown task: give a known name or class ranges such as 1-15,16-20")
             }
             steps.append(range(lo, hi))
@@ -101,7 +106,8 @@ public struct StepProtocol: Sendable {
         var lut = [UInt16](repeating: 0, count: 256)
         lut[255] = 255
         for c in task.classes(at: step) { lut[c] = UInt16(c) }
-        return IndexMask(width: mask.width, height: mask.height, values: mask.values.map { $0 < 256 ? lut[Int($0)] : 255 })
+        return IndexMask(
+            width: mask.width, height: mask.height, values: mask.values.map { $0 < 256 ? lut[Int($0)] : 255 })
     }
 
     /// Joint training labels (the upper bound): every class seen so far kept.
@@ -111,7 +117,8 @@ public struct StepProtocol: Sendable {
     public func testLabels(_ mask: IndexMask) -> IndexMask {
         var lut = [UInt16](repeating: 255, count: 256)
         for c in task.seen(through: step) { lut[c] = UInt16(c) }
-        return IndexMask(width: mask.width, height: mask.height, values: mask.values.map { $0 < 256 ? lut[Int($0)] : 255 })
+        return IndexMask(
+            width: mask.width, height: mask.height, values: mask.values.map { $0 < 256 ? lut[Int($0)] : 255 })
     }
 
     /// The indices of `dataset` used for training at this step, from a cached list file when
@@ -119,14 +126,17 @@ public struct StepProtocol: Sendable {
     /// from the masks and cached otherwise.
     public func trainingIndices(_ dataset: SegmentationDataset, cacheDirectory: URL? = nil) throws -> [Int] {
         let dir = cacheDirectory ?? dataset.root.appendingPathComponent(".hrhf-lists")
-        let file = dir.appendingPathComponent("\(task.name.replacingOccurrences(of: ",", with: "_"))-\(setting.rawValue)-step\(step)-\(dataset.split).txt")
+        let file = dir.appendingPathComponent(
+            "\(task.name.replacingOccurrences(of: ",", with: "_"))-\(setting.rawValue)-step\(step)-\(dataset.split).txt"
+        )
         var byName: [String: Int] = [:]
         for i in 0..<dataset.count { byName[dataset.name(i)] = i }
         if let cached = try? readList(file) {
             var indices: [Int] = []
             for name in cached {
                 guard let i = byName[name] else {
-                    throw DatasetError(file: file.path, "lists \(name), which the dataset does not have: delete the stale list")
+                    throw DatasetError(
+                        file: file.path, "lists \(name), which the dataset does not have: delete the stale list")
                 }
                 indices.append(i)
             }
@@ -140,9 +150,13 @@ public struct StepProtocol: Sendable {
                 do {
                     let present = Set(try dataset.readLabels(i).values.map(Int.init))
                     let use = usesForTraining(present)
-                    lock.lock(); keep[i] = use; lock.unlock()
+                    lock.lock()
+                    keep[i] = use
+                    lock.unlock()
                 } catch {
-                    lock.lock(); failure = failure ?? error; lock.unlock()
+                    lock.lock()
+                    failure = failure ?? error
+                    lock.unlock()
                 }
             }
         }

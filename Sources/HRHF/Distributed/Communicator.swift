@@ -92,8 +92,9 @@ public final class Communicator: @unchecked Sendable {
         var done = 0
         while done < count {
             let n = min(Communicator.bucketElements, count - done)
-            check(MPI_Allreduce(hrhf_mpi_in_place(), base + done * stride, Int32(n), type, hrhf_mpi_sum(), world),
-                  "MPI_Allreduce")
+            check(
+                MPI_Allreduce(hrhf_mpi_in_place(), base + done * stride, Int32(n), type, hrhf_mpi_sum(), world),
+                "MPI_Allreduce")
             done += n
         }
         allreduceCalls += (count + Communicator.bucketElements - 1) / Communicator.bucketElements
@@ -166,8 +167,9 @@ public final class Communicator: @unchecked Sendable {
         }
         var received = [UInt8](repeating: 0, count: isRoot ? Int(total) : 0)
         var sent = [UInt8](data)
-        check(MPI_Gatherv(&sent, mine, hrhf_mpi_byte(), &received, &lengths, &offsets, hrhf_mpi_byte(), 0, world),
-              "MPI_Gatherv")
+        check(
+            MPI_Gatherv(&sent, mine, hrhf_mpi_byte(), &received, &lengths, &offsets, hrhf_mpi_byte(), 0, world),
+            "MPI_Gatherv")
         guard isRoot else { return nil }
         return (0..<size).map { Data(received[Int(offsets[$0])..<Int(offsets[$0] + lengths[$0])]) }
     }

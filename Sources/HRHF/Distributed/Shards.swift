@@ -4,8 +4,10 @@ import Foundation
 /// gives it: Slurm's SLURM_ARRAY_TASK_ID (counted from SLURM_ARRAY_TASK_MIN) and
 /// SLURM_ARRAY_TASK_COUNT, or Kubernetes' JOB_COMPLETION_INDEX (from 0) of an Indexed Job, whose
 /// count is `count` or HRHF_SHARD_COUNT (the Job's `completions`, which Kubernetes does not export).
-public func shardFromEnvironment(_ environment: [String: String],
-                                 count: Int? = nil) throws -> (index: Int, count: Int) {
+public func shardFromEnvironment(
+    _ environment: [String: String],
+    count: Int? = nil
+) throws -> (index: Int, count: Int) {
     func number(_ key: String) throws -> Int? {
         guard let text = environment[key] else { return nil }
         guard let value = Int(text.trimmingCharacters(in: .whitespaces)) else {
@@ -22,8 +24,9 @@ public func shardFromEnvironment(_ environment: [String: String],
         total = tasks
     } else if let completion = try number("JOB_COMPLETION_INDEX") {
         guard let completions = try count ?? number("HRHF_SHARD_COUNT") else {
-            throw DatasetError(file: "JOB_COMPLETION_INDEX",
-                               "set, but not the count: give --shard-count or HRHF_SHARD_COUNT")
+            throw DatasetError(
+                file: "JOB_COMPLETION_INDEX",
+                "set, but not the count: give --shard-count or HRHF_SHARD_COUNT")
         }
         index = completion + 1
         total = completions

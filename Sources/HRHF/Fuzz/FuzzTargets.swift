@@ -50,17 +50,19 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 return .accepted
             }
         case .pickle:
-            return withScratch({ folder in
-                let file = folder.appendingPathComponent(name)
-                let storages = (0..<8).map { key in
-                    ("archive/data/\(key)", Data((0..<256).map { UInt8(truncatingIfNeeded: $0 * 7 + key) }))
-                }
-                try writeStoredZip([("archive/data.pkl", data)] + storages, to: file.path)
-                return file
-            }, read: { file in
-                _ = try TorchCheckpoint.read(file)
-                return .accepted
-            })
+            return withScratch(
+                { folder in
+                    let file = folder.appendingPathComponent(name)
+                    let storages = (0..<8).map { key in
+                        ("archive/data/\(key)", Data((0..<256).map { UInt8(truncatingIfNeeded: $0 * 7 + key) }))
+                    }
+                    try writeStoredZip([("archive/data.pkl", data)] + storages, to: file.path)
+                    return file
+                },
+                read: { file in
+                    _ = try TorchCheckpoint.read(file)
+                    return .accepted
+                })
         case .pth:
             return withInputFile(data, name: name) { file in
                 _ = try TorchCheckpoint.read(file)
@@ -72,23 +74,26 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
                 return .accepted
             }
         case .pack:
-            return withScratch({ folder in
-                let file = folder.appendingPathComponent(name)
-                try data.write(to: file)
-                // An input whose entries cannot be listed is read as it is.
-                try? Self.rebuildChecksums(file)
-                return file
-            }, read: { try Self.usePack(SyntheticPack(url: $0)) })
+            return withScratch(
+                { folder in
+                    let file = folder.appendingPathComponent(name)
+                    try data.write(to: file)
+                    // An input whose entries cannot be listed is read as it is.
+                    try? Self.rebuildChecksums(file)
+                    return file
+                }, read: { try Self.usePack(SyntheticPack(url: $0)) })
         case .list:
-            return withScratch({ folder in
-                try Self.makeDatasetFolder(in: folder)
-                let list = folder.appendingPathComponent(name)
-                try data.write(to: list)
-                return list
-            }, read: { list in
-                let root = list.deletingLastPathComponent().appendingPathComponent("voc")
-                return Self.checkNames(try VOCDataset(root: root, split: "train", list: list))
-            })
+            return withScratch(
+                { folder in
+                    try Self.makeDatasetFolder(in: folder)
+                    let list = folder.appendingPathComponent(name)
+                    try data.write(to: list)
+                    return list
+                },
+                read: { list in
+                    let root = list.deletingLastPathComponent().appendingPathComponent("voc")
+                    return Self.checkNames(try VOCDataset(root: root, split: "train", list: list))
+                })
         case .npy:
             return withInputFile(data, name: name) { file in
                 _ = try NPY.read(file)
@@ -137,8 +142,9 @@ public enum FuzzTarget: String, CaseIterable, Sendable {
         for record in m.images {
             let image = try pack.image(record), label = try pack.label(record)
             guard image.width == label.width, image.height == label.height else {
-                return .violation("verified pack: label \(record.label) is \(label.width)x\(label.height), "
-                                  + "its image \(image.width)x\(image.height)")
+                return .violation(
+                    "verified pack: label \(record.label) is \(label.width)x\(label.height), "
+                        + "its image \(image.width)x\(image.height)")
             }
         }
         if !m.images.isEmpty { _ = try contactSheet(pack, columns: 2, limit: 4) }
@@ -199,11 +205,12 @@ private func withScratch(_ prepare: (URL) throws -> URL, read: (URL) throws -> F
 
 /// `withScratch` with the input in a file called `name`.
 private func withInputFile(_ data: Data, name: String, _ read: (URL) throws -> FuzzOutcome) -> FuzzOutcome {
-    withScratch({ folder in
-        let file = folder.appendingPathComponent(name)
-        try data.write(to: file)
-        return file
-    }, read: read)
+    withScratch(
+        { folder in
+            let file = folder.appendingPathComponent(name)
+            try data.write(to: file)
+            return file
+        }, read: read)
 }
 
 /// A zip of uncompressed entries, as `torch.save` writes them.
@@ -212,7 +219,8 @@ private func writeStoredZip(_ entries: [(name: String, data: Data)], to path: St
     defer { archive_write_free(archive) }
     archive_write_set_format_zip(archive)
     guard archive_write_set_options(archive, "zip:compression=store") == ARCHIVE_OK,
-          archive_write_open_filename(archive, path) == ARCHIVE_OK else {
+        archive_write_open_filename(archive, path) == ARCHIVE_OK
+    else {
         throw FileError(file: path, "cannot open the zip for writing")
     }
     for (name, data) in entries {

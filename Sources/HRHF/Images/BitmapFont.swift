@@ -22,8 +22,10 @@ enum BitmapFont {
         "4": [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02], "5": [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E],
         "6": [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E], "7": [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08],
         "8": [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E], "9": [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C],
-        "-": [0, 0, 0, 0x1F, 0, 0, 0], ".": [0, 0, 0, 0, 0, 0x0C, 0x0C], "%": [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
-        ":": [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0], ",": [0, 0, 0, 0, 0x0C, 0x04, 0x08], "/": [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
+        "-": [0, 0, 0, 0x1F, 0, 0, 0], ".": [0, 0, 0, 0, 0, 0x0C, 0x0C],
+        "%": [0x18, 0x19, 0x02, 0x04, 0x08, 0x13, 0x03],
+        ":": [0, 0x0C, 0x0C, 0, 0x0C, 0x0C, 0], ",": [0, 0, 0, 0, 0x0C, 0x04, 0x08],
+        "/": [0, 0x01, 0x02, 0x04, 0x08, 0x10, 0],
         "(": [0x02, 0x04, 0x08, 0x08, 0x08, 0x04, 0x02], ")": [0x08, 0x04, 0x02, 0x02, 0x02, 0x04, 0x08],
         "+": [0, 0x04, 0x04, 0x1F, 0x04, 0x04, 0], "=": [0, 0, 0x1F, 0, 0x1F, 0, 0], " ": [0, 0, 0, 0, 0, 0, 0],
     ]
@@ -55,19 +57,25 @@ enum BitmapFont {
 func paste(_ source: RGBImage, into target: inout RGBImage, x: Int, y: Int) {
     for sy in 0..<source.height where y + sy < target.height {
         for sx in 0..<source.width where x + sx < target.width {
-            for c in 0..<3 { target.pixels[((y + sy) * target.width + x + sx) * 3 + c] = source.pixels[(sy * source.width + sx) * 3 + c] }
+            for c in 0..<3 {
+                target.pixels[((y + sy) * target.width + x + sx) * 3 + c] =
+                    source.pixels[(sy * source.width + sx) * 3 + c]
+            }
         }
     }
 }
 
 /// A grid of pack images, each beside its pseudo-label overlay, captioned with the target
 /// classes and their target/achieved areas. The sheet is at most `maxPixels` pixels.
-public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 16,
-                         maxPixels: Int = ImageIO.defaultPixelLimit) throws -> RGBImage {
+public func contactSheet(
+    _ pack: SyntheticPack, columns: Int = 4, limit: Int = 16,
+    maxPixels: Int = ImageIO.defaultPixelLimit
+) throws -> RGBImage {
     let path = pack.url.path
     guard columns >= 1, limit >= 1 else {
-        throw PackError(file: path,
-                        "a contact sheet needs at least one column and one image (columns \(columns), limit \(limit))")
+        throw PackError(
+            file: path,
+            "a contact sheet needs at least one column and one image (columns \(columns), limit \(limit))")
     }
     let records = Array(pack.manifest.images.prefix(limit))
     guard !records.isEmpty else { throw PackError(file: path, "the pack has no images") }
@@ -81,8 +89,10 @@ public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 1
     let (sheetH, highOverflow) = rows.multipliedReportingOverflow(by: cellH)
     let (pixels, areaOverflow) = (sheetW + 4).multipliedReportingOverflow(by: sheetH + 4)
     guard !wideOverflow, !highOverflow, !areaOverflow, pixels <= maxPixels else {
-        throw PackError(file: path, "a sheet of \(records.count) images in \(columns) columns is over the limit of "
-                        + "\(maxPixels) pixels: lower --limit")
+        throw PackError(
+            file: path,
+            "a sheet of \(records.count) images in \(columns) columns is over the limit of "
+                + "\(maxPixels) pixels: lower --limit")
     }
     var sheet = RGBImage(width: sheetW + 4, height: sheetH + 4, fill: (24, 24, 24))
     for (i, r) in records.enumerated() {
@@ -101,8 +111,9 @@ public func contactSheet(_ pack: SyntheticPack, columns: Int = 4, limit: Int = 1
                     sheet.pixels[p + 2] = colour.2
                 }
             }
-            BitmapFont.draw(String(format: "%@ %.0f%%/%.0f%%", names[c], 100 * target, 100 * achieved), into: &sheet,
-                            x: x + 8, y: top, colour: (230, 230, 230))
+            BitmapFont.draw(
+                String(format: "%@ %.0f%%/%.0f%%", names[c], 100 * target, 100 * achieved), into: &sheet,
+                x: x + 8, y: top, colour: (230, 230, 230))
         }
     }
     return sheet

@@ -57,9 +57,13 @@ private func cMessage(_ buffer: [CChar]) -> String {
     String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
 }
 
-private func decodeBytes(_ data: Data, name: String, maxPixels: Int,
-                         _ decoder: (UnsafePointer<UInt8>, Int, Int, UnsafeMutablePointer<hrhf_image>,
-                                     UnsafeMutablePointer<CChar>, Int) -> Int32) throws -> hrhf_image {
+private func decodeBytes(
+    _ data: Data, name: String, maxPixels: Int,
+    _ decoder: (
+        UnsafePointer<UInt8>, Int, Int, UnsafeMutablePointer<hrhf_image>,
+        UnsafeMutablePointer<CChar>, Int
+    ) -> Int32
+) throws -> hrhf_image {
     var image = hrhf_image()
     var err = [CChar](repeating: 0, count: 512)
     guard !data.isEmpty else { throw ImageError(file: name, "empty file") }
@@ -158,8 +162,10 @@ public enum ImageIO {
         try decodeIndexPNG(try readFile(url), name: url.path, maxPixels: maxPixels)
     }
 
-    public static func decodeIndexPNG(_ data: Data, name: String,
-                                      maxPixels: Int = defaultPixelLimit) throws -> IndexMask {
+    public static func decodeIndexPNG(
+        _ data: Data, name: String,
+        maxPixels: Int = defaultPixelLimit
+    ) throws -> IndexMask {
         let image = try decodeBytes(data, name: name, maxPixels: maxPixels) {
             hrhf_png_decode_index($0, $1, $2, $3, $4, $5)
         }
@@ -170,20 +176,24 @@ public enum ImageIO {
     }
 
     /// PNG bytes; the same pixels always give the same bytes.
-    private static func encode(width: Int, height: Int, channels: Int, pixels: [UInt8], palette: [UInt8]?,
-                               name: String) throws -> Data {
+    private static func encode(
+        width: Int, height: Int, channels: Int, pixels: [UInt8], palette: [UInt8]?,
+        name: String
+    ) throws -> Data {
         var err = [CChar](repeating: 0, count: 512)
         var out: UnsafeMutablePointer<UInt8>?
         var length = 0
         let status = pixels.withUnsafeBufferPointer { px in
             if let palette {
                 return palette.withUnsafeBufferPointer { pal in
-                    hrhf_png_encode(Int32(width), Int32(height), Int32(channels), px.baseAddress, pal.baseAddress,
-                                    &out, &length, &err, err.count)
+                    hrhf_png_encode(
+                        Int32(width), Int32(height), Int32(channels), px.baseAddress, pal.baseAddress,
+                        &out, &length, &err, err.count)
                 }
             }
-            return hrhf_png_encode(Int32(width), Int32(height), Int32(channels), px.baseAddress, nil, &out, &length,
-                                   &err, err.count)
+            return hrhf_png_encode(
+                Int32(width), Int32(height), Int32(channels), px.baseAddress, nil, &out, &length,
+                &err, err.count)
         }
         guard status == 0, let out else { throw ImageError(file: name, cMessage(err)) }
         defer { hrhf_free(out) }
@@ -191,23 +201,32 @@ public enum ImageIO {
     }
 
     public static func encodePNG(_ image: RGBImage, name: String = "image") throws -> Data {
-        try encode(width: image.width, height: image.height, channels: 3, pixels: image.pixels, palette: nil, name: name)
+        try encode(
+            width: image.width, height: image.height, channels: 3, pixels: image.pixels, palette: nil, name: name)
     }
 
     /// An 8-bit palette PNG of class indices (VOC palette by default; 255 is the ignore colour).
-    public static func encodePalettePNG(_ mask: IndexMask, palette: [UInt8] = vocPalette, name: String = "mask") throws -> Data {
-        guard mask.values.allSatisfy({ $0 <= 255 }) else { throw ImageError(file: name, "palette PNG values must be at most 255") }
+    public static func encodePalettePNG(_ mask: IndexMask, palette: [UInt8] = vocPalette, name: String = "mask") throws
+        -> Data
+    {
+        guard mask.values.allSatisfy({ $0 <= 255 }) else {
+            throw ImageError(file: name, "palette PNG values must be at most 255")
+        }
         guard palette.count == 768 else {
             throw ImageError(file: name, "a palette needs 256 RGB triples, got \(palette.count) bytes")
         }
-        return try encode(width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
-                          palette: palette, name: name)
+        return try encode(
+            width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
+            palette: palette, name: name)
     }
 
     public static func encodeGreyPNG(_ mask: IndexMask, name: String = "mask") throws -> Data {
-        guard mask.values.allSatisfy({ $0 <= 255 }) else { throw ImageError(file: name, "8-bit PNG values must be at most 255") }
-        return try encode(width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
-                          palette: nil, name: name)
+        guard mask.values.allSatisfy({ $0 <= 255 }) else {
+            throw ImageError(file: name, "8-bit PNG values must be at most 255")
+        }
+        return try encode(
+            width: mask.width, height: mask.height, channels: 1, pixels: mask.values.map { UInt8($0) },
+            palette: nil, name: name)
     }
 
     /// Files are written to `NAME.partial` and renamed when complete.

@@ -3,7 +3,9 @@ import Foundation
 /// The new model of step t: the old one with `newClasses` more outputs. New classifier rows
 /// start as the background row; their bias and the background's are b_bg - log(newClasses + 1)
 /// (MiB's initialisation, so the background's probability is shared, not changed).
-public func extendModel(_ old: DeepLabV3, card: ModelCard, newClassNames: [String], step: Int) throws -> (DeepLabV3, ModelCard) {
+public func extendModel(_ old: DeepLabV3, card: ModelCard, newClassNames: [String], step: Int) throws -> (
+    DeepLabV3, ModelCard
+) {
     let added = newClassNames.count
     precondition(added >= 1, "a step adds at least one class")
     var arch = old.architecture
@@ -30,7 +32,9 @@ public func extendModel(_ old: DeepLabV3, card: ModelCard, newClassNames: [Strin
     }
     switch arch.flavor {
     case .torchvision:
-        grow(model.classifiers[0].weight, model.classifiers[0].bias!, from: old.classifiers[0].weight, old.classifiers[0].bias!)
+        grow(
+            model.classifiers[0].weight, model.classifiers[0].bias!, from: old.classifiers[0].weight,
+            old.classifiers[0].bias!)
     case .mib:
         // One classifier per step: the new one is `cls.<step>`, all of its rows new.
         let ow = old.classifiers[0].weight, ob = old.classifiers[0].bias!
@@ -45,7 +49,8 @@ public func extendModel(_ old: DeepLabV3, card: ModelCard, newClassNames: [Strin
     // The auxiliary head's classifier grows the same way.
     let newState = Dictionary(model.stateDict().map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
     if arch.auxHead, let aw = newState["aux_classifier.4.weight"], let ab = newState["aux_classifier.4.bias"],
-       let ow = oldState["aux_classifier.4.weight"], let ob = oldState["aux_classifier.4.bias"] {
+        let ow = oldState["aux_classifier.4.weight"], let ob = oldState["aux_classifier.4.bias"]
+    {
         grow(aw, ab, from: ow, ob)
     }
     var newCard = card

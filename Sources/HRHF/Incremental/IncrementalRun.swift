@@ -46,10 +46,12 @@ public struct IncrementalRun {
     /// Count how prototypical re-labelling fares against the training images' full masks.
     public var auditRelabelling = false
 
-    public init(old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
-                lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions,
-                config: TrainingConfig, stepPackClasses: StepPackClasses = .new,
-                synthesize: @escaping (PackRequest) throws -> Void, out: URL, evalLimit: Int? = nil) {
+    public init(
+        old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
+        lastStep: Int, setting: IncrementalSetting, packs: [URL], options: DistillationOptions,
+        config: TrainingConfig, stepPackClasses: StepPackClasses = .new,
+        synthesize: @escaping (PackRequest) throws -> Void, out: URL, evalLimit: Int? = nil
+    ) {
         self.old = old
         self.train = train
         self.val = val
@@ -101,15 +103,18 @@ public struct IncrementalRun {
                 let loaded = try currentPacks.map { try SyntheticPack(url: $0) }
                 var stepConfig = config
                 stepConfig.seed = config.seed &+ UInt64(step)
-                let runner = try DistillationStep(old: oldModel, oldCard: oldCard, train: train, task: task, step: step,
-                                                  setting: setting, packs: loaded, options: options,
-                                                  config: stepConfig, auditRelabelling: auditRelabelling)
+                let runner = try DistillationStep(
+                    old: oldModel, oldCard: oldCard, train: train, task: task, step: step,
+                    setting: setting, packs: loaded, options: options,
+                    config: stepConfig, auditRelabelling: auditRelabelling)
                 let checkpoint = URL(fileURLWithPath: target.path + ".ckpt")
                 let trainer = try runner.makeTrainer(checkpoint: checkpoint)
                 let resumed = try trainer.resume()
-                event(.stepStarted(step: step, images: runner.data.indices.count, packs: loaded.count,
-                                   iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
-                                   resumedAt: trainer.iteration))
+                event(
+                    .stepStarted(
+                        step: step, images: runner.data.indices.count, packs: loaded.count,
+                        iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
+                        resumedAt: trainer.iteration))
                 let start = Date()
                 var parts: [String: Float] = [:]
                 try trainer.run(loss: { it in
@@ -124,8 +129,9 @@ public struct IncrementalRun {
                 var report: IoUReport?
                 var card = runner.models.card
                 if let val {
-                    report = try evaluate(model: runner.model, normalization: card.normalization, dataset: val,
-                                          proto: runner.proto, limit: evalLimit)
+                    report = try evaluate(
+                        model: runner.model, normalization: card.normalization, dataset: val,
+                        proto: runner.proto, limit: evalLimit)
                     card.notes["step\(step)_val_miou_all"] = String(format: "%.4f", report!.all ?? 0)
                 }
                 card.notes["step\(step)_method"] = options.method.name
@@ -144,10 +150,14 @@ public struct IncrementalRun {
                 let packURL = packURL(afterStep: step)
                 if !FileManager.default.fileExists(atPath: packURL.path) {
                     // The step's model holds the classes seen so far, 0..<n (DistillationStep checks).
-                    let classes = stepPackClasses == .new ? task.classes(at: step)
+                    let classes =
+                        stepPackClasses == .new
+                        ? task.classes(at: step)
                         : Array(1..<task.seen(through: step).count)
-                    try synthesize(PackRequest(afterStep: step, teacher: previous, classes: classes,
-                                               seed: config.seed &+ UInt64(100 + step), out: packURL))
+                    try synthesize(
+                        PackRequest(
+                            afterStep: step, teacher: previous, classes: classes,
+                            seed: config.seed &+ UInt64(100 + step), out: packURL))
                 }
                 currentPacks = stepPackClasses == .new ? currentPacks + [packURL] : [packURL]
             }

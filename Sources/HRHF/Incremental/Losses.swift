@@ -6,7 +6,9 @@ import Foundation
 
 /// Negative log-likelihood of log-probabilities (N x C x H x W) at the labels, ignoring 255,
 /// optionally weighted per pixel; mean over pixels not ignored (0 when there are none).
-public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 255, pixelWeights: Tensor? = nil) -> Tensor {
+public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 255, pixelWeights: Tensor? = nil)
+    -> Tensor
+{
     let (n, c, inner) = channelLayout(logProbs, "nll_loss")
     precondition(target.count == n * inner, "nll_loss: target \(target.shape) does not match \(logProbs.shape)")
     let labels = target.values
@@ -25,7 +27,8 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
     record(out, "nll_loss", [logProbs]) { g in
         let gx = Tensor(zeros: shape)
         for j in 0..<(n * inner) where labels[j] != ignoreIndex {
-            gx.pointer[(j / inner * c + Int(labels[j])) * inner + j % inner] = -g.item * scale * (weights?.pointer[j] ?? 1)
+            gx.pointer[(j / inner * c + Int(labels[j])) * inner + j % inner] =
+                -g.item * scale * (weights?.pointer[j] ?? 1)
         }
         return [gx]
     }
@@ -35,7 +38,9 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 /// Negative log-likelihood in which label 0 stands for the union of the `merged` channels
 /// (channel 0 among them) and labels 1..<kept for their own channels:
 /// log p(union) = logsumexp over the merged channels - logsumexp over all.
-func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?) -> Tensor {
+func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?)
+    -> Tensor
+{
     let den = logSumExp(logits)
     let slices = merged.map { sliceChannels(logits, $0) }
     let background = logSumExp(slices.count == 1 ? slices[0] : concatChannels(slices)) - den
@@ -47,7 +52,9 @@ func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>
 /// old class (channels 0..<oldClasses), since old objects are labelled background in new
 /// images. A pixel labelled with an old class (GSC's prototypical re-labelling) is scored on
 /// that class alone; new classes (>= oldClasses) on theirs; 255 is ignored.
-public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
+public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil)
+    -> Tensor
+{
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
     return mergedBackgroundNLL(logits, target, merged: [0..<oldClasses], kept: c, pixelWeights: pixelWeights)
@@ -56,16 +63,21 @@ public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses:
 /// Cross-entropy of fake images (old classes only) with the new classes folded into background,
 /// as the unbiased KD beside it does: a synthetic background is no evidence about what the new
 /// classes look like. Labels hold old classes (< oldClasses) or 255.
-public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil) -> Tensor {
+public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil)
+    -> Tensor
+{
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "folded CE: \(oldClasses) old of \(c) classes")
-    return mergedBackgroundNLL(logits, target, merged: [0..<1, oldClasses..<c], kept: oldClasses, pixelWeights: pixelWeights)
+    return mergedBackgroundNLL(
+        logits, target, merged: [0..<1, oldClasses..<c], kept: oldClasses, pixelWeights: pixelWeights)
 }
 
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
 /// new classes are summed into background, then compared with the old model's distribution:
 /// -mean over pixels of (sum_c q_c log p'_c) / |old classes|, at temperature T on both sides.
-public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil) -> Tensor {
+public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil)
+    -> Tensor
+{
     let old = oldLogits.shape[1], c = newLogits.shape[1]
     precondition(old < c, "unbiased KD: the new model must have more classes")
     let x = newLogits * (1 / temperature)
@@ -73,7 +85,10 @@ public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, tempe
     let den = logSumExp(x)
     let background = logSumExp(concatChannels([sliceChannels(x, 0..<1), sliceChannels(x, old..<c)])) - den
     var perPixel = sliceChannels(q, 0..<1) * background
-    if old > 1 { perPixel = perPixel + sum(sliceChannels(q, 1..<old) * (sliceChannels(x, 1..<old) - den), axes: [1], keepDims: true) }
+    if old > 1 {
+        perPixel =
+            perPixel + sum(sliceChannels(q, 1..<old) * (sliceChannels(x, 1..<old) - den), axes: [1], keepDims: true)
+    }
     return -maskedMean(perPixel, mask) * (1 / Float(old))
 }
 
@@ -143,9 +158,11 @@ public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Te
 /// w = g^z / mean(g^z over the pixels of the same step group), z = |old| / |current| classes;
 /// new-class pixels weigh 1; weights clamped to [wMin, wMax] (`DistillationOptions.compensationMin`
 /// and `compensationMax`). Ignored pixels get 0.
-public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
-                                        z: Float, wMin: Float, wMax: Float,
-                                        backgroundIncludes merged: Range<Int>? = nil) -> Tensor {
+public func gradientCompensationWeights(
+    _ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
+    z: Float, wMin: Float, wMax: Float,
+    backgroundIncludes merged: Range<Int>? = nil
+) -> Tensor {
     withNoGrad {
         let p = softmax(logits)
         let (n, c, h, w) = nchw(p, "gradient compensation")
@@ -160,7 +177,8 @@ public func gradientCompensationWeights(_ logits: Tensor, _ target: Labels, step
         }
         let weights = Tensor(zeros: target.shape)
         var g = [Float](repeating: 0, count: n * hw)
-        var groupSum = [Double](repeating: 0, count: currentStep + 1), groupCount = [Int](repeating: 0, count: currentStep + 1)
+        var groupSum = [Double](repeating: 0, count: currentStep + 1),
+            groupCount = [Int](repeating: 0, count: currentStep + 1)
         for j in 0..<(n * hw) {
             let y = Int(target.values[j])
             guard y != 255, y < c else { continue }

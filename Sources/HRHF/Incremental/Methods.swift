@@ -90,9 +90,11 @@ public struct Method: Codable, Equatable, Sendable {
     public var classifier: ClassifierInitialisation
     public var trainingSet: TrainingSet
 
-    public init(_ name: String, _ terms: [WeightedTerm], background: BackgroundHandling,
-                gradientCompensation: Bool = false, classifier: ClassifierInitialisation = .background,
-                trainingSet: TrainingSet = .step) {
+    public init(
+        _ name: String, _ terms: [WeightedTerm], background: BackgroundHandling,
+        gradientCompensation: Bool = false, classifier: ClassifierInitialisation = .background,
+        trainingSet: TrainingSet = .step
+    ) {
         self.name = name
         self.terms = terms
         self.background = background
@@ -158,23 +160,41 @@ extension Method {
         Method("lwf", [real(.ce), real(.lwfKD, 10)], background: .plain),
         Method("mib", [real(.ce), real(.kd, 10)], background: .unbiased),
         Method("plop", [real(.ce), real(.lwfKD, 10)], background: .pseudo),
-        Method("gsc", [real(.ce), real(.kd, 10), both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
-               background: .proto, gradientCompensation: true),
+        Method(
+            "gsc", [real(.ce), real(.kd, 10), both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+            background: .proto, gradientCompensation: true),
         Method("hrhf", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10)], background: .unbiased),
-        Method("hrhf+gsc", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
-                            both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
-               background: .proto, gradientCompensation: true),
-        Method("hrhf+gsc-no-compensation", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
-                                            both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
-               background: .proto),
-        Method("hrhf+gsc-no-proto", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
-                                     both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
-               background: .unbiased, gradientCompensation: true),
-        Method("hrhf+gsc-no-relation", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
-                                        both(.soft, 0.25), both(.sharp, 0.02)],
-               background: .proto, gradientCompensation: true),
-        Method("hrhf+gsc-no-soft-sharp", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10), both(.rel, 0.25)],
-               background: .proto, gradientCompensation: true),
+        Method(
+            "hrhf+gsc",
+            [
+                real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25),
+            ],
+            background: .proto, gradientCompensation: true),
+        Method(
+            "hrhf+gsc-no-compensation",
+            [
+                real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25),
+            ],
+            background: .proto),
+        Method(
+            "hrhf+gsc-no-proto",
+            [
+                real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25),
+            ],
+            background: .unbiased, gradientCompensation: true),
+        Method(
+            "hrhf+gsc-no-relation",
+            [
+                real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10),
+                both(.soft, 0.25), both(.sharp, 0.02),
+            ],
+            background: .proto, gradientCompensation: true),
+        Method(
+            "hrhf+gsc-no-soft-sharp", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10), both(.rel, 0.25)],
+            background: .proto, gradientCompensation: true),
         Method("joint", [real(.ce)], background: .plain, trainingSet: .allSteps),
     ]
 
@@ -192,11 +212,15 @@ extension Method {
             return list.isEmpty ? "-" : list.joined(separator: ", ")
         }
         let rows = methods.map { m in
-            [m.name, terms(m, .real), terms(m, .fake), terms(m, .both), m.background.rawValue,
-             m.gradientCompensation ? "GSC" : "-", m.classifier.rawValue, m.trainingSet.rawValue]
+            [
+                m.name, terms(m, .real), terms(m, .fake), terms(m, .both), m.background.rawValue,
+                m.gradientCompensation ? "GSC" : "-", m.classifier.rawValue, m.trainingSet.rawValue,
+            ]
         }
-        let header = ["method", "real half", "fake half", "whole batch", "background", "ce compensation",
-                      "new rows from", "training set"]
+        let header = [
+            "method", "real half", "fake half", "whole batch", "background", "ce compensation",
+            "new rows from", "training set",
+        ]
         let table = formatTable(header: header, rows: rows, leftAligned: true)
         return table.split(separator: "\n").map { line in String(line.reversed().drop { $0 == " " }.reversed()) }
             .joined(separator: "\n")
@@ -220,8 +244,10 @@ struct StepBatch {
     /// The real half's labels after the method's background handling.
     var labels: Labels
 
-    init(options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
-         realCount: Int, labels: Labels, oldClasses: Int, stepOfClass: [Int], step: Int) {
+    init(
+        options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
+        realCount: Int, labels: Labels, oldClasses: Int, stepOfClass: [Int], step: Int
+    ) {
         self.options = options
         self.new = new
         self.old = old
@@ -264,15 +290,17 @@ struct StepBatch {
         if half == .real {
             let unbiased = options.method.background == .unbiased || options.method.background == .proto
             return unbiased
-                ? unbiasedCrossEntropy(new, labels, oldClasses: oldClasses,
-                                       pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses))
+                ? unbiasedCrossEntropy(
+                    new, labels, oldClasses: oldClasses,
+                    pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses))
                 : HRHF.crossEntropy(new, labels, pixelWeights: compensation(new, labels, backgroundIncludes: nil))
         }
         precondition(half == .fake, "validated: the cross-entropy reads one half")
         let fakeLabels = withNoGrad { confidentLabels(old, threshold: options.fakeConfidence) }
         return options.fakeFoldsNewClasses
-            ? foldedCrossEntropy(new, fakeLabels, oldClasses: oldClasses,
-                                 pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes))
+            ? foldedCrossEntropy(
+                new, fakeLabels, oldClasses: oldClasses,
+                pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes))
             : HRHF.crossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
     }
 
@@ -280,9 +308,10 @@ struct StepBatch {
     func compensation(_ logits: Tensor, _ labels: Labels, backgroundIncludes: Range<Int>?) -> Tensor? {
         guard options.method.gradientCompensation else { return nil }
         let z = Float(oldClasses) / Float(logits.shape[1] - oldClasses)
-        return gradientCompensationWeights(logits, labels, stepOfClass: stepOfClass, currentStep: step, z: z,
-                                           wMin: options.compensationMin, wMax: options.compensationMax,
-                                           backgroundIncludes: backgroundIncludes)
+        return gradientCompensationWeights(
+            logits, labels, stepOfClass: stepOfClass, currentStep: step, z: z,
+            wMin: options.compensationMin, wMax: options.compensationMax,
+            backgroundIncludes: backgroundIncludes)
     }
 
     /// The method's loss: its terms' weighted sum, in the table's order, and each term's value.

@@ -27,8 +27,9 @@ public struct Prototypes {
                 }
             }
         }
-        return Prototypes(vectors: (0..<classes).map { k in counts[k] > 0 ? sums[k].map { Float($0 / Double(counts[k])) } : nil },
-                          channels: channels)
+        return Prototypes(
+            vectors: (0..<classes).map { k in counts[k] > 0 ? sums[k].map { Float($0 / Double(counts[k])) } : nil },
+            channels: channels)
     }
 
     /// GSC's prototypical re-labelling of the background pixels of real labels: a background
@@ -38,7 +39,9 @@ public struct Prototypes {
     /// The old prediction is read per pixel (`oldLogits` at label resolution), the feature at
     /// the pixel's cell of `oldFeatures`: deciding whole feature cells would give old objects
     /// blocky labels that cut into the background around them.
-    public func relabel(_ labels: Labels, oldLogits: Tensor, oldFeatures: Tensor, options: DistillationOptions) -> Labels {
+    public func relabel(_ labels: Labels, oldLogits: Tensor, oldFeatures: Tensor, options: DistillationOptions)
+        -> Labels
+    {
         let (n, c, h, w) = nchw(oldLogits, "relabel")
         precondition(labels.shape == [n, h, w], "relabel: labels \(labels.shape) for logits \(oldLogits.shape)")
         let (fh, fw) = (oldFeatures.shape[2], oldFeatures.shape[3])
@@ -76,7 +79,9 @@ public struct Prototypes {
                     let view = prototypeView(fy * fw + min(fw - 1, x * fw / w))
                     if view.nearest != k {
                         values[j] = 255
-                    } else if view.probabilities[k] >= options.prototypeTau && oldConfidence[j] >= options.prototypeOldConfidence {
+                    } else if view.probabilities[k] >= options.prototypeTau
+                        && oldConfidence[j] >= options.prototypeOldConfidence
+                    {
                         values[j] = Int32(k)
                     }
                 }
@@ -98,7 +103,9 @@ public struct RelabelAudit: Codable, Equatable, Sendable {
 
     public init(classes: Int) {
         right = .init(repeating: 0, count: classes)
-        wrongBackground = right; wrongOther = right; missed = right
+        wrongBackground = right
+        wrongOther = right
+        missed = right
     }
 
     /// Counts one batch: `before` the step's labels, `after` re-labelled, `truth` the full masks.
@@ -126,10 +133,14 @@ public struct RelabelAudit: Codable, Equatable, Sendable {
     /// One line: totals, then the classes with the most wrong pixels.
     public func summary() -> String {
         guard let precision else { return "no pixel re-labelled" }
-        let wrong = (0..<right.count).map { ($0, wrongBackground[$0] + wrongOther[$0]) }.filter { $0.1 > 0 }.sorted { $0.1 > $1.1 }
+        let wrong = (0..<right.count).map { ($0, wrongBackground[$0] + wrongOther[$0]) }.filter { $0.1 > 0 }.sorted {
+            $0.1 > $1.1
+        }
         let worst = wrong.prefix(3).map { c, n in "class \(c) \(n) wrong of \(n + right[c])" }.joined(separator: ", ")
-        return String(format: "%d pixels re-labelled, precision %.1f%% (%.1f%% true background), recall %.1f%%",
-                      relabelled, 100 * precision, 100 * Double(wrongBackground.reduce(0, +)) / Double(relabelled), 100 * (recall ?? 0))
+        return String(
+            format: "%d pixels re-labelled, precision %.1f%% (%.1f%% true background), recall %.1f%%",
+            relabelled, 100 * precision, 100 * Double(wrongBackground.reduce(0, +)) / Double(relabelled),
+            100 * (recall ?? 0))
             + (worst.isEmpty ? "" : "; most wrong: " + worst)
     }
 }

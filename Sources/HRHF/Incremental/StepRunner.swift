@@ -10,8 +10,10 @@ public struct StepData {
     public var indices: [Int] { realLoader.indices }
     let auditLoader: BatchLoader?
 
-    init(train: SegmentationDataset, proto: StepProtocol, packs: [SyntheticPack], options: DistillationOptions,
-         config: TrainingConfig, normalization: Normalization, auditRelabelling: Bool) throws {
+    init(
+        train: SegmentationDataset, proto: StepProtocol, packs: [SyntheticPack], options: DistillationOptions,
+        config: TrainingConfig, normalization: Normalization, auditRelabelling: Bool
+    ) throws {
         let usesPacks = options.usesFakeHalf
         guard !usesPacks || !packs.isEmpty else {
             throw OptionError(option: "pack", "method \(options.method.name) reads synthetic images: give --pack")
@@ -39,14 +41,18 @@ public struct StepData {
         }
         let augmentation = Augmentation(cropSize: config.cropSize)
         func loader(_ labels: @escaping @Sendable (IndexMask) -> IndexMask) -> BatchLoader {
-            BatchLoader(dataset: train, indices: indices, batchSize: perBatch, augmentation: augmentation,
-                        normalization: normalization, seed: config.seed, labelTransform: labels)
+            BatchLoader(
+                dataset: train, indices: indices, batchSize: perBatch, augmentation: augmentation,
+                normalization: normalization, seed: config.seed, labelTransform: labels)
         }
         realLoader = loader(transform)
         // The loader draws the same crops from (seed, iteration) whatever the labels' transform.
         auditLoader = auditRelabelling && options.method.background == .proto ? loader { $0 } : nil
-        fakeSampler = usesPacks ? try PackSampler(packs: packs, batchSize: fake, augmentation: augmentation,
-                                              normalization: normalization, seed: config.seed) : nil
+        fakeSampler =
+            usesPacks
+            ? try PackSampler(
+                packs: packs, batchSize: fake, augmentation: augmentation,
+                normalization: normalization, seed: config.seed) : nil
     }
 }
 
@@ -66,18 +72,23 @@ public struct StepModels {
         let (task, step) = (proto.task, proto.step)
         let seenBefore = task.seen(through: step - 1)
         guard old.numClasses == seenBefore.count, seenBefore == Array(0..<seenBefore.count) else {
-            throw OptionError(option: "old", "the model has \(old.numClasses) outputs; step \(step) of \(task.name) "
-                                  + "needs a model of classes 0-\(seenBefore.count - 1)")
+            throw OptionError(
+                option: "old",
+                "the model has \(old.numClasses) outputs; step \(step) of \(task.name) "
+                    + "needs a model of classes 0-\(seenBefore.count - 1)")
         }
         let newClasses = task.classes(at: step)
         guard newClasses == Array(old.numClasses..<(old.numClasses + newClasses.count)) else {
-            throw OptionError(option: "task",
-                              "step \(step) of \(task.name) must add classes \(old.numClasses) onwards in order")
+            throw OptionError(
+                option: "task",
+                "step \(step) of \(task.name) must add classes \(old.numClasses) onwards in order")
         }
     }
 
-    init(old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, proto: StepProtocol, data: StepData,
-         packs: [SyntheticPack], options: DistillationOptions) throws {
+    init(
+        old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, proto: StepProtocol, data: StepData,
+        packs: [SyntheticPack], options: DistillationOptions
+    ) throws {
         try Self.check(old: old, proto: proto)
         let (task, step) = (proto.task, proto.step)
         self.old = old
@@ -123,19 +134,23 @@ public final class DistillationStep {
     /// With `auditRelabelling`: how re-labelling fared on the batches so far.
     public private(set) var relabelAudit: RelabelAudit?
 
-    public init(old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, task: IncrementalTask, step: Int,
-                setting: IncrementalSetting, packs: [SyntheticPack], options: DistillationOptions,
-                config: TrainingConfig, auditRelabelling: Bool = false) throws {
+    public init(
+        old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, task: IncrementalTask, step: Int,
+        setting: IncrementalSetting, packs: [SyntheticPack], options: DistillationOptions,
+        config: TrainingConfig, auditRelabelling: Bool = false
+    ) throws {
         precondition(step >= 1, "step 0 is trained with hrhf-train")
         try options.validate()
         proto = StepProtocol(task: task, step: step, setting: setting)
         try StepModels.check(old: old, proto: proto)
         self.options = options
         self.config = config
-        data = try StepData(train: train, proto: proto, packs: packs, options: options, config: config,
-                            normalization: oldCard.normalization, auditRelabelling: auditRelabelling)
-        models = try StepModels(old: old, oldCard: oldCard, train: train, proto: proto, data: data, packs: packs,
-                                options: options)
+        data = try StepData(
+            train: train, proto: proto, packs: packs, options: options, config: config,
+            normalization: oldCard.normalization, auditRelabelling: auditRelabelling)
+        models = try StepModels(
+            old: old, oldCard: oldCard, train: train, proto: proto, data: data, packs: packs,
+            options: options)
         relabelAudit = data.auditLoader == nil ? nil : RelabelAudit(classes: old.numClasses)
     }
 
@@ -151,9 +166,10 @@ public final class DistillationStep {
         let oldOut = withNoGrad { models.old.run(x, upsample: false) }
         let oldLogits = withNoGrad { resizeBilinear(oldOut.logits, size: size) }
         let newOut = models.model.run(x)
-        var batch = StepBatch(options: options, new: (newOut.logits, newOut.features),
-                              old: (oldLogits, oldOut.features), realCount: data.realPerBatch, labels: real.labels,
-                              oldClasses: models.old.numClasses, stepOfClass: models.stepOfClass, step: proto.step)
+        var batch = StepBatch(
+            options: options, new: (newOut.logits, newOut.features),
+            old: (oldLogits, oldOut.features), realCount: data.realPerBatch, labels: real.labels,
+            oldClasses: models.old.numClasses, stepOfClass: models.stepOfClass, step: proto.step)
         switch options.method.background {
         case .plain, .unbiased: break
         case .pseudo:
@@ -163,8 +179,9 @@ public final class DistillationStep {
         case .proto:
             let oldFeatures = batch.features(.real).old
             batch.labels = withNoGrad {
-                models.prototypes!.relabel(real.labels, oldLogits: batch.oldReal, oldFeatures: oldFeatures,
-                                           options: options)
+                models.prototypes!.relabel(
+                    real.labels, oldLogits: batch.oldReal, oldFeatures: oldFeatures,
+                    options: options)
             }
             if let auditLoader = data.auditLoader {
                 relabelAudit?.add(before: real.labels, after: batch.labels, truth: try auditLoader.batch(it).labels)
@@ -187,8 +204,9 @@ public final class DistillationStep {
         encoder.outputFormatting = [.sortedKeys]
         let opts = String(decoding: try encoder.encode(options), as: UTF8.self)
         let job = "distill \(proto.task.name) step \(proto.step) \(proto.setting.rawValue)"
-        let trainer = Trainer(model: model, config: config, checkpoint: checkpoint,
-                              identity: ["hrhf.job": job, "hrhf.options": opts])
+        let trainer = Trainer(
+            model: model, config: config, checkpoint: checkpoint,
+            identity: ["hrhf.job": job, "hrhf.options": opts])
         trainer.frozenBatchNorm = options.freezeBatchNorm
         return trainer
     }

@@ -11,11 +11,14 @@ public func argmaxMasks(_ logits: Tensor) -> [IndexMask] {
 
 /// The image with each labelled pixel blended half and half with its class colour
 /// (background 0 and ignore 255 left as they are). `name` is what an error calls the mask.
-public func overlay(_ image: RGBImage, _ mask: IndexMask, palette: [UInt8] = vocPalette,
-                    name: String = "mask") throws -> RGBImage {
+public func overlay(
+    _ image: RGBImage, _ mask: IndexMask, palette: [UInt8] = vocPalette,
+    name: String = "mask"
+) throws -> RGBImage {
     guard image.width == mask.width, image.height == mask.height, mask.values.count * 3 == image.pixels.count else {
-        throw ImageError(file: name,
-                         "mask is \(mask.width)x\(mask.height) but its image is \(image.width)x\(image.height)")
+        throw ImageError(
+            file: name,
+            "mask is \(mask.width)x\(mask.height) but its image is \(image.width)x\(image.height)")
     }
     guard palette.count == 768 else {
         throw ImageError(file: name, "a palette needs 256 RGB triples, got \(palette.count) bytes")
@@ -44,7 +47,9 @@ public struct Predictor {
 
     /// The normalised input (resized bilinearly to `size` when given) and the logits at the
     /// input's size.
-    public func logits(for image: RGBImage, size: (Int, Int)? = nil, name: String = "image") throws -> (input: Tensor, logits: Tensor) {
+    public func logits(for image: RGBImage, size: (Int, Int)? = nil, name: String = "image") throws -> (
+        input: Tensor, logits: Tensor
+    ) {
         try model.checkInput(height: size?.0 ?? image.height, width: size?.1 ?? image.width, name: name)
         var x = card.normalization.tensor(image)
         if let size { x = resizeBilinear(x, size: size) }

@@ -26,8 +26,10 @@ public final class BatchNormStatisticsRecorder {
                     let mu = mean(x, axes: [0, 2, 3])
                     let centered = x - reshape(mu, [1, -1, 1, 1])
                     let variance = mean(square(centered), axes: [0, 2, 3])
-                    self.records.append(BatchNormInputStatistics(layer: name, mean: mu, variance: variance,
-                                                                 runningMean: bn.runningMean, runningVar: bn.runningVar))
+                    self.records.append(
+                        BatchNormInputStatistics(
+                            layer: name, mean: mu, variance: variance,
+                            runningMean: bn.runningMean, runningVar: bn.runningVar))
                 }
             }
         }

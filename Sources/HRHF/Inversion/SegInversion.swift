@@ -37,12 +37,16 @@ public struct InversionOptions: Codable, Equatable, Sendable {
 
     public func validate() throws {
         func fail(_ s: String) -> WeightFileError { WeightFileError(file: "synthesis options", s) }
-        guard iterations >= 1, batchSize >= 1, resolution >= 16 else { throw fail("iterations, batch and resolution must be positive") }
+        guard iterations >= 1, batchSize >= 1, resolution >= 16 else {
+            throw fail("iterations, batch and resolution must be positive")
+        }
         guard maxClasses >= 1 else { throw fail("at least one class per image") }
         guard areaMin > 0, areaMin <= areaMax, areaMax < 1, areaTotalMax < 1, areaTotalMax >= areaMin else {
             throw fail("areas need 0 < min <= max < 1 and min <= total max < 1")
         }
-        guard warmStart >= 0 && warmStart < 1, margin >= 0, absentFraction > 0 else { throw fail("warm start in [0, 1), margin >= 0") }
+        guard warmStart >= 0 && warmStart < 1, margin >= 0, absentFraction > 0 else {
+            throw fail("warm start in [0, 1), margin >= 0")
+        }
     }
 }
 
@@ -86,7 +90,9 @@ public final class SegInversion {
     public init(teacher: DeepLabV3, normalization: Normalization, classes: [Int], options: InversionOptions) throws {
         try options.validate()
         guard !classes.isEmpty, classes.allSatisfy({ $0 >= 1 && $0 < teacher.numClasses }) else {
-            throw WeightFileError(file: "synthesis", "classes \(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
+            throw WeightFileError(
+                file: "synthesis",
+                "classes \(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
         }
         try teacher.checkInput(height: options.resolution, width: options.resolution, name: "synthesis resolution")
         self.teacher = teacher
@@ -111,7 +117,9 @@ public final class SegInversion {
     /// permutation fixed by the run's `seed` (so shards agree), and takes up to maxClasses - 1
     /// others at random. Drawing every class independently left some classes in a 64-image
     /// pack with 4 images and others with 13.
-    func drawTargets(firstIndex: Int, count: Int, seed: UInt64, rng: inout SeededGenerator) -> [(classes: [Int], areas: [Float])] {
+    func drawTargets(firstIndex: Int, count: Int, seed: UInt64, rng: inout SeededGenerator) -> [(
+        classes: [Int], areas: [Float]
+    )] {
         var orderRNG = SeededGenerator(seed: seed ^ 0x5851_F42D_4C95_7F2D)
         let order = classes.shuffled(using: &orderRNG)
         return (firstIndex..<(firstIndex + count)).map { i in
@@ -121,7 +129,9 @@ public final class SegInversion {
             let picked = ([lead] + others).sorted()
             var areas = picked.map { _ in options.areaMin + (options.areaMax - options.areaMin) * rng.nextUnitFloat() }
             let total = areas.reduce(0, +)
-            if total > options.areaTotalMax { areas = areas.map { max(options.areaMin * 0.5, $0 * options.areaTotalMax / total) } }
+            if total > options.areaTotalMax {
+                areas = areas.map { max(options.areaMin * 0.5, $0 * options.areaTotalMax / total) }
+            }
             return (picked, areas)
         }
     }
@@ -218,7 +228,10 @@ public final class SegInversion {
         var bn = Tensor(scalar: 0)
         for (layer, r) in recorder.records.enumerated() {
             let wl: Float = layer == 0 ? options.firstBNMultiplier : 1
-            bn = bn + wl * (sqrt(sum(square(r.mean - r.runningMean)) + 1e-12) + sqrt(sum(square(r.variance - r.runningVar)) + 1e-12))
+            bn =
+                bn + wl
+                * (sqrt(sum(square(r.mean - r.runningMean)) + 1e-12)
+                    + sqrt(sum(square(r.variance - r.runningVar)) + 1e-12))
         }
         return Terms(inside: inside, outside: outside, absent: absent, tv2: tv2, tv1: tv1, l2: l2, bn: bn)
     }
@@ -259,8 +272,10 @@ public final class SegInversion {
     }
 
     /// The per-image losses and the total of one iteration on `view` of the images `x`.
-    func iterationLoss(_ x: Tensor, view: View,
-                       targets: [(classes: [Int], areas: [Float])]) -> (per: Tensor, loss: Tensor) {
+    func iterationLoss(
+        _ x: Tensor, view: View,
+        targets: [(classes: [Int], areas: [Float])]
+    ) -> (per: Tensor, loss: Tensor) {
         let augmented = Profiler.region(.data) { () -> Tensor in
             var v = x
             if let r = view.roll { v = roll(v, dy: r.dy, dx: r.dx) }
@@ -294,8 +309,10 @@ public final class SegInversion {
 
     /// Synthesises one batch. `firstIndex` numbers its images in the pack; `batch` and `seed`
     /// fix every random choice. `progress` sees (iteration, total, current loss).
-    public func synthesize(batch: Int, firstIndex: Int, count: Int, seed: UInt64,
-                           progress: ((Int, Int, Float) -> Void)? = nil) -> [SynthesizedImage] {
+    public func synthesize(
+        batch: Int, firstIndex: Int, count: Int, seed: UInt64,
+        progress: ((Int, Int, Float) -> Void)? = nil
+    ) -> [SynthesizedImage] {
         var rng = SeededGenerator(seed: Self.batchSeed(seed, batch))
         let targets = drawTargets(firstIndex: firstIndex, count: count, seed: seed, rng: &rng)
         let full = options.resolution
@@ -319,7 +336,8 @@ public final class SegInversion {
             let jitter = max(0, options.jitter * size / full)
             for it in 0..<iterations {
                 adam.learningRate = LearningRateSchedule.cosine.rate(
-                    base: options.learningRate, iteration: it, total: iterations, warmup: min(options.warmup, iterations - 1))
+                    base: options.learningRate, iteration: it, total: iterations,
+                    warmup: min(options.warmup, iterations - 1))
                 let (per, loss) = iterationLoss(x, view: drawView(jitter: jitter, rng: &rng), targets: targets)
                 Self.keepBest(x, per: per, best: best, bestLoss: &bestLoss)
                 update(x, loss: loss, adam: adam)
@@ -332,8 +350,10 @@ public final class SegInversion {
     }
 
     /// Teacher pseudo-labels and the record of each image.
-    func finish(best: Tensor, targets: [(classes: [Int], areas: [Float])], batch: Int, firstIndex: Int,
-                seed: UInt64) -> [SynthesizedImage] {
+    func finish(
+        best: Tensor, targets: [(classes: [Int], areas: [Float])], batch: Int, firstIndex: Int,
+        seed: UInt64
+    ) -> [SynthesizedImage] {
         let count = best.shape[0]
         let t = terms(best, targets: targets)
         let logits = teacher.run(best).logits
@@ -350,16 +370,21 @@ public final class SegInversion {
                 confidence += Double(probabilities.pointer[(b * c + Int(mask.values[i])) * hw + i])
             }
             let tg = targets[b]
-            let absentMax = classes.filter { !tg.classes.contains($0) }.map { Double(counts[$0]) / Double(hw) }.max() ?? 0
+            let absentMax =
+                classes.filter { !tg.classes.contains($0) }.map { Double(counts[$0]) / Double(hw) }.max() ?? 0
             let index = firstIndex + b
             let record = SynthesisRecord(
-                index: index, image: String(format: "images/%06d.png", index), label: String(format: "labels/%06d.png", index),
+                index: index, image: String(format: "images/%06d.png", index),
+                label: String(format: "labels/%06d.png", index),
                 targets: tg.classes, targetAreas: tg.areas.map { Double($0) },
                 achievedAreas: tg.classes.map { Double(counts[$0]) / Double(hw) }, absentMaxArea: absentMax,
                 teacherConfidence: confidence / Double(hw),
-                losses: ["in": Double(t.inside.pointer[b]), "out": Double(t.outside.pointer[b]), "absent": Double(t.absent.pointer[b]),
-                         "tv2": Double(t.tv2.pointer[b]), "tv1": Double(t.tv1.pointer[b]), "l2": Double(t.l2.pointer[b]),
-                         "bn_batch": Double(t.bn.item)],
+                losses: [
+                    "in": Double(t.inside.pointer[b]), "out": Double(t.outside.pointer[b]),
+                    "absent": Double(t.absent.pointer[b]),
+                    "tv2": Double(t.tv2.pointer[b]), "tv1": Double(t.tv1.pointer[b]), "l2": Double(t.l2.pointer[b]),
+                    "bn_batch": Double(t.bn.item),
+                ],
                 seed: seed, batch: batch)
             return SynthesizedImage(image: normalization.image(best, index: b), label: mask, record: record)
         }
@@ -393,7 +418,8 @@ public struct SynthesisQuality: Codable, Equatable, Sendable {
         let target = records.flatMap(\.targetAreas), achieved = records.flatMap(\.achievedAreas)
         images = records.count
         areaCorrelation = pearson(target, achieved)
-        areaMeanAbsoluteDifference = zip(target, achieved).map { Swift.abs($0 - $1) }.reduce(0, +) / Double(max(target.count, 1))
+        areaMeanAbsoluteDifference =
+            zip(target, achieved).map { Swift.abs($0 - $1) }.reduce(0, +) / Double(max(target.count, 1))
         fidelity = Double(records.filter(\.faithful).count) / Double(max(records.count, 1))
         meanConfidence = records.map(\.teacherConfidence).reduce(0, +) / Double(max(records.count, 1))
         self.imagesPerMinute = imagesPerMinute

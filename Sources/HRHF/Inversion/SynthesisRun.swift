@@ -14,8 +14,10 @@ public struct SynthesisJob {
     public var shard: (index: Int, count: Int)?
     public var out: URL
 
-    public init(teacherURL: URL, model: DeepLabV3, card: ModelCard, classes: [Int], count: Int, options: InversionOptions,
-                seed: UInt64, shard: (index: Int, count: Int)? = nil, out: URL) {
+    public init(
+        teacherURL: URL, model: DeepLabV3, card: ModelCard, classes: [Int], count: Int, options: InversionOptions,
+        seed: UInt64, shard: (index: Int, count: Int)? = nil, out: URL
+    ) {
         self.teacherURL = teacherURL
         self.model = model
         self.card = card
@@ -68,9 +70,11 @@ public struct SynthesisJob {
     /// Runs (or continues, with `resume`) and writes the pack. `started` sees what is resumed
     /// (nil for a fresh run) before any work; `progress` sees (finished teacher iterations,
     /// resumed ones included, total iterations of this run, current loss).
-    public func run(resume: Bool, stopAfterBatches: Int? = nil, communicator: Communicator = .single,
-                    started: ((ResumedWork?) -> Void)? = nil,
-                    progress: ((Int, Int, Float) -> Void)? = nil) throws -> Outcome {
+    public func run(
+        resume: Bool, stopAfterBatches: Int? = nil, communicator: Communicator = .single,
+        started: ((ResumedWork?) -> Void)? = nil,
+        progress: ((Int, Int, Float) -> Void)? = nil
+    ) throws -> Outcome {
         if communicator.size > 1 {
             return try runAcrossRanks(communicator, resume: resume, started: started, progress: progress)
         }
@@ -84,9 +88,11 @@ public struct SynthesisJob {
         var finished: [Int: [SynthesisRecord]] = [:]
         if resuming { for b in mine { finished[b] = completedRecords(b) } }
         let resumedImages = finished.values.reduce(0) { $0 + $1.count }
-        started?(resuming
-                 ? ResumedWork(directory: workDirectory, batches: finished.keys.sorted(), images: resumedImages) : nil)
-        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: options)
+        started?(
+            resuming
+                ? ResumedWork(directory: workDirectory, batches: finished.keys.sorted(), images: resumedImages) : nil)
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: classes, options: options)
         var records: [SynthesisRecord] = []
         var made = 0, madeBatches = 0
         let resumedIterations = finished.count * options.iterations
@@ -113,26 +119,32 @@ public struct SynthesisJob {
         }
         let manifest = try writePack(records: records, teacherSHA: teacherSHA)
         try? fm.removeItem(at: workDirectory)
-        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made,
-                       resumedImages: resumedImages)
+        return Outcome(
+            manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made,
+            resumedImages: resumedImages)
     }
 
     /// Creates the work directory, or checks that the interrupted run in it had this job's identity;
     /// true when it resumes one.
     private func openWorkDirectory(resume: Bool, teacherSHA: String) throws -> Bool {
         let fm = FileManager.default
-        let identity = Identity(options: options, seed: seed, count: count, classes: classes, teacherSHA256: teacherSHA,
-                                shard: shard.map { [$0.index, $0.count] })
+        let identity = Identity(
+            options: options, seed: seed, count: count, classes: classes, teacherSHA256: teacherSHA,
+            shard: shard.map { [$0.index, $0.count] })
         let identityURL = workDirectory.appendingPathComponent("job.json")
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         if fm.fileExists(atPath: workDirectory.path) {
             guard resume else {
-                throw PackError(file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
+                throw PackError(
+                    file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
             }
-            guard let data = try? Data(contentsOf: identityURL), let previous = try? JSONDecoder().decode(Identity.self, from: data),
-                  previous == identity else {
-                throw PackError(file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
+            guard let data = try? Data(contentsOf: identityURL),
+                let previous = try? JSONDecoder().decode(Identity.self, from: data),
+                previous == identity
+            else {
+                throw PackError(
+                    file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
             }
             return true
         } else {
@@ -160,12 +172,15 @@ public struct SynthesisJob {
         let manifest = PackManifest(
             generator: .init(name: "hrhf-synth", version: toolkitVersion, options: options, seed: seed, count: count),
             teacher: .init(file: teacherURL.lastPathComponent, sha256: teacherSHA, card: card),
-            classes: classes.map { ClassInfo(id: $0, name: $0 < card.classes.count ? card.classes[$0].name : "class \($0)") },
+            classes: classes.map {
+                ClassInfo(id: $0, name: $0 < card.classes.count ? card.classes[$0].name : "class \($0)")
+            },
             shard: shard.map { .init(index: $0.index, count: $0.count) },
             images: records,
             // Throughput is left out of the manifest: the same seed must give the same bytes.
             quality: SynthesisQuality(records: records, imagesPerMinute: nil))
-        try SyntheticPack.write(manifest: manifest, files: { try Data(contentsOf: workDirectory.appendingPathComponent($0)) }, to: out)
+        try SyntheticPack.write(
+            manifest: manifest, files: { try Data(contentsOf: workDirectory.appendingPathComponent($0)) }, to: out)
         return manifest
     }
 
@@ -181,8 +196,10 @@ public struct SynthesisJob {
     /// synthesises one of them, rank 0 gathers the images, labels and records and stores them,
     /// and at the end writes the pack, byte-identical to one process's (a batch's images depend
     /// on the seed and the batch alone).
-    private func runAcrossRanks(_ communicator: Communicator, resume: Bool, started: ((ResumedWork?) -> Void)?,
-                                progress: ((Int, Int, Float) -> Void)?) throws -> Outcome {
+    private func runAcrossRanks(
+        _ communicator: Communicator, resume: Bool, started: ((ResumedWork?) -> Void)?,
+        progress: ((Int, Int, Float) -> Void)?
+    ) throws -> Outcome {
         let start = Date()
         let teacherSHA = try sha256Hex(file: teacherURL)
         var records: [SynthesisRecord] = [], remaining: [Int] = []
@@ -202,7 +219,8 @@ public struct SynthesisJob {
         let plan = communicator.broadcast(try JSONEncoder().encode(remaining))
         remaining = try JSONDecoder().decode([Int].self, from: plan)
         let resumed = records.count
-        let inversion = try SegInversion(teacher: model, normalization: card.normalization, classes: classes, options: options)
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: classes, options: options)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys]
         let rounds = (remaining.count + communicator.size - 1) / communicator.size
@@ -213,8 +231,9 @@ public struct SynthesisJob {
             if slot < remaining.count {
                 let b = remaining[slot], first = b * options.batchSize, n = min(options.batchSize, count - first)
                 let images = inversion.synthesize(batch: b, firstIndex: first, count: n, seed: seed) { it, all, loss in
-                    progress?((batches.count - remaining.count + round * communicator.size) * all + it * communicator.size,
-                              batches.count * all, loss)
+                    progress?(
+                        (batches.count - remaining.count + round * communicator.size) * all + it * communicator.size,
+                        batches.count * all, loss)
                 }
                 var files: [String: Data] = [:]
                 for s in images {
@@ -242,7 +261,8 @@ public struct SynthesisJob {
             try? FileManager.default.removeItem(at: workDirectory)
         }
         let manifest = try JSONDecoder().decode(PackManifest.self, from: communicator.broadcast(written))
-        return Outcome(manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made, resumedImages: resumed)
+        return Outcome(
+            manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made, resumedImages: resumed)
     }
 }
 
@@ -250,7 +270,8 @@ extension SynthesisJob {
     /// The job of a pack a multi-step run needs after a step, its teacher read from the request.
     public init(request: PackRequest, count: Int, options: InversionOptions) throws {
         let (model, card) = try ModelFile.load(request.teacher)
-        self.init(teacherURL: request.teacher, model: model, card: card, classes: request.classes, count: count,
-                  options: options, seed: request.seed, out: request.out)
+        self.init(
+            teacherURL: request.teacher, model: model, card: card, classes: request.classes, count: count,
+            options: options, seed: request.seed, out: request.out)
     }
 }

@@ -48,7 +48,8 @@ public struct ConfusionMatrix: Sendable {
 /// step-0 foreground classes (background excluded), `new` over classes added after step 0,
 /// `all` over every class seen so far, background included.
 public struct IoUReport: Codable, Sendable {
-    public static let convention = "mIoU convention: old = step-0 foreground classes (background excluded); new = classes added after step 0; all = every seen class, background included"
+    public static let convention =
+        "mIoU convention: old = step-0 foreground classes (background excluded); new = classes added after step 0; all = every seen class, background included"
 
     public var task: String
     public var step: Int
@@ -87,10 +88,15 @@ public struct IoUReport: Codable, Sendable {
 
     /// Per-class table, then old / new / all, with the convention stated.
     public func table() -> String {
-        let rows = seenClasses.map { c in [String(c), c < classNames.count ? classNames[c] : "?", Self.percent(perClass[c])] }
+        let rows = seenClasses.map { c in
+            [String(c), c < classNames.count ? classNames[c] : "?", Self.percent(perClass[c])]
+        }
         return formatTable(header: ["id", "class", "IoU %"], rows: rows) + "\n\n"
-            + formatTable(header: ["task \(task) step \(step)", "old", "new", "all", "pixel acc"],
-                          rows: [["mIoU %", Self.percent(old), Self.percent(new), Self.percent(all), Self.percent(pixelAccuracy)]])
+            + formatTable(
+                header: ["task \(task) step \(step)", "old", "new", "all", "pixel acc"],
+                rows: [
+                    ["mIoU %", Self.percent(old), Self.percent(new), Self.percent(all), Self.percent(pixelAccuracy)]
+                ])
             + "\n" + Self.convention + " (\(images) images)"
     }
 
@@ -111,9 +117,11 @@ public struct IoUReport: Codable, Sendable {
 /// Evaluates a model on the test images of a step: classes not yet seen are ignored.
 /// Images are run one at a time at their own size. Under several ranks each evaluates a contiguous
 /// share of the images and the confusion matrices are summed: every rank gets the whole report.
-public func evaluate(model: DeepLabV3, normalization: Normalization, dataset: SegmentationDataset,
-                     proto: StepProtocol, limit: Int? = nil, communicator: Communicator = .single,
-                     onImage: ((Int, Int, SegmentationSample, IndexMask) throws -> Void)? = nil) throws -> IoUReport {
+public func evaluate(
+    model: DeepLabV3, normalization: Normalization, dataset: SegmentationDataset,
+    proto: StepProtocol, limit: Int? = nil, communicator: Communicator = .single,
+    onImage: ((Int, Int, SegmentationSample, IndexMask) throws -> Void)? = nil
+) throws -> IoUReport {
     model.eval()
     var matrix = ConfusionMatrix(classes: max(model.numClasses, dataset.classNames.count))
     let n = min(limit ?? dataset.count, dataset.count)

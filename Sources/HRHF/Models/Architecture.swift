@@ -32,8 +32,10 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
     /// MiB keeps one classifier convolution per step (`cls.0`, `cls.1`, ...); torchvision one.
     public var classesPerStep: [Int]
 
-    public init(name: String, flavor: Flavor, block: Block, layers: [Int], baseWidth: Int = 64, outputStride: Int,
-                asppRates: [Int]? = nil, headChannels: Int = 256, auxHead: Bool = false, classesPerStep: [Int]) {
+    public init(
+        name: String, flavor: Flavor, block: Block, layers: [Int], baseWidth: Int = 64, outputStride: Int,
+        asppRates: [Int]? = nil, headChannels: Int = 256, auxHead: Bool = false, classesPerStep: [Int]
+    ) {
         self.name = name
         self.flavor = flavor
         self.block = block
@@ -41,7 +43,8 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
         self.baseWidth = baseWidth
         self.outputStride = outputStride
         // torchvision uses (12, 24, 36) at output stride 8, MiB (12, 24, 32); both (6, 12, 18) at 16.
-        self.asppRates = asppRates ?? (outputStride == 16 ? [6, 12, 18] : flavor == .mib ? [12, 24, 32] : [12, 24, 36])
+        self.asppRates =
+            asppRates ?? (outputStride == 16 ? [6, 12, 18] : flavor == .mib ? [12, 24, 32] : [12, 24, 36])
         self.headChannels = headChannels
         self.auxHead = auxHead
         self.classesPerStep = classesPerStep
@@ -101,8 +104,10 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
         guard !(flavor == .mib && auxHead) else { throw fail("auxHead", "MiB models have no auxiliary head") }
         let weights = convolutionWeights
         guard weights <= Self.maxConvolutionWeights else {
-            throw fail("layers", "the network would have \(weights) convolution weights, more than "
-                       + "\(Self.maxConvolutionWeights)")
+            throw fail(
+                "layers",
+                "the network would have \(weights) convolution weights, more than "
+                    + "\(Self.maxConvolutionWeights)")
         }
     }
 
@@ -113,13 +118,16 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
         var inChannels = baseWidth
         for (stage, blocks) in layers.enumerated() {
             let planes = baseWidth << stage, out = planes * expansion
-            let first = block == .bottleneck ? inChannels * planes + planes * planes * 9 + planes * out
+            let first =
+                block == .bottleneck
+                ? inChannels * planes + planes * planes * 9 + planes * out
                 : inChannels * planes * 9 + planes * planes * 9
             let later = block == .bottleneck ? out * planes + planes * planes * 9 + planes * out : out * out * 18
             total += first + inChannels * out + (blocks - 1) * later
             inChannels = out
         }
-        let head = backboneChannels * headChannels * (2 + 3 * 9) + 5 * headChannels * headChannels
+        let head =
+            backboneChannels * headChannels * (2 + 3 * 9) + 5 * headChannels * headChannels
             + headChannels * headChannels * 9 + headChannels * numClasses
         let aux = auxHead ? stage3Channels * (stage3Channels / 4) * 9 + (stage3Channels / 4) * numClasses : 0
         return total + head + aux
@@ -127,23 +135,31 @@ public struct ArchitectureDescription: Codable, Equatable, Sendable {
 
     /// The presets `hrhf-convert --arch` knows. `classesPerStep` is replaced by `--classes`.
     public static let presets: [ArchitectureDescription] = [
-        .init(name: "deeplabv3-resnet50", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 6, 3],
-              outputStride: 8, classesPerStep: [21]),
-        .init(name: "deeplabv3-resnet101", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 23, 3],
-              outputStride: 8, classesPerStep: [21]),
-        .init(name: "deeplabv3-resnet50-os16", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 6, 3],
-              outputStride: 16, classesPerStep: [21]),
-        .init(name: "deeplabv3-resnet101-os16", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 23, 3],
-              outputStride: 16, classesPerStep: [21]),
-        .init(name: "deeplabv3-resnet101-mib", flavor: .mib, block: .bottleneck, layers: [3, 4, 23, 3],
-              outputStride: 16, classesPerStep: [16]),
-        .init(name: "deeplabv3-resnet101-mib-os8", flavor: .mib, block: .bottleneck, layers: [3, 4, 23, 3],
-              outputStride: 8, classesPerStep: [16]),
+        .init(
+            name: "deeplabv3-resnet50", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 6, 3],
+            outputStride: 8, classesPerStep: [21]),
+        .init(
+            name: "deeplabv3-resnet101", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 23, 3],
+            outputStride: 8, classesPerStep: [21]),
+        .init(
+            name: "deeplabv3-resnet50-os16", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 6, 3],
+            outputStride: 16, classesPerStep: [21]),
+        .init(
+            name: "deeplabv3-resnet101-os16", flavor: .torchvision, block: .bottleneck, layers: [3, 4, 23, 3],
+            outputStride: 16, classesPerStep: [21]),
+        .init(
+            name: "deeplabv3-resnet101-mib", flavor: .mib, block: .bottleneck, layers: [3, 4, 23, 3],
+            outputStride: 16, classesPerStep: [16]),
+        .init(
+            name: "deeplabv3-resnet101-mib-os8", flavor: .mib, block: .bottleneck, layers: [3, 4, 23, 3],
+            outputStride: 8, classesPerStep: [16]),
         // The small CPU variant: basic blocks, a quarter of the width, the same head.
-        .init(name: "deeplabv3-small", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1], baseWidth: 16,
-              outputStride: 8, headChannels: 64, classesPerStep: [16]),
-        .init(name: "deeplabv3-resnet18-small", flavor: .torchvision, block: .basic, layers: [2, 2, 2, 2],
-              baseWidth: 32, outputStride: 8, headChannels: 128, classesPerStep: [16]),
+        .init(
+            name: "deeplabv3-small", flavor: .torchvision, block: .basic, layers: [1, 1, 1, 1], baseWidth: 16,
+            outputStride: 8, headChannels: 64, classesPerStep: [16]),
+        .init(
+            name: "deeplabv3-resnet18-small", flavor: .torchvision, block: .basic, layers: [2, 2, 2, 2],
+            baseWidth: 32, outputStride: 8, headChannels: 128, classesPerStep: [16]),
     ]
 
     public static func preset(_ name: String) -> ArchitectureDescription? {

@@ -12,16 +12,24 @@ public final class ASPP: Module {
 
     public init(inChannels: Int, rates: [Int], outChannels: Int, seed: UInt64, rng: inout SeededGenerator) {
         func branch(_ k: Int, _ rate: Int, _ rng: inout SeededGenerator) -> Sequential {
-            Sequential([Conv2d(inChannels, outChannels, kernelSize: k, padding: k == 1 ? 0 : rate, dilation: rate,
-                               bias: false, rng: &rng), BatchNorm2d(outChannels), ReLU()])
+            Sequential([
+                Conv2d(
+                    inChannels, outChannels, kernelSize: k, padding: k == 1 ? 0 : rate, dilation: rate,
+                    bias: false, rng: &rng), BatchNorm2d(outChannels), ReLU(),
+            ])
         }
         var branches: [Module] = [branch(1, 1, &rng)]
         for r in rates { branches.append(branch(3, r, &rng)) }
-        branches.append(Sequential([GlobalAveragePool(), Conv2d(inChannels, outChannels, kernelSize: 1, bias: false, rng: &rng),
-                                    BatchNorm2d(outChannels), ReLU()]))
+        branches.append(
+            Sequential([
+                GlobalAveragePool(), Conv2d(inChannels, outChannels, kernelSize: 1, bias: false, rng: &rng),
+                BatchNorm2d(outChannels), ReLU(),
+            ]))
         convs = ModuleList(branches)
-        project = Sequential([Conv2d(outChannels * branches.count, outChannels, kernelSize: 1, bias: false, rng: &rng),
-                              BatchNorm2d(outChannels), ReLU(), Dropout(p: 0.5, seed: seed)])
+        project = Sequential([
+            Conv2d(outChannels * branches.count, outChannels, kernelSize: 1, bias: false, rng: &rng),
+            BatchNorm2d(outChannels), ReLU(), Dropout(p: 0.5, seed: seed),
+        ])
         super.init()
         registerModule("convs", convs)
         registerModule("project", project)
@@ -73,9 +81,10 @@ public final class MiBDeepLabHead: Module {
     }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        precondition(training || (x.shape[2] <= Self.evalPoolingSize && x.shape[3] <= Self.evalPoolingSize),
-                     "MiB head: feature map \(x.shape[2])x\(x.shape[3]) exceeds the pooling window \(Self.evalPoolingSize); "
-                     + "inputs up to \(Self.evalPoolingSize) times the output stride are supported")
+        precondition(
+            training || (x.shape[2] <= Self.evalPoolingSize && x.shape[3] <= Self.evalPoolingSize),
+            "MiB head: feature map \(x.shape[2])x\(x.shape[3]) exceeds the pooling window \(Self.evalPoolingSize); "
+                + "inputs up to \(Self.evalPoolingSize) times the output stride are supported")
         var out = concatChannels((0..<mapConvs.count).map { mapConvs[$0](x) })
         out = redConv(mapBN(out))
         let pool = poolRedConv(globalPoolingBN(globalPoolingConv(adaptiveAvgPool1x1(x))))
@@ -113,17 +122,22 @@ public final class DeepLabV3: Module {
             kaimingNormalFanOut(backbone, rng: &rng)
             torchvisionBackbone = backbone
             mibBody = nil
-            let aspp = ASPP(inChannels: arch.backboneChannels, rates: arch.asppRates, outChannels: arch.headChannels,
-                            seed: rng.next(), rng: &rng)
-            headLayers = [aspp, Conv2d(arch.headChannels, arch.headChannels, kernelSize: 3, padding: 1, bias: false, rng: &rng),
-                          BatchNorm2d(arch.headChannels), ReLU()]
+            let aspp = ASPP(
+                inChannels: arch.backboneChannels, rates: arch.asppRates, outChannels: arch.headChannels,
+                seed: rng.next(), rng: &rng)
+            headLayers = [
+                aspp, Conv2d(arch.headChannels, arch.headChannels, kernelSize: 3, padding: 1, bias: false, rng: &rng),
+                BatchNorm2d(arch.headChannels), ReLU(),
+            ]
             precondition(arch.classesPerStep.count >= 1)
             classifiers = [Conv2d(arch.headChannels, arch.numClasses, kernelSize: 1, rng: &rng)]
             if arch.auxHead {
                 let c = arch.stage3Channels, mid = c / 4
-                auxClassifier = Sequential([Conv2d(c, mid, kernelSize: 3, padding: 1, bias: false, rng: &rng),
-                                            BatchNorm2d(mid), ReLU(), Dropout(p: 0.1, seed: rng.next()),
-                                            Conv2d(mid, arch.numClasses, kernelSize: 1, rng: &rng)])
+                auxClassifier = Sequential([
+                    Conv2d(c, mid, kernelSize: 3, padding: 1, bias: false, rng: &rng),
+                    BatchNorm2d(mid), ReLU(), Dropout(p: 0.1, seed: rng.next()),
+                    Conv2d(mid, arch.numClasses, kernelSize: 1, rng: &rng),
+                ])
             } else {
                 auxClassifier = nil
             }
@@ -132,8 +146,11 @@ public final class DeepLabV3: Module {
             kaimingNormalFanOut(body, rng: &rng)
             mibBody = body
             torchvisionBackbone = nil
-            headLayers = [MiBDeepLabHead(inChannels: arch.backboneChannels, hidden: arch.headChannels,
-                                         outChannels: arch.headChannels, rates: arch.asppRates, rng: &rng)]
+            headLayers = [
+                MiBDeepLabHead(
+                    inChannels: arch.backboneChannels, hidden: arch.headChannels,
+                    outChannels: arch.headChannels, rates: arch.asppRates, rng: &rng)
+            ]
             classifiers = arch.classesPerStep.map { Conv2d(arch.headChannels, $0, kernelSize: 1, rng: &rng) }
             auxClassifier = nil
         }
@@ -160,8 +177,10 @@ public final class DeepLabV3: Module {
         guard architecture.flavor == .mib else { return }
         let limit = MiBDeepLabHead.evalPoolingSize * architecture.outputStride
         guard height <= limit && width <= limit else {
-            throw WeightFileError(file: name, "\(width)x\(height) is larger than the \(limit)x\(limit) this MiB-flavour model evaluates "
-                                  + "(its pooling window covers 32 feature cells); resize it with --size")
+            throw WeightFileError(
+                file: name,
+                "\(width)x\(height) is larger than the \(limit)x\(limit) this MiB-flavour model evaluates "
+                    + "(its pooling window covers 32 feature cells); resize it with --size")
         }
     }
 

@@ -47,8 +47,10 @@ public struct ModelCard: Codable, Equatable, Sendable {
     /// Free-form facts: the training command, its measured figures, the dataset.
     public var notes: [String: String]
 
-    public init(architecture: ArchitectureDescription, classNames: [String], normalization: Normalization = .imagenet,
-                source: SourceInfo? = nil, notes: [String: String] = [:]) {
+    public init(
+        architecture: ArchitectureDescription, classNames: [String], normalization: Normalization = .imagenet,
+        source: SourceInfo? = nil, notes: [String: String] = [:]
+    ) {
         self.architecture = architecture
         classes = classNames.enumerated().map { ClassInfo(id: $0.offset, name: $0.element) }
         var start = 0
@@ -71,30 +73,39 @@ public struct ModelCard: Codable, Equatable, Sendable {
         }
         try architecture.validate(file: file)
         guard classes.count == architecture.numClasses else {
-            throw WeightFileError(file: file, key: "classes", "card lists \(classes.count) classes, the architecture "
-                                  + "has \(architecture.numClasses) outputs")
+            throw WeightFileError(
+                file: file, key: "classes",
+                "card lists \(classes.count) classes, the architecture "
+                    + "has \(architecture.numClasses) outputs")
         }
         if let k = classes.indices.first(where: { classes[$0].id != $0 }) {
-            throw WeightFileError(file: file, key: "classes[\(k)].id",
-                                  "is \(classes[k].id), channel \(k) must be class \(k)")
+            throw WeightFileError(
+                file: file, key: "classes[\(k)].id",
+                "is \(classes[k].id), channel \(k) must be class \(k)")
         }
         guard history.count == architecture.classesPerStep.count else {
-            throw WeightFileError(file: file, key: "history", "has \(history.count) steps, classesPerStep "
-                                  + "\(architecture.classesPerStep.count)")
+            throw WeightFileError(
+                file: file, key: "history",
+                "has \(history.count) steps, classesPerStep "
+                    + "\(architecture.classesPerStep.count)")
         }
         var start = 0, previousStep = -1
         for (k, (step, count)) in zip(history, architecture.classesPerStep).enumerated() {
             guard step.step > previousStep, step.classes == Array(start..<(start + count)) else {
-                throw WeightFileError(file: file, key: "history[\(k)]", "step \(step.step) must follow step "
-                                      + "\(previousStep) and add classes \(start)..<\(start + count)")
+                throw WeightFileError(
+                    file: file, key: "history[\(k)]",
+                    "step \(step.step) must follow step "
+                        + "\(previousStep) and add classes \(start)..<\(start + count)")
             }
             start += count
             previousStep = step.step
         }
         guard normalization.mean.count == 3, normalization.std.count == 3, normalization.mean.allSatisfy(\.isFinite),
-              normalization.std.allSatisfy({ $0.isFinite && $0 > 0 }) else {
-            throw WeightFileError(file: file, key: "normalization",
-                                  "needs three finite means and three finite positive deviations")
+            normalization.std.allSatisfy({ $0.isFinite && $0 > 0 })
+        else {
+            throw WeightFileError(
+                file: file, key: "normalization",
+                "needs three finite means and three finite positive deviations")
         }
     }
 
@@ -112,14 +123,17 @@ func decodingFailure(_ error: Error, json: Data, file: String, what: String) -> 
     default: return WeightFileError(file: file, "\(what) is not valid: \(error)")
     }
     if context.codingPath.isEmpty, (try? JSONSerialization.jsonObject(with: json)) != nil {
-        return WeightFileError(file: file, "\(what) is not valid: a number does not fit its field "
-                               + "(a fraction, or out of range, where an integer belongs)")
+        return WeightFileError(
+            file: file,
+            "\(what) is not valid: a number does not fit its field "
+                + "(a fraction, or out of range, where an integer belongs)")
     }
     let field = context.codingPath.reduce("") { path, key in
         key.intValue.map { "\(path)[\($0)]" } ?? (path.isEmpty ? key.stringValue : "\(path).\(key.stringValue)")
     }
-    return WeightFileError(file: file, key: field.isEmpty ? nil : field,
-                           "\(what) is not valid: \(context.debugDescription)")
+    return WeightFileError(
+        file: file, key: field.isEmpty ? nil : field,
+        "\(what) is not valid: \(context.debugDescription)")
 }
 
 /// The native model file: safetensors whose metadata key `hrhf.card` holds the card as JSON.
@@ -137,7 +151,9 @@ public enum ModelFile {
 
     public static func readCard(_ file: SafeTensorsFile, path: String) throws -> ModelCard {
         guard let json = file.metadata[cardKey] else {
-            throw WeightFileError(file: path, "no model card (metadata key \(cardKey)): not a native HRHF model; convert it with hrhf-convert")
+            throw WeightFileError(
+                file: path,
+                "no model card (metadata key \(cardKey)): not a native HRHF model; convert it with hrhf-convert")
         }
         do {
             let card = try JSONDecoder().decode(ModelCard.self, from: Data(json.utf8))
@@ -155,8 +171,9 @@ public enum ModelFile {
         let file = try SafeTensorsFile.read(url)
         let card = try readCard(file, path: url.path)
         let model = try DeepLabV3(card.architecture)
-        try model.loadStateDict(Dictionary(file.tensors.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a }),
-                                source: url.path)
+        try model.loadStateDict(
+            Dictionary(file.tensors.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a }),
+            source: url.path)
         model.eval()
         return (model, card)
     }

@@ -25,17 +25,23 @@ public final class TorchvisionResNet: Module {
             let outPlanes = planes * arch.expansion
             var downsample: Sequential?
             if stride != 1 || inplanes != outPlanes {
-                downsample = Sequential([Conv2d(inplanes, outPlanes, kernelSize: 1, stride: stride, bias: false, rng: &rng),
-                                         BatchNorm2d(outPlanes)])
+                downsample = Sequential([
+                    Conv2d(inplanes, outPlanes, kernelSize: 1, stride: stride, bias: false, rng: &rng),
+                    BatchNorm2d(outPlanes),
+                ])
             }
             var blocks: [Module] = []
             for b in 0..<arch.layers[stage] {
                 let (s, d, ds) = b == 0 ? (stride, previousDilation, downsample) : (1, dilation, nil)
                 switch arch.block {
                 case .bottleneck:
-                    blocks.append(Bottleneck(inplanes: inplanes, planes: planes, stride: s, dilation: d, downsample: ds, rng: &rng))
+                    blocks.append(
+                        Bottleneck(
+                            inplanes: inplanes, planes: planes, stride: s, dilation: d, downsample: ds, rng: &rng))
                 case .basic:
-                    blocks.append(BasicBlock(inplanes: inplanes, planes: planes, stride: s, dilation: d, downsample: ds, rng: &rng))
+                    blocks.append(
+                        BasicBlock(
+                            inplanes: inplanes, planes: planes, stride: s, dilation: d, downsample: ds, rng: &rng))
                 }
                 inplanes = outPlanes
             }
@@ -77,8 +83,12 @@ public final class MiBResidualBlock: Module {
         convs = Sequential(named: [
             ("conv1", Conv2d(inChannels, channels[0], kernelSize: 1, bias: false, rng: &rng)),
             ("bn1", abn(channels[0])),
-            ("conv2", Conv2d(channels[0], channels[1], kernelSize: 3, stride: stride, padding: dilation,
-                             dilation: dilation, bias: false, rng: &rng)),
+            (
+                "conv2",
+                Conv2d(
+                    channels[0], channels[1], kernelSize: 3, stride: stride, padding: dilation,
+                    dilation: dilation, bias: false, rng: &rng)
+            ),
             ("bn2", abn(channels[1])),
             ("conv3", Conv2d(channels[1], channels[2], kernelSize: 1, bias: false, rng: &rng)),
             ("bn3", abn(channels[2], .identity)),
@@ -140,8 +150,13 @@ public final class MiBResNet: Module {
             for b in 0..<count {
                 let d = dilations[stage]
                 let s = (d == 1 && b == 0 && stage > 0) ? 2 : 1
-                blocks.append(("block\(b + 1)", MiBResidualBlock(inChannels: inChannels, channels: channels, stride: s,
-                                                                 dilation: d, rng: &rng)))
+                blocks.append(
+                    (
+                        "block\(b + 1)",
+                        MiBResidualBlock(
+                            inChannels: inChannels, channels: channels, stride: s,
+                            dilation: d, rng: &rng)
+                    ))
                 inChannels = channels[2]
             }
             stages.append(Sequential(named: blocks))

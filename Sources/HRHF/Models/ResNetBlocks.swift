@@ -8,12 +8,15 @@ public final class Bottleneck: Module {
     public let conv1: Conv2d, bn1: BatchNorm2d, conv2: Conv2d, bn2: BatchNorm2d, conv3: Conv2d, bn3: BatchNorm2d
     public let downsample: Sequential?
 
-    public init(inplanes: Int, planes: Int, stride: Int = 1, dilation: Int = 1, downsample: Sequential? = nil,
-                rng: inout SeededGenerator) {
+    public init(
+        inplanes: Int, planes: Int, stride: Int = 1, dilation: Int = 1, downsample: Sequential? = nil,
+        rng: inout SeededGenerator
+    ) {
         conv1 = Conv2d(inplanes, planes, kernelSize: 1, bias: false, rng: &rng)
         bn1 = BatchNorm2d(planes)
-        conv2 = Conv2d(planes, planes, kernelSize: 3, stride: stride, padding: dilation, dilation: dilation,
-                       bias: false, rng: &rng)
+        conv2 = Conv2d(
+            planes, planes, kernelSize: 3, stride: stride, padding: dilation, dilation: dilation,
+            bias: false, rng: &rng)
         bn2 = BatchNorm2d(planes)
         conv3 = Conv2d(planes, planes * Self.expansion, kernelSize: 1, bias: false, rng: &rng)
         bn3 = BatchNorm2d(planes * Self.expansion)
@@ -44,10 +47,13 @@ public final class BasicBlock: Module {
     public let conv1: Conv2d, bn1: BatchNorm2d, conv2: Conv2d, bn2: BatchNorm2d
     public let downsample: Sequential?
 
-    public init(inplanes: Int, planes: Int, stride: Int = 1, dilation: Int = 1, downsample: Sequential? = nil,
-                rng: inout SeededGenerator) {
-        conv1 = Conv2d(inplanes, planes, kernelSize: 3, stride: stride, padding: dilation, dilation: dilation,
-                       bias: false, rng: &rng)
+    public init(
+        inplanes: Int, planes: Int, stride: Int = 1, dilation: Int = 1, downsample: Sequential? = nil,
+        rng: inout SeededGenerator
+    ) {
+        conv1 = Conv2d(
+            inplanes, planes, kernelSize: 3, stride: stride, padding: dilation, dilation: dilation,
+            bias: false, rng: &rng)
         bn1 = BatchNorm2d(planes)
         conv2 = Conv2d(planes, planes, kernelSize: 3, padding: dilation, dilation: dilation, bias: false, rng: &rng)
         bn2 = BatchNorm2d(planes)

@@ -7,8 +7,10 @@ public final class Conv2d: Module {
     public let bias: Tensor?
     public let stride: (Int, Int), padding: (Int, Int), dilation: (Int, Int), groups: Int
 
-    public init(_ inChannels: Int, _ outChannels: Int, kernelSize: Int, stride: Int = 1, padding: Int = 0,
-                dilation: Int = 1, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator) {
+    public init(
+        _ inChannels: Int, _ outChannels: Int, kernelSize: Int, stride: Int = 1, padding: Int = 0,
+        dilation: Int = 1, groups: Int = 1, bias: Bool = true, rng: inout SeededGenerator
+    ) {
         precondition(inChannels % groups == 0 && outChannels % groups == 0, "Conv2d: channels not divisible by groups")
         self.stride = (stride, stride)
         self.padding = (padding, padding)
@@ -16,8 +18,9 @@ public final class Conv2d: Module {
         self.groups = groups
         let fanIn = inChannels / groups * kernelSize * kernelSize
         let bound = 1 / Float(fanIn).squareRoot()
-        weight = Tensor.uniform([outChannels, inChannels / groups, kernelSize, kernelSize],
-                                low: -bound, high: bound, rng: &rng)
+        weight = Tensor.uniform(
+            [outChannels, inChannels / groups, kernelSize, kernelSize],
+            low: -bound, high: bound, rng: &rng)
         self.bias = bias ? Tensor.uniform([outChannels], low: -bound, high: bound, rng: &rng) : nil
         super.init()
         registerParameter("weight", weight)
@@ -58,8 +61,10 @@ public final class BatchNorm2d: Module {
 
     public let activation: NormActivation
 
-    public init(_ channels: Int, eps: Float = 1e-5, momentum: Float = 0.1, tracksBatches: Bool = true,
-                activation: NormActivation = .identity) {
+    public init(
+        _ channels: Int, eps: Float = 1e-5, momentum: Float = 0.1, tracksBatches: Bool = true,
+        activation: NormActivation = .identity
+    ) {
         self.activation = activation
         weight = Tensor(shape: [channels], repeating: 1)
         bias = Tensor(zeros: [channels])
@@ -95,14 +100,17 @@ public final class BatchNorm2d: Module {
         }
         let y: Tensor
         if training, let s = batchSplit, s > 0, s < x.shape[0] {
-            let first = batchNorm2d(sliceBatch(x, 0..<s), weight: weight, bias: bias, runningMean: runningMean,
-                                    runningVar: runningVar, training: true, momentum: momentum, eps: eps, negativeSlope: slope)
-            let rest = batchNorm2d(sliceBatch(x, s..<x.shape[0]), weight: weight, bias: bias, runningMean: nil,
-                                   runningVar: nil, training: true, momentum: momentum, eps: eps, negativeSlope: slope)
+            let first = batchNorm2d(
+                sliceBatch(x, 0..<s), weight: weight, bias: bias, runningMean: runningMean,
+                runningVar: runningVar, training: true, momentum: momentum, eps: eps, negativeSlope: slope)
+            let rest = batchNorm2d(
+                sliceBatch(x, s..<x.shape[0]), weight: weight, bias: bias, runningMean: nil,
+                runningVar: nil, training: true, momentum: momentum, eps: eps, negativeSlope: slope)
             y = concatBatch([first, rest])
         } else {
-            y = batchNorm2d(x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
-                            training: training, momentum: momentum, eps: eps, negativeSlope: slope)
+            y = batchNorm2d(
+                x, weight: weight, bias: bias, runningMean: runningMean, runningVar: runningVar,
+                training: training, momentum: momentum, eps: eps, negativeSlope: slope)
         }
         // inplace-ABN's leaky ReLU, then the block's ReLU: the second one stays a separate op.
         if case .leakyRelu = activation, applyReLU { return relu(y) }
@@ -124,7 +132,10 @@ public func updateBatchNorm(_ model: Module, batches: Int, forward: (Int) throws
         model.train(wasTraining)
     }
     for bn in layers {
-        for ch in 0..<bn.runningMean.count { bn.runningMean.pointer[ch] = 0; bn.runningVar.pointer[ch] = 1 }
+        for ch in 0..<bn.runningMean.count {
+            bn.runningMean.pointer[ch] = 0
+            bn.runningVar.pointer[ch] = 1
+        }
         bn.numBatchesTracked?.pointer[0] = 0
     }
     model.train(true)
@@ -172,8 +183,9 @@ public func convNorm(_ x: Tensor, _ conv: Conv2d, _ bn: BatchNorm2d, relu applyR
     guard bn.canFold(after: conv) else { return bn.profiledNormalize(conv(x), relu: applyReLU) }
     let (scale, shift) = bn.foldedScaleShift(convBias: conv.bias)
     return Profiler.op(.convolution) {
-        conv2dAffine(x, weight: conv.weight, scale: scale, shift: shift, negativeSlope: slope, stride: conv.stride,
-                     padding: conv.padding, dilation: conv.dilation, groups: conv.groups)
+        conv2dAffine(
+            x, weight: conv.weight, scale: scale, shift: shift, negativeSlope: slope, stride: conv.stride,
+            padding: conv.padding, dilation: conv.dilation, groups: conv.groups)
     }
 }
 
@@ -192,7 +204,6 @@ func runLayers(_ layers: [Module], _ x: Tensor) -> Tensor {
     }
     return y
 }
-
 
 public final class ReLU: Module {
     public override func forward(_ x: Tensor) -> Tensor { relu(x) }

@@ -117,9 +117,11 @@ extension Module {
     /// Copies values into this module's parameters and buffers by state-dict key. Every key
     /// must be present with the right shape, and no other key may be given, unless
     /// `allowMissing` or `allowUnexpected` accept it. Nothing is changed when it throws.
-    public func loadStateDict(_ values: [String: Tensor], source: String = "state dict",
-                              allowMissing: (String) -> Bool = { _ in false },
-                              allowUnexpected: (String) -> Bool = { _ in false }) throws {
+    public func loadStateDict(
+        _ values: [String: Tensor], source: String = "state dict",
+        allowMissing: (String) -> Bool = { _ in false },
+        allowUnexpected: (String) -> Bool = { _ in false }
+    ) throws {
         let own = stateDict()
         let ownKeys = Set(own.map(\.name))
         var problems: [String] = []

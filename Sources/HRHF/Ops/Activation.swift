@@ -35,7 +35,12 @@ public func addRelu(_ a: Tensor, _ b: Tensor) -> Tensor {
     guard a.shape == b.shape else { return relu(a + b) }
     let out = Tensor(uninitialized: a.shape)
     let pa = a.pointer, pb = b.pointer, po = out.pointer
-    parallelBlocks(out.count, minBlock: parallelGrain) { r in for i in r { let v = pa[i] + pb[i]; po[i] = v > 0 ? v : 0 } }
+    parallelBlocks(out.count, minBlock: parallelGrain) { r in
+        for i in r {
+            let v = pa[i] + pb[i]
+            po[i] = v > 0 ? v : 0
+        }
+    }
     let od = out.detached()
     record(out, "add_relu", [a, b]) { g in
         let masked = reluGradient(g, output: od)

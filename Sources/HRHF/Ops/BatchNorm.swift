@@ -33,8 +33,10 @@ struct ChannelLanes {
     subscript(i: Int) -> SIMD8<Float> { SIMD8(p0[i], p1[i], p2[i], p3[i], p4[i], p5[i], p6[i], p7[i]) }
 }
 
-public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean: Tensor?, runningVar: Tensor?,
-                        training: Bool, momentum: Float = 0.1, eps: Float = 1e-5, negativeSlope: Float? = nil) -> Tensor {
+public func batchNorm2d(
+    _ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean: Tensor?, runningVar: Tensor?,
+    training: Bool, momentum: Float = 0.1, eps: Float = 1e-5, negativeSlope: Float? = nil
+) -> Tensor {
     let (n, c, h, w) = nchw(x, "batch_norm")
     // The backward reads the activation's slope off the output's sign, which needs slope >= 0.
     precondition((negativeSlope ?? 0) >= 0, "batch_norm: activation slope \(negativeSlope ?? 0) must not be negative")
@@ -42,11 +44,13 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
     for t in [weight, bias, runningMean, runningVar].compactMap({ $0 }) {
         precondition(t.count == c, "batch_norm: parameter of shape \(t.shape) for \(c) channels")
     }
-    precondition(training || (runningMean != nil && runningVar != nil),
-                 "batch_norm in eval mode needs running statistics")
+    precondition(
+        training || (runningMean != nil && runningVar != nil),
+        "batch_norm in eval mode needs running statistics")
     let synchronized = training ? BatchNormSync.communicator.flatMap { $0.size > 1 ? $0 : nil } : nil
-    precondition(!training || m > 1 || synchronized != nil,
-                 "batch_norm in training needs more than one value per channel, got \(x.shape)")
+    precondition(
+        !training || m > 1 || synchronized != nil,
+        "batch_norm in training needs more than one value per channel, got \(x.shape)")
     let meanT = Tensor(zeros: [c]), invStdT = Tensor(zeros: [c])
     let px = x.pointer, pmean = meanT.pointer, pinv = invStdT.pointer
     let out = Tensor(uninitialized: x.shape)
@@ -72,7 +76,10 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
         for b in 0..<n {
             let p = groupLanes(group, b)
             var ps = SIMD8<Float>()
-            for i in 0..<plane { let d = p[i] - mf; ps += d * d }
+            for i in 0..<plane {
+                let d = p[i] - mf
+                ps += d * d
+            }
             s2 += SIMD8<Double>(ps)
         }
         return s2
@@ -125,8 +132,16 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
                 let p = px + (b * c + ch) * plane, q = po + (b * c + ch) * plane
                 switch negativeSlope {
                 case nil: for i in 0..<plane { q[i] = p[i] * scale + shift }
-                case 0: for i in 0..<plane { let v = p[i] * scale + shift; q[i] = v > 0 ? v : 0 }
-                case let slope?: for i in 0..<plane { let v = p[i] * scale + shift; q[i] = v > 0 ? v : v * slope }
+                case 0:
+                    for i in 0..<plane {
+                        let v = p[i] * scale + shift
+                        q[i] = v > 0 ? v : 0
+                    }
+                case let slope?:
+                    for i in 0..<plane {
+                        let v = p[i] * scale + shift
+                        q[i] = v > 0 ? v : v * slope
+                    }
                 }
             }
         }
@@ -136,7 +151,7 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
     let xd = x.detached(), wd = weight?.detached(), od = negativeSlope == nil ? nil : out.detached()
     let inputs = [x] + [weight, bias].compactMap { $0 }
     record(out, negativeSlope == nil ? "batch_norm" : "batch_norm_activation", inputs) { g in
-        let pg = g.pointer, px = xd.pointer, po = od?.pointer ?? g.pointer  // unread without an activation
+        let pg = g.pointer, px = xd.pointer, po = od?.pointer ?? g.pointer // unread without an activation
         let through = ActivationGradient(negativeSlope: negativeSlope)
         let pmean = meanT.pointer, pinv = invStdT.pointer
         let gx = x.requiresGrad ? Tensor(uninitialized: xd.shape) : nil
@@ -145,14 +160,23 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
         func groupGradientSums(_ group: Range<Int>) -> [SIMD8<Double>] {
             let lanes = group.count
             var mu = SIMD8<Float>(), inv = SIMD8<Float>()
-            for j in 0..<8 { let ch = group.lowerBound + min(j, lanes - 1); mu[j] = pmean[ch]; inv[j] = pinv[ch] }
+            for j in 0..<8 {
+                let ch = group.lowerBound + min(j, lanes - 1)
+                mu[j] = pmean[ch]
+                inv[j] = pinv[ch]
+            }
             var sumDy = SIMD8<Double>(), sumDyXhat = SIMD8<Double>()
             for b in 0..<n {
                 let first = (b * c + group.lowerBound) * plane
-                let p = ChannelLanes(px + first, plane: plane, lanes: lanes), q = ChannelLanes(pg + first, plane: plane, lanes: lanes)
+                let p = ChannelLanes(px + first, plane: plane, lanes: lanes),
+                    q = ChannelLanes(pg + first, plane: plane, lanes: lanes)
                 let o = ChannelLanes(po + first, plane: plane, lanes: lanes)
                 var s = SIMD8<Float>(), sx = SIMD8<Float>()
-                for i in 0..<plane { let dy = through(q[i], o[i]); s += dy; sx += dy * (p[i] - mu) }
+                for i in 0..<plane {
+                    let dy = through(q[i], o[i])
+                    s += dy
+                    sx += dy * (p[i] - mu)
+                }
                 sumDy += SIMD8<Double>(s)
                 sumDyXhat += SIMD8<Double>(sx) * SIMD8<Double>(inv)
             }
@@ -177,7 +201,9 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
                         r[i] = k * (through(q[i], o[i]) - meanDy - xhat * meanDyXhat)
                     }
                 } else {
-                    for i in stride(from: 0, to: vectorEnd, by: 8) { store8(through(load8(q + i), load8(o + i)) * k, r + i) }
+                    for i in stride(from: 0, to: vectorEnd, by: 8) {
+                        store8(through(load8(q + i), load8(o + i)) * k, r + i)
+                    }
                     for i in vectorEnd..<plane { r[i] = through(q[i], o[i]) * k }
                 }
             }
@@ -193,8 +219,9 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
                     pgb[ch] = Float(local[ch])
                     pgw[ch] = Float(local[c + ch])
                     guard let pgx else { continue }
-                    writeInputGradient(pgx, ch, meanDy: Float(total[ch] / total[2 * c]),
-                                       meanDyXhat: Float(total[c + ch] / total[2 * c]))
+                    writeInputGradient(
+                        pgx, ch, meanDy: Float(total[ch] / total[2 * c]),
+                        meanDyXhat: Float(total[c + ch] / total[2 * c]))
                 }
             }
         } else {
@@ -205,8 +232,9 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
                     pgb[ch] = Float(sumDy[j])
                     pgw[ch] = Float(sumDyXhat[j])
                     guard let pgx else { continue }
-                    writeInputGradient(pgx, ch, meanDy: Float(sumDy[j] / Double(m)),
-                                       meanDyXhat: Float(sumDyXhat[j] / Double(m)))
+                    writeInputGradient(
+                        pgx, ch, meanDy: Float(sumDy[j] / Double(m)),
+                        meanDyXhat: Float(sumDyXhat[j] / Double(m)))
                 }
             }
         }
@@ -222,7 +250,9 @@ public func batchNorm2d(_ x: Tensor, weight: Tensor?, bias: Tensor?, runningMean
 func load8(_ p: UnsafePointer<Float>) -> SIMD8<Float> { UnsafeRawPointer(p).loadUnaligned(as: SIMD8<Float>.self) }
 
 @inline(__always)
-func store8(_ v: SIMD8<Float>, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self) }
+func store8(_ v: SIMD8<Float>, _ p: UnsafeMutablePointer<Float>) {
+    UnsafeMutableRawPointer(p).storeBytes(of: v, as: SIMD8<Float>.self)
+}
 
 /// The gradient through an activation fused after an op, from the op's output: leaky ReLU's
 /// (slope 0: ReLU's, exactly 0 where the output is not positive) or, without one, the gradient
@@ -254,8 +284,10 @@ public enum BatchNormSync {
 }
 
 /// `width` per-channel values of every group of channels, laid out as `width` blocks of `c`.
-private func channelValues(_ n: Int, _ c: Int, _ plane: Int, width: Int,
-                           _ body: (Range<Int>) -> [SIMD8<Double>]) -> [Double] {
+private func channelValues(
+    _ n: Int, _ c: Int, _ plane: Int, width: Int,
+    _ body: (Range<Int>) -> [SIMD8<Double>]
+) -> [Double] {
     var values = [Double](repeating: 0, count: width * c)
     values.withUnsafeMutableBufferPointer { out in
         let p = out.baseAddress!

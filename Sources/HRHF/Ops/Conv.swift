@@ -10,13 +10,16 @@ import Foundation
 /// `blasRunsSingleThreaded`): the convolutions split their products between the toolkit's own
 /// threads, which keeps both cores busy through im2col, col2im and bias passes too.
 @inline(__always)
-func sgemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
-           a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
-           c: UnsafeMutablePointer<Float>, ldc: Int) {
+func sgemm(
+    transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
+    a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
+    c: UnsafeMutablePointer<Float>, ldc: Int
+) {
     _ = blasRunsSingleThreaded
-    cblas_sgemm(CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-                blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta,
-                c, blasint(ldc))
+    cblas_sgemm(
+        CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
+        blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta,
+        c, blasint(ldc))
 }
 
 /// Set once, before the first product: OpenBLAS's own threads would fight the toolkit's.
@@ -134,14 +137,18 @@ func im2colBlockColumns(rows: Int, of total: Int) -> Int {
 
 /// `columns` cut into consecutive blocks of at most `width`.
 func blocks(of columns: Range<Int>, width: Int) -> [Range<Int>] {
-    stride(from: columns.lowerBound, to: columns.upperBound, by: max(width, 1)).map { $0..<min($0 + width, columns.upperBound) }
+    stride(from: columns.lowerBound, to: columns.upperBound, by: max(width, 1)).map {
+        $0..<min($0 + width, columns.upperBound)
+    }
 }
 
 /// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
 /// (c, j) for channel c and live tap taps[j], column oy * outW + ox) into `col`, a
 /// rows.count x columns.count matrix.
-func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], rows: Range<Int>, columns: Range<Int>,
-            into col: UnsafeMutablePointer<Float>) {
+func im2col(
+    _ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], rows: Range<Int>, columns: Range<Int>,
+    into col: UnsafeMutablePointer<Float>
+) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
     let kw = geo.kernelW, l = taps.count
     let width = columns.count
@@ -156,7 +163,8 @@ func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], row
         let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
         for oy in (columns.lowerBound / ow)...((columns.upperBound - 1) / ow) {
             // This output row's share of the columns.
-            let first = max(columns.lowerBound, oy * ow) - oy * ow, last = min(columns.upperBound, (oy + 1) * ow) - oy * ow
+            let first = max(columns.lowerBound, oy * ow) - oy * ow,
+                last = min(columns.upperBound, (oy + 1) * ow) - oy * ow
             let drow = dst + oy * ow
             let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
             let lo = max(first, oxLo), hi = min(last, oxHi)
@@ -179,8 +187,10 @@ func im2col(_ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], row
 /// Adds rows of an im2col-shaped gradient (those of channels `channels`, `col` starting at the
 /// first of them; one row per live tap, each covering output rows `outRows`) back into the
 /// input gradient of one image and group.
-func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, outRows: Range<Int>,
-            into dst: UnsafeMutablePointer<Float>) {
+func col2im(
+    _ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, outRows: Range<Int>,
+    into dst: UnsafeMutablePointer<Float>
+) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
     let kw = geo.kernelW, l = taps.count
     let width = outRows.count * ow
@@ -212,7 +222,10 @@ func col2im(_ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], cha
 /// parallel. The split depends only on the thread count, so runs repeat bit for bit.
 func forEachWorker(_ count: Int, parts: Int, _ body: (Int, Range<Int>) -> Void) {
     let parts = max(1, min(parts, count))
-    if parts == 1 { body(0, 0..<count); return }
+    if parts == 1 {
+        body(0, 0..<count)
+        return
+    }
     let base = count / parts, extra = count % parts
     DispatchQueue.concurrentPerform(iterations: parts) { t in
         let start = t * base + min(t, extra)
@@ -221,19 +234,24 @@ func forEachWorker(_ count: Int, parts: Int, _ body: (Int, Range<Int>) -> Void) 
 }
 
 /// PyTorch's `F.conv2d(x, weight, bias, stride, padding, dilation, groups)`.
-public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, stride: (Int, Int) = (1, 1),
-                   padding: (Int, Int) = (0, 0), dilation: (Int, Int) = (1, 1), groups: Int = 1) -> Tensor {
+public func conv2d(
+    _ x: Tensor, weight: Tensor, bias: Tensor? = nil, stride: (Int, Int) = (1, 1),
+    padding: (Int, Int) = (0, 0), dilation: (Int, Int) = (1, 1), groups: Int = 1
+) -> Tensor {
     let (n, cin, h, w) = nchw(x, "conv2d")
     precondition(weight.rank == 4, "conv2d weight must be Cout x Cin/groups x kH x kW, got \(weight.shape)")
     let cout = weight.shape[0]
-    precondition(groups >= 1 && cin % groups == 0 && cout % groups == 0,
-                 "conv2d: channels \(cin) -> \(cout) not divisible by groups \(groups)")
-    precondition(weight.shape[1] == cin / groups,
-                 "conv2d: weight \(weight.shape) expects \(weight.shape[1] * groups) input channels, got \(cin)")
+    precondition(
+        groups >= 1 && cin % groups == 0 && cout % groups == 0,
+        "conv2d: channels \(cin) -> \(cout) not divisible by groups \(groups)")
+    precondition(
+        weight.shape[1] == cin / groups,
+        "conv2d: weight \(weight.shape) expects \(weight.shape[1] * groups) input channels, got \(cin)")
     if let bias { precondition(bias.shape == [cout], "conv2d: bias \(bias.shape) for \(cout) outputs") }
-    let geo = Conv2dGeometry(inChannels: cin, outChannels: cout, kernelH: weight.shape[2], kernelW: weight.shape[3],
-                             strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
-                             dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
+    let geo = Conv2dGeometry(
+        inChannels: cin, outChannels: cout, kernelH: weight.shape[2], kernelW: weight.shape[3],
+        strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
+        dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
     precondition(geo.outH > 0 && geo.outW > 0, "conv2d: input \(h)x\(w) too small for the kernel")
     let out = Tensor(uninitialized: [n, cout, geo.outH, geo.outW])
     conv2dForward(x.pointer, weight.pointer, bias?.pointer, geo, batch: n, out: out.pointer)
@@ -266,23 +284,32 @@ public func conv2d(_ x: Tensor, weight: Tensor, bias: Tensor? = nil, stride: (In
 /// optional leaky ReLU (`negativeSlope` 0: ReLU). The normalisation and activation run on each
 /// output block while it is in cache, and the backward scales the incoming gradient in one
 /// pass. Only the input can get a gradient: the weights must be frozen (evaluation, inversion).
-public func conv2dAffine(_ x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, negativeSlope: Float?,
-                         stride: (Int, Int) = (1, 1), padding: (Int, Int) = (0, 0), dilation: (Int, Int) = (1, 1),
-                         groups: Int = 1) -> Tensor {
+public func conv2dAffine(
+    _ x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, negativeSlope: Float?,
+    stride: (Int, Int) = (1, 1), padding: (Int, Int) = (0, 0), dilation: (Int, Int) = (1, 1),
+    groups: Int = 1
+) -> Tensor {
     let (n, cin, h, w) = nchw(x, "conv2d_affine")
-    precondition(weight.rank == 4 && weight.shape[1] * groups == cin && cin % groups == 0 && weight.shape[0] % groups == 0,
-                 "conv2d_affine: weight \(weight.shape) with \(groups) groups for \(cin) input channels")
+    precondition(
+        weight.rank == 4 && weight.shape[1] * groups == cin && cin % groups == 0 && weight.shape[0] % groups == 0,
+        "conv2d_affine: weight \(weight.shape) with \(groups) groups for \(cin) input channels")
     let cout = weight.shape[0]
-    precondition(scale.shape == [cout] && shift.shape == [cout], "conv2d_affine: scale \(scale.shape), shift \(shift.shape) for \(cout) outputs")
-    precondition(!GradMode.isEnabled || !(weight.requiresGrad || scale.requiresGrad || shift.requiresGrad),
-                 "conv2d_affine: the weights must be frozen (only the input gets a gradient)")
-    let geo = Conv2dGeometry(inChannels: cin, outChannels: cout, kernelH: weight.shape[2], kernelW: weight.shape[3],
-                             strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
-                             dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
+    precondition(
+        scale.shape == [cout] && shift.shape == [cout],
+        "conv2d_affine: scale \(scale.shape), shift \(shift.shape) for \(cout) outputs")
+    precondition(
+        !GradMode.isEnabled || !(weight.requiresGrad || scale.requiresGrad || shift.requiresGrad),
+        "conv2d_affine: the weights must be frozen (only the input gets a gradient)")
+    let geo = Conv2dGeometry(
+        inChannels: cin, outChannels: cout, kernelH: weight.shape[2], kernelW: weight.shape[3],
+        strideH: stride.0, strideW: stride.1, padH: padding.0, padW: padding.1,
+        dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
     precondition(geo.outH > 0 && geo.outW > 0, "conv2d_affine: input \(h)x\(w) too small for the kernel")
     let out = Tensor(uninitialized: [n, cout, geo.outH, geo.outW])
-    conv2dForward(x.pointer, weight.pointer, epilogue: ConvEpilogue(scale: scale.pointer, shift: shift.pointer, negativeSlope: negativeSlope),
-                  geo, batch: n, out: out.pointer)
+    conv2dForward(
+        x.pointer, weight.pointer,
+        epilogue: ConvEpilogue(scale: scale.pointer, shift: shift.pointer, negativeSlope: negativeSlope),
+        geo, batch: n, out: out.pointer)
     let xd = x.detached(), wd = weight.detached(), od = out.detached(), sd = scale.detached()
     record(out, "conv2d_affine", [x]) { g in
         // Through the activation (its sign is the output's: slope >= 0) and the scale, then the convolution.
@@ -360,7 +387,10 @@ struct ConvEpilogue {
     func apply(_ p: UnsafeMutablePointer<Float>, count: Int, channel: Int) {
         let a = scale?[channel] ?? 1, b = shift?[channel] ?? 0
         if let slope = negativeSlope {
-            for i in 0..<count { let v = p[i] * a + b; p[i] = v > 0 ? v : v * slope }
+            for i in 0..<count {
+                let v = p[i] * a + b
+                p[i] = v > 0 ? v : v * slope
+            }
         } else if scale != nil {
             for i in 0..<count { p[i] = p[i] * a + b }
         } else if shift != nil {
@@ -369,15 +399,19 @@ struct ConvEpilogue {
     }
 }
 
-func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
-                   _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
+func conv2dForward(
+    _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ bias: UnsafePointer<Float>?,
+    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>
+) {
     conv2dForward(x, weight, epilogue: .bias(bias), geo, batch: batch, out: out)
 }
 
 /// Writes every element of `out` (the products run with beta 0: each worker's share of the output
 /// is cleared inside its own product, in parallel, instead of before the op in one serial pass).
-func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
-                   _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
+func conv2dForward(
+    _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
+    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>
+) {
     if geo.runsPerTap { return conv2dForwardPerTap(x, weight, epilogue: epilogue, geo, batch: batch, out: out) }
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let live = LiveTapWeight(weight, geo)
@@ -388,7 +422,9 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
         // Every tap reads padding only: the output is the epilogue of zero.
         out.update(repeating: 0, count: batch * geo.outChannels * plane)
         for b in 0..<batch {
-            for co in 0..<geo.outChannels { epilogue.apply(out + (b * geo.outChannels + co) * plane, count: plane, channel: co) }
+            for co in 0..<geo.outChannels {
+                epilogue.apply(out + (b * geo.outChannels + co) * plane, count: plane, channel: co)
+            }
         }
         return
     }
@@ -405,12 +441,14 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
             if let col {
                 for block in blocks(of: columns, width: blockWidth) {
                     im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col)
-                    sgemm(m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 0,
-                          c: dst + block.lowerBound, ldc: plane)
+                    sgemm(
+                        m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 0,
+                        c: dst + block.lowerBound, ldc: plane)
                 }
             } else {
-                sgemm(m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, beta: 0,
-                      c: dst + columns.lowerBound, ldc: plane)
+                sgemm(
+                    m: geo.groupOut, n: width, k: k, a: wg, lda: k, b: src + columns.lowerBound, ldb: plane, beta: 0,
+                    c: dst + columns.lowerBound, ldc: plane)
             }
         }
         if !epilogue.isIdentity {
@@ -436,15 +474,17 @@ func conv2dForward(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, ep
 }
 
 /// `gradInput` must hold zeros (the gradient is added to it).
-func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
-                         batch: Int, gradInput: UnsafeMutablePointer<Float>) {
+func conv2dBackwardInput(
+    _ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
+    batch: Int, gradInput: UnsafeMutablePointer<Float>
+) {
     if geo.runsPerTap { return conv2dBackwardInputPerTap(gradOut, weight, geo, batch: batch, gradInput: gradInput) }
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
-    guard k > 0 else { return }  // no tap reads the image: its gradient stays zero
+    guard k > 0 else { return } // no tap reads the image: its gradient stays zero
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
         let rows = channels.count * taps.count
@@ -458,21 +498,26 @@ func conv2dBackwardInput(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointe
             if let col {
                 for outRows in blocks(of: 0..<geo.outH, width: blockRows) {
                     let width = outRows.count * geo.outW
-                    sgemm(transA: true, m: rows, n: width, k: geo.groupOut, a: wg, lda: k, b: gy + outRows.lowerBound * geo.outW,
-                          ldb: plane, c: col, ldc: width)
+                    sgemm(
+                        transA: true, m: rows, n: width, k: geo.groupOut, a: wg, lda: k,
+                        b: gy + outRows.lowerBound * geo.outW,
+                        ldb: plane, c: col, ldc: width)
                     col2im(col, geo, taps: taps, channels: channels, outRows: outRows, into: gx)
                 }
             } else {
-                sgemm(transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, beta: 1,
-                      c: gx + channels.lowerBound * inPlane, ldc: plane)
+                sgemm(
+                    transA: true, m: rows, n: plane, k: geo.groupOut, a: wg, lda: k, b: gy, ldb: plane, beta: 1,
+                    c: gx + channels.lowerBound * inPlane, ldc: plane)
             }
         }
     }
     forEachImageShare(batch: batch, parts: geo.groupIn, run)
 }
 
-func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
-                          batch: Int, gradWeight: UnsafeMutablePointer<Float>) {
+func conv2dBackwardWeight(
+    _ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
+    batch: Int, gradWeight: UnsafeMutablePointer<Float>
+) {
     if geo.runsPerTap { return conv2dBackwardWeightPerTap(gradOut, x, geo, batch: batch, gradWeight: gradWeight) }
     let plane = geo.outH * geo.outW, inPlane = geo.inH * geo.inW
     let taps = geo.liveTaps, all = geo.kernelH * geo.kernelW
@@ -485,30 +530,38 @@ func conv2dBackwardWeight(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Fl
     FlopCounter.flops += geo.flopsPerImage * Double(batch)
     // Each worker owns the columns of dW of its input channels, summed over the batch in order
     // (so the result does not depend on how images would be split).
-    if k > 0 { forEachWorker(geo.groupIn, parts: ParallelConfig.threads) { t, channels in
-        let rows = channels.count * taps.count
-        let blockWidth = im2colBlockColumns(rows: rows, of: plane)
-        let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * blockWidth)
-        for b in 0..<batch {
-            for g in 0..<geo.groups {
-                let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
-                let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
-                let gw = target + g * geo.groupOut * k + channels.lowerBound * taps.count
-                if let col {
-                    // dW accumulates over the blocks of columns as over the images.
-                    for block in blocks(of: 0..<plane, width: blockWidth) {
-                        im2col(src, geo, taps: taps, rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
-                               columns: block, into: col)
-                        sgemm(transB: true, m: geo.groupOut, n: rows, k: block.count, a: gy + block.lowerBound, lda: plane,
-                              b: col, ldb: block.count, beta: b == 0 && block.lowerBound == 0 ? 0 : 1, c: gw, ldc: k)
+    if k > 0 {
+        forEachWorker(geo.groupIn, parts: ParallelConfig.threads) { t, channels in
+            let rows = channels.count * taps.count
+            let blockWidth = im2colBlockColumns(rows: rows, of: plane)
+            let col = geo.isPointwise ? nil : im2colScratch.get(worker: t, rows * blockWidth)
+            for b in 0..<batch {
+                for g in 0..<geo.groups {
+                    let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
+                    let src = x + (b * geo.inChannels + g * geo.groupIn) * inPlane
+                    let gw = target + g * geo.groupOut * k + channels.lowerBound * taps.count
+                    if let col {
+                        // dW accumulates over the blocks of columns as over the images.
+                        for block in blocks(of: 0..<plane, width: blockWidth) {
+                            im2col(
+                                src, geo, taps: taps,
+                                rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
+                                columns: block, into: col)
+                            sgemm(
+                                transB: true, m: geo.groupOut, n: rows, k: block.count, a: gy + block.lowerBound,
+                                lda: plane,
+                                b: col, ldb: block.count, beta: b == 0 && block.lowerBound == 0 ? 0 : 1, c: gw, ldc: k)
+                        }
+                    } else {
+                        sgemm(
+                            transB: true, m: geo.groupOut, n: rows, k: plane, a: gy, lda: plane,
+                            b: src + channels.lowerBound * inPlane,
+                            ldb: plane, beta: b == 0 ? 0 : 1, c: gw, ldc: k)
                     }
-                } else {
-                    sgemm(transB: true, m: geo.groupOut, n: rows, k: plane, a: gy, lda: plane, b: src + channels.lowerBound * inPlane,
-                          ldb: plane, beta: b == 0 ? 0 : 1, c: gw, ldc: k)
                 }
             }
         }
-    } }
+    }
     if compact {
         gradWeight.update(repeating: 0, count: geo.outChannels * geo.groupIn * all)
         for r in 0..<(geo.outChannels * geo.groupIn) {

@@ -40,10 +40,13 @@ extension Conv2dGeometry {
         for ki in 0..<kernelH {
             let rows = Self.liveOutputs(ki, stride: strideH, pad: padH, dilation: dilationH, inSize: inH, outSize: outH)
             for kj in 0..<kernelW {
-                let cols = Self.liveOutputs(kj, stride: strideW, pad: padW, dilation: dilationW, inSize: inW, outSize: outW)
+                let cols = Self.liveOutputs(
+                    kj, stride: strideW, pad: padW, dilation: dilationW, inSize: inW, outSize: outW)
                 if !rows.isEmpty && !cols.isEmpty {
-                    rects.append(TapRect(tap: ki * kernelW + kj, rows: rows, cols: cols,
-                                         dy: ki * dilationH - padH, dx: kj * dilationW - padW))
+                    rects.append(
+                        TapRect(
+                            tap: ki * kernelW + kj, rows: rows, cols: cols,
+                            dy: ki * dilationH - padH, dx: kj * dilationW - padW))
                 }
             }
         }
@@ -75,7 +78,9 @@ extension Conv2dGeometry {
 }
 
 /// The weight as one Cout x Cin matrix per live tap, tap after tap.
-private func tapMajorWeight(_ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry, _ rects: [TapRect]) -> UnsafeMutablePointer<Float> {
+private func tapMajorWeight(_ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry, _ rects: [TapRect])
+    -> UnsafeMutablePointer<Float>
+{
     let cin = geo.inChannels, cout = geo.outChannels, all = geo.kernelH * geo.kernelW
     let out = UnsafeMutablePointer<Float>.allocate(capacity: rects.count * cout * cin)
     parallelBlocks(cout) { r in
@@ -104,19 +109,24 @@ private func rowsPerProduct(depth: Int, _ rect: TapRect) -> Int {
 /// Copies a rectangle of `channels` planes of `src` (each `planeW` wide, `plane` long): rows
 /// `rows` shifted by `dy`, columns `cols` shifted by `dx`, into `dst` as channels x
 /// (rows.count * cols.count).
-private func copyRect(_ src: UnsafePointer<Float>, plane: Int, planeW: Int, channels: Int, rows: Range<Int>, cols: Range<Int>,
-                      dy: Int, dx: Int, into dst: UnsafeMutablePointer<Float>) {
+private func copyRect(
+    _ src: UnsafePointer<Float>, plane: Int, planeW: Int, channels: Int, rows: Range<Int>, cols: Range<Int>,
+    dy: Int, dx: Int, into dst: UnsafeMutablePointer<Float>
+) {
     let width = cols.count, n = rows.count * width
     for c in 0..<channels {
         for (i, oy) in rows.enumerated() {
-            (dst + c * n + i * width).update(from: src + c * plane + (oy + dy) * planeW + cols.lowerBound + dx, count: width)
+            (dst + c * n + i * width).update(
+                from: src + c * plane + (oy + dy) * planeW + cols.lowerBound + dx, count: width)
         }
     }
 }
 
 /// The inverse of `copyRect`, adding: `dst`'s rectangle += `src` (channels x rows.count * cols.count).
-private func addRect(_ src: UnsafePointer<Float>, into dst: UnsafeMutablePointer<Float>, plane: Int, planeW: Int, channels: Int,
-                     rows: Range<Int>, cols: Range<Int>, dy: Int, dx: Int) {
+private func addRect(
+    _ src: UnsafePointer<Float>, into dst: UnsafeMutablePointer<Float>, plane: Int, planeW: Int, channels: Int,
+    rows: Range<Int>, cols: Range<Int>, dy: Int, dx: Int
+) {
     let width = cols.count, n = rows.count * width
     for c in 0..<channels {
         for (i, oy) in rows.enumerated() {
@@ -130,13 +140,16 @@ private func addRect(_ src: UnsafePointer<Float>, into dst: UnsafeMutablePointer
 /// input, read where the tap reads it when `shifted`; else the output-shaped gradient), in
 /// place when the rectangle spans whole rows, otherwise copied into the worker's `scratch`.
 /// Returns the operand and its row stride.
-private func rectOperand(_ src: UnsafePointer<Float>, plane: Int, planeW: Int, channels: Int, rect: TapRect, block: Range<Int>,
-                         shifted: Bool, wholeRows: Bool, scratch: WorkerScratch, worker: Int) -> (UnsafePointer<Float>, Int) {
+private func rectOperand(
+    _ src: UnsafePointer<Float>, plane: Int, planeW: Int, channels: Int, rect: TapRect, block: Range<Int>,
+    shifted: Bool, wholeRows: Bool, scratch: WorkerScratch, worker: Int
+) -> (UnsafePointer<Float>, Int) {
     let (dy, dx) = shifted ? (rect.dy, rect.dx) : (0, 0)
     if wholeRows { return (src + (block.lowerBound + dy) * planeW, plane) }
     let n = block.count * rect.cols.count
     let copy = scratch.get(worker: worker, channels * n)
-    copyRect(src, plane: plane, planeW: planeW, channels: channels, rows: block, cols: rect.cols, dy: dy, dx: dx, into: copy)
+    copyRect(
+        src, plane: plane, planeW: planeW, channels: channels, rows: block, cols: rect.cols, dy: dy, dx: dx, into: copy)
     return (UnsafePointer(copy), n)
 }
 
@@ -174,15 +187,17 @@ let tapProductScratch = WorkerScratch()
 
 /// Whether a tap's rectangle spans whole rows of the map, so a block of its rows is one
 /// contiguous run per channel that a product reads or writes in place, without a copy.
-private extension TapRect {
-    func readsWholeInputRows(_ geo: Conv2dGeometry) -> Bool { cols.count == geo.inW }
-    func writesWholeOutputRows(_ geo: Conv2dGeometry) -> Bool { cols.count == geo.outW }
+extension TapRect {
+    fileprivate func readsWholeInputRows(_ geo: Conv2dGeometry) -> Bool { cols.count == geo.inW }
+    fileprivate func writesWholeOutputRows(_ geo: Conv2dGeometry) -> Bool { cols.count == geo.outW }
 }
 
 /// `conv2dForward` for `runsPerTap` geometries: each output element is the sum over live taps,
 /// in kernel order, of that tap's product over the input channels.
-func conv2dForwardPerTap(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
-                         _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>) {
+func conv2dForwardPerTap(
+    _ x: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, epilogue: ConvEpilogue,
+    _ geo: Conv2dGeometry, batch: Int, out: UnsafeMutablePointer<Float>
+) {
     let pass = PerTapPass(geo, batch: batch, weight: weight)
     defer { pass.release() }
     let (plane, inPlane, ow, cin, cout, wt) = (pass.plane, pass.inPlane, pass.ow, pass.cin, pass.cout, pass.tapWeights!)
@@ -192,19 +207,27 @@ func conv2dForwardPerTap(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Floa
         let xb = x + b * cin * inPlane, ob = out + b * cout * plane
         for co in 0..<cout { (ob + co * plane + rows.lowerBound * ow).update(repeating: 0, count: rows.count * ow) }
         pass.forEachProduct(within: rows) { j, rect, block, n in
-            let (xs, ldx) = rectOperand(xb, plane: inPlane, planeW: geo.inW, channels: cin, rect: rect, block: block, shifted: true,
-                                        wholeRows: rect.readsWholeInputRows(geo), scratch: im2colScratch, worker: t)
+            let (xs, ldx) = rectOperand(
+                xb, plane: inPlane, planeW: geo.inW, channels: cin, rect: rect, block: block, shifted: true,
+                wholeRows: rect.readsWholeInputRows(geo), scratch: im2colScratch, worker: t)
             if rect.writesWholeOutputRows(geo) {
-                sgemm(m: cout, n: n, k: cin, a: wt + j * cout * cin, lda: cin, b: xs, ldb: ldx, beta: 1,
-                      c: ob + block.lowerBound * ow, ldc: plane)
+                sgemm(
+                    m: cout, n: n, k: cin, a: wt + j * cout * cin, lda: cin, b: xs, ldb: ldx, beta: 1,
+                    c: ob + block.lowerBound * ow, ldc: plane)
             } else {
                 let product = tapProductScratch.get(worker: t, cout * n)
-                sgemm(m: cout, n: n, k: cin, a: wt + j * cout * cin, lda: cin, b: xs, ldb: ldx, beta: 0, c: product, ldc: n)
-                addRect(product, into: ob, plane: plane, planeW: ow, channels: cout, rows: block, cols: rect.cols, dy: 0, dx: 0)
+                sgemm(
+                    m: cout, n: n, k: cin, a: wt + j * cout * cin, lda: cin, b: xs, ldb: ldx, beta: 0, c: product,
+                    ldc: n)
+                addRect(
+                    product, into: ob, plane: plane, planeW: ow, channels: cout, rows: block, cols: rect.cols, dy: 0,
+                    dx: 0)
             }
         }
         if !epilogue.isIdentity {
-            for co in 0..<cout { epilogue.apply(ob + co * plane + rows.lowerBound * ow, count: rows.count * ow, channel: co) }
+            for co in 0..<cout {
+                epilogue.apply(ob + co * plane + rows.lowerBound * ow, count: rows.count * ow, channel: co)
+            }
         }
     }
     forEachImageShare(batch: batch, parts: geo.outH, run)
@@ -212,8 +235,10 @@ func conv2dForwardPerTap(_ x: UnsafePointer<Float>, _ weight: UnsafePointer<Floa
 
 /// `conv2dBackwardInput` for `runsPerTap` geometries (`gradInput` holds zeros): each worker
 /// owns input channels and adds, tap by tap, W_tap^T dY over the tap's rectangle.
-func conv2dBackwardInputPerTap(_ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
-                               batch: Int, gradInput: UnsafeMutablePointer<Float>) {
+func conv2dBackwardInputPerTap(
+    _ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
+    batch: Int, gradInput: UnsafeMutablePointer<Float>
+) {
     let pass = PerTapPass(geo, batch: batch, weight: weight)
     defer { pass.release() }
     let (plane, inPlane, ow, cin, cout, wt) = (pass.plane, pass.inPlane, pass.ow, pass.cin, pass.cout, pass.tapWeights!)
@@ -221,17 +246,22 @@ func conv2dBackwardInputPerTap(_ gradOut: UnsafePointer<Float>, _ weight: Unsafe
         guard !channels.isEmpty else { return }
         let gy = gradOut + b * cout * plane, gx = gradInput + (b * cin + channels.lowerBound) * inPlane
         pass.forEachProduct(within: 0..<geo.outH) { j, rect, block, n in
-            let (dy, lddy) = rectOperand(gy, plane: plane, planeW: ow, channels: cout, rect: rect, block: block, shifted: false,
-                                         wholeRows: rect.writesWholeOutputRows(geo), scratch: im2colScratch, worker: t)
+            let (dy, lddy) = rectOperand(
+                gy, plane: plane, planeW: ow, channels: cout, rect: rect, block: block, shifted: false,
+                wholeRows: rect.writesWholeOutputRows(geo), scratch: im2colScratch, worker: t)
             let a = wt + j * cout * cin + channels.lowerBound
             if rect.readsWholeInputRows(geo) {
-                sgemm(transA: true, m: channels.count, n: n, k: cout, a: a, lda: cin, b: dy, ldb: lddy, beta: 1,
-                      c: gx + (block.lowerBound + rect.dy) * geo.inW, ldc: inPlane)
+                sgemm(
+                    transA: true, m: channels.count, n: n, k: cout, a: a, lda: cin, b: dy, ldb: lddy, beta: 1,
+                    c: gx + (block.lowerBound + rect.dy) * geo.inW, ldc: inPlane)
             } else {
                 let product = tapProductScratch.get(worker: t, channels.count * n)
-                sgemm(transA: true, m: channels.count, n: n, k: cout, a: a, lda: cin, b: dy, ldb: lddy, beta: 0, c: product, ldc: n)
-                addRect(product, into: gx, plane: inPlane, planeW: geo.inW, channels: channels.count, rows: block,
-                        cols: rect.cols, dy: rect.dy, dx: rect.dx)
+                sgemm(
+                    transA: true, m: channels.count, n: n, k: cout, a: a, lda: cin, b: dy, ldb: lddy, beta: 0,
+                    c: product, ldc: n)
+                addRect(
+                    product, into: gx, plane: inPlane, planeW: geo.inW, channels: channels.count, rows: block,
+                    cols: rect.cols, dy: rect.dy, dx: rect.dx)
             }
         }
     }
@@ -240,8 +270,10 @@ func conv2dBackwardInputPerTap(_ gradOut: UnsafePointer<Float>, _ weight: Unsafe
 
 /// `conv2dBackwardWeight` for `runsPerTap` geometries: dW_tap = sum over images and the tap's
 /// rectangle of dY x^T, each worker owning input channels (columns of dW), summed in order.
-func conv2dBackwardWeightPerTap(_ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
-                                batch: Int, gradWeight: UnsafeMutablePointer<Float>) {
+func conv2dBackwardWeightPerTap(
+    _ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
+    batch: Int, gradWeight: UnsafeMutablePointer<Float>
+) {
     let pass = PerTapPass(geo, batch: batch, weight: nil)
     let (plane, inPlane, ow, cin, cout, rects) = (pass.plane, pass.inPlane, pass.ow, pass.cin, pass.cout, pass.rects)
     let all = geo.kernelH * geo.kernelW
@@ -251,13 +283,17 @@ func conv2dBackwardWeightPerTap(_ gradOut: UnsafePointer<Float>, _ x: UnsafePoin
         for b in 0..<batch {
             let gy = gradOut + b * cout * plane, xb = x + (b * cin + channels.lowerBound) * inPlane
             pass.forEachProduct(within: 0..<geo.outH) { j, rect, block, n in
-                let (dy, lddy) = rectOperand(gy, plane: plane, planeW: ow, channels: cout, rect: rect, block: block, shifted: false,
-                                             wholeRows: rect.writesWholeOutputRows(geo), scratch: tapProductScratch, worker: t)
-                let (xs, ldx) = rectOperand(xb, plane: inPlane, planeW: geo.inW, channels: channels.count, rect: rect, block: block,
-                                            shifted: true, wholeRows: rect.readsWholeInputRows(geo), scratch: im2colScratch, worker: t)
+                let (dy, lddy) = rectOperand(
+                    gy, plane: plane, planeW: ow, channels: cout, rect: rect, block: block, shifted: false,
+                    wholeRows: rect.writesWholeOutputRows(geo), scratch: tapProductScratch, worker: t)
+                let (xs, ldx) = rectOperand(
+                    xb, plane: inPlane, planeW: geo.inW, channels: channels.count, rect: rect, block: block,
+                    shifted: true, wholeRows: rect.readsWholeInputRows(geo), scratch: im2colScratch, worker: t)
                 let first = b == 0 && block.lowerBound == rect.rows.lowerBound
-                sgemm(transB: true, m: cout, n: channels.count, k: n, a: dy, lda: lddy, b: xs, ldb: ldx, beta: first ? 0 : 1,
-                      c: gwt + j * cout * cin + channels.lowerBound, ldc: cin)
+                sgemm(
+                    transB: true, m: cout, n: channels.count, k: n, a: dy, lda: lddy, b: xs, ldb: ldx,
+                    beta: first ? 0 : 1,
+                    c: gwt + j * cout * cin + channels.lowerBound, ldc: cin)
             }
         }
     }

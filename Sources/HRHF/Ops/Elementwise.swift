@@ -27,8 +27,9 @@ public func broadcastShape(_ a: [Int], _ b: [Int]) -> [Int] {
     let pa = Array(repeating: 1, count: rank - a.count) + a
     let pb = Array(repeating: 1, count: rank - b.count) + b
     return (0..<rank).map { d in
-        precondition(pa[d] == pb[d] || pa[d] == 1 || pb[d] == 1,
-                     "shapes \(a) and \(b) do not broadcast")
+        precondition(
+            pa[d] == pb[d] || pa[d] == 1 || pb[d] == 1,
+            "shapes \(a) and \(b) do not broadcast")
         return max(pa[d], pb[d])
     }
 }
@@ -107,10 +108,16 @@ func reduceSum(_ x: Tensor, axes: [Int]) -> Tensor {
                     let base = i0 * os[0] + i1 * os[1] + i2 * os[2]
                     if os[3] == 0 {
                         var s = 0.0
-                        for _ in 0..<x4[3] { s += Double(px[i]); i += 1 }
+                        for _ in 0..<x4[3] {
+                            s += Double(px[i])
+                            i += 1
+                        }
                         accp[base] += s
                     } else {
-                        for i3 in 0..<x4[3] { accp[base + i3] += Double(px[i]); i += 1 }
+                        for i3 in 0..<x4[3] {
+                            accp[base + i3] += Double(px[i])
+                            i += 1
+                        }
                     }
                 }
             }
@@ -138,8 +145,10 @@ public func + (a: Tensor, b: Tensor) -> Tensor {
 public func - (a: Tensor, b: Tensor) -> Tensor {
     let out = broadcastBinary(a, b) { $0 - $1 }
     record(out, "sub", [a, b]) { g in
-        [a.requiresGrad ? sumToShape(g, a.shape) : nil,
-         b.requiresGrad ? sumToShape(mapValues(g) { -$0 }, b.shape) : nil]
+        [
+            a.requiresGrad ? sumToShape(g, a.shape) : nil,
+            b.requiresGrad ? sumToShape(mapValues(g) { -$0 }, b.shape) : nil,
+        ]
     }
     return out
 }
@@ -148,8 +157,10 @@ public func * (a: Tensor, b: Tensor) -> Tensor {
     let out = broadcastBinary(a, b) { $0 * $1 }
     let ad = a.detached(), bd = b.detached()
     record(out, "mul", [a, b]) { g in
-        [a.requiresGrad ? sumToShape(broadcastBinary(g, bd) { $0 * $1 }, a.shape) : nil,
-         b.requiresGrad ? sumToShape(broadcastBinary(g, ad) { $0 * $1 }, b.shape) : nil]
+        [
+            a.requiresGrad ? sumToShape(broadcastBinary(g, bd) { $0 * $1 }, a.shape) : nil,
+            b.requiresGrad ? sumToShape(broadcastBinary(g, ad) { $0 * $1 }, b.shape) : nil,
+        ]
     }
     return out
 }
@@ -159,8 +170,10 @@ public func / (a: Tensor, b: Tensor) -> Tensor {
     let bd = b.detached(), od = out.detached()
     record(out, "div", [a, b]) { g in
         let ga = broadcastBinary(g, bd) { $0 / $1 }
-        return [a.requiresGrad ? sumToShape(ga, a.shape) : nil,
-                b.requiresGrad ? sumToShape(broadcastBinary(ga, od) { -$0 * $1 }, b.shape) : nil]
+        return [
+            a.requiresGrad ? sumToShape(ga, a.shape) : nil,
+            b.requiresGrad ? sumToShape(broadcastBinary(ga, od) { -$0 * $1 }, b.shape) : nil,
+        ]
     }
     return out
 }
@@ -209,7 +222,9 @@ func zipValues(_ a: Tensor, _ b: Tensor, _ body: (Float, Float) -> Float) -> Ten
 public func exp(_ x: Tensor) -> Tensor {
     let out = Tensor(zeros: x.shape)
     let px = x.pointer, po = out.pointer
-    parallelBlocks(x.count, minBlock: parallelGrain) { r in vectorExp(px + r.lowerBound, po + r.lowerBound, count: r.count) }
+    parallelBlocks(x.count, minBlock: parallelGrain) { r in
+        vectorExp(px + r.lowerBound, po + r.lowerBound, count: r.count)
+    }
     let od = out.detached()
     record(out, "exp", [x]) { g in [zipValues(g, od) { $0 * $1 }] }
     return out

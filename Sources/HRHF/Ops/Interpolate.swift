@@ -11,13 +11,19 @@ struct LinearTaps {
 
     init(inSize: Int, outSize: Int) {
         let scale = Float(inSize) / Float(outSize)
-        i0 = []; i1 = []; w0 = []; w1 = []
+        i0 = []
+        i1 = []
+        w0 = []
+        w1 = []
         for d in 0..<outSize {
             let src = max(scale * (Float(d) + 0.5) - 0.5, 0)
             let lo = min(Int(src), inSize - 1)
             let hi = lo + (lo < inSize - 1 ? 1 : 0)
             let l1 = min(max(src - Float(lo), 0), 1)
-            i0.append(lo); i1.append(hi); w0.append(1 - l1); w1.append(l1)
+            i0.append(lo)
+            i1.append(hi)
+            w0.append(1 - l1)
+            w1.append(l1)
         }
     }
 }
@@ -34,7 +40,8 @@ private func resizeForward(_ x: Tensor, _ oh: Int, _ ow: Int, _ ty: LinearTaps, 
                 let wy0 = ty.w0[oy], wy1 = ty.w1[oy]
                 for ox in 0..<ow {
                     let a = tx.i0[ox], b = tx.i1[ox]
-                    dst[oy * ow + ox] = wy0 * (tx.w0[ox] * r0[a] + tx.w1[ox] * r0[b])
+                    dst[oy * ow + ox] =
+                        wy0 * (tx.w0[ox] * r0[a] + tx.w1[ox] * r0[b])
                         + wy1 * (tx.w0[ox] * r1[a] + tx.w1[ox] * r1[b])
                 }
             }

@@ -7,8 +7,9 @@ public struct Labels: Sendable, Equatable {
     public var values: [Int32]
 
     public init(shape: [Int], values: [Int32]) {
-        precondition(shape.reduce(1, *) == values.count,
-                     "labels shape \(shape) needs \(shape.reduce(1, *)) values, got \(values.count)")
+        precondition(
+            shape.reduce(1, *) == values.count,
+            "labels shape \(shape) needs \(shape.reduce(1, *)) values, got \(values.count)")
         self.shape = shape
         self.values = values
     }
@@ -32,14 +33,18 @@ public enum Reduction: Sendable {
 /// an ignore index, optionally weighting each pixel: mean reduction is
 /// sum_i w_i CE_i / (number of pixels not ignored), METHOD.md's `mean_i w_i CE_i`.
 /// A batch with no valid pixel gives 0 and a zero gradient (PyTorch would give NaN).
-public func crossEntropy(_ logits: Tensor, _ target: Labels, ignoreIndex: Int32 = 255,
-                         pixelWeights: Tensor? = nil, reduction: Reduction = .mean) -> Tensor {
+public func crossEntropy(
+    _ logits: Tensor, _ target: Labels, ignoreIndex: Int32 = 255,
+    pixelWeights: Tensor? = nil, reduction: Reduction = .mean
+) -> Tensor {
     let (n, c, inner) = channelLayout(logits, "cross_entropy")
-    precondition(target.count == n * inner,
-                 "cross_entropy: target \(target.shape) does not match logits \(logits.shape)")
+    precondition(
+        target.count == n * inner,
+        "cross_entropy: target \(target.shape) does not match logits \(logits.shape)")
     if let pixelWeights {
-        precondition(pixelWeights.count == n * inner,
-                     "cross_entropy: weights \(pixelWeights.shape) do not match logits \(logits.shape)")
+        precondition(
+            pixelWeights.count == n * inner,
+            "cross_entropy: weights \(pixelWeights.shape) do not match logits \(logits.shape)")
     }
     let pw = pixelWeights?.pointer
     let perPixel = Tensor(zeros: target.shape)
@@ -85,7 +90,9 @@ public func crossEntropy(_ logits: Tensor, _ target: Labels, ignoreIndex: Int32 
                 withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { up in
                     for i in 0..<count {
                         let y = pt[j0 + i]
-                        up[i] = y == ignoreIndex ? 0 : (reduction == .none ? pg[j0 + i] : pg[0] * scale) * (pwd?[j0 + i] ?? 1)
+                        up[i] =
+                            y == ignoreIndex
+                            ? 0 : (reduction == .none ? pg[j0 + i] : pg[0] * scale) * (pwd?[j0 + i] ?? 1)
                     }
                     for k in 0..<c {
                         let xr = pxd + base + k * inner, r = pgx + base + k * inner

@@ -27,7 +27,10 @@ public func maxPool2d(_ x: Tensor, kernel: Int = 3, stride: Int = 2, padding: In
                                 let ix = ox * stride - padding + kx
                                 if ix < 0 || ix >= w { continue }
                                 let v = src[iy * w + ix]
-                                if v > best || v.isNaN || bestIndex < 0 { best = v; bestIndex = iy * w + ix }
+                                if v > best || v.isNaN || bestIndex < 0 {
+                                    best = v
+                                    bestIndex = iy * w + ix
+                                }
                             }
                         }
                         let o = (p * oh + oy) * ow + ox

@@ -7,7 +7,8 @@ public func sum(_ x: Tensor, axes: [Int], keepDims: Bool = false) -> Tensor {
     let normalized = Set(axes.map { $0 < 0 ? $0 + x.rank : $0 }).sorted()
     precondition(normalized.allSatisfy { $0 >= 0 && $0 < x.rank }, "axes \(axes) out of range for \(x.shape)")
     let kept = reduceSum(x, axes: normalized)
-    let outShape = keepDims ? kept.shape : x.shape.enumerated().filter { !normalized.contains($0.offset) }.map(\.element)
+    let outShape =
+        keepDims ? kept.shape : x.shape.enumerated().filter { !normalized.contains($0.offset) }.map(\.element)
     let out = Tensor(shape: outShape, storage: kept.storage)
     let keptShape = kept.shape, inShape = x.shape
     record(out, "sum", [x]) { g in
@@ -106,7 +107,9 @@ public func spatialTopKMean(_ x: Tensor, k: [Int]) -> Tensor {
             }
             po[p] = Float(total / Double(k[p]))
             let chosen = Array(order[0..<k[p]])
-            lock.lock(); selected[p] = chosen; lock.unlock()
+            lock.lock()
+            selected[p] = chosen
+            lock.unlock()
         }
     }
     let inShape = x.shape
@@ -132,7 +135,11 @@ private func selectTopK(_ a: UnsafeMutableBufferPointer<Int32>, k: Int, by befor
         while i <= j {
             while before(a[i], pivot) { i += 1 }
             while before(pivot, a[j]) { j -= 1 }
-            if i <= j { a.swapAt(i, j); i += 1; j -= 1 }
+            if i <= j {
+                a.swapAt(i, j)
+                i += 1
+                j -= 1
+            }
         }
         if target <= j { hi = j } else if target >= i { lo = i } else { return }
         target = k - 1

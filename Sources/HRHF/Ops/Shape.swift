@@ -18,9 +18,11 @@ public func reshape(_ x: Tensor, _ shape: [Int]) -> Tensor {
 
 /// Copies `channels` planes per image between two NCHW-like layouts.
 @inline(__always)
-private func copyChannelBlock(from src: UnsafeMutablePointer<Float>, srcChannels: Int, srcOffset: Int,
-                              to dst: UnsafeMutablePointer<Float>, dstChannels: Int, dstOffset: Int,
-                              channels: Int, batch: Int, plane: Int) {
+private func copyChannelBlock(
+    from src: UnsafeMutablePointer<Float>, srcChannels: Int, srcOffset: Int,
+    to dst: UnsafeMutablePointer<Float>, dstChannels: Int, dstOffset: Int,
+    channels: Int, batch: Int, plane: Int
+) {
     for n in 0..<batch {
         (dst + (n * dstChannels + dstOffset) * plane)
             .update(from: src + (n * srcChannels + srcOffset) * plane, count: channels * plane)
@@ -33,8 +35,9 @@ public func concatChannels(_ xs: [Tensor]) -> Tensor {
     let first = xs[0].shape
     precondition(first.count >= 2, "concat along channels needs rank 2 or more")
     for x in xs {
-        precondition(x.rank == first.count && x.shape[0] == first[0] && Array(x.shape[2...]) == Array(first[2...]),
-                     "concat: shapes \(xs.map(\.shape)) differ outside the channel axis")
+        precondition(
+            x.rank == first.count && x.shape[0] == first[0] && Array(x.shape[2...]) == Array(first[2...]),
+            "concat: shapes \(xs.map(\.shape)) differ outside the channel axis")
     }
     let n = first[0], plane = first[2...].reduce(1, *)
     let total = xs.reduce(0) { $0 + $1.shape[1] }
@@ -43,8 +46,9 @@ public func concatChannels(_ xs: [Tensor]) -> Tensor {
     let out = Tensor(zeros: shape)
     var offset = 0
     for x in xs {
-        copyChannelBlock(from: x.pointer, srcChannels: x.shape[1], srcOffset: 0, to: out.pointer,
-                         dstChannels: total, dstOffset: offset, channels: x.shape[1], batch: n, plane: plane)
+        copyChannelBlock(
+            from: x.pointer, srcChannels: x.shape[1], srcOffset: 0, to: out.pointer,
+            dstChannels: total, dstOffset: offset, channels: x.shape[1], batch: n, plane: plane)
         offset += x.shape[1]
     }
     let sizes = xs.map { $0.shape }
@@ -54,8 +58,9 @@ public func concatChannels(_ xs: [Tensor]) -> Tensor {
             defer { offset += s[1] }
             guard x.requiresGrad else { return nil }
             let gx = Tensor(zeros: s)
-            copyChannelBlock(from: g.pointer, srcChannels: total, srcOffset: offset, to: gx.pointer,
-                             dstChannels: s[1], dstOffset: 0, channels: s[1], batch: n, plane: plane)
+            copyChannelBlock(
+                from: g.pointer, srcChannels: total, srcOffset: offset, to: gx.pointer,
+                dstChannels: s[1], dstOffset: 0, channels: s[1], batch: n, plane: plane)
             return gx
         }
     }
@@ -64,19 +69,22 @@ public func concatChannels(_ xs: [Tensor]) -> Tensor {
 
 /// Channels `range` of every image (dim 1), copied.
 public func sliceChannels(_ x: Tensor, _ range: Range<Int>) -> Tensor {
-    precondition(x.rank >= 2 && range.lowerBound >= 0 && range.upperBound <= x.shape[1],
-                 "channel slice \(range) out of range for \(x.shape)")
+    precondition(
+        x.rank >= 2 && range.lowerBound >= 0 && range.upperBound <= x.shape[1],
+        "channel slice \(range) out of range for \(x.shape)")
     let n = x.shape[0], c = x.shape[1], plane = x.shape[2...].reduce(1, *)
     var shape = x.shape
     shape[1] = range.count
     let out = Tensor(zeros: shape)
-    copyChannelBlock(from: x.pointer, srcChannels: c, srcOffset: range.lowerBound, to: out.pointer,
-                     dstChannels: range.count, dstOffset: 0, channels: range.count, batch: n, plane: plane)
+    copyChannelBlock(
+        from: x.pointer, srcChannels: c, srcOffset: range.lowerBound, to: out.pointer,
+        dstChannels: range.count, dstOffset: 0, channels: range.count, batch: n, plane: plane)
     let inShape = x.shape
     record(out, "slice_channels", [x]) { g in
         let gx = Tensor(zeros: inShape)
-        copyChannelBlock(from: g.pointer, srcChannels: range.count, srcOffset: 0, to: gx.pointer,
-                         dstChannels: c, dstOffset: range.lowerBound, channels: range.count, batch: n, plane: plane)
+        copyChannelBlock(
+            from: g.pointer, srcChannels: range.count, srcOffset: 0, to: gx.pointer,
+            dstChannels: c, dstOffset: range.lowerBound, channels: range.count, batch: n, plane: plane)
         return [gx]
     }
     return out
@@ -187,15 +195,17 @@ public func flipVertical(_ x: Tensor) -> Tensor {
 /// Rows `rows` and columns `columns` of every plane of an NCHW tensor (x[:, :, r0:r1, c0:c1]).
 public func cropSpatial(_ x: Tensor, rows: Range<Int>, columns: Range<Int>) -> Tensor {
     let (n, c, h, w) = nchw(x, "crop")
-    precondition(rows.lowerBound >= 0 && rows.upperBound <= h && columns.lowerBound >= 0 && columns.upperBound <= w,
-                 "crop \(rows) x \(columns) outside \(h) x \(w)")
+    precondition(
+        rows.lowerBound >= 0 && rows.upperBound <= h && columns.lowerBound >= 0 && columns.upperBound <= w,
+        "crop \(rows) x \(columns) outside \(h) x \(w)")
     let oh = rows.count, ow = columns.count
     let out = Tensor(zeros: [n, c, oh, ow])
     let px = x.pointer, po = out.pointer
     parallelBlocks(n * c, minBlock: max(1, parallelGrain / max(oh * ow, 1))) { r in
         for p in r {
             for y in 0..<oh {
-                (po + (p * oh + y) * ow).update(from: px + (p * h + rows.lowerBound + y) * w + columns.lowerBound, count: ow)
+                (po + (p * oh + y) * ow).update(
+                    from: px + (p * h + rows.lowerBound + y) * w + columns.lowerBound, count: ow)
             }
         }
     }
@@ -204,7 +214,8 @@ public func cropSpatial(_ x: Tensor, rows: Range<Int>, columns: Range<Int>) -> T
         let pg = g.pointer, pgx = gx.pointer
         for p in 0..<(n * c) {
             for y in 0..<oh {
-                (pgx + (p * h + rows.lowerBound + y) * w + columns.lowerBound).update(from: pg + (p * oh + y) * ow, count: ow)
+                (pgx + (p * h + rows.lowerBound + y) * w + columns.lowerBound).update(
+                    from: pg + (p * oh + y) * ow, count: ow)
             }
         }
         return [gx]

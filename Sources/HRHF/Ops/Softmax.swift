@@ -29,7 +29,9 @@ func forEachPixelBlock(n: Int, c: Int, inner: Int, _ body: (Int, Int, Int) -> Vo
 /// Log-sum-exp over channels of `count` contiguous pixels starting at `base` (channel stride
 /// `inner`), into `out`.
 @inline(__always)
-func blockLogSumExp(_ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>) {
+func blockLogSumExp(
+    _ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>
+) {
     blockChannelMax(base, c: c, inner: inner, count: count, into: out)
     withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
         let sums = scratch.baseAddress!, e = sums + count
@@ -45,7 +47,9 @@ func blockLogSumExp(_ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, cou
 
 /// Maximum over channels of `count` contiguous pixels starting at `base`, into `out`.
 @inline(__always)
-func blockChannelMax(_ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>) {
+func blockChannelMax(
+    _ base: UnsafeMutablePointer<Float>, c: Int, inner: Int, count: Int, into out: UnsafeMutablePointer<Float>
+) {
     out.update(repeating: -.infinity, count: count)
     for k in 0..<c {
         let row = base + k * inner

@@ -63,7 +63,9 @@ func vectorExp(_ x: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, coun
 
 /// y[i] = exp(x[i] - shift[i]) for i < count.
 @inline(__always)
-func vectorExp(_ x: UnsafePointer<Float>, minus shift: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count: Int) {
+func vectorExp(
+    _ x: UnsafePointer<Float>, minus shift: UnsafePointer<Float>, _ y: UnsafeMutablePointer<Float>, count: Int
+) {
     var i = 0
     while i + 8 <= count {
         let v = UnsafeRawPointer(x + i).loadUnaligned(as: SIMD8<Float>.self)

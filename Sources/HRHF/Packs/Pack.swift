@@ -87,7 +87,12 @@ public final class TarWriter {
         }
     }
 
-    public enum Kind { case file, directory, symlink(String), hardlink(String), characterDevice }
+    public enum Kind {
+        case file, directory
+        case symlink(String)
+        case hardlink(String)
+        case characterDevice
+    }
 
     /// Adds one entry. Kinds other than `.file` exist so tests can build hostile archives.
     public func add(_ name: String, _ data: Data, kind: Kind = .file) throws {
@@ -121,12 +126,14 @@ public final class TarWriter {
             archive_entry_set_perm(entry, 0o600)
         }
         guard archive_write_header(a, entry) == ARCHIVE_OK else {
-            throw PackError(file: url.path, entry: name, "cannot write header: \(String(cString: archive_error_string(a)))")
+            throw PackError(
+                file: url.path, entry: name, "cannot write header: \(String(cString: archive_error_string(a)))")
         }
         if case .file = kind, !data.isEmpty {
             let written = data.withUnsafeBytes { archive_write_data(a, $0.baseAddress, $0.count) }
             guard written == data.count else {
-                throw PackError(file: url.path, entry: name, "cannot write data: \(String(cString: archive_error_string(a)))")
+                throw PackError(
+                    file: url.path, entry: name, "cannot write data: \(String(cString: archive_error_string(a)))")
             }
         }
     }
@@ -165,8 +172,10 @@ public struct SyntheticPack {
     public static let maxTeacherClasses = 255
 
     /// Reads and verifies a pack. Any problem throws, naming the pack and the entry (or field).
-    public init(url: URL, entryLimit: Int = SyntheticPack.defaultEntryLimit,
-                totalLimit: Int = ArchiveReader.defaultTotalLimit) throws {
+    public init(
+        url: URL, entryLimit: Int = SyntheticPack.defaultEntryLimit,
+        totalLimit: Int = ArchiveReader.defaultTotalLimit
+    ) throws {
         self.url = url
         let path = url.path
         let reader = try ArchiveReader(path: path, format: .tar, totalLimit: totalLimit)
@@ -209,8 +218,9 @@ public struct SyntheticPack {
             } else if name == "SHA256SUMS" {
                 sumsSeen = true
             } else if let record, let manifest {
-                try Self.checkHeader(data, entry: name, isLabel: name == record.label,
-                                     resolution: manifest.generator.options.resolution, pack: path)
+                try Self.checkHeader(
+                    data, entry: name, isLabel: name == record.label,
+                    resolution: manifest.generator.options.resolution, pack: path)
             }
         }
         guard let manifest else { throw PackError(file: path, entry: "manifest.json", "missing: the pack is empty") }
@@ -266,8 +276,9 @@ public struct SyntheticPack {
             let line = Array(line)
             let hex = line.prefix(64)
             guard line.count > 66, hex.allSatisfy(isLowerHex), line[64] == 0x20, line[65] == 0x20 else {
-                throw PackError(file: pack, entry: "SHA256SUMS",
-                                "line \(number + 1) is not 64 lowercase hex digits, two spaces and a name")
+                throw PackError(
+                    file: pack, entry: "SHA256SUMS",
+                    "line \(number + 1) is not 64 lowercase hex digits, two spaces and a name")
             }
             let name = String(decoding: line[66...], as: UTF8.self)
             guard name != "SHA256SUMS", let data = files[name] else {
@@ -362,7 +373,8 @@ public struct SyntheticPack {
             let c = try decoder.container(keyedBy: CodingKeys.self)
             format = try? c.decode(String.self, forKey: .format)
             formatVersion = try? c.decode(Int.self, forKey: .formatVersion)
-            let number = formatVersion.map { "\($0)" }
+            let number =
+                formatVersion.map { "\($0)" }
                 ?? (try? c.decode(Double.self, forKey: .formatVersion)).map { "\($0)" }
             versionText = number ?? "none"
         }
@@ -381,8 +393,10 @@ public struct SyntheticPack {
             throw PackError(file: pack, entry: "manifest.json", "not a synthetic-pack manifest")
         }
         guard let version = head.formatVersion, (1...PackManifest.currentVersion).contains(version) else {
-            throw PackError(file: pack, entry: "manifest.json", "format version \(head.versionText) is not one this "
-                            + "toolkit reads (1 to \(PackManifest.currentVersion))")
+            throw PackError(
+                file: pack, entry: "manifest.json",
+                "format version \(head.versionText) is not one this "
+                    + "toolkit reads (1 to \(PackManifest.currentVersion))")
         }
         do {
             let decoder = JSONDecoder()
@@ -408,8 +422,9 @@ public struct SyntheticPack {
         for n in m.teacher.card.architecture.classesPerStep {
             let (sum, overflow) = outputs.addingReportingOverflow(n)
             guard n >= 1, !overflow else {
-                throw refuse("teacher.card.architecture.classesPerStep",
-                             "\(n) is not a positive count, or the sum overflows")
+                throw refuse(
+                    "teacher.card.architecture.classesPerStep",
+                    "\(n) is not a positive count, or the sum overflows")
             }
             outputs = sum
         }
@@ -456,8 +471,10 @@ public struct SyntheticPack {
         for (i, r) in m.images.enumerated() {
             let field = "images[\(i)]"
             guard r.index >= 0, r.index < m.generator.count, r.index < maxRecordIndex else {
-                throw refuse("\(field).index", "\(r.index), not 0 to generator.count - 1 (\(m.generator.count - 1)) "
-                             + "and below \(maxRecordIndex)")
+                throw refuse(
+                    "\(field).index",
+                    "\(r.index), not 0 to generator.count - 1 (\(m.generator.count - 1)) "
+                        + "and below \(maxRecordIndex)")
             }
             guard indices.insert(r.index).inserted else { throw refuse("\(field).index", "\(r.index) appears twice") }
             let image = entryName("images", r.index), label = entryName("labels", r.index)
@@ -465,10 +482,13 @@ public struct SyntheticPack {
                 throw refuse(field, "image \"\(r.image)\" and label \"\(r.label)\" are not \(image) and \(label)")
             }
             guard r.targets.count >= 1, r.targets.count <= options.maxClasses, r.targetAreas.count == r.targets.count,
-                  r.achievedAreas.count == r.targets.count else {
-                throw refuse(field, "\(r.targets.count) targets, \(r.targetAreas.count) target areas and "
-                             + "\(r.achievedAreas.count) achieved areas: not equal, 1 to maxClasses "
-                             + "(\(options.maxClasses))")
+                r.achievedAreas.count == r.targets.count
+            else {
+                throw refuse(
+                    field,
+                    "\(r.targets.count) targets, \(r.targetAreas.count) target areas and "
+                        + "\(r.achievedAreas.count) achieved areas: not equal, 1 to maxClasses "
+                        + "(\(options.maxClasses))")
             }
             for (k, t) in r.targets.enumerated() {
                 guard packClasses.contains(t) else {
@@ -476,7 +496,8 @@ public struct SyntheticPack {
                 }
                 guard !r.targets[..<k].contains(t) else { throw refuse("\(field).targets[\(k)]", "\(t) appears twice") }
             }
-            let areas = r.targetAreas.enumerated().map { ("targetAreas[\($0.offset)]", $0.element) }
+            let areas =
+                r.targetAreas.enumerated().map { ("targetAreas[\($0.offset)]", $0.element) }
                 + r.achievedAreas.enumerated().map { ("achievedAreas[\($0.offset)]", $0.element) }
                 + [("absentMaxArea", r.absentMaxArea), ("teacherConfidence", r.teacherConfidence)]
             for (name, value) in areas where !(0...1).contains(value) {
@@ -508,12 +529,14 @@ public struct SyntheticPack {
         }
         guard header.bitDepth == 8, colourTypes.contains(header.colorType) else {
             let expected = isLabel ? "a label is an 8-bit palette or grey PNG" : "an image is an 8-bit PNG"
-            throw PackError(file: pack, entry: entry,
-                            "a \(header.bitDepth)-bit PNG of colour type \(header.colorType): \(expected)")
+            throw PackError(
+                file: pack, entry: entry,
+                "a \(header.bitDepth)-bit PNG of colour type \(header.colorType): \(expected)")
         }
         guard header.width == resolution, header.height == resolution else {
-            throw PackError(file: pack, entry: entry,
-                            "IHDR gives \(header.width)x\(header.height), the manifest's resolution is \(resolution)")
+            throw PackError(
+                file: pack, entry: entry,
+                "IHDR gives \(header.width)x\(header.height), the manifest's resolution is \(resolution)")
         }
     }
 
@@ -546,8 +569,10 @@ public struct SyntheticPack {
         }
         let classes = manifest.teacher.card.classes.count
         if let i = mask.values.firstIndex(where: { Int($0) >= classes && $0 != 255 }) {
-            throw PackError(file: url.path, entry: record.label, "value \(mask.values[i]) at pixel (\(i % mask.width), "
-                            + "\(i / mask.width)) is neither a teacher class (0 to \(classes - 1)) nor 255")
+            throw PackError(
+                file: url.path, entry: record.label,
+                "value \(mask.values[i]) at pixel (\(i % mask.width), "
+                    + "\(i / mask.width)) is neither a teacher class (0 to \(classes - 1)) nor 255")
         }
         return mask
     }
@@ -585,11 +610,17 @@ public struct SyntheticPack {
         var files: [String: Data] = [:]
         for part in parts {
             let m = part.manifest
-            guard m.generator == first.manifest.generator, m.teacher == first.manifest.teacher, m.classes == first.manifest.classes else {
-                throw PackError(file: part.url.path, entry: "manifest.json", "made with other options, teacher or seed than \(first.url.lastPathComponent)")
+            guard m.generator == first.manifest.generator, m.teacher == first.manifest.teacher,
+                m.classes == first.manifest.classes
+            else {
+                throw PackError(
+                    file: part.url.path, entry: "manifest.json",
+                    "made with other options, teacher or seed than \(first.url.lastPathComponent)")
             }
             for r in m.images {
-                guard files[r.image] == nil else { throw PackError(file: part.url.path, entry: r.image, "also in another part") }
+                guard files[r.image] == nil else {
+                    throw PackError(file: part.url.path, entry: r.image, "also in another part")
+                }
                 files[r.image] = part.files[r.image]
                 files[r.label] = part.files[r.label]
                 records.append(r)
@@ -597,16 +628,20 @@ public struct SyntheticPack {
         }
         records.sort { $0.index < $1.index }
         guard records.count == first.manifest.generator.count, records.map(\.index) == Array(0..<records.count) else {
-            throw PackError(file: url.path, "the parts hold \(records.count) of \(first.manifest.generator.count) images: a shard is missing")
+            throw PackError(
+                file: url.path,
+                "the parts hold \(records.count) of \(first.manifest.generator.count) images: a shard is missing")
         }
         var manifest = first.manifest
         manifest.shard = nil
         manifest.images = records
         manifest.quality = SynthesisQuality(records: records, imagesPerMinute: nil)
-        try write(manifest: manifest, files: { name in
-            guard let data = files[name] else { throw PackError(file: url.path, entry: name, "in no part") }
-            return data
-        }, to: url)
+        try write(
+            manifest: manifest,
+            files: { name in
+                guard let data = files[name] else { throw PackError(file: url.path, entry: name, "in no part") }
+                return data
+            }, to: url)
         return manifest
     }
 }
@@ -614,24 +649,30 @@ public struct SyntheticPack {
 /// The objects of a version-1 manifest and their fields, derived from the types that encode it
 /// (a manifest with every optional field present gives every key), so they cannot drift apart.
 indirect enum ManifestShape {
-    case object([String: ManifestShape]), array(ManifestShape), freeForm, value
+    case object([String: ManifestShape])
+    case array(ManifestShape)
+    case freeForm, value
 
     /// Objects whose keys are data, not fields.
     static let freeFormPaths: Set<String> = ["images[].losses", "teacher.card.notes"]
 
     static let version1: ManifestShape = {
-        var card = ModelCard(architecture: ArchitectureDescription.presets[0], classNames: ["background", "a"],
-                             source: SourceInfo(file: "f", sha256: "s", format: "f", flavor: "f"), notes: ["k": "v"])
+        var card = ModelCard(
+            architecture: ArchitectureDescription.presets[0], classNames: ["background", "a"],
+            source: SourceInfo(file: "f", sha256: "s", format: "f", flavor: "f"), notes: ["k": "v"])
         card.history[0].note = "n"
-        let record = SynthesisRecord(index: 0, image: "i", label: "l", targets: [1], targetAreas: [0],
-                                     achievedAreas: [0], absentMaxArea: 0, teacherConfidence: 0, losses: ["k": 0],
-                                     seed: 0, batch: 0)
-        let sample = PackManifest(generator: .init(name: "n", version: "v", options: InversionOptions(), seed: 0,
-                                                   count: 1),
-                                  teacher: .init(file: "f", sha256: "s", card: card),
-                                  classes: [ClassInfo(id: 1, name: "a")], shard: .init(index: 1, count: 1),
-                                  images: [record],
-                                  quality: SynthesisQuality(records: [record], imagesPerMinute: 1))
+        let record = SynthesisRecord(
+            index: 0, image: "i", label: "l", targets: [1], targetAreas: [0],
+            achievedAreas: [0], absentMaxArea: 0, teacherConfidence: 0, losses: ["k": 0],
+            seed: 0, batch: 0)
+        let sample = PackManifest(
+            generator: .init(
+                name: "n", version: "v", options: InversionOptions(), seed: 0,
+                count: 1),
+            teacher: .init(file: "f", sha256: "s", card: card),
+            classes: [ClassInfo(id: 1, name: "a")], shard: .init(index: 1, count: 1),
+            images: [record],
+            quality: SynthesisQuality(records: [record], imagesPerMinute: 1))
         // Encoding a constant value of these types cannot fail.
         return shape(of: try! JSONSerialization.jsonObject(with: try! sample.encoded()), path: "")
     }()
@@ -639,9 +680,11 @@ indirect enum ManifestShape {
     static func shape(of value: Any, path: String) -> ManifestShape {
         if freeFormPaths.contains(path) { return .freeForm }
         if let object = value as? [String: Any] {
-            return .object(Dictionary(uniqueKeysWithValues: object.map { key, field in
-                (key, shape(of: field, path: path.isEmpty ? key : "\(path).\(key)"))
-            }))
+            return .object(
+                Dictionary(
+                    uniqueKeysWithValues: object.map { key, field in
+                        (key, shape(of: field, path: path.isEmpty ? key : "\(path).\(key)"))
+                    }))
         }
         if let array = value as? [Any] { return .array(array.first.map { shape(of: $0, path: path + "[]") } ?? .value) }
         return .value

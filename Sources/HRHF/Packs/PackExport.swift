@@ -13,8 +13,10 @@ public enum VOCExport {
     /// Written first: names the exported pack, so a second export into the folder is told apart
     /// from another pack's files or a real dataset's, which are never mixed with this one's.
     public static let markerName = "hrhf-pack-export.txt"
-    public static let folders = ["JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets",
-                                 "ImageSets/Segmentation", "splits", "list", "VOCdevkit", "VOCdevkit/VOC2012"]
+    public static let folders = [
+        "JPEGImages", "SegmentationClass", "SegmentationClassAug", "ImageSets",
+        "ImageSets/Segmentation", "splits", "list", "VOCdevkit", "VOCdevkit/VOC2012",
+    ]
 
     static func marker(_ pack: SyntheticPack) throws -> Data {
         guard let manifest = pack.files["manifest.json"] else {
@@ -39,13 +41,17 @@ public enum VOCExport {
             let contents = try FileManager.default.contentsOfDirectory(atPath: dir.path)
             if !contents.isEmpty {
                 guard contents.contains(markerName) else {
-                    throw FileError(file: dir.path, "holds files that are not an export of this pack (no "
-                                    + "\(markerName)): export into an empty or new folder rather than mix")
+                    throw FileError(
+                        file: dir.path,
+                        "holds files that are not an export of this pack (no "
+                            + "\(markerName)): export into an empty or new folder rather than mix")
                 }
                 let existing = try readInputFile(markerURL, limit: 4096)
                 guard existing == marker else {
-                    throw FileError(file: markerURL.path, "names another pack: export into an empty or new folder "
-                                    + "rather than mix two packs")
+                    throw FileError(
+                        file: markerURL.path,
+                        "names another pack: export into an empty or new folder "
+                            + "rather than mix two packs")
                 }
             }
         } else {
@@ -82,14 +88,18 @@ public enum VOCExport {
         let ids = records.map(id)
         func list(_ line: (String) -> String) -> Data { Data(ids.map { line($0) + "\n" }.joined().utf8) }
         try writeAtomically(list { $0 }, to: dir.appendingPathComponent("ImageSets/Segmentation/train.txt"))
-        try writeAtomically(list { "/JPEGImages/\($0).png /SegmentationClass/\($0).png" },
-                            to: dir.appendingPathComponent("splits/train.txt"))
-        try writeAtomically(list { "/JPEGImages/\($0).png /SegmentationClassAug/\($0).png" },
-                            to: dir.appendingPathComponent("splits/train_aug.txt"))
-        try writeAtomically(list { "/../../JPEGImages/\($0).png /SegmentationClass/\($0).png" },
-                            to: dir.appendingPathComponent("list/train.txt"))
-        try writeAtomically(list { "/../../JPEGImages/\($0).png /SegmentationClassAug/\($0).png" },
-                            to: dir.appendingPathComponent("list/train_aug.txt"))
+        try writeAtomically(
+            list { "/JPEGImages/\($0).png /SegmentationClass/\($0).png" },
+            to: dir.appendingPathComponent("splits/train.txt"))
+        try writeAtomically(
+            list { "/JPEGImages/\($0).png /SegmentationClassAug/\($0).png" },
+            to: dir.appendingPathComponent("splits/train_aug.txt"))
+        try writeAtomically(
+            list { "/../../JPEGImages/\($0).png /SegmentationClass/\($0).png" },
+            to: dir.appendingPathComponent("list/train.txt"))
+        try writeAtomically(
+            list { "/../../JPEGImages/\($0).png /SegmentationClassAug/\($0).png" },
+            to: dir.appendingPathComponent("list/train_aug.txt"))
         return ids
     }
 }

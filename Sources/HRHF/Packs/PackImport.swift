@@ -3,7 +3,8 @@ import Foundation
 /// The teacher's reading of one image: its argmax class per pixel and its mean top probability
 /// (what `hrhf-synth` records as `teacherConfidence`).
 public func teacherReading(_ predictor: Predictor, _ image: RGBImage, name: String) throws
-    -> (mask: IndexMask, confidence: Double) {
+    -> (mask: IndexMask, confidence: Double)
+{
     let logits = try predictor.logits(for: image, name: name).logits
     let top = channelArgmax(withNoGrad { softmax(logits) })
     let mask = IndexMask(width: image.width, height: image.height, values: top.indices.map { UInt16($0) })
@@ -36,8 +37,10 @@ public enum PackImport {
             let pair = (folder.appendingPathComponent(images), folder.appendingPathComponent(labels))
             if isFolder(pair.0) && isFolder(pair.1) { return pair }
         }
-        throw FileError(file: folder.path, "holds neither images/ + labels/ nor JPEGImages/ + SegmentationClass/ "
-                        + "(real folders, not links)")
+        throw FileError(
+            file: folder.path,
+            "holds neither images/ + labels/ nor JPEGImages/ + SegmentationClass/ "
+                + "(real folders, not links)")
     }
 
     /// The stem of an allowed file name: ASCII letters, digits, `_` and `-`, 1 to `maxStemLength`
@@ -45,10 +48,11 @@ public enum PackImport {
     static func stem(_ name: String, extensions: [String]) -> String? {
         let parts = name.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 2, extensions.contains(String(parts[1])), (1...maxStemLength).contains(parts[0].count),
-              parts[0].utf8.allSatisfy({ byte in
-                  (0x30...0x39).contains(byte) || (0x41...0x5A).contains(byte) || (0x61...0x7A).contains(byte)
-                      || byte == 0x5F || byte == 0x2D
-              }) else { return nil }
+            parts[0].utf8.allSatisfy({ byte in
+                (0x30...0x39).contains(byte) || (0x41...0x5A).contains(byte) || (0x61...0x7A).contains(byte)
+                    || byte == 0x5F || byte == 0x2D
+            })
+        else { return nil }
         return String(parts[0])
     }
 
@@ -63,17 +67,21 @@ public enum PackImport {
         for name in names.sorted(by: { Array($0.utf8).lexicographicallyPrecedes(Array($1.utf8)) }) {
             let label = labelFolder.appendingPathComponent(name)
             guard let stem = stem(name, extensions: ["png"]) else {
-                throw FileError(file: label.path, "not an allowed label name: letters, digits, _ and - (1 to "
-                                + "\(maxStemLength)), then .png")
+                throw FileError(
+                    file: label.path,
+                    "not an allowed label name: letters, digits, _ and - (1 to "
+                        + "\(maxStemLength)), then .png")
             }
             let images = imageExtensions.map { imageFolder.appendingPathComponent("\(stem).\($0)") }.filter {
                 var info = stat()
                 return lstat($0.path, &info) == 0
             }
             guard images.count == 1 else {
-                throw FileError(file: label.path, images.isEmpty
-                                ? "no image \(stem).png, .jpg or .jpeg in \(imageFolder.path)"
-                                : "more than one image named \(stem) in \(imageFolder.path)")
+                throw FileError(
+                    file: label.path,
+                    images.isEmpty
+                        ? "no image \(stem).png, .jpg or .jpeg in \(imageFolder.path)"
+                        : "more than one image named \(stem) in \(imageFolder.path)")
             }
             pairs.append((images[0], label))
         }
@@ -84,20 +92,26 @@ public enum PackImport {
     /// Reads, checks and records every pair of `folder`, then writes the pack to `url`.
     /// `classes` (teacher class ids) are the pack's classes; without them, those the labels show.
     @discardableResult
-    public static func run(folder: URL, teacher teacherURL: URL, classes requested: [Int]?, to url: URL,
-                           fileLimit: Int = SyntheticPack.defaultEntryLimit,
-                           totalLimit: Int = ArchiveReader.defaultTotalLimit) throws -> PackManifest {
+    public static func run(
+        folder: URL, teacher teacherURL: URL, classes requested: [Int]?, to url: URL,
+        fileLimit: Int = SyntheticPack.defaultEntryLimit,
+        totalLimit: Int = ArchiveReader.defaultTotalLimit
+    ) throws -> PackManifest {
         let pairs = try pairs(folder)
         let (model, card) = try ModelFile.load(teacherURL)
         let teacherClasses = card.classes.count
         guard teacherClasses <= SyntheticPack.maxTeacherClasses else {
-            throw FileError(file: teacherURL.path, "\(teacherClasses) classes: a pack's 8-bit labels hold at most "
-                            + "\(SyntheticPack.maxTeacherClasses)")
+            throw FileError(
+                file: teacherURL.path,
+                "\(teacherClasses) classes: a pack's 8-bit labels hold at most "
+                    + "\(SyntheticPack.maxTeacherClasses)")
         }
         if let requested {
             for id in requested where !(1..<teacherClasses).contains(id) || requested.filter({ $0 == id }).count > 1 {
-                throw FileError(file: teacherURL.path, "class \(id) of --classes is not a teacher class other than "
-                                + "background (1 to \(teacherClasses - 1)), or is given twice")
+                throw FileError(
+                    file: teacherURL.path,
+                    "class \(id) of --classes is not a teacher class other than "
+                        + "background (1 to \(teacherClasses - 1)), or is given twice")
             }
         }
         let predictor = Predictor(model: model, card: card)
@@ -116,41 +130,51 @@ public enum PackImport {
             let side = resolution == 0 ? SyntheticPack.maxResolution : resolution
             let image = try ImageIO.decodeRGB(try read(pair.image), name: pair.image.path, maxPixels: side * side)
             guard image.width == image.height, (1...SyntheticPack.maxResolution).contains(image.width),
-                  resolution == 0 || image.width == resolution else {
-                throw FileError(file: pair.image.path, "\(image.width)x\(image.height): a pack's images are square, "
-                                + "all of one side up to \(SyntheticPack.maxResolution)"
-                                + (resolution == 0 ? "" : " (the first is \(resolution))"))
+                resolution == 0 || image.width == resolution
+            else {
+                throw FileError(
+                    file: pair.image.path,
+                    "\(image.width)x\(image.height): a pack's images are square, "
+                        + "all of one side up to \(SyntheticPack.maxResolution)"
+                        + (resolution == 0 ? "" : " (the first is \(resolution))"))
             }
             resolution = image.width
-            let label = try ImageIO.decodeIndexPNG(try read(pair.label), name: pair.label.path,
-                                                   maxPixels: resolution * resolution)
+            let label = try ImageIO.decodeIndexPNG(
+                try read(pair.label), name: pair.label.path,
+                maxPixels: resolution * resolution)
             guard label.width == resolution, label.height == resolution else {
-                throw FileError(file: pair.label.path, "\(label.width)x\(label.height), its image is "
-                                + "\(resolution)x\(resolution)")
+                throw FileError(
+                    file: pair.label.path,
+                    "\(label.width)x\(label.height), its image is "
+                        + "\(resolution)x\(resolution)")
             }
             var counts = [Int](repeating: 0, count: 256)
             for (i, value) in label.values.enumerated() {
                 guard Int(value) < teacherClasses || value == 255 else {
-                    throw FileError(file: pair.label.path, "value \(value) at pixel (\(i % resolution), "
-                                    + "\(i / resolution)) is neither a teacher class (0 to \(teacherClasses - 1)) "
-                                    + "nor 255")
+                    throw FileError(
+                        file: pair.label.path,
+                        "value \(value) at pixel (\(i % resolution), "
+                            + "\(i / resolution)) is neither a teacher class (0 to \(teacherClasses - 1)) "
+                            + "nor 255")
                 }
                 counts[Int(value)] += 1
             }
             let targets = (1..<teacherClasses).filter { counts[$0] > 0 }
             guard !targets.isEmpty else {
-                throw FileError(file: pair.label.path,
-                                "shows no class but background and ignore: a record needs a target")
+                throw FileError(
+                    file: pair.label.path,
+                    "shows no class but background and ignore: a record needs a target")
             }
             if let requested, let outside = targets.first(where: { !requested.contains($0) }) {
                 throw FileError(file: pair.label.path, "shows class \(outside), which --classes does not list")
             }
             let areas = targets.map { Double(counts[$0]) / Double(label.values.count) }
             let confidence = try teacherReading(predictor, image, name: pair.image.path).confidence
-            let record = SynthesisRecord(index: index, image: SyntheticPack.entryName("images", index),
-                                         label: SyntheticPack.entryName("labels", index), targets: targets,
-                                         targetAreas: areas, achievedAreas: areas, absentMaxArea: 0,
-                                         teacherConfidence: confidence, losses: [:], seed: 0, batch: index)
+            let record = SynthesisRecord(
+                index: index, image: SyntheticPack.entryName("images", index),
+                label: SyntheticPack.entryName("labels", index), targets: targets,
+                targetAreas: areas, achievedAreas: areas, absentMaxArea: 0,
+                teacherConfidence: confidence, losses: [:], seed: 0, batch: index)
             files[record.image] = try ImageIO.encodePNG(image, name: pair.image.path)
             files[record.label] = try ImageIO.encodePalettePNG(label, name: pair.label.path)
             records.append(record)
@@ -162,15 +186,18 @@ public enum PackImport {
         options.resolution = resolution
         options.maxClasses = records.map(\.targets.count).max() ?? 1
         let manifest = PackManifest(
-            generator: .init(name: generatorName, version: toolkitVersion, options: options, seed: 0,
-                             count: records.count),
+            generator: .init(
+                name: generatorName, version: toolkitVersion, options: options, seed: 0,
+                count: records.count),
             teacher: .init(file: teacherURL.lastPathComponent, sha256: try sha256Hex(file: teacherURL), card: card),
             classes: classIDs.map { card.classes[$0] }, shard: nil, images: records,
             quality: SynthesisQuality(records: records, imagesPerMinute: nil))
-        try SyntheticPack.write(manifest: manifest, files: { name in
-            guard let data = files[name] else { throw PackError(file: url.path, entry: name, "not imported") }
-            return data
-        }, to: url)
+        try SyntheticPack.write(
+            manifest: manifest,
+            files: { name in
+                guard let data = files[name] else { throw PackError(file: url.path, entry: name, "not imported") }
+                return data
+            }, to: url)
         return manifest
     }
 }
@@ -204,9 +231,11 @@ extension SyntheticPack {
         let agreement = try labelAgreement(predictor)
         let records = manifest.images.sorted { $0.index < $1.index }
         if let i = agreement.firstIndex(where: { !($0 >= minimum) }) {
-            throw PackError(file: url.path, entry: records[i].label, String(
-                format: "agrees with the teacher's argmax on %.2f%% of its pixels, below the minimum of %.2f%%",
-                100 * agreement[i], 100 * minimum))
+            throw PackError(
+                file: url.path, entry: records[i].label,
+                String(
+                    format: "agrees with the teacher's argmax on %.2f%% of its pixels, below the minimum of %.2f%%",
+                    100 * agreement[i], 100 * minimum))
         }
         return agreement
     }

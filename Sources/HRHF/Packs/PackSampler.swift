@@ -10,8 +10,10 @@ public final class PackSampler {
     let normalization: Normalization
     let seed: UInt64
 
-    public init(packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization,
-                seed: UInt64) throws {
+    public init(
+        packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization,
+        seed: UInt64
+    ) throws {
         images = packs.flatMap { p in p.manifest.images.map { (p, $0) } }
         guard !images.isEmpty else {
             throw PackError(file: packs.map(\.url.path).joined(separator: ", "), "the packs hold no images")
@@ -36,8 +38,11 @@ public final class PackSampler {
             let (pack, record) = images[order[(position * batchSize + slot) % order.count]]
             let image = try pack.image(record)
             var rng = SeededGenerator(seed: seed ^ 0xA5A5 ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot))
-            let (augmented, _) = augmentation.apply(image, IndexMask(width: image.width, height: image.height,
-                                                                    values: .init(repeating: 0, count: image.width * image.height)), rng: &rng)
+            let (augmented, _) = augmentation.apply(
+                image,
+                IndexMask(
+                    width: image.width, height: image.height,
+                    values: .init(repeating: 0, count: image.width * image.height)), rng: &rng)
             tensors.append(normalization.tensor(augmented))
         }
         return concatBatch(tensors)

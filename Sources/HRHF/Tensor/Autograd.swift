@@ -40,8 +40,10 @@ public func withNoGrad<T>(_ body: () throws -> T) rethrows -> T {
 /// gradient. Backward closures must not capture `output` itself (that would be a cycle):
 /// capture `output.detached()` instead.
 @inline(__always)
-func record(_ output: Tensor, _ name: String, _ inputs: [Tensor],
-            _ backward: @escaping (Tensor) -> [Tensor?]) {
+func record(
+    _ output: Tensor, _ name: String, _ inputs: [Tensor],
+    _ backward: @escaping (Tensor) -> [Tensor?]
+) {
     guard GradMode.isEnabled, inputs.contains(where: { $0.requiresGrad }) else { return }
     output.requiresGrad = true
     output.gradFn = GradFn(name: name, inputs: inputs, backward: backward)
@@ -92,8 +94,9 @@ extension Tensor {
             precondition(inputGrads.count == fn.inputs.count, "\(fn.name): wrong gradient count")
             for (input, ig) in zip(fn.inputs, inputGrads) {
                 guard let ig, input.requiresGrad else { continue }
-                precondition(ig.shape == input.shape,
-                             "\(fn.name): gradient shape \(ig.shape) for input \(input.shape)")
+                precondition(
+                    ig.shape == input.shape,
+                    "\(fn.name): gradient shape \(ig.shape) for input \(input.shape)")
                 let key = ObjectIdentifier(input)
                 grads[key] = grads[key].map { accumulate($0, ig) } ?? ig
             }

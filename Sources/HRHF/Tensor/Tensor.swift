@@ -19,8 +19,8 @@ public final class TensorStorage: @unchecked Sendable {
         }
         pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
         #if DEBUG
-        // NaN where an op forgot to write: the tests then fail instead of reading old values.
-        if !zeroed { pointer.update(repeating: .nan, count: max(count, 1)) }
+            // NaN where an op forgot to write: the tests then fail instead of reading old values.
+            if !zeroed { pointer.update(repeating: .nan, count: max(count, 1)) }
         #endif
         hrhf_tensor_bytes_add(count * MemoryLayout<Float>.stride)
     }
@@ -65,8 +65,9 @@ public final class Tensor: @unchecked Sendable {
 
     public init(shape: [Int], storage: TensorStorage, requiresGrad: Bool = false) {
         precondition(shape.allSatisfy { $0 >= 0 }, "negative dimension in \(shape)")
-        precondition(shape.reduce(1, *) == storage.count,
-                     "shape \(shape) does not match storage of \(storage.count) elements")
+        precondition(
+            shape.reduce(1, *) == storage.count,
+            "shape \(shape) does not match storage of \(storage.count) elements")
         self.shape = shape
         self.storage = storage
         self.requiresGrad = requiresGrad
@@ -74,14 +75,16 @@ public final class Tensor: @unchecked Sendable {
 
     /// Zero-filled tensor.
     public convenience init(zeros shape: [Int], requiresGrad: Bool = false) {
-        self.init(shape: shape, storage: TensorStorage(count: shape.reduce(1, *)),
-                  requiresGrad: requiresGrad)
+        self.init(
+            shape: shape, storage: TensorStorage(count: shape.reduce(1, *)),
+            requiresGrad: requiresGrad)
     }
 
     /// A tensor whose every element the caller writes before anything reads it (NaN-filled in
     /// debug builds).
     convenience init(uninitialized shape: [Int], requiresGrad: Bool = false) {
-        self.init(shape: shape, storage: TensorStorage(count: shape.reduce(1, *), zeroed: false), requiresGrad: requiresGrad)
+        self.init(
+            shape: shape, storage: TensorStorage(count: shape.reduce(1, *), zeroed: false), requiresGrad: requiresGrad)
     }
 
     public convenience init(shape: [Int], repeating value: Float, requiresGrad: Bool = false) {
@@ -90,8 +93,9 @@ public final class Tensor: @unchecked Sendable {
     }
 
     public convenience init(shape: [Int], values: [Float], requiresGrad: Bool = false) {
-        precondition(shape.reduce(1, *) == values.count,
-                     "shape \(shape) needs \(shape.reduce(1, *)) values, got \(values.count)")
+        precondition(
+            shape.reduce(1, *) == values.count,
+            "shape \(shape) needs \(shape.reduce(1, *)) values, got \(values.count)")
         self.init(uninitialized: shape, requiresGrad: requiresGrad)
         values.withUnsafeBufferPointer { pointer.update(from: $0.baseAddress!, count: values.count) }
     }
@@ -101,16 +105,20 @@ public final class Tensor: @unchecked Sendable {
     }
 
     /// Standard normal values from a seeded generator.
-    public static func randn(_ shape: [Int], std: Float = 1, rng: inout SeededGenerator,
-                             requiresGrad: Bool = false) -> Tensor {
+    public static func randn(
+        _ shape: [Int], std: Float = 1, rng: inout SeededGenerator,
+        requiresGrad: Bool = false
+    ) -> Tensor {
         let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
         for i in 0..<t.count { t.pointer[i] = rng.nextNormal() * std }
         return t
     }
 
     /// Uniform values in [low, high) from a seeded generator.
-    public static func uniform(_ shape: [Int], low: Float, high: Float, rng: inout SeededGenerator,
-                               requiresGrad: Bool = false) -> Tensor {
+    public static func uniform(
+        _ shape: [Int], low: Float, high: Float, rng: inout SeededGenerator,
+        requiresGrad: Bool = false
+    ) -> Tensor {
         let t = Tensor(zeros: shape, requiresGrad: requiresGrad)
         for i in 0..<t.count { t.pointer[i] = low + (high - low) * rng.nextUnitFloat() }
         return t

@@ -22,8 +22,10 @@ public final class SGD: Optimizer {
     public let momentum: Float, dampening: Float, weightDecay: Float, nesterov: Bool
     private var buffers: [Tensor?]
 
-    public init(_ parameters: [Tensor], learningRate: Float, momentum: Float = 0, dampening: Float = 0,
-                weightDecay: Float = 0, nesterov: Bool = false) {
+    public init(
+        _ parameters: [Tensor], learningRate: Float, momentum: Float = 0, dampening: Float = 0,
+        weightDecay: Float = 0, nesterov: Bool = false
+    ) {
         precondition(!nesterov || (momentum > 0 && dampening == 0), "nesterov needs momentum and no dampening")
         self.parameters = parameters
         self.learningRate = learningRate
@@ -80,8 +82,10 @@ public final class Adam: Optimizer {
     private var m: [Tensor], v: [Tensor]
     public private(set) var stepCount = 0
 
-    public init(_ parameters: [Tensor], learningRate: Float, betas: (Float, Float) = (0.9, 0.999),
-                eps: Float = 1e-8, weightDecay: Float = 0) {
+    public init(
+        _ parameters: [Tensor], learningRate: Float, betas: (Float, Float) = (0.9, 0.999),
+        eps: Float = 1e-8, weightDecay: Float = 0
+    ) {
         self.parameters = parameters
         self.learningRate = learningRate
         beta1 = betas.0

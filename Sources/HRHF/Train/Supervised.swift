@@ -22,8 +22,10 @@ public struct StepZeroJob {
     /// The ranks that share every batch (one process by default).
     public var communicator: Communicator = .single
 
-    public init(architecture: ArchitectureDescription, train: SegmentationDataset, val: SegmentationDataset?,
-                task: IncrementalTask, setting: IncrementalSetting, config: TrainingConfig) {
+    public init(
+        architecture: ArchitectureDescription, train: SegmentationDataset, val: SegmentationDataset?,
+        task: IncrementalTask, setting: IncrementalSetting, config: TrainingConfig
+    ) {
         self.architecture = architecture
         self.train = train
         self.val = val
@@ -44,24 +46,30 @@ public struct StepZeroJob {
     }
 
     public func card(for model: DeepLabV3, notes: [String: String]) -> ModelCard {
-        ModelCard(architecture: model.architecture, classNames: Array(train.classNames.prefix(model.numClasses)),
-                  normalization: normalization, notes: notes)
+        ModelCard(
+            architecture: model.architecture, classNames: Array(train.classNames.prefix(model.numClasses)),
+            normalization: normalization, notes: notes)
     }
 
     /// The trainer with its loader, ready to resume or start.
     public func makeTrainer(model: DeepLabV3, checkpoint: URL?) throws -> (Trainer, BatchLoader) {
         let proto = StepProtocol(task: task, step: 0, setting: setting)
         let indices = try proto.trainingIndices(train)
-        guard !indices.isEmpty else { throw DatasetError(file: train.root.path, "no training image holds a class of step 0") }
-        let loader = BatchLoader(dataset: train, indices: indices, batchSize: config.batchSize,
-                                 augmentation: Augmentation(cropSize: config.cropSize), normalization: normalization,
-                                 seed: config.seed, labelTransform: { proto.trainingLabels($0) })
-        let trainer = Trainer(model: model, config: config, checkpoint: checkpoint,
-                              identity: ["hrhf.job": "step0 \(task.name) \(setting.rawValue) \(model.architecture.name)"])
+        guard !indices.isEmpty else {
+            throw DatasetError(file: train.root.path, "no training image holds a class of step 0")
+        }
+        let loader = BatchLoader(
+            dataset: train, indices: indices, batchSize: config.batchSize,
+            augmentation: Augmentation(cropSize: config.cropSize), normalization: normalization,
+            seed: config.seed, labelTransform: { proto.trainingLabels($0) })
+        let trainer = Trainer(
+            model: model, config: config, checkpoint: checkpoint,
+            identity: ["hrhf.job": "step0 \(task.name) \(setting.rawValue) \(model.architecture.name)"])
         if communicator.size > 1 {
             guard config.batchSize >= communicator.size else {
-                throw DatasetError(file: train.root.path,
-                                   "a batch of \(config.batchSize) cannot be shared by \(communicator.size) ranks")
+                throw DatasetError(
+                    file: train.root.path,
+                    "a batch of \(config.batchSize) cannot be shared by \(communicator.size) ranks")
             }
             let parallel = DataParallel(communicator)
             loader.share = parallel.share(of: config.batchSize)

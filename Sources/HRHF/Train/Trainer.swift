@@ -13,8 +13,10 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     public var seed: UInt64
     public var checkpointEvery: Int
 
-    public init(iterations: Int, batchSize: Int, cropSize: Int, learningRate: Float = 0.01, seed: UInt64 = 0,
-                checkpointEvery: Int = 500) {
+    public init(
+        iterations: Int, batchSize: Int, cropSize: Int, learningRate: Float = 0.01, seed: UInt64 = 0,
+        checkpointEvery: Int = 500
+    ) {
         self.iterations = iterations
         self.batchSize = batchSize
         self.cropSize = cropSize
@@ -32,7 +34,8 @@ extension Dropout {
 /// Sets every dropout layer's generator from (seed, iteration, layer index).
 public func reseedDropout(_ model: Module, seed: UInt64, iteration: Int) {
     for (i, (_, m)) in model.namedModules().enumerated() {
-        (m as? Dropout)?.reseed(seed ^ (UInt64(iteration) &* 0x9E37_79B9_7F4A_7C15) ^ (UInt64(i) &* 0xBF58_476D_1CE4_E5B9))
+        (m as? Dropout)?.reseed(
+            seed ^ (UInt64(iteration) &* 0x9E37_79B9_7F4A_7C15) ^ (UInt64(i) &* 0xBF58_476D_1CE4_E5B9))
     }
 }
 
@@ -54,14 +57,17 @@ public final class Trainer {
     /// alone writes checkpoints.
     public var dataParallel: DataParallel?
 
-    public init(model: Module, parameters: [Tensor]? = nil, config: TrainingConfig, checkpoint: URL?,
-                identity: [String: String] = [:]) {
+    public init(
+        model: Module, parameters: [Tensor]? = nil, config: TrainingConfig, checkpoint: URL?,
+        identity: [String: String] = [:]
+    ) {
         self.model = model
         self.config = config
         self.checkpoint = checkpoint
         self.identity = identity
-        optimizer = SGD(parameters ?? model.parameters, learningRate: config.learningRate, momentum: config.momentum,
-                        weightDecay: config.weightDecay, nesterov: config.nesterov)
+        optimizer = SGD(
+            parameters ?? model.parameters, learningRate: config.learningRate, momentum: config.momentum,
+            weightDecay: config.weightDecay, nesterov: config.nesterov)
     }
 
     var metadata: [String: String] {
@@ -78,8 +84,10 @@ public final class Trainer {
         guard let checkpoint, FileManager.default.fileExists(atPath: checkpoint.path) else { return false }
         let file = try SafeTensorsFile.read(checkpoint)
         for (key, value) in metadata where file.metadata[key] != value {
-            throw WeightFileError(file: checkpoint.path, key: key,
-                                  "checkpoint was made with different settings (\(file.metadata[key] ?? "none")); delete it or use the same options")
+            throw WeightFileError(
+                file: checkpoint.path, key: key,
+                "checkpoint was made with different settings (\(file.metadata[key] ?? "none")); delete it or use the same options"
+            )
         }
         guard let it = file.metadata["hrhf.iteration"].flatMap(Int.init) else {
             throw WeightFileError(file: checkpoint.path, "checkpoint has no iteration count")
@@ -99,7 +107,8 @@ public final class Trainer {
         guard let checkpoint, dataParallel?.communicator.isRoot ?? true else { return }
         var m = metadata
         m["hrhf.iteration"] = String(iteration)
-        let tensors = model.stateDict().map { ("model.\($0.name)", $0.tensor) }
+        let tensors =
+            model.stateDict().map { ("model.\($0.name)", $0.tensor) }
             + optimizer.stateTensors().map { ("optimizer.\($0.name)", $0.tensor) }
         try SafeTensorsFile(tensors: tensors, metadata: m).write(to: checkpoint)
     }
@@ -107,7 +116,9 @@ public final class Trainer {
     /// Runs from the current iteration to `config.iterations` (or `stopAfter` more iterations,
     /// to simulate an interruption in tests). `loss` builds the batch's loss; `report` sees
     /// every finished iteration and its loss value.
-    public func run(stopAfter: Int? = nil, loss: (Int) throws -> Tensor, report: (Int, Float) -> Void = { _, _ in }) throws {
+    public func run(stopAfter: Int? = nil, loss: (Int) throws -> Tensor, report: (Int, Float) -> Void = { _, _ in })
+        throws
+    {
         let end = min(config.iterations, stopAfter.map { iteration + $0 } ?? config.iterations)
         model.train()
         if frozenBatchNorm {

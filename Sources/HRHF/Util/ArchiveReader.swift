@@ -23,7 +23,8 @@ public final class ArchiveReader {
     public enum Format { case zip, tar }
 
     public enum EntryKind: Equatable {
-        case file, directory, symlink, hardlink, other(UInt32)
+        case file, directory, symlink, hardlink
+        case other(UInt32)
     }
 
     public struct Entry {
@@ -51,8 +52,10 @@ public final class ArchiveReader {
     /// `totalLimit` bounds the data of all entries together (decompressed, for zip);
     /// `maxExpansion`, if given, bounds it to that many times the archive's size plus
     /// `expansionSlack`, which stops a compression bomb after a few times its own size.
-    public init(path: String, format: Format, totalLimit: Int = ArchiveReader.defaultTotalLimit,
-                maxExpansion: Int? = nil) throws {
+    public init(
+        path: String, format: Format, totalLimit: Int = ArchiveReader.defaultTotalLimit,
+        maxExpansion: Int? = nil
+    ) throws {
         self.path = path
         self.totalLimit = totalLimit
         self.maxExpansion = maxExpansion
@@ -106,7 +109,8 @@ public final class ArchiveReader {
         }
         if archive_entry_hardlink(entry) != nil { kind = .hardlink }
         if archive_entry_symlink(entry) != nil { kind = .symlink }
-        return Entry(name: name, kind: kind, size: archive_entry_size_is_set(entry) != 0 ? archive_entry_size(entry) : -1)
+        return Entry(
+            name: name, kind: kind, size: archive_entry_size_is_set(entry) != 0 ? archive_entry_size(entry) : -1)
     }
 
     /// The current entry's data, at most `limit` bytes (more is an error naming the entry).
@@ -123,16 +127,18 @@ public final class ArchiveReader {
                 throw ArchiveError(file: path, entry: entry, "larger than the limit of \(limit) bytes")
             }
             guard bytesRead + n <= totalLimit else {
-                throw ArchiveError(file: path, entry: entry,
-                                   "the archive gives more than its limit of \(totalLimit) bytes in all")
+                throw ArchiveError(
+                    file: path, entry: entry,
+                    "the archive gives more than its limit of \(totalLimit) bytes in all")
             }
             if let maxExpansion {
                 let (scaled, o1) = archiveBytes.multipliedReportingOverflow(by: maxExpansion)
                 let (allowed, o2) = scaled.addingReportingOverflow(Self.expansionSlack)
                 guard o1 || o2 || bytesRead + n <= allowed else {
-                    throw ArchiveError(file: path, entry: entry,
-                                       "expands past \(maxExpansion) times the archive's \(archiveBytes) bytes "
-                                       + "(plus \(Self.expansionSlack >> 20) MiB): a compression bomb")
+                    throw ArchiveError(
+                        file: path, entry: entry,
+                        "expands past \(maxExpansion) times the archive's \(archiveBytes) bytes "
+                            + "(plus \(Self.expansionSlack >> 20) MiB): a compression bomb")
                 }
             }
             bytesRead += n

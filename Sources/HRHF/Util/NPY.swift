@@ -48,8 +48,10 @@ public enum NPY {
         guard bytes.count >= start else { throw WeightFileError(file: file, key: "header length", "truncated") }
         let headerLength = bytes[8..<start].reversed().reduce(0) { $0 << 8 | Int($1) }
         guard headerLength <= maxHeaderBytes, headerLength <= data.count - start else {
-            throw WeightFileError(file: file, key: "header length", "\(headerLength) bytes: more than the file's "
-                                  + "\(data.count - start) left or NumPy's limit of \(maxHeaderBytes)")
+            throw WeightFileError(
+                file: file, key: "header length",
+                "\(headerLength) bytes: more than the file's "
+                    + "\(data.count - start) left or NumPy's limit of \(maxHeaderBytes)")
         }
         let headerBytes = data[(data.startIndex + start)..<(data.startIndex + start + headerLength)]
         guard let header = String(bytes: headerBytes, encoding: bytes[6] == 3 ? .utf8 : .isoLatin1) else {
@@ -58,8 +60,9 @@ public enum NPY {
         var parser = HeaderParser(text: Array(header.unicodeScalars), file: file)
         let fields = try parser.dictionary()
         guard Set(fields.keys) == ["descr", "fortran_order", "shape"] else {
-            throw WeightFileError(file: file, key: "header",
-                                  "keys are \(fields.keys.sorted()), not descr, fortran_order and shape")
+            throw WeightFileError(
+                file: file, key: "header",
+                "keys are \(fields.keys.sorted()), not descr, fortran_order and shape")
         }
         guard case .string("<f4")? = fields["descr"] else {
             throw WeightFileError(file: file, key: "descr", "must be '<f4' (little-endian float32)")
@@ -73,8 +76,9 @@ public enum NPY {
         let count = try TensorBudget.elementCount(shape, limit: maxElements, file: file, key: "shape")
         let offset = start + headerLength
         guard data.count - offset == count * 4 else {
-            throw WeightFileError(file: file, key: "data",
-                                  "holds \(data.count - offset) bytes, shape \(shape) needs \(count * 4)")
+            throw WeightFileError(
+                file: file, key: "data",
+                "holds \(data.count - offset) bytes, shape \(shape) needs \(count * 4)")
         }
         let t = Tensor(zeros: shape)
         data.withUnsafeBytes { raw in
@@ -87,7 +91,11 @@ public enum NPY {
     /// The header's Python dict literal: string keys; values a string, True/False, or a tuple
     /// of non-negative integers. Anything else is refused by name.
     struct HeaderParser {
-        enum Value { case string(String), bool(Bool), tuple([Int]) }
+        enum Value {
+            case string(String)
+            case bool(Bool)
+            case tuple([Int])
+        }
 
         let text: [Unicode.Scalar]
         let file: String
@@ -147,12 +155,14 @@ public enum NPY {
                 while !take(")") {
                     var digits = ""
                     while position < text.count, !",)".unicodeScalars.contains(text[position]),
-                          !text[position].properties.isWhitespace {
+                        !text[position].properties.isWhitespace
+                    {
                         digits.unicodeScalars.append(text[position])
                         position += 1
                     }
                     guard !digits.isEmpty, digits.unicodeScalars.allSatisfy({ ("0"..."9").contains($0) }),
-                          let n = Int(digits) else {
+                        let n = Int(digits)
+                    else {
                         throw fail("shape sizes must be non-negative integers, found '\(digits)'")
                     }
                     items.append(n)

@@ -19,8 +19,15 @@ public indirect enum PickleValue {
     case storage(StorageReference)
     case tensor(TensorReference)
 
-    var asInt: Int? { if case .int(let v) = self { return v }; if case .bool(let b) = self { return b ? 1 : 0 }; return nil }
-    var asString: String? { if case .string(let s) = self { return s }; return nil }
+    var asInt: Int? {
+        if case .int(let v) = self { return v }
+        if case .bool(let b) = self { return b ? 1 : 0 }
+        return nil
+    }
+    var asString: String? {
+        if case .string(let s) = self { return s }
+        return nil
+    }
     var asTuple: [PickleValue]? {
         if case .tuple(let t) = self { return t }
         if case .list(let l) = self { return l.items }
@@ -48,7 +55,8 @@ public final class PickleDict: PickleContainer {
     private var positions: [Key: Int] = [:]
 
     private enum Key: Hashable {
-        case string(String), int(Int)
+        case string(String)
+        case int(Int)
 
         init?(_ value: PickleValue) {
             switch value {
@@ -262,12 +270,14 @@ public struct RestrictedUnpickler {
             return .dict(PickleDict())
         case "torch._utils._rebuild_tensor_v2":
             guard a.count >= 4, case .storage(let storage) = a[0], let offset = a[1].asInt,
-                  let shapeItems = a[2].asTuple, let strideItems = a[3].asTuple else {
+                let shapeItems = a[2].asTuple, let strideItems = a[3].asTuple
+            else {
                 throw error("malformed _rebuild_tensor_v2 arguments")
             }
             let shape = shapeItems.compactMap(\.asInt), strides = strideItems.compactMap(\.asInt)
             guard shape.count == shapeItems.count, strides.count == strideItems.count,
-                  strides.count == shape.count else {
+                strides.count == shape.count
+            else {
                 throw error("_rebuild_tensor_v2: size and stride must be tuples of integers of one length")
             }
             guard offset >= 0, shape.allSatisfy({ $0 >= 0 }), strides.allSatisfy({ $0 >= 0 }) else {
@@ -289,53 +299,56 @@ public struct RestrictedUnpickler {
             guard ops <= Self.maxOps else { throw error("more than \(Self.maxOps) opcodes") }
             let op = try byte()
             switch op {
-            case 0x80: _ = try byte()  // PROTO
-            case 0x95: _ = try length(8)  // FRAME: the frame's length, checked; its opcodes follow inline
-            case 0x2E:  // STOP
+            case 0x80: _ = try byte() // PROTO
+            case 0x95: _ = try length(8) // FRAME: the frame's length, checked; its opcodes follow inline
+            case 0x2E: // STOP
                 return try pop()
-            case 0x28: marks.append(stack.count)  // MARK
-            case 0x7D: try push(.dict(PickleDict()), height: 1)  // EMPTY_DICT
-            case 0x5D, 0x8F: try push(.list(PickleList()), height: 1)  // EMPTY_LIST, EMPTY_SET (held as a list)
-            case 0x29: try tuple([])  // EMPTY_TUPLE
-            case 0x74: try tuple(try popMark())  // TUPLE
-            case 0x85, 0x86, 0x87:  // TUPLE1, TUPLE2, TUPLE3
+            case 0x28: marks.append(stack.count) // MARK
+            case 0x7D: try push(.dict(PickleDict()), height: 1) // EMPTY_DICT
+            case 0x5D, 0x8F: try push(.list(PickleList()), height: 1) // EMPTY_LIST, EMPTY_SET (held as a list)
+            case 0x29: try tuple([]) // EMPTY_TUPLE
+            case 0x74: try tuple(try popMark()) // TUPLE
+            case 0x85, 0x86, 0x87: // TUPLE1, TUPLE2, TUPLE3
                 try tuple(try popLast(Int(op) - 0x84))
-            case 0x6C:  // LIST
+            case 0x6C: // LIST
                 let items = try popMark(), l = PickleList()
                 l.height = try enclose(items)
                 l.items = items.map(\.value)
                 try push(.list(l))
-            case 0x64:  // DICT
+            case 0x64: // DICT
                 let items = try popMark()
                 guard items.count % 2 == 0 else { throw error("DICT with an odd item count") }
                 let d = PickleDict()
                 d.height = try enclose(items)
                 for i in stride(from: 0, to: items.count, by: 2) { d.set(items[i].value, items[i + 1].value) }
                 try push(.dict(d))
-            case 0x73, 0x75:  // SETITEM, SETITEMS
+            case 0x73, 0x75: // SETITEM, SETITEMS
                 let items = op == 0x73 ? try popLast(2) : try popMark()
                 guard items.count % 2 == 0, case .dict(let d) = try top() else { throw error("SETITEMS on a non-dict") }
                 try fill(d, with: items, "SETITEMS")
                 for i in stride(from: 0, to: items.count, by: 2) { d.set(items[i].value, items[i + 1].value) }
-            case 0x61, 0x65, 0x90:  // APPEND, APPENDS, ADDITEMS
+            case 0x61, 0x65, 0x90: // APPEND, APPENDS, ADDITEMS
                 let items = op == 0x61 ? try popLast(1) : try popMark()
                 guard case .list(let l) = try top() else { throw error("APPENDS on a non-list") }
                 try fill(l, with: items, "APPENDS")
                 l.items += items.map(\.value)
-            case 0x71: try memoize(Int(try byte()))  // BINPUT
-            case 0x72: try memoize(Int(try littleEndian(4)))  // LONG_BINPUT
-            case 0x94: try memoize(memo.count)  // MEMOIZE
-            case 0x68, 0x6A:  // BINGET, LONG_BINGET
+            case 0x71: try memoize(Int(try byte())) // BINPUT
+            case 0x72: try memoize(Int(try littleEndian(4))) // LONG_BINPUT
+            case 0x94: try memoize(memo.count) // MEMOIZE
+            case 0x68, 0x6A: // BINGET, LONG_BINGET
                 let index = op == 0x68 ? Int(try byte()) : Int(try littleEndian(4))
                 guard let slot = memo[index] else { throw error("memo entry \(index) missing") }
                 stack.append(slot)
-            case 0x4B: try push(.int(Int(try byte())))  // BININT1
-            case 0x4D: try push(.int(Int(try littleEndian(2))))  // BININT2
-            case 0x4A: try push(.int(Int(Int32(truncatingIfNeeded: try littleEndian(4)))))  // BININT
-            case 0x8A, 0x8B:  // LONG1, LONG4
+            case 0x4B: try push(.int(Int(try byte()))) // BININT1
+            case 0x4D: try push(.int(Int(try littleEndian(2)))) // BININT2
+            case 0x4A: try push(.int(Int(Int32(truncatingIfNeeded: try littleEndian(4))))) // BININT
+            case 0x8A, 0x8B: // LONG1, LONG4
                 let n = op == 0x8A ? Int(try byte()) : try length(4)
                 let raw = try bytes(n)
-                guard let last = raw.last else { try push(.int(0)); break }
+                guard let last = raw.last else {
+                    try push(.int(0))
+                    break
+                }
                 guard n <= 8 else {
                     // torch's legacy magic number is 10 bytes: keep it as bytes, compared by the caller.
                     try push(.bytes(Array(raw)))
@@ -344,32 +357,34 @@ public struct RestrictedUnpickler {
                 var v = raw.reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
                 if n < 8 && last & 0x80 != 0 { v |= ~UInt64(0) << (8 * UInt64(n)) }
                 try push(.int(Int(Int64(bitPattern: v))))
-            case 0x47:  // BINFLOAT, big-endian
+            case 0x47: // BINFLOAT, big-endian
                 let bits = try bytes(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
                 try push(.float(Double(bitPattern: bits)))
-            case 0x58, 0x54: try push(.string(try string(try bytes(try length(4)))))  // BINUNICODE, BINSTRING
-            case 0x8D: try push(.string(try string(try bytes(try length(8)))))  // BINUNICODE8
-            case 0x8C, 0x55: try push(.string(try string(try bytes(Int(try byte())))))  // SHORT_BINUNICODE/STRING
-            case 0x42: try push(.bytes(Array(try bytes(try length(4)))))  // BINBYTES
-            case 0x43: try push(.bytes(Array(try bytes(Int(try byte())))))  // SHORT_BINBYTES
-            case 0x8E: try push(.bytes(Array(try bytes(try length(8)))))  // BINBYTES8
-            case 0x4E: try push(.none)  // NONE
-            case 0x88: try push(.bool(true))  // NEWTRUE
-            case 0x89: try push(.bool(false))  // NEWFALSE
-            case 0x63:  // GLOBAL
+            case 0x58, 0x54: try push(.string(try string(try bytes(try length(4))))) // BINUNICODE, BINSTRING
+            case 0x8D: try push(.string(try string(try bytes(try length(8))))) // BINUNICODE8
+            case 0x8C, 0x55: try push(.string(try string(try bytes(Int(try byte()))))) // SHORT_BINUNICODE/STRING
+            case 0x42: try push(.bytes(Array(try bytes(try length(4))))) // BINBYTES
+            case 0x43: try push(.bytes(Array(try bytes(Int(try byte()))))) // SHORT_BINBYTES
+            case 0x8E: try push(.bytes(Array(try bytes(try length(8))))) // BINBYTES8
+            case 0x4E: try push(.none) // NONE
+            case 0x88: try push(.bool(true)) // NEWTRUE
+            case 0x89: try push(.bool(false)) // NEWFALSE
+            case 0x63: // GLOBAL
                 let module = try line(), name = try line()
                 try push(try resolveGlobal(module, name))
-            case 0x93:  // STACK_GLOBAL
+            case 0x93: // STACK_GLOBAL
                 let name = try pop(), module = try pop()
-                guard let n = name.asString, let m = module.asString else { throw error("STACK_GLOBAL needs two strings") }
+                guard let n = name.asString, let m = module.asString else {
+                    throw error("STACK_GLOBAL needs two strings")
+                }
                 try push(try resolveGlobal(m, n))
-            case 0x51:  // BINPERSID
+            case 0x51: // BINPERSID
                 guard let pid = try pop().asTuple else { throw error("persistent id is not a tuple") }
                 try push(try persistentLoad(pid))
-            case 0x52, 0x81:  // REDUCE, NEWOBJ
+            case 0x52, 0x81: // REDUCE, NEWOBJ
                 let args = try pop(), callable = try pop()
                 try push(try reduce(callable, args), height: 1)
-            case 0x62:  // BUILD: state on an OrderedDict (its _metadata) carries nothing we need
+            case 0x62: // BUILD: state on an OrderedDict (its _metadata) carries nothing we need
                 _ = try pop()
                 guard case .dict = try top() else { throw error("BUILD on an object that is not a dict") }
             default:

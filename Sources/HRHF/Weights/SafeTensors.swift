@@ -20,8 +20,16 @@ public struct WeightFileError: Error, CustomStringConvertible, Equatable {
 
 /// Element types a tensor file may hold; all are converted to float32 on reading.
 public enum StoredDType: String, Sendable, CaseIterable {
-    case f32 = "F32", f16 = "F16", bf16 = "BF16", f64 = "F64"
-    case i64 = "I64", i32 = "I32", i16 = "I16", i8 = "I8", u8 = "U8", bool = "BOOL"
+    case f32 = "F32"
+    case f16 = "F16"
+    case bf16 = "BF16"
+    case f64 = "F64"
+    case i64 = "I64"
+    case i32 = "I32"
+    case i16 = "I16"
+    case i8 = "I8"
+    case u8 = "U8"
+    case bool = "BOOL"
 
     public var byteSize: Int {
         switch self {
@@ -35,13 +43,39 @@ public enum StoredDType: String, Sendable, CaseIterable {
     /// Converts `count` little-endian values at `raw` into float32.
     func decode(_ raw: UnsafeRawPointer, count: Int, into out: UnsafeMutablePointer<Float>) {
         switch self {
-        case .f32: for i in 0..<count { out[i] = Float(bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self))) }
-        case .f64: for i in 0..<count { out[i] = Float(Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self)))) }
-        case .f16: for i in 0..<count { out[i] = Float(halfBits: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) }
-        case .bf16: for i in 0..<count { out[i] = Float(bitPattern: UInt32(UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self))) << 16) }
-        case .i64: for i in 0..<count { out[i] = Float(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self))) }
-        case .i32: for i in 0..<count { out[i] = Float(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self))) }
-        case .i16: for i in 0..<count { out[i] = Float(Int16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: Int16.self))) }
+        case .f32:
+            for i in 0..<count {
+                out[i] = Float(
+                    bitPattern: UInt32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: UInt32.self)))
+            }
+        case .f64:
+            for i in 0..<count {
+                out[i] = Float(
+                    Double(bitPattern: UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: UInt64.self))))
+            }
+        case .f16:
+            for i in 0..<count {
+                out[i] = Float(
+                    halfBits: UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+            }
+        case .bf16:
+            for i in 0..<count {
+                out[i] = Float(
+                    bitPattern: UInt32(UInt16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: UInt16.self)))
+                        << 16)
+            }
+        case .i64:
+            for i in 0..<count {
+                out[i] = Float(Int64(littleEndian: raw.loadUnaligned(fromByteOffset: 8 * i, as: Int64.self)))
+            }
+        case .i32:
+            for i in 0..<count {
+                out[i] = Float(Int32(littleEndian: raw.loadUnaligned(fromByteOffset: 4 * i, as: Int32.self)))
+            }
+        case .i16:
+            for i in 0..<count {
+                out[i] = Float(Int16(littleEndian: raw.loadUnaligned(fromByteOffset: 2 * i, as: Int16.self)))
+            }
         case .i8: for i in 0..<count { out[i] = Float(raw.load(fromByteOffset: i, as: Int8.self)) }
         case .u8, .bool: for i in 0..<count { out[i] = Float(raw.load(fromByteOffset: i, as: UInt8.self)) }
         }
@@ -63,8 +97,10 @@ public enum TensorBudget {
 
     /// The product of `shape`, refused if a size is negative, the rank or the product too large
     /// (every step checked).
-    public static func elementCount(_ shape: [Int], limit: Int = maxElements, file: String,
-                                    key: String?) throws -> Int {
+    public static func elementCount(
+        _ shape: [Int], limit: Int = maxElements, file: String,
+        key: String?
+    ) throws -> Int {
         guard shape.count <= maxRank else {
             throw WeightFileError(file: file, key: key, "\(shape.count) dimensions, more than \(maxRank)")
         }
@@ -131,7 +167,7 @@ public struct SafeTensorsFile {
         switch String(cString: number.objCType) {
         case "s", "i", "l", "q": return Int(exactly: number.int64Value).flatMap { $0 >= 0 ? $0 : nil }
         case "S", "I", "L", "Q": return Int(exactly: number.uint64Value)
-        default: return nil  // "d": written with a fraction or an exponent; "c": a boolean
+        default: return nil // "d": written with a fraction or an exponent; "c": a boolean
         }
     }
 
@@ -141,9 +177,11 @@ public struct SafeTensorsFile {
         }
         let headerSize = data.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
         guard let headerLength = Int(exactly: headerSize), headerLength <= maxHeaderBytes,
-              headerLength <= data.count - 8 else {
-            throw WeightFileError(file: file, key: "header length",
-                                  "\(headerSize) exceeds the file (\(data.count) bytes) or \(maxHeaderBytes) bytes")
+            headerLength <= data.count - 8
+        else {
+            throw WeightFileError(
+                file: file, key: "header length",
+                "\(headerSize) exceeds the file (\(data.count) bytes) or \(maxHeaderBytes) bytes")
         }
         let payloadStart = data.startIndex + 8 + headerLength
         let headerData = data[(data.startIndex + 8)..<payloadStart]
@@ -165,8 +203,9 @@ public struct SafeTensorsFile {
         var total = 0
         for (name, value) in header where name != "__metadata__" {
             guard let info = value as? [String: Any], let dtypeName = info["dtype"] as? String,
-                  let shapeAny = info["shape"] as? [Any], let offsets = info["data_offsets"] as? [Any],
-                  offsets.count == 2 else {
+                let shapeAny = info["shape"] as? [Any], let offsets = info["data_offsets"] as? [Any],
+                offsets.count == 2
+            else {
                 throw WeightFileError(file: file, key: name, "entry needs dtype, shape and two data_offsets")
             }
             guard let dtype = StoredDType(rawValue: dtypeName) else {
@@ -174,14 +213,17 @@ public struct SafeTensorsFile {
             }
             let shape = shapeAny.compactMap(exactCount), bounds = offsets.compactMap(exactCount)
             guard shape.count == shapeAny.count, bounds.count == 2 else {
-                throw WeightFileError(file: file, key: name, "shape \(shapeAny) and data_offsets \(offsets) must be "
-                                      + "non-negative integers")
+                throw WeightFileError(
+                    file: file, key: name,
+                    "shape \(shapeAny) and data_offsets \(offsets) must be "
+                        + "non-negative integers")
             }
             let count = try TensorBudget.elementCount(shape, file: file, key: name)
             let (sum, overflow) = total.addingReportingOverflow(count)
             guard !overflow, sum <= TensorBudget.maxTotalElements else {
-                throw WeightFileError(file: file, key: name,
-                                      "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
+                throw WeightFileError(
+                    file: file, key: name,
+                    "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
             }
             total = sum
             entries.append((name, dtype, shape, count, bounds[0], bounds[1]))
@@ -189,13 +231,17 @@ public struct SafeTensorsFile {
         // Offsets only once every shape and the total are known to fit the budgets.
         for e in entries {
             guard e.start <= e.end, e.end <= payloadSize else {
-                throw WeightFileError(file: file, key: e.name, "data offsets [\(e.start), \(e.end)] outside the data "
-                                      + "section of \(payloadSize) bytes")
+                throw WeightFileError(
+                    file: file, key: e.name,
+                    "data offsets [\(e.start), \(e.end)] outside the data "
+                        + "section of \(payloadSize) bytes")
             }
             let (needed, tooMany) = e.count.multipliedReportingOverflow(by: e.dtype.byteSize)
             guard !tooMany, e.end - e.start == needed else {
-                throw WeightFileError(file: file, key: e.name, "holds \(e.end - e.start) bytes, shape \(e.shape) of "
-                                      + "\(e.dtype.rawValue) needs \(e.count) x \(e.dtype.byteSize)")
+                throw WeightFileError(
+                    file: file, key: e.name,
+                    "holds \(e.end - e.start) bytes, shape \(e.shape) of "
+                        + "\(e.dtype.rawValue) needs \(e.count) x \(e.dtype.byteSize)")
             }
         }
         entries.sort { $0.start != $1.start ? $0.start < $1.start : $0.name < $1.name }

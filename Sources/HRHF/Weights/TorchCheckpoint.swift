@@ -12,7 +12,9 @@ public struct LoadedStateDict {
     /// Other top-level entries of a wrapper dict (epoch, optimizer state, ...), not loaded.
     public var ignoredEntries: [String]
 
-    public var dictionary: [String: Tensor] { Dictionary(tensors.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a }) }
+    public var dictionary: [String: Tensor] {
+        Dictionary(tensors.map { ($0.name, $0.tensor) }, uniquingKeysWith: { a, _ in a })
+    }
 }
 
 /// Reads PyTorch checkpoints without Python: the zip format (PyTorch 1.6 and later), the legacy
@@ -31,7 +33,9 @@ public enum TorchCheckpoint {
 
     public static func read(_ url: URL) throws -> LoadedStateDict {
         let file = url.path
-        guard let handle = FileHandle(forReadingAtPath: file) else { throw WeightFileError(file: file, "cannot open file") }
+        guard let handle = FileHandle(forReadingAtPath: file) else {
+            throw WeightFileError(file: file, "cannot open file")
+        }
         let head = [UInt8](handle.readData(ofLength: 16))
         try? handle.close()
         if head.starts(with: [0x50, 0x4B, 0x03, 0x04]) { return try readZip(url) }
@@ -40,7 +44,8 @@ public enum TorchCheckpoint {
             let st = try SafeTensorsFile.read(url)
             return finish(topLevel: nil, tensors: st.tensors, format: "safetensors", file: file)
         }
-        throw WeightFileError(file: file, "unknown file type: neither a PyTorch checkpoint (zip or legacy) nor safetensors")
+        throw WeightFileError(
+            file: file, "unknown file type: neither a PyTorch checkpoint (zip or legacy) nor safetensors")
     }
 
     /// A persistent id's element count (its item `index`), as a non-negative Int.
@@ -80,8 +85,9 @@ public enum TorchCheckpoint {
                 }
             }
         } catch let e as ArchiveError {
-            throw WeightFileError(file: file, key: e.entry.map { "entry \($0)" },
-                                  "damaged zip checkpoint: \(e.problem)")
+            throw WeightFileError(
+                file: file, key: e.entry.map { "entry \($0)" },
+                "damaged zip checkpoint: \(e.problem)")
         }
         guard let selection else { throw WeightFileError(file: file, "zip checkpoint without data.pkl") }
         return try materialize(selection, storages: records, format: "zip", file: file)
@@ -91,7 +97,8 @@ public enum TorchCheckpoint {
         var unpickler = RestrictedUnpickler(data: pickle, file: file) { pid in
             // ('storage', storage_type, key, location, numel)
             guard pid.count >= 5, pid[0].asString == "storage", case .global(let type) = pid[1],
-                  let dtype = RestrictedUnpickler.storageTypes[type], let key = pid[2].asString else {
+                let dtype = RestrictedUnpickler.storageTypes[type], let key = pid[2].asString
+            else {
                 throw WeightFileError(file: file, key: "data.pkl", "unexpected persistent id")
             }
             let count = try declaredCount(pid, 4, key: key, file: file)
@@ -109,7 +116,8 @@ public enum TorchCheckpoint {
             throw WeightFileError(file: file, "cannot read: \(error.localizedDescription)")
         }
         var position = 0
-        func next(_ persistent: @escaping ([PickleValue]) throws -> PickleValue = { _ in .none }) throws -> PickleValue {
+        func next(_ persistent: @escaping ([PickleValue]) throws -> PickleValue = { _ in .none }) throws -> PickleValue
+        {
             var u = RestrictedUnpickler(data: bytes, file: file, persistentLoad: persistent)
             u.position = position
             let v = try u.load()
@@ -130,22 +138,27 @@ public enum TorchCheckpoint {
         let top = try next { pid in
             // ('storage', storage_type, root_key, location, size, view_metadata)
             guard pid.count >= 6, pid[0].asString == "storage", case .global(let type) = pid[1],
-                  let dtype = RestrictedUnpickler.storageTypes[type], let key = pid[2].asString else {
+                let dtype = RestrictedUnpickler.storageTypes[type], let key = pid[2].asString
+            else {
                 throw WeightFileError(file: file, "unexpected persistent id")
             }
             let count = try declaredCount(pid, 4, key: key, file: file)
             if let previous = declared[key], previous != (dtype, count) {
-                throw WeightFileError(file: file, key: "storage \(key)", "declared as \(previous.count) "
-                                      + "\(previous.dtype.rawValue) and as \(count) \(dtype.rawValue) elements")
+                throw WeightFileError(
+                    file: file, key: "storage \(key)",
+                    "declared as \(previous.count) "
+                        + "\(previous.dtype.rawValue) and as \(count) \(dtype.rawValue) elements")
             }
             declared[key] = (dtype, count)
             var storage = StorageReference(key: key, dtype: dtype, count: count, viewOffset: 0, viewCount: count)
             if case .none = pid[5] { return .storage(storage) }
             // (view_key, offset, view_size): a part of the root storage.
             guard let view = pid[5].asTuple, view.count >= 3, let offset = view[1].asInt, let size = view[2].asInt,
-                  offset >= 0, size >= 0, size <= count - offset else {
-                throw WeightFileError(file: file, key: "storage \(key)",
-                                      "view does not lie inside the storage of \(count) elements")
+                offset >= 0, size >= 0, size <= count - offset
+            else {
+                throw WeightFileError(
+                    file: file, key: "storage \(key)",
+                    "view does not lie inside the storage of \(count) elements")
             }
             storage.viewOffset = offset
             storage.viewCount = size
@@ -168,12 +181,15 @@ public enum TorchCheckpoint {
             let raw = bytes[position..<(position + 8)].reversed().reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
             position += 8
             guard let count = Int(exactly: raw), count == declaration.count else {
-                throw WeightFileError(file: file, key: "storage \(key)", "holds \(Int64(bitPattern: raw)) elements, "
-                                      + "its persistent id declares \(declaration.count)")
+                throw WeightFileError(
+                    file: file, key: "storage \(key)",
+                    "holds \(Int64(bitPattern: raw)) elements, "
+                        + "its persistent id declares \(declaration.count)")
             }
             let (byteCount, overflow) = count.multipliedReportingOverflow(by: declaration.dtype.byteSize)
             guard !overflow, byteCount <= bytes.count - position else {
-                throw WeightFileError(file: file, key: "storage \(key)", "file ends inside the storage's \(count) elements")
+                throw WeightFileError(
+                    file: file, key: "storage \(key)", "file ends inside the storage's \(count) elements")
             }
             if selection.storageKeys.contains(key) { records[key] = Data(bytes[position..<(position + byteCount)]) }
             position += byteCount
@@ -211,11 +227,14 @@ public enum TorchCheckpoint {
         return StateDictSelection(root: root, wrapper: wrapper, tensors: tensors)
     }
 
-    static func materialize(_ selection: StateDictSelection, storages: [String: Data], format: String,
-                            file: String) throws -> LoadedStateDict {
+    static func materialize(
+        _ selection: StateDictSelection, storages: [String: Data], format: String,
+        file: String
+    ) throws -> LoadedStateDict {
         guard selection.tensors.count <= TensorBudget.maxTensors else {
-            throw WeightFileError(file: file,
-                                  "\(selection.tensors.count) tensors, more than \(TensorBudget.maxTensors)")
+            throw WeightFileError(
+                file: file,
+                "\(selection.tensors.count) tensors, more than \(TensorBudget.maxTensors)")
         }
         var tensors: [(String, Tensor)] = []
         var total = 0
@@ -223,32 +242,39 @@ public enum TorchCheckpoint {
             let count = try TensorBudget.elementCount(reference.shape, file: file, key: key)
             let (sum, overflow) = total.addingReportingOverflow(count)
             guard !overflow, sum <= TensorBudget.maxTotalElements else {
-                throw WeightFileError(file: file, key: key,
-                                      "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
+                throw WeightFileError(
+                    file: file, key: key,
+                    "the tensors hold more than \(TensorBudget.maxTotalElements) elements in all")
             }
             total = sum
             tensors.append((key, try tensor(reference, count: count, storages: storages, key: key, file: file)))
         }
-        var result = finish(topLevel: selection.wrapper == nil ? nil : selection.root, tensors: tensors, format: format,
-                            file: file)
+        var result = finish(
+            topLevel: selection.wrapper == nil ? nil : selection.root, tensors: tensors, format: format,
+            file: file)
         result.wrapper = selection.wrapper
         return result
     }
 
-    static func finish(topLevel: PickleDict?, tensors: [(name: String, tensor: Tensor)], format: String,
-                       file: String) -> LoadedStateDict {
+    static func finish(
+        topLevel: PickleDict?, tensors: [(name: String, tensor: Tensor)], format: String,
+        file: String
+    ) -> LoadedStateDict {
         var tensors = tensors
         let strip = !tensors.isEmpty && tensors.allSatisfy { $0.name.hasPrefix("module.") }
         if strip { tensors = tensors.map { (String($0.name.dropFirst("module.".count)), $0.tensor) } }
         let ignored = topLevel?.entries.compactMap { $0.key.asString }.filter { !wrapperKeys.contains($0) } ?? []
-        return LoadedStateDict(tensors: tensors, format: format, wrapper: nil, strippedModulePrefix: strip,
-                               ignoredEntries: ignored)
+        return LoadedStateDict(
+            tensors: tensors, format: format, wrapper: nil, strippedModulePrefix: strip,
+            ignoredEntries: ignored)
     }
 
     /// The tensor `ref` describes, once its storage's size, its offset, sizes and strides are
     /// shown to keep every element inside the storage. `count` is its checked element count.
-    static func tensor(_ ref: TensorReference, count: Int, storages: [String: Data], key: String,
-                       file: String) throws -> Tensor {
+    static func tensor(
+        _ ref: TensorReference, count: Int, storages: [String: Data], key: String,
+        file: String
+    ) throws -> Tensor {
         let storage = ref.storage
         guard let data = storages[storage.key] else {
             throw WeightFileError(file: file, key: key, "storage \(storage.key) is missing from the file")
@@ -256,13 +282,16 @@ public enum TorchCheckpoint {
         let size = storage.dtype.byteSize
         let (bytes, overflow) = storage.count.multipliedReportingOverflow(by: size)
         guard !overflow, bytes == data.count else {
-            throw WeightFileError(file: file, key: key, "storage \(storage.key) declares \(storage.count) elements of "
-                                  + "\(storage.dtype.rawValue) but holds \(data.count) bytes")
+            throw WeightFileError(
+                file: file, key: key,
+                "storage \(storage.key) declares \(storage.count) elements of "
+                    + "\(storage.dtype.rawValue) but holds \(data.count) bytes")
         }
         let available = storage.viewCount
         guard count <= available else {
-            throw WeightFileError(file: file, key: key,
-                                  "shape \(ref.shape) has \(count) elements, more than its storage's \(available)")
+            throw WeightFileError(
+                file: file, key: key,
+                "shape \(ref.shape) has \(count) elements, more than its storage's \(available)")
         }
         let t = Tensor(zeros: ref.shape)
         guard count > 0 else { return t }
@@ -272,15 +301,18 @@ public enum TorchCheckpoint {
             let (step, o1) = (n - 1).multipliedReportingOverflow(by: s)
             let (sum, o2) = last.addingReportingOverflow(step)
             guard !o1, !o2, sum < available else {
-                throw WeightFileError(file: file, key: key, "storage of \(available) elements is shorter than the "
-                                      + "tensor of shape \(ref.shape), strides \(ref.strides) at offset "
-                                      + "\(ref.offset) needs")
+                throw WeightFileError(
+                    file: file, key: key,
+                    "storage of \(available) elements is shorter than the "
+                        + "tensor of shape \(ref.shape), strides \(ref.strides) at offset "
+                        + "\(ref.offset) needs")
             }
             last = sum
         }
         guard last < available else {
-            throw WeightFileError(file: file, key: key,
-                                  "offset \(ref.offset) lies outside the storage of \(available) elements")
+            throw WeightFileError(
+                file: file, key: key,
+                "offset \(ref.offset) lies outside the storage of \(available) elements")
         }
         var contiguous = true, expected = 1
         for (n, s) in zip(ref.shape, ref.strides).reversed() {
