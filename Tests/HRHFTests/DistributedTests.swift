@@ -213,6 +213,65 @@ final class DistributedTests: XCTestCase {
         XCTAssertEqual(counts, [3, 4])
     }
 
+    /// A rank's shares of a pack batch and of dropout's masks are the one-process batch's slots.
+    func testSharesOfPackBatchesAndDropoutMasks() throws {
+        let (teacher, model, card) = try SynthesisTests.tinyTeacher()
+        let packURL = temporaryDirectory().appendingPathComponent("p.tar")
+        _ = try SynthesisJob(
+            teacherURL: teacher, model: model, card: card, classes: [1, 2], count: 3,
+            options: SynthesisTests.smallOptions(), seed: 1, out: packURL
+        ).run(resume: false)
+        let sampler = try PackSampler(
+            packs: [try SyntheticPack(url: packURL)], batchSize: 3, augmentation: Augmentation(cropSize: 12),
+            normalization: .imagenet, seed: 4)
+        let whole = try sampler.batch(5)
+        sampler.share = 1..<3
+        let part = try sampler.batch(5)
+        XCTAssertEqual(part.shape, [2, 3, 12, 12])
+        XCTAssertEqual(part.array, sliceBatch(whole, 1..<3).array)
+
+        // Images 0-4 as one batch, against images 1 and 3-4 (a rank's real and fake shares).
+        let dropout = Dropout(p: 0.5)
+        let x = randn([5, 2, 3, 3], seed: 6)
+        dropout.reseed(9)
+        let all = dropout(x)
+        dropout.globalSlots = [1..<2, 3..<5]
+        dropout.reseed(9)
+        let shares = dropout(concatBatch([sliceBatch(x, 1..<2), sliceBatch(x, 3..<5)]))
+        XCTAssertEqual(shares.array, concatBatch([sliceBatch(all, 1..<2), sliceBatch(all, 3..<5)]).array)
+        XCTAssertNotEqual(shares.array, sliceBatch(all, 0..<3).array)
+        // The slots of a rank from the parts' sizes: rank 1 of 2 of batches of 3 and 2.
+        let slots = [DataParallel.share(of: 3, rank: 1, size: 2), DataParallel.share(of: 2, rank: 1, size: 2)]
+        XCTAssertEqual(slots, [2..<3, 1..<2])
+    }
+
+    /// The overlapped gradient sum's buckets follow the order gradients finish in and respect the
+    /// caps; on one process it hands back every gradient unchanged and leaves an unreached
+    /// parameter without one.
+    func testOverlappedGradientSumBucketsAndHandsBackGradients() throws {
+        let parameters = [[3], [5], [2, 2], [7]].map { Tensor(zeros: $0, requiresGrad: true) }
+        let sum = OverlappedGradientSum(
+            DataParallel(.single), parameters: parameters, firstBucketElements: 4, bucketElements: 8)
+        let grads = parameters.map { randn($0.shape, seed: UInt64($0.count)) }
+        for pass in 0..<2 {
+            sum.begin()
+            // Parameter 1 is never reached; the others finish last-registered first.
+            for i in [3, 2, 0] {
+                parameters[i].grad = grads[i]
+                sum.gradientFinished(parameters[i])
+            }
+            sum.finish()
+            XCTAssertNil(parameters[1].grad, "pass \(pass)")
+            for i in [0, 2, 3] {
+                XCTAssertEqual(parameters[i].grad?.array, grads[i].array, "pass \(pass)")
+                if pass == 1 { XCTAssertFalse(parameters[i].grad === grads[i], "a copy from its bucket") }
+                parameters[i].grad = nil
+            }
+        }
+        // 7 alone (over the first cap of 4), then 4 + 3, then the unreached 5.
+        XCTAssertEqual(sum.layout, [[3], [2, 0], [1]])
+    }
+
     func testShardFromTheScheduler() throws {
         func shard(_ env: [String: String], count: Int? = nil) throws -> [Int] {
             let s = try shardFromEnvironment(env, count: count)

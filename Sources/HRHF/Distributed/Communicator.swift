@@ -9,6 +9,9 @@ public final class Communicator: @unchecked Sendable {
     public let size: Int
     /// Nil for a process that was not started by an MPI launcher: no MPI call is ever made then.
     private let world: MPI_Comm?
+    /// A duplicate of `world` for the gradient sums started during the backward pass: collectives
+    /// on it match among themselves, never with the blocking ones the passes make meanwhile.
+    private let gradientWorld: MPI_Comm?
 
     /// Bytes each rank handed to allreduce, the calls and the seconds spent in them (for reports
     /// and benchmarks).
@@ -21,14 +24,15 @@ public final class Communicator: @unchecked Sendable {
     /// 58 M parameters take four calls).
     public static let bucketElements = 1 << 24
 
-    private init(rank: Int, size: Int, world: MPI_Comm?) {
+    private init(rank: Int, size: Int, world: MPI_Comm?, gradientWorld: MPI_Comm?) {
         self.rank = rank
         self.size = size
         self.world = world
+        self.gradientWorld = gradientWorld
     }
 
     /// One process, no MPI.
-    public static let single = Communicator(rank: 0, size: 1, world: nil)
+    public static let single = Communicator(rank: 0, size: 1, world: nil, gradientWorld: nil)
 
     /// This process's communicator: the MPI world (initialised on first use, finalised at exit)
     /// when a launcher started it, otherwise `single`.
@@ -50,9 +54,15 @@ public final class Communicator: @unchecked Sendable {
         var rank: Int32 = 0, size: Int32 = 0
         MPI_Comm_rank(world, &rank)
         MPI_Comm_size(world, &size)
+        var gradientWorld: MPI_Comm?
+        guard MPI_Comm_dup(world, &gradientWorld) == HRHF_MPI_SUCCESS, let gradientWorld else {
+            FileHandle.standardError.write(Data("error: MPI_Comm_dup failed\n".utf8))
+            MPI_Abort(world, 1)
+            exit(1)
+        }
         // A clean exit finalises; failures end the job through `abort` instead.
         atexit { MPI_Finalize() }
-        return Communicator(rank: Int(rank), size: Int(size), world: world)
+        return Communicator(rank: Int(rank), size: Int(size), world: world, gradientWorld: gradientWorld)
     }
 
     public var isRoot: Bool { rank == 0 }
@@ -129,6 +139,60 @@ public final class Communicator: @unchecked Sendable {
         var v = [value]
         allreduceSum(&v)
         return v[0]
+    }
+
+    /// A sum over ranks started by `startAllreduceSum`, complete once `poll` says so or `wait` returns.
+    public struct PendingSum {
+        fileprivate var requests: [MPI_Request?] = []
+    }
+
+    /// Starts replacing every element of `buffer` by its sum over all ranks (MPI_Iallreduce on
+    /// the gradient communicator, in calls of at most `bucketElements`) and returns at once.
+    /// Every rank starts its sums in the same order; `buffer` stays untouched until complete.
+    public func startAllreduceSum(_ buffer: UnsafeMutableBufferPointer<Float>) -> PendingSum {
+        var pending = PendingSum()
+        guard let gradientWorld, size > 1, let base = buffer.baseAddress else { return pending }
+        let start = Date()
+        var done = 0
+        while done < buffer.count {
+            let n = min(Communicator.bucketElements, buffer.count - done)
+            var request = hrhf_mpi_request_null()
+            check(
+                MPI_Iallreduce(
+                    hrhf_mpi_in_place(), base + done, Int32(n), hrhf_mpi_float(), hrhf_mpi_sum(), gradientWorld,
+                    &request),
+                "MPI_Iallreduce")
+            pending.requests.append(request)
+            done += n
+        }
+        allreduceCalls += pending.requests.count
+        allreduceBytes += buffer.count * MemoryLayout<Float>.stride
+        allreduceSeconds += Date().timeIntervalSince(start)
+        return pending
+    }
+
+    /// Lets MPI move `pending` on (with no progress thread, a started collective advances only
+    /// inside MPI calls); returns whether it is complete.
+    @discardableResult
+    public func poll(_ pending: inout PendingSum) -> Bool {
+        let start = Date()
+        for i in pending.requests.indices where pending.requests[i] != nil {
+            var done: Int32 = 0
+            check(MPI_Test(&pending.requests[i], &done, nil), "MPI_Test")
+            if done == 0 { break }
+            pending.requests[i] = nil
+        }
+        pending.requests.removeAll { $0 == nil }
+        allreduceSeconds += Date().timeIntervalSince(start)
+        return pending.requests.isEmpty
+    }
+
+    /// Waits until `pending` is complete (the seconds count as time in allreduce).
+    public func wait(_ pending: inout PendingSum) {
+        let start = Date()
+        for i in pending.requests.indices { check(MPI_Wait(&pending.requests[i], nil), "MPI_Wait") }
+        pending.requests = []
+        allreduceSeconds += Date().timeIntervalSince(start)
     }
 
     /// Waits until every rank has arrived.

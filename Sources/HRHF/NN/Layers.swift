@@ -217,9 +217,10 @@ public final class Identity: Module {
 public final class Dropout: Module {
     public let p: Float
     var rng: SeededGenerator
-    /// Images of the global batch before this process's share (data-parallel ranks): their masks
-    /// are drawn and skipped, so every image gets the mask it gets in one process.
-    public var imagesBefore = 0
+    /// The images of the global batch this process computes, in its order (a data-parallel
+    /// rank's shares: of the real images, then of the fake ones); empty for all of them. The
+    /// masks of the other images are drawn and skipped, so every image gets its one-process mask.
+    public var globalSlots: [Range<Int>] = []
 
     public init(p: Float, seed: UInt64 = 0) {
         self.p = p
@@ -228,9 +229,19 @@ public final class Dropout: Module {
     }
 
     public override func forward(_ x: Tensor) -> Tensor {
-        if imagesBefore > 0, training, p > 0, let n = x.shape.first, n > 0 {
-            for _ in 0..<(imagesBefore * (x.count / n)) { _ = rng.nextUnitFloat() }
+        guard !globalSlots.isEmpty, training, p > 0, let n = x.shape.first, n > 0 else {
+            return dropout(x, p: p, training: training, rng: &rng)
         }
-        return dropout(x, p: p, training: training, rng: &rng)
+        precondition(globalSlots.reduce(0) { $0 + $1.count } == n, "dropout: slots \(globalSlots) for \(n) images")
+        let perImage = x.count / n
+        var parts: [Tensor] = []
+        var drawn = 0, local = 0
+        for slots in globalSlots {
+            for _ in 0..<((slots.lowerBound - drawn) * perImage) { _ = rng.nextUnitFloat() }
+            let images = globalSlots.count == 1 ? x : sliceBatch(x, local..<(local + slots.count))
+            parts.append(dropout(images, p: p, training: true, rng: &rng))
+            (drawn, local) = (slots.upperBound, local + slots.count)
+        }
+        return parts.count == 1 ? parts[0] : concatBatch(parts)
     }
 }

@@ -9,6 +9,10 @@ public final class PackSampler {
     let augmentation: Augmentation
     let normalization: Normalization
     let seed: UInt64
+    /// The slots of every batch this process builds (a data-parallel rank's share); nil for all.
+    /// A slot's image and augmentation are keyed on its place in the whole batch, so they do not
+    /// depend on which rank builds it.
+    public var share: Range<Int>?
 
     public init(
         packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization,
@@ -34,7 +38,7 @@ public final class PackSampler {
         var orderRNG = SeededGenerator(seed: seed ^ 0x5A5A_5A5A ^ (UInt64(epoch) &* 0x9E37_79B9_7F4A_7C15))
         let order = Array(images.indices).shuffled(using: &orderRNG)
         var tensors: [Tensor] = []
-        for slot in 0..<batchSize {
+        for slot in share ?? 0..<batchSize {
             let (pack, record) = images[order[(position * batchSize + slot) % order.count]]
             let image = try pack.image(record)
             var rng = SeededGenerator(seed: seed ^ 0xA5A5 ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot))

@@ -52,8 +52,9 @@ func record(
 extension Tensor {
     /// Reverse-mode differentiation from this tensor. A non-scalar root needs `gradient`.
     /// Leaves that require a gradient accumulate it in `.grad` (added to what is there, as in
-    /// PyTorch). The graph is freed as it is walked.
-    public func backward(gradient: Tensor? = nil) {
+    /// PyTorch). The graph is freed as it is walked. `leafReady` sees each such leaf as soon as
+    /// its gradient is final (data-parallel training starts summing it over ranks then).
+    public func backward(gradient: Tensor? = nil, leafReady: ((Tensor) -> Void)? = nil) {
         precondition(requiresGrad, "backward() on a tensor that does not require grad")
         let seed: Tensor
         if let gradient {
@@ -88,6 +89,7 @@ extension Tensor {
             guard let fn = t.gradFn else {
                 // A copy: a passed-through gradient may alias another tensor's.
                 t.grad = t.grad.map { accumulate($0, g) } ?? g.copy()
+                leafReady?(t)
                 continue
             }
             let inputGrads = Profiler.region(fn.profileKind) { fn.backward(g) }

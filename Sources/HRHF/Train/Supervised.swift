@@ -73,7 +73,7 @@ public struct StepZeroJob {
             }
             let parallel = DataParallel(communicator)
             loader.share = parallel.share(of: config.batchSize)
-            parallel.shareDropout(model, batchSize: config.batchSize)
+            parallel.shareDropout(model, batchSizes: [config.batchSize])
             trainer.dataParallel = parallel
         }
         return (trainer, loader)

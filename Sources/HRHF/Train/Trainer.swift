@@ -53,8 +53,8 @@ public final class Trainer {
     /// Keep batch norm in evaluation mode while training (running statistics fixed, affine
     /// parameters still learned): for batches whose statistics differ from the test images'.
     public var frozenBatchNorm = false
-    /// Set for data-parallel training: losses and gradients are summed over its ranks, and rank 0
-    /// alone writes checkpoints.
+    /// Set for data-parallel training: losses and gradients are summed over its ranks (the
+    /// gradients overlapped with the backward pass), and rank 0 alone writes checkpoints.
     public var dataParallel: DataParallel?
 
     public init(
@@ -124,6 +124,9 @@ public final class Trainer {
         if frozenBatchNorm {
             for (_, m) in model.namedModules() where m is BatchNorm2d { m.train(false) }
         }
+        // Gradients are summed over the ranks while the backward pass runs (after a first pass
+        // that learns the order they finish in).
+        let gradientSum = dataParallel.map { OverlappedGradientSum($0, parameters: optimizer.parameters) }
         while iteration < end {
             optimizer.learningRate = LearningRateSchedule.poly(power: config.polyPower)
                 .rate(base: config.learningRate, iteration: iteration, total: config.iterations)
@@ -134,8 +137,9 @@ public final class Trainer {
                 throw TrainingError(iteration: iteration, "the loss became \(item)")
             }
             optimizer.zeroGrad()
-            value.backward()
-            dataParallel?.sumGradients(optimizer.parameters)
+            gradientSum?.begin()
+            value.backward(leafReady: gradientSum?.gradientFinished)
+            gradientSum?.finish()
             Profiler.region(.optimizer) { optimizer.step() }
             iteration += 1
             report(iteration, item)
