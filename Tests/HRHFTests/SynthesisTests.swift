@@ -79,6 +79,17 @@ final class SynthesisTests: XCTestCase {
             try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
     }
 
+    /// A pack of some classes (as made between steps) still pushes down every other old class.
+    func testAbsentClassesAreEveryOtherForegroundClassOfTheTeacher() throws {
+        let (_, model, card) = try Self.tinyTeacher()
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [4], options: Self.smallOptions())
+        let k = inversion.saaCounts([(classes: [4], areas: [0.2])], classes: 6, pixels: 256)
+        // Classes 1, 2, 3 and 5 absent, each weighing a quarter, each on the top 2% (5 of 256 pixels).
+        XCTAssertEqual(k.absMask, [0, 0.25, 0.25, 0.25, 0, 0.25])
+        XCTAssertEqual(k.kAbs, [0, 5, 5, 5, 0, 5])
+    }
+
     func testEveryClassLeadsEquallyManyImagesAcrossBatches() throws {
         let (_, model, card) = try Self.tinyTeacher()
         var o = Self.smallOptions()

@@ -84,6 +84,9 @@ public final class SegInversion {
     public let normalization: Normalization
     /// The old foreground classes images are made of.
     public let classes: [Int]
+    /// Every foreground class of the teacher: those outside an image's targets are its absent
+    /// classes, even when the pack holds only some of them (a pack made between steps).
+    var foreground: Range<Int> { 1..<teacher.numClasses }
     public let options: InversionOptions
     let recorder: BatchNormStatisticsRecorder
 
@@ -199,7 +202,7 @@ public final class SegInversion {
             }
             kIn[i * c] = max(1, hw - used)
             inMask[i * c] = 1
-            let absent = classes.filter { !t.classes.contains($0) }
+            let absent = foreground.filter { !t.classes.contains($0) }
             for cls in absent {
                 kAbs[i * c + cls] = kMin
                 absMask[i * c + cls] = 1 / Float(absent.count)
@@ -371,7 +374,7 @@ public final class SegInversion {
             }
             let tg = targets[b]
             let absentMax =
-                classes.filter { !tg.classes.contains($0) }.map { Double(counts[$0]) / Double(hw) }.max() ?? 0
+                foreground.filter { !tg.classes.contains($0) }.map { Double(counts[$0]) / Double(hw) }.max() ?? 0
             let index = firstIndex + b
             let record = SynthesisRecord(
                 index: index, image: String(format: "images/%06d.png", index),
