@@ -68,16 +68,13 @@ final class MethodPinTests: XCTestCase {
     static let expected: [String: Pin] = [
         "ft": Pin(
             losses: [
-                ["ce": 7.3602796, "total": 7.3602796],
-                ["ce": 5.9071975, "total": 5.9071975],
-            ],
-            weights: "21ef1e5307c675cc4fee9e7fe8b1f1e0eee1d37c5344c6b92419d63491ee7581"),
+                ["ce": 6.6464562, "total": 6.6464562], ["ce": 4.602085, "total": 4.602085],
+            ], weights: "bf181d598bc45ca824ac59123c67289ac7d2e2986303d7182acc5a503b340202"),
         "lwf": Pin(
             losses: [
-                ["ce": 7.3602796, "lwf_kd": 0.48117673, "total": 12.172047],
-                ["ce": 6.8146434, "lwf_kd": 0.44544044, "total": 11.269048],
-            ],
-            weights: "8fec0547437c44307db1ddb5d54a5002f34cf029fddab941db9c6dbcfafe7eac"),
+                ["ce": 6.6464562, "lwf_kd": 0.4925445, "total": 55.90091],
+                ["ce": 4.4885545, "lwf_kd": 0.32080737, "total": 36.569294],
+            ], weights: "f309a7cb00302635d479acc354ef5a511d5cd3706736f5282c1435dcbd091b6c"),
         "mib": Pin(
             losses: [
                 ["ce": 0.93218523, "kd": 0.4925445, "total": 5.8576303],
@@ -86,22 +83,14 @@ final class MethodPinTests: XCTestCase {
             weights: "f30e83e44b8f8eb18967f92c691460ba383527a75bac7f9e31151d357aabb9ad"),
         "plop": Pin(
             losses: [
-                ["ce": 5.090594, "lwf_kd": 0.48117673, "total": 9.902361],
-                ["ce": 5.967897, "lwf_kd": 0.45430443, "total": 10.510941],
-            ],
-            weights: "6593393d2d28cbedd09ba00786345c54a045d1a80bbbc2296455ad5f3b2e3b3e"),
+                ["ce": 0.40026328, "pod": 66.18653, "total": 1.0621285],
+                ["ce": 0.1430099, "pod": 68.73341, "total": 0.830344],
+            ], weights: "5a0aae0620d689cdec6048a8a91c58e2a8939834dde5218c98009f13a350659f"),
         "gsc": Pin(
             losses: [
-                [
-                    "ce": 5.012454, "kd": 0.4925445, "rel": 0.072580814, "sharp": 0.0, "soft": 5.0510335,
-                    "total": 11.218802,
-                ],
-                [
-                    "ce": 5.0834813, "kd": 0.44680268, "rel": 0.060193177, "sharp": 0.0, "soft": 4.138403,
-                    "total": 10.601157,
-                ],
-            ],
-            weights: "9240a5d84237841993eed793decd7d20fc8c13e3ad03de95633f3cc134949a76"),
+                ["ce": 5.012454, "rel": 0.072580814, "sharp": 0.0, "soft": 5.0510335, "total": 6.2933574],
+                ["ce": 3.486653, "rel": 0.061567914, "sharp": 0.0, "soft": 4.4765363, "total": 4.621179],
+            ], weights: "5df4ae1b5a6d4f45137ed76770340306cc9cfefd8ddb009e78e6cb4baf5a81ea"),
         "hrhf": Pin(
             losses: [
                 ["ce": 0.87985265, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416, "total": 9.404954],
@@ -122,10 +111,8 @@ final class MethodPinTests: XCTestCase {
             weights: "340005d93bba552ed9b26a0d2d3afb684f93a36a00da1097493c2197d1dcf741"),
         "joint": Pin(
             losses: [
-                ["ce": 7.70402, "total": 7.70402],
-                ["ce": 5.1257496, "total": 5.1257496],
-            ],
-            weights: "24e0366a781cb6e90dee0797677912604c19a62ca2bb770e90fa607f85d0e073"),
+                ["ce": 6.6249666, "total": 6.6249666], ["ce": 3.751294, "total": 3.751294],
+            ], weights: "14be42a6451d606852e6fa33360de022ab5505725549858f89372864c6d5077e"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
@@ -142,16 +129,14 @@ final class MethodPinTests: XCTestCase {
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
-                    "ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416,
-                    "lwf_kd": 0.39429823,
-                    "total": 14.190354,
+                    "ce": 0.41408387, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416,
+                    "lwf_kd": 0.39429823, "total": 9.727781,
                 ],
                 [
-                    "ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.4337337, "lwf_kd": 0.41504762,
-                    "total": 13.246702,
+                    "ce": 0.16305006, "fake_ce": 0.6818265, "fake_kd": 0.3472461, "kd": 0.46600056,
+                    "lwf_kd": 0.45807153, "total": 9.893486,
                 ],
-            ],
-            weights: "801b7b5d22fe9725178596f161353d12c86cc8bbdfe83dfa01462dfe2082485a"),
+            ], weights: "866ce46268143c0b659334fa5153c468ee34a26b4b5cdc8052583d43e974abff"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {
