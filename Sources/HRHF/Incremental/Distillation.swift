@@ -28,8 +28,8 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     /// Score the fake half's background as background-or-new (as its KD does) instead of
     /// background alone.
     public var fakeFoldsNewClasses = true
-    /// Clamp of GSC's step-aware compensation weights. METHOD.md's [0.5, 2] cost 2-4 points of
-    /// all-class mIoU on the held-out Shapes set (tools/tune.sh, docs/tuning.md).
+    /// Clamp of GSC's step-aware compensation weights: narrower than METHOD.md's [0.5, 2], which
+    /// lost old classes on the held-out set (docs/tuning.md).
     public var compensationMin: Float = 0.8
     public var compensationMax: Float = 1.25
     public var softTemperature: Float = 2
@@ -45,8 +45,8 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     /// Pseudo-labels: the least entropy threshold of a class (PLOP's `--threshold`).
     public var pseudoBaseThreshold: Float = 0.001
     /// Batch norm keeps the old model's running statistics during the step (half of every
-    /// batch is synthetic, with other statistics than real test images). Off: with the zoo
-    /// model at lr 0.01 it diverged within 10 iterations.
+    /// batch is synthetic, with other statistics than real test images). Off: training diverged
+    /// with it on the zoo model (docs/tuning.md).
     public var freezeBatchNorm = false
     /// Real batches over which batch norm's running statistics are re-estimated after the step
     /// (torch's update_bn; 0: keep those of training). Off: the weights learn under the mixed

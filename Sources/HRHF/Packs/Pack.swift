@@ -1,9 +1,6 @@
 import CArchive
 import Foundation
 
-/// The version string of this toolkit, recorded in the packs and models it makes.
-public let toolkitVersion = "0.1.0"
-
 /// manifest.json of a synthetic pack.
 public struct PackManifest: Codable, Equatable, Sendable {
     public static let formatName = "hrhf-synthetic-pack"
