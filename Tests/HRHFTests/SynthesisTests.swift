@@ -76,7 +76,16 @@ final class SynthesisTests: XCTestCase {
             XCTAssertTrue(t.areas.allSatisfy { $0 <= o.areaMax })
         }
         XCTAssertThrowsError(
-            try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
+            try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o)
+        ) { e in
+            XCTAssertEqual((e as? OptionError)?.option, "--classes")
+        }
+        o.resolution = 8
+        XCTAssertThrowsError(
+            try SegInversion(teacher: model, normalization: card.normalization, classes: [2], options: o)
+        ) { e in
+            XCTAssertEqual(e as? OptionError, OptionError(option: "--resolution", "8: at least 16 pixels"))
+        }
     }
 
     /// A pack of some classes (as made between steps) still pushes down every other old class.
@@ -160,6 +169,14 @@ final class SynthesisTests: XCTestCase {
         XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false)) { e in
             XCTAssertTrue("\(e)".contains("--resume"))
         }
+        // A damaged batch record is named, not silently synthesised again.
+        let record = URL(fileURLWithPath: c.path + ".partial.d/batches/000000.json")
+        let intact = try Data(contentsOf: record)
+        try Data("[{".utf8).write(to: record)
+        XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: true)) { e in
+            XCTAssertTrue(e is PackError && "\(e)".contains(record.path) && "\(e)".contains("unreadable"), "\(e)")
+        }
+        try intact.write(to: record)
         let resumed = try makeJob(teacher, out: c).run(resume: true)
         XCTAssertEqual(resumed.resumedImages, 2)
         XCTAssertEqual(resumed.imagesMade, 3)

@@ -36,17 +36,18 @@ public struct InversionOptions: Codable, Equatable, Sendable {
     public init() {}
 
     public func validate() throws {
-        func fail(_ s: String) -> WeightFileError { WeightFileError(file: "synthesis options", s) }
-        guard iterations >= 1, batchSize >= 1, resolution >= 16 else {
-            throw fail("iterations, batch and resolution must be positive")
+        guard iterations >= 1, batchSize >= 1 else {
+            throw OptionError(option: "--synth-iterations, --synth-batch", "at least 1 each")
         }
-        guard maxClasses >= 1 else { throw fail("at least one class per image") }
+        guard resolution >= 16 else { throw OptionError(option: "--resolution", "\(resolution): at least 16 pixels") }
+        guard maxClasses >= 1 else { throw OptionError(option: "--classes-per-image", "at least one class per image") }
         guard areaMin > 0, areaMin <= areaMax, areaMax < 1, areaTotalMax < 1, areaTotalMax >= areaMin else {
-            throw fail("areas need 0 < min <= max < 1 and min <= total max < 1")
+            throw OptionError(
+                option: "--area-min, --area-max, --area-total", "areas need 0 < min <= max < 1 and min <= total < 1")
         }
-        guard warmStart >= 0 && warmStart < 1, margin >= 0, absentFraction > 0 else {
-            throw fail("warm start in [0, 1), margin >= 0")
-        }
+        guard warmStart >= 0 && warmStart < 1 else { throw OptionError(option: "--warm-start", "a share in [0, 1)") }
+        guard margin >= 0 else { throw OptionError(option: "--margin", "\(margin): at least 0") }
+        guard absentFraction > 0 else { throw OptionError(option: "--absent-fraction", "above 0") }
     }
 }
 
@@ -93,11 +94,15 @@ public final class SegInversion {
     public init(teacher: DeepLabV3, normalization: Normalization, classes: [Int], options: InversionOptions) throws {
         try options.validate()
         guard !classes.isEmpty, classes.allSatisfy({ $0 >= 1 && $0 < teacher.numClasses }) else {
-            throw WeightFileError(
-                file: "synthesis",
-                "classes \(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
+            throw OptionError(
+                option: "--classes",
+                "\(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
         }
-        try teacher.checkInput(height: options.resolution, width: options.resolution, name: "synthesis resolution")
+        do {
+            try teacher.checkInput(height: options.resolution, width: options.resolution, name: "synthesis")
+        } catch let error as WeightFileError {
+            throw OptionError(option: "--resolution", error.problem)
+        }
         self.teacher = teacher
         self.normalization = normalization
         self.classes = classes
