@@ -59,7 +59,9 @@ if [ ! -f $data/shapes.json ]; then
 fi
 known_methods=$("$bin/hrhf-distill" --list-methods | awk 'NR > 2 { print $1 }')
 commit=$(git rev-parse --short HEAD)
-git diff --quiet HEAD -- Sources Package.swift || commit="$commit+changes"
+# The commit that last changed the code (results committed as they land move HEAD, not the binary).
+code_commit=$(git log -1 --format=%h -- Sources Package.swift)
+git diff --quiet HEAD -- Sources Package.swift || code_commit="$code_commit+changes"
 cpu=$(grep -m1 '^model name' /proc/cpuinfo | sed 's/^[^:]*: *//')
 cores=$(nproc)
 # The widest vector unit the CPU offers: OpenBLAS picks its kernels (and their summation order) by it.
@@ -148,6 +150,7 @@ print(" ".join(str(s) for s in range(1, int(sys.argv[2]) + 1) if s not in have))
   RESULT=$result RUNDIR=$rundir TASK=$task SETTING=$setting ROW=$row SEED=$seed LAST=$last ITS=$its \
     ROW_BATCH=$row_batch LR=$lr EVAL_LIMIT=$eval_limit PACK_IMAGES=$((packs_needed * pack_count)) \
     PACK_ITERATIONS=$pack_iterations SYNTH_COUNT=$synth_count SYNTH_ITERATIONS=$synth_iterations COMMIT=$commit \
+    CODE_COMMIT=$code_commit \
     CPU=$cpu SIMD=$simd CORES=$cores JOBS_MAX=$jobs_max WALL=$wall RESUMED=$resumed COMMAND="${cmd[*]}" \
     PACK_COMMAND=$pack_command python3 - <<'EOF' || { echo "$name: writing $result failed"; return 1; }
 import json, os
@@ -164,7 +167,7 @@ record = {
         "pack_iterations": int(e["PACK_ITERATIONS"]), "step_pack_images": int(e["SYNTH_COUNT"]),
         "step_pack_iterations": int(e["SYNTH_ITERATIONS"]), "threads": 1,
     },
-    "commit": e["COMMIT"], "machine": {
+    "commit": e["COMMIT"], "code_commit": e["CODE_COMMIT"], "machine": {
         "cpu": e["CPU"], "simd": e["SIMD"], "cores": int(e["CORES"]), "parallel_runs": int(e["JOBS_MAX"]),
     },
     "wall_seconds": int(e["WALL"]), "resumed": e["RESUMED"] == "true",

@@ -21,9 +21,10 @@ BUDGET = {"iterations_per_step": 200, "batch": 8, "eval_images": 200}
 
 
 def write_result(folder, task, setting, method, seed, alls, old=0.5, new=0.4, budget=BUDGET):
-    """A result file whose steps have the given all mIoU (fractions), one per step."""
-    steps = [{"step": s + 1, "all": a, "old": old, "new": new} for s, a in enumerate(alls)]
-    record = {"task": task, "setting": setting, "method": method, "seed": seed, "budget": budget, "steps": steps}
+    """A result file whose steps have the given all mIoU (fractions), one per step; new None: left out."""
+    steps = [{"step": s + 1, "all": a, "old": old} | ({} if new is None else {"new": new}) for s, a in enumerate(alls)]
+    record = {"task": task, "setting": setting, "method": method, "seed": seed, "budget": budget, "steps": steps,
+              "commit": "abc1234", "code_commit": "abc1234", "machine": {"cpu": "Xeon", "simd": "avx512", "cores": 2}}
     path = os.path.join(folder, f"{task}-{setting}-{method}-s{seed}.json")
     with open(path, "w") as f:
         json.dump(record, f)
@@ -79,10 +80,23 @@ class BenchReportTests(unittest.TestCase):
         self.assertIn("| hrhf+gsc |  | 61.0 ± 1.0 (n=3) |", text)
         self.assertIn("| hrhf+gsc | 3 | 50.0 ± 0.0 | 40.0 ± 0.0 | 61.0 ± 1.0 |", text)
         self.assertIn("| hrhf+gsc | 3 | 80.0 ± 0.0 | 70.0 ± 0.0 | 61.0 ± 1.0 |", text)
-        self.assertIn("3 step(s) of 200 iterations, 200 validation images", text)
+        self.assertIn("3 step(s) of 200 iterations, 200 validation images (a row's own batch: its files' budget). "
+                      "Code of abc1234; Xeon (avx512).\n", text)
         self.assertIn("- **hrhf+gsc** vs **mib**: all: beats (+10.0, 2 SE 1.6); old: not distinguishable from "
                       "(+0.0, 2 SE 0.0)", text)
         self.assertIn("- **hrhf+gsc-no-proto** vs **hrhf+gsc**: all: no claim (n=1) (+4.0)", text)
+
+    def test_runs_of_two_machines_are_flagged(self):
+        write_result(self.results, "15-5", "overlap", "mib", 0, [0.5])
+        path = write_result(self.results, "15-5", "overlap", "mib", 1, [0.5])
+        with open(path) as f:
+            record = json.load(f)
+        record["machine"]["simd"] = "avx2"
+        with open(path, "w") as f:
+            json.dump(record, f)
+        text = bench_report.report(bench_report.load(self.results), self.tmp.name, False, self.tmp.name)
+        self.assertIn("Code of abc1234; Xeon (avx2), Xeon (avx512). Runs from more than one code commit or "
+                      "machine", text)
 
     def test_a_file_whose_name_disagrees_is_refused(self):
         path = write_result(self.results, "15-1", "overlap", "mib", 0, [0.5])
@@ -98,7 +112,8 @@ class BenchReportTests(unittest.TestCase):
 
     def test_a_budget_without_its_evaluation_images_is_refused(self):
         write_result(self.results, "15-1", "overlap", "mib", 0, [0.5], budget={"iterations_per_step": 80, "batch": 8})
-        with self.assertRaisesRegex(bench_report.ResultError, r"mib-s0\.json: not a benchmark result \('eval_images'\)"):
+        refusal = r"mib-s0\.json: not a benchmark result \('eval_images'\)"
+        with self.assertRaisesRegex(bench_report.ResultError, refusal):
             bench_report.load(self.results)
 
     def test_missing_steps_are_refused(self):
@@ -115,7 +130,7 @@ class BenchReportTests(unittest.TestCase):
     def test_the_command_writes_the_report_and_a_plot_per_multi_step_task(self):
         for seed in range(3):
             write_result(self.results, "15-1", "overlap", "mib", seed, [0.8, 0.7 + seed / 100, 0.5])
-            write_result(self.results, "15-1", "overlap", "mib-batch16", seed, [0.8, 0.7, 0.55])
+            write_result(self.results, "15-1", "overlap", "mib-batch16", seed, [0.8, 0.7, 0.55], new=None)
             write_result(self.results, "15-5", "overlap", "mib", seed, [0.68])
         images = os.path.join(self.tmp.name, "images")
         out = os.path.join(self.tmp.name, "report.md")
@@ -130,6 +145,7 @@ class BenchReportTests(unittest.TestCase):
         self.assertIn("![15-1](images/bench-15-1-overlap.png)", text)
         self.assertIn("| mib | 3 | 80.0 ± 0.0 | 71.0 ± 1.0 | 50.0 ± 0.0 |", text)
         self.assertIn("![15-1 ablations](images/bench-15-1-overlap-ablations.png)", text)
+        self.assertIn("| mib-batch16 | 3 | 50.0 ± 0.0 | - | 55.0 ± 0.0 |", text)
 
 
 if __name__ == "__main__":
