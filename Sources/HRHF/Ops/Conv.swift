@@ -1,37 +1,9 @@
-import COpenBLAS
 import Foundation
 
 // 2-D convolution (PyTorch's conv2d: cross-correlation, weight Cout x Cin/groups x kH x kW)
 // as im2col + sgemm. 1x1 stride-1 unpadded convolutions multiply the input directly.
 // Backward: dW = dY * col^T, dcol = W^T * dY then col2im; each is skipped when its input
 // needs no gradient (model inversion asks for the image gradient only).
-
-/// C = alpha * op(A) * op(B) + beta * C, row-major. OpenBLAS runs single-threaded (see
-/// `blasRunsSingleThreaded`): the convolutions split their products between the toolkit's own
-/// threads, which keeps both cores busy through im2col, col2im and bias passes too.
-@inline(__always)
-func sgemm(
-    transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
-    a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
-    c: UnsafeMutablePointer<Float>, ldc: Int
-) {
-    _ = blasRunsSingleThreaded
-    cblas_sgemm(
-        CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-        blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta,
-        c, blasint(ldc))
-}
-
-/// Set once, before the first product: OpenBLAS's own threads would fight the toolkit's.
-let blasRunsSingleThreaded: Void = openblas_set_num_threads(1)
-
-/// Runs `body` with OpenBLAS on `threads` threads (the sgemm reference rate of the benchmarks).
-public func withBLASThreads<T>(_ threads: Int, _ body: () -> T) -> T {
-    _ = blasRunsSingleThreaded
-    openblas_set_num_threads(Int32(threads))
-    defer { openblas_set_num_threads(1) }
-    return body()
-}
 
 /// Geometry of one convolution.
 public struct Conv2dGeometry: Equatable, Sendable {
