@@ -41,11 +41,7 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?)
     -> Tensor
 {
-    let den = logSumExp(logits)
-    let slices = merged.map { sliceChannels(logits, $0) }
-    let background = logSumExp(slices.count == 1 ? slices[0] : concatChannels(slices)) - den
-    let parts = kept > 1 ? [background, sliceChannels(logits, 1..<kept) - den] : [background]
-    return nllLoss(concatChannels(parts), target, pixelWeights: pixelWeights)
+    channelSetNLL(logits, target, merged: merged, kept: kept, pixelWeights: pixelWeights)
 }
 
 /// MiB's unbiased cross-entropy: the background's probability is that of background or any
@@ -78,18 +74,8 @@ public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: I
 public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil)
     -> Tensor
 {
-    let old = oldLogits.shape[1], c = newLogits.shape[1]
-    precondition(old < c, "unbiased KD: the new model must have more classes")
-    let x = newLogits * (1 / temperature)
-    let q = withNoGrad { softmax(oldLogits * (1 / temperature)) }
-    let den = logSumExp(x)
-    let background = logSumExp(concatChannels([sliceChannels(x, 0..<1), sliceChannels(x, old..<c)])) - den
-    var perPixel = sliceChannels(q, 0..<1) * background
-    if old > 1 {
-        perPixel =
-            perPixel + sum(sliceChannels(q, 1..<old) * (sliceChannels(x, 1..<old) - den), axes: [1], keepDims: true)
-    }
-    return -maskedMean(perPixel, mask) * (1 / Float(old))
+    precondition(oldLogits.shape[1] < newLogits.shape[1], "unbiased KD: the new model must have more classes")
+    return unbiasedDistillationLoss(newLogits, oldLogits, temperature: temperature, mask: mask)
 }
 
 /// LwF's distillation as MiB implements it: the new model's log-softmax over the old classes
