@@ -302,3 +302,122 @@ func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
     }
     return out
 }
+
+/// GSC's soft distillation (`softDistillation`) as one op: per pixel, with p = softmax of the
+/// new logits' first |old| channels / T and q = softmax(old logits / T),
+/// l = sum over old k of q_k (log q_k - log p_k); the loss is T^2 (sum of l) / pixels and
+/// dl/dx_k = (sum q) p_k - q_k, over T, for the old channels (0 for the others).
+func softDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float) -> Tensor {
+    let (n, c, inner) = channelLayout(newLogits, "soft distillation")
+    let old = oldLogits.shape[1]
+    precondition(
+        old <= c && oldLogits.count == n * old * inner,
+        "soft distillation: old logits \(oldLogits.shape) for new \(newLogits.shape)")
+    let inverse = 1 / temperature
+    let lseNew = Tensor(uninitialized: [n * inner]), lseOld = Tensor(uninitialized: [n * inner])
+    let perPixel = Tensor(uninitialized: [n * inner])
+    let px = newLogits.pointer, po = oldLogits.pointer
+    let (pp, pq, pl) = (lseNew.pointer, lseOld.pointer, perPixel.pointer)
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
+        blockLogSumExp(x, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pp + j0)
+        blockLogSumExp(o, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pq + j0)
+        (pl + j0).update(repeating: 0, count: count)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+            let logQ = scratch.baseAddress!, q = logQ + count
+            for k in 0..<old {
+                for i in 0..<count { logQ[i] = o[k * inner + i] * inverse - pq[j0 + i] }
+                vectorExp(logQ, q, count: count)
+                for i in 0..<count {
+                    pl[j0 + i] += q[i] * (logQ[i] - (x[k * inner + i] * inverse - pp[j0 + i]))
+                }
+            }
+        }
+    }
+    var total = 0.0
+    for j in 0..<(n * inner) { total += Double(pl[j]) }
+    let scale = temperature * temperature / Float(n * inner)
+    let out = Tensor(scalar: Float(total) * scale)
+    let xd = newLogits.detached(), od = oldLogits.detached()
+    record(out, "soft_distillation", [newLogits]) { g in
+        let gx = Tensor(zeros: xd.shape)
+        let pgx = gx.pointer, pxd = xd.pointer, pod = od.pointer, coefficient = g.item * scale * inverse
+        let (pp, pq) = (lseNew.pointer, lseOld.pointer)
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, x = pxd + b * c * inner + i0, o = pod + b * old * inner + i0
+            let r = pgx + b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+                let qSum = scratch.baseAddress!, e = qSum + count
+                qSum.update(repeating: 0, count: count)
+                // q_k into the gradient's rows first, then (sum q) p_k - q_k.
+                for k in 0..<old {
+                    let row = r + k * inner
+                    for i in 0..<count { row[i] = o[k * inner + i] * inverse - pq[j0 + i] }
+                    vectorExp(row, row, count: count)
+                    for i in 0..<count { qSum[i] += row[i] }
+                }
+                for k in 0..<old {
+                    let row = r + k * inner
+                    for i in 0..<count { e[i] = x[k * inner + i] * inverse - pp[j0 + i] }
+                    vectorExp(e, e, count: count)
+                    for i in 0..<count { row[i] = coefficient * (qSum[i] * e[i] - row[i]) }
+                }
+            }
+        }
+        return [gx]
+    }
+    return out
+}
+
+/// The entropy of softmax over the channels of `logits` per pixel, averaged over the pixels
+/// where `mask` (N x 1 x ..., 0/1) is 1 (0 and a zero gradient when none is), as one op:
+/// H = -sum_k p_k log p_k and dH/dx_k = -p_k (log p_k + H).
+func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
+    let (n, c, inner) = channelLayout(logits, "entropy")
+    precondition(mask.count == n * inner, "entropy: mask \(mask.shape) for \(logits.shape)")
+    let lse = Tensor(uninitialized: [n * inner]), entropy = Tensor(uninitialized: [n * inner])
+    let px = logits.pointer, pa = lse.pointer, ph = entropy.pointer
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let j0 = b * inner + i0, x = px + b * c * inner + i0
+        blockLogSumExp(x, channels: [0..<c], scale: 1, inner: inner, count: count, into: pa + j0)
+        (ph + j0).update(repeating: 0, count: count)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+            let logP = scratch.baseAddress!, p = logP + count
+            for k in 0..<c {
+                for i in 0..<count { logP[i] = x[k * inner + i] - pa[j0 + i] }
+                vectorExp(logP, p, count: count)
+                for i in 0..<count { ph[j0 + i] -= p[i] * logP[i] }
+            }
+        }
+    }
+    let pm = mask.pointer
+    var total = 0.0
+    var selected: Float = 0
+    for j in 0..<(n * inner) {
+        total += Double(ph[j] * pm[j])
+        selected += pm[j]
+    }
+    let scale: Float = selected > 0 ? 1 / selected : 0
+    let out = Tensor(scalar: Float(total) * scale)
+    let xd = logits.detached(), md = mask.detached()
+    record(out, "masked_entropy", [logits]) { g in
+        let gx = Tensor(uninitialized: xd.shape)
+        let pgx = gx.pointer, pxd = xd.pointer, pmd = md.pointer, upstream = g.item * scale
+        let (pa, ph) = (lse.pointer, entropy.pointer)
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, x = pxd + b * c * inner + i0, r = pgx + b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+                let logP = scratch.baseAddress!, coefficient = logP + count
+                for i in 0..<count { coefficient[i] = -upstream * pmd[j0 + i] }
+                for k in 0..<c {
+                    let row = r + k * inner
+                    for i in 0..<count { logP[i] = x[k * inner + i] - pa[j0 + i] }
+                    vectorExp(logP, row, count: count)
+                    for i in 0..<count { row[i] = coefficient[i] * row[i] * (logP[i] + ph[j0 + i]) }
+                }
+            }
+        }
+        return [gx]
+    }
+    return out
+}
