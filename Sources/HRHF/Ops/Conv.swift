@@ -389,7 +389,7 @@ func conv2dForward(
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
-    FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     guard k > 0 else {
         // Every tap reads padding only: the output is the epilogue of zero.
         out.update(repeating: 0, count: batch * geo.outChannels * plane)
@@ -455,7 +455,7 @@ func conv2dBackwardInput(
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
-    FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     guard k > 0 else { return } // no tap reads the image: its gradient stays zero
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
@@ -499,7 +499,7 @@ func conv2dBackwardWeight(
     // Cout x (Cin/groups * live taps) matrix, scattered back at the end.
     let target = compact ? UnsafeMutablePointer<Float>.allocate(capacity: max(geo.outChannels * k, 1)) : gradWeight
     defer { if compact { target.deallocate() } }
-    FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     // Each worker owns the columns of dW of its input channels, summed over the batch in order
     // (so the result does not depend on how images would be split).
     if k > 0 {
