@@ -108,32 +108,6 @@ public func crossEntropy(
     return out
 }
 
-/// Log-sum-exp over the channels `channels` (ranges of channel indices) of `count` contiguous
-/// pixels starting at `base` (channel stride `inner`), into `out`; `scale` multiplies every
-/// value first (a temperature's 1 / T).
-@inline(__always)
-func blockLogSumExp(
-    _ base: UnsafePointer<Float>, channels: [Range<Int>], scale: Float, inner: Int, count: Int,
-    into out: UnsafeMutablePointer<Float>
-) {
-    out.update(repeating: -.infinity, count: count)
-    for k in channels.joined() {
-        let row = base + k * inner
-        for i in 0..<count { out[i] = max(out[i], row[i] * scale) }
-    }
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-        let sums = scratch.baseAddress!, e = sums + count
-        sums.update(repeating: 0, count: count)
-        for k in channels.joined() {
-            let row = base + k * inner
-            for i in 0..<count { e[i] = row[i] * scale - out[i] }
-            vectorExp(e, e, count: count)
-            for i in 0..<count { sums[i] += e[i] }
-        }
-        for i in 0..<count where out[i] > -.infinity { out[i] += Foundation.log(sums[i]) }
-    }
-}
-
 /// Negative log-likelihood of logits N x C x ... in which label 0 stands for the union of the
 /// channels `merged` (channel 0 among them) and labels 1..<kept for their own channels, as one
 /// op: log p(y) = logsumexp over the label's channels - logsumexp over all, weighted per pixel,
