@@ -68,90 +68,88 @@ final class MethodPinTests: XCTestCase {
     static let expected: [String: Pin] = [
         "ft": Pin(
             losses: [
-                ["ce": 7.3602796, "total": 7.3602796],
-                ["ce": 5.9071975, "total": 5.9071975],
+                ["ce": 7.360281, "total": 7.360281],
+                ["ce": 5.9072657, "total": 5.9072657],
             ],
-            weights: "21ef1e5307c675cc4fee9e7fe8b1f1e0eee1d37c5344c6b92419d63491ee7581"),
+            weights: "3d79f58f1cf08c62542d04c096f3e82e709e08d007b21e0bcb016692e78456b4"),
         "lwf": Pin(
             losses: [
-                ["ce": 7.3602796, "lwf_kd": 0.48117673, "total": 12.172047],
-                ["ce": 6.8146434, "lwf_kd": 0.44544044, "total": 11.269048],
+                ["ce": 7.360281, "lwf_kd": 0.48117673, "total": 12.172049],
+                ["ce": 6.8146067, "lwf_kd": 0.44543993, "total": 11.269006],
             ],
-            weights: "8fec0547437c44307db1ddb5d54a5002f34cf029fddab941db9c6dbcfafe7eac"),
+            weights: "0510d688c4a8886aea3fd9e28a80eb251f186c88d138d78993c897b8fc5a3a32"),
         "mib": Pin(
             losses: [
-                ["ce": 0.93218523, "kd": 0.4925445, "total": 5.8576303],
-                ["ce": 0.66295195, "kd": 0.4857132, "total": 5.520084],
+                ["ce": 0.9321858, "kd": 0.49254447, "total": 5.8576303],
+                ["ce": 0.6629534, "kd": 0.4857133, "total": 5.5200863],
             ],
-            weights: "f30e83e44b8f8eb18967f92c691460ba383527a75bac7f9e31151d357aabb9ad"),
+            weights: "2fb5f6b2b95829ee93622f7a70cce3c0817683c662a8391b9826d933d8be0dc6"),
         "plop": Pin(
             losses: [
-                ["ce": 5.090594, "lwf_kd": 0.48117673, "total": 9.902361],
-                ["ce": 5.967897, "lwf_kd": 0.45430443, "total": 10.510941],
+                ["ce": 5.0905952, "lwf_kd": 0.48117673, "total": 9.902363],
+                ["ce": 5.967899, "lwf_kd": 0.45430464, "total": 10.510945],
             ],
-            weights: "6593393d2d28cbedd09ba00786345c54a045d1a80bbbc2296455ad5f3b2e3b3e"),
+            weights: "80e289131e7ea30e067e8f685db322b870c17436e090564f4e3d3585f9f96e14"),
         "gsc": Pin(
             losses: [
                 [
-                    "ce": 5.012454, "kd": 0.4925445, "rel": 0.072580814, "sharp": 0.0, "soft": 5.0510335,
-                    "total": 11.218802,
+                    "ce": 5.012458, "kd": 0.49254447, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034,
+                    "total": 11.218806,
                 ],
                 [
-                    "ce": 5.0834813, "kd": 0.44680268, "rel": 0.060193177, "sharp": 0.0, "soft": 4.138403,
-                    "total": 10.601157,
+                    "ce": 5.083302, "kd": 0.44680348, "rel": 0.06019283, "sharp": 0.0, "soft": 4.1384106,
+                    "total": 10.600987,
                 ],
             ],
-            weights: "9240a5d84237841993eed793decd7d20fc8c13e3ad03de95633f3cc134949a76"),
+            weights: "4efc087737a58a89825700d12cf4815084ba0b50a0beec610bd760b385e4cc20"),
         "hrhf": Pin(
             losses: [
-                ["ce": 0.87985265, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416, "total": 9.404954],
-                ["ce": 0.37493935, "fake_ce": 0.760847, "fake_kd": 0.32146662, "kd": 0.48254868, "total": 9.17594],
+                ["ce": 0.87985265, "fake_ce": 0.1378115, "fake_kd": 0.4391546, "kd": 0.39957422, "total": 9.404953],
+                ["ce": 0.37493905, "fake_ce": 0.7608438, "fake_kd": 0.3214666, "kd": 0.4825494, "total": 9.175942],
             ],
-            weights: "d8c150e85b4df791fc6728dab1e4c8f685a309d4d0a7fa6182d6512a6674399e"),
+            weights: "3e45349a70433a580215a5a99f15ff29a4d12cd9fe1a52c8c9d0e18cae8b70e3"),
         "hrhf+gsc": Pin(
             losses: [
                 [
-                    "ce": 4.827484, "fake_ce": 0.15848738, "fake_kd": 0.4391548, "kd": 0.39957416, "rel": 0.068862624,
-                    "sharp": 0.0, "soft": 4.113217, "total": 14.418781,
+                    "ce": 4.8274846, "fake_ce": 0.15848704, "fake_kd": 0.4391546, "kd": 0.39957422, "rel": 0.06886264,
+                    "sharp": 0.0, "soft": 4.1132164, "total": 14.41878,
                 ],
                 [
-                    "ce": 4.108208, "fake_ce": 0.6640069, "fake_kd": 0.34313056, "kd": 0.40052044, "rel": 0.05638741,
-                    "sharp": 0.0, "soft": 3.5563016, "total": 13.111898,
+                    "ce": 4.108199, "fake_ce": 0.6640134, "fake_kd": 0.34313014, "kd": 0.40052068, "rel": 0.0563872,
+                    "sharp": 0.0, "soft": 3.5562994, "total": 13.111894,
                 ],
             ],
-            weights: "340005d93bba552ed9b26a0d2d3afb684f93a36a00da1097493c2197d1dcf741"),
+            weights: "a7e5beafcb815e5468f6ce702bac02d5df7d7276d5c0a4079aa21f484e45fd0d"),
         "joint": Pin(
             losses: [
-                ["ce": 7.70402, "total": 7.70402],
-                ["ce": 5.1257496, "total": 5.1257496],
+                ["ce": 7.704019, "total": 7.704019],
+                ["ce": 5.125745, "total": 5.125745],
             ],
-            weights: "24e0366a781cb6e90dee0797677912604c19a62ca2bb770e90fa607f85d0e073"),
+            weights: "dadbfe3180424a13ca7d210a0e7fd6f243f9dd60312676d8ee77f43cc76a15a2"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
-                    "ce": 4.827484, "fake_ce": 0.15848738, "fake_feat": 0.6873218, "fake_kd": 0.4391548,
-                    "kd": 0.39957416,
-                    "rel": 0.068862624, "sharp": 0.3282175, "soft": 4.113217, "total": 14.769007,
+                    "ce": 4.8274846, "fake_ce": 0.15848704, "fake_feat": 0.68732196, "fake_kd": 0.4391546,
+                    "kd": 0.39957422, "rel": 0.06886264, "sharp": 0.32821745, "soft": 4.1132164, "total": 14.769006,
                 ],
                 [
-                    "ce": 4.352339, "fake_ce": 0.74420357, "fake_feat": 0.4540536, "fake_kd": 0.3463592, "kd": 0.40011,
-                    "rel": 0.05887265, "sharp": 0.6084163, "soft": 3.536919, "total": 13.699378,
+                    "ce": 4.3523474, "fake_ce": 0.74420863, "fake_feat": 0.45405257, "fake_kd": 0.34635887,
+                    "kd": 0.4001103, "rel": 0.058872532, "sharp": 0.6084166, "soft": 3.5369184, "total": 13.699389,
                 ],
             ],
-            weights: "02b436ba0bfcc87e6b251e5742d8879e5c0f5225c6c70dc12ca24dc80a601358"),
+            weights: "6983b6e60f9b8a240979ca9f72c7a55a947c62a11692e4412f3c030226c227cb"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
-                    "ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416,
-                    "lwf_kd": 0.39429823,
-                    "total": 14.190354,
+                    "ce": 4.876656, "fake_ce": 0.1378115, "fake_kd": 0.4391546, "kd": 0.39957422, "lwf_kd": 0.39429832,
+                    "total": 14.190353,
                 ],
                 [
-                    "ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.4337337, "lwf_kd": 0.41504762,
-                    "total": 13.246702,
+                    "ce": 4.0610924, "fake_ce": 0.4247643, "fake_kd": 0.3593406, "kd": 0.43373412, "lwf_kd": 0.41504794,
+                    "total": 13.2467,
                 ],
             ],
-            weights: "801b7b5d22fe9725178596f161353d12c86cc8bbdfe83dfa01462dfe2082485a"),
+            weights: "abc062a84118fb2e7c072697e41b25a62f20b644ac9ecc4cc4236ebd14fd193e"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {
