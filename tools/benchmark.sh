@@ -1,68 +1,216 @@
 #!/usr/bin/env bash
-# The Shapes incremental benchmark (overlap setting): tasks 15-5 and 15-1 for ft, lwf, mib, gsc,
-# hrhf, hrhf+gsc and joint from the zoo model, plus one ablation row per GSC component on 15-5
-# and hrhf+gsc without prototypical re-labelling on 15-1.
-# Writes bench/results.md (old / new / all mIoU at the last step) and every run's JSON.
-#   bash tools/benchmark.sh [ITERATIONS_15_5] [ITERATIONS_PER_STEP_15_1]
-# Runs JOBS runs at once (default: one per core, each on one thread: the small model keeps one
-# core busier than two). Finished runs (their JSON exists) are skipped, so it can be resumed.
-# BENCH_DIR (default bench) is where runs and the table go; ONLY, when set, keeps just the runs
-# it names (e.g. ONLY="15-1-mib 15-1-hrhf+gsc"; the 15-5-less table then has those rows).
+# The Shapes incremental benchmark over (task, setting, method, seed), resumable: every run writes
+# BENCH_DIR/results/TASK-SETTING-METHOD-sSEED.json (per-step reports, seed, budget, commit, machine,
+# wall time, the exact commands) and a run whose result file exists is skipped. Logs, models and
+# packs go to BENCH_DIR/work (not in git). How to run it and the order of the runs: docs/benchmark.md.
+#   [TASKS="15-5 15-1"] [SETTINGS=overlap] [METHODS=...] [SEEDS="0 1 2"] [JOBS=nproc] bash tools/benchmark.sh
+# METHODS: rows of `hrhf-distill --list-methods`, the variants below, or `main` (default: ft lwf mib
+# plop gsc hrhf hrhf+gsc joint) and `ablations` (the 15-1 ablation rows). Variants:
+#   hrhf-no-saa   hrhf with packs synthesised without Scale-Aware Aggregation (hrhf-synth --no-saa)
+#   hrhf-real16   hrhf with 16 real images per batch (and 16 fake)
+#   mib-batch16   MiB with 16 real images per batch (as many images as hrhf's 8 real + 8 fake)
+# Budget (the defaults are the benchmark's; a different budget belongs in another BENCH_DIR):
+#   ITERATIONS_15_5=400 ITERATIONS_PER_STEP=200 (15-1, 10-1) BATCH=8 LR=0.01 EVAL_LIMIT=200
+#   PACK_COUNT=64 PACK_ITERATIONS=250 (the step-0 pack, one per seed) SYNTH_COUNT=16 SYNTH_ITERATIONS=150
+#   (the pack made after each step of a multi-step run).
+# Then tools/bench_report.py writes BENCH_DIR/report.md and the plots (docs/images for bench, else
+# BENCH_DIR/images) from BENCH_DIR/results; PYTHON names a Python with matplotlib (default python3).
+# BIN: binaries to use instead of building .build/release. COMMIT_RESULTS=1: commit each result file
+# as it lands (BENCH_DIR inside this repository).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash tools/install-deps.sh
-swift build -c release
-bin=.build/release
-it155=${1:-400}
+
+main_methods="ft lwf mib plop gsc hrhf hrhf+gsc joint"
+ablation_methods="hrhf+gsc-no-compensation hrhf+gsc-no-soft-sharp hrhf+gsc-no-relation hrhf+gsc-no-proto
+  hrhf-no-saa hrhf+gsc-no-fake hrhf-real16 mib-batch16"
+tasks=${TASKS:-15-5 15-1}
+settings=${SETTINGS:-overlap}
+methods=${METHODS:-main}
+methods=${methods//ablations/$ablation_methods}
+methods=${methods//main/$main_methods}
+seeds=${SEEDS:-0 1 2}
+jobs_max=${JOBS:-$(nproc)}
+it155=${ITERATIONS_15_5:-400}
 # 200 a step for 15-1: chosen on the held-out set (tools/tune.sh), where at 80 a step every
 # method's newest classes stayed half-learned and the packs made from them rehearsed poor images.
-it151=${2:-200}
+itstep=${ITERATIONS_PER_STEP:-200}
+batch=${BATCH:-8}
+lr=${LR:-0.01}
+eval_limit=${EVAL_LIMIT:-200}
+pack_count=${PACK_COUNT:-64}
+pack_iterations=${PACK_ITERATIONS:-250}
+synth_count=${SYNTH_COUNT:-16}
+synth_iterations=${SYNTH_ITERATIONS:-150}
 dir=${BENCH_DIR:-bench}
-mkdir -p "$dir"
-if [ ! -f data/shapes/shapes.json ]; then
-  "$bin/hrhf-data" shapes --out data/shapes --train 4000 --val 500 --size 128 --seed 0
-fi
-model=zoo/shapes-15-5-step0.safetensors
-common=(--data data/shapes --dataset shapes --setting overlap --eval-limit 200)
-synth=(--count 64 --seed 0)
+results=$dir/results
+work=$dir/work
+mkdir -p "$results" "$work"
 
-run() {  # name task laststep iterations method [extra...]
-  local name=$1 task=$2 last=$3 its=$4 method=$5; shift 5
-  [ -f "$dir/$name.json" ] && return 0
-  [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]] && return 0
-  local packs=()
-  case $method in hrhf*|gsc) packs=(--pack "$dir/pack-15.tar") ;; esac
-  "$bin/hrhf-distill" --old "$model" "${packs[@]}" "${common[@]}" --task "$task" --step 1 --last-step "$last" \
-    --method "$method" --iterations "$its" --batch 8 --synth-count 16 --synth-iterations 150 --out "$dir/$name.safetensors" \
-    --json "$dir/$name.json" --threads 1 "$@" > "$dir/$name.log" 2>&1 || { echo "$name failed: see $dir/$name.log"; return 1; }
-  echo "$name: $(grep -F "$dir/$name" "$dir/$name.log" | tail -n 1)"
+if [ -n "${BIN:-}" ]; then
+  bin=$BIN
+else
+  bash tools/install-deps.sh
+  swift build -c release
+  bin=.build/release
+fi
+data=data/shapes
+if [ ! -f $data/shapes.json ]; then
+  "$bin/hrhf-data" shapes --out $data --train 4000 --val 500 --size 128 --seed 0
+fi
+known_methods=$("$bin/hrhf-distill" --list-methods | awk 'NR > 2 { print $1 }')
+commit=$(git rev-parse --short HEAD)
+# The commit that last changed the code (results committed as they land move HEAD, not the binary).
+code_commit=$(git log -1 --format=%h -- Sources Package.swift)
+git diff --quiet HEAD -- Sources Package.swift || code_commit="$code_commit+changes"
+cpu=$(grep -m1 '^model name' /proc/cpuinfo | sed 's/^[^:]*: *//')
+cores=$(nproc)
+# The widest vector unit the CPU offers: OpenBLAS picks its kernels (and their summation order) by it.
+simd=baseline
+grep -qw avx2 /proc/cpuinfo && simd=avx2
+grep -qw avx512f /proc/cpuinfo && simd=avx512
+
+# The step-0 model and its classes, and the last step, of each task.
+task_model() {
+  case $1 in 10-1) echo zoo/shapes-10-1-step0.safetensors ;; *) echo zoo/shapes-15-5-step0.safetensors ;; esac
 }
-jobs_max=${JOBS:-$(nproc)}
-queue() {  # like run, at most jobs_max at once
+task_base() { case $1 in 10-1) echo 1-10 ;; *) echo 1-15 ;; esac; }
+task_last() {
+  case $1 in 15-5) echo 1 ;; 15-1) echo 5 ;; 10-1) echo 10 ;; *) echo "unknown task $1" >&2; return 1 ;; esac
+}
+
+# A row's hrhf-distill method and extra options; sets method, row_batch, saa (synthesis option) and packs_needed.
+row_spec() {
+  method=$1 row_batch=$batch saa=()
+  case $1 in
+    hrhf-no-saa) method=hrhf saa=(--no-saa) ;;
+    hrhf-real16) method=hrhf row_batch=16 ;;
+    mib-batch16) method=mib row_batch=16 ;;
+  esac
+  case $method in hrhf* | gsc*) packs_needed=1 ;; *) packs_needed=0 ;; esac
+}
+
+# The step-0 pack of a task's base classes for a seed, made once (runs that need it wait on its lock).
+ensure_pack() {  # pack base-classes model seed [synthesis options...]
+  local pack=$1 classes=$2 model=$3 seed=$4; shift 4
+  (
+    flock -x 9
+    [ -f "$pack" ] && exit 0
+    local cmd=("$bin/hrhf-synth" --model "$model" --classes "$classes" --count "$pack_count"
+      --synth-iterations "$pack_iterations" --seed "$seed" "$@" --threads 1 --resume --out "$pack")
+    echo "${cmd[*]}" > "$pack.command"
+    "${cmd[@]}" > "${pack%.tar}.log" 2>&1 || { echo "pack failed: see ${pack%.tar}.log" >&2; exit 1; }
+  ) 9> "$pack.lock"
+}
+
+# One run: distillation from the step-0 model through the task's last step, then the result file.
+run() {  # task setting row seed
+  local task=$1 setting=$2 row=$3 seed=$4
+  local name="$task-$setting-$row-s$seed"
+  local result="$results/$name.json" rundir="$work/$name"
+  [ -f "$result" ] && return 0
+  local method row_batch saa packs_needed
+  row_spec "$row"
+  if ! grep -qxF -- "$method" <<< "$known_methods"; then
+    echo "$name: skipped, $method is not a method of this build (hrhf-distill --list-methods)"
+    return 0
+  fi
+  local model last its
+  model=$(task_model "$task") last=$(task_last "$task")
+  [ -f "$model" ] || { echo "$name: $model is missing (see docs/benchmark.md)"; return 1; }
+  its=$itstep
+  [ "$task" = 15-5 ] && its=$it155
+  local packs=() pack_command=""
+  if [ "$packs_needed" = 1 ]; then
+    local pack="$work/pack-$(task_base "$task")${saa:+-no-saa}-s$seed.tar"
+    ensure_pack "$pack" "$(task_base "$task")" "$model" "$seed" "${saa[@]}" || return 1
+    packs=(--pack "$pack") pack_command=$(cat "$pack.command")
+  fi
+  mkdir -p "$rundir"
+  local resumed=false
+  compgen -G "$rundir/model*" > /dev/null && resumed=true
+  local cmd=("$bin/hrhf-distill" --old "$model" "${packs[@]}" --data $data --dataset shapes --setting "$setting"
+    --task "$task" --step 1 --last-step "$last" --method "$method" --iterations "$its" --batch "$row_batch"
+    --lr "$lr" --seed "$seed" --synth-count "$synth_count" --synth-iterations "$synth_iterations" "${saa[@]}"
+    --eval-limit "$eval_limit" --threads 1 --out "$rundir/model.safetensors" --json "$rundir/steps.json")
+  local start=$SECONDS
+  "${cmd[@]}" >> "$rundir/log" 2>&1 || { echo "$name failed: see $rundir/log"; return 1; }
+  # Steps an interrupted earlier attempt finished are not evaluated again by hrhf-distill: score their models.
+  local s missing
+  missing=$(python3 -c 'import json, sys
+have = {r["step"] for r in json.load(open(sys.argv[1]))}
+print(" ".join(str(s) for s in range(1, int(sys.argv[2]) + 1) if s not in have))' "$rundir/steps.json" "$last")
+  for s in $missing; do
+    local step_model="$rundir/model-step$s.safetensors"
+    [ "$s" = "$last" ] && step_model="$rundir/model.safetensors"
+    "$bin/hrhf-eval" --model "$step_model" --data $data --dataset shapes --setting "$setting" --task "$task" \
+      --step "$s" --limit "$eval_limit" --threads 1 --json "$rundir/eval-step$s.json" >> "$rundir/log" 2>&1 ||
+      { echo "$name: evaluating step $s failed: see $rundir/log"; return 1; }
+  done
+  local wall=$((SECONDS - start))
+  RESULT=$result RUNDIR=$rundir TASK=$task SETTING=$setting ROW=$row SEED=$seed LAST=$last ITS=$its \
+    ROW_BATCH=$row_batch LR=$lr EVAL_LIMIT=$eval_limit PACK_IMAGES=$((packs_needed * pack_count)) \
+    PACK_ITERATIONS=$pack_iterations SYNTH_COUNT=$synth_count SYNTH_ITERATIONS=$synth_iterations COMMIT=$commit \
+    CODE_COMMIT=$code_commit \
+    CPU=$cpu SIMD=$simd CORES=$cores JOBS_MAX=$jobs_max WALL=$wall RESUMED=$resumed COMMAND="${cmd[*]}" \
+    PACK_COMMAND=$pack_command python3 - <<'EOF' || { echo "$name: writing $result failed"; return 1; }
+import json, os
+e = os.environ
+steps = {r["step"]: r for r in json.load(open(os.path.join(e["RUNDIR"], "steps.json")))}
+for s in range(1, int(e["LAST"]) + 1):
+    if s not in steps:
+        steps[s] = json.load(open(os.path.join(e["RUNDIR"], f"eval-step{s}.json")))
+record = {
+    "task": e["TASK"], "setting": e["SETTING"], "method": e["ROW"], "seed": int(e["SEED"]),
+    "budget": {
+        "iterations_per_step": int(e["ITS"]), "batch": int(e["ROW_BATCH"]), "lr": float(e["LR"]),
+        "eval_images": int(e["EVAL_LIMIT"]), "pack_images": int(e["PACK_IMAGES"]),
+        "pack_iterations": int(e["PACK_ITERATIONS"]), "step_pack_images": int(e["SYNTH_COUNT"]),
+        "step_pack_iterations": int(e["SYNTH_ITERATIONS"]), "threads": 1,
+    },
+    "commit": e["COMMIT"], "code_commit": e["CODE_COMMIT"], "machine": {
+        "cpu": e["CPU"], "simd": e["SIMD"], "cores": int(e["CORES"]), "parallel_runs": int(e["JOBS_MAX"]),
+    },
+    "wall_seconds": int(e["WALL"]), "resumed": e["RESUMED"] == "true",
+    "command": e["COMMAND"], "pack_command": e["PACK_COMMAND"] or None,
+    "steps": [steps[s] for s in sorted(steps)],
+}
+partial = e["RESULT"] + ".partial"
+with open(partial, "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True)
+    f.write("\n")
+os.replace(partial, e["RESULT"])
+EOF
+  local final
+  final=$(python3 -c 'import json, sys; print("%.1f" % (100 * json.load(open(sys.argv[1]))["steps"][-1]["all"]))' "$result")
+  echo "$name: all mIoU $final % after step $last, $wall s"
+  if [ "${COMMIT_RESULTS:-0}" = 1 ]; then
+    (flock -x 9; git add -f "$result" && git commit -q -m "bench: $name" -- "$result") 9> "$work/git.lock"
+  fi
+}
+
+failed=$work/failed-runs
+: > "$failed"
+queue() {  # like run, at most jobs_max at once; a failure is noted and the others go on
   while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
-  run "$@" &
+  { run "$@" || echo "$*" >> "$failed"; } &
 }
-
-# The pack of the 15 old classes is made beside the methods that do not need it.
-if [ ! -f "$dir/pack-15.tar" ]; then
-  "$bin/hrhf-synth" --model "$model" --classes 1-15 "${synth[@]}" --threads 1 --out "$dir/pack-15.tar" > "$dir/pack-15.log" 2>&1 &
-  pack_job=$!
-fi
-for m in joint mib lwf ft; do queue "15-1-$m" 15-1 5 "$it151" "$m"; queue "15-5-$m" 15-5 1 "$it155" "$m"; done
-[ -n "${pack_job:-}" ] && { wait "$pack_job" || { echo "pack synthesis failed: see $dir/pack-15.log"; exit 1; }; }
-# The longest runs first, so the queue ends with short ones.
-# The re-labelling methods also report how their re-labelling fares against the full training
-# masks (a diagnostic written to their logs; the method never reads those labels).
-for m in hrhf+gsc hrhf gsc; do queue "15-1-$m" 15-1 5 "$it151" "$m" $([ "$m" = hrhf ] || echo --audit-relabelling); done
-queue "15-1-hrhf+gsc-no-proto" 15-1 5 "$it151" hrhf+gsc-no-proto
-for m in hrhf+gsc hrhf gsc; do queue "15-5-$m" 15-5 1 "$it155" "$m" $([ "$m" = hrhf ] || echo --audit-relabelling); done
-queue "15-5-hrhf+gsc-no-compensation" 15-5 1 "$it155" hrhf+gsc-no-compensation
-queue "15-5-hrhf+gsc-no-soft-sharp" 15-5 1 "$it155" hrhf+gsc-no-soft-sharp
-queue "15-5-hrhf+gsc-no-relation" 15-5 1 "$it155" hrhf+gsc-no-relation
-queue "15-5-hrhf+gsc-no-proto" 15-5 1 "$it155" hrhf+gsc-no-proto
-# Every method gets 8 real images per batch; hrhf and hrhf+gsc add 8 fake ones. MiB with 16
-# real images per batch shows what the larger batch alone would give.
-queue "15-5-mib-batch16" 15-5 1 "$it155" mib --batch 16
+# Seeds outermost within a task, so that a stopped benchmark leaves whole seeds of every method.
+for task in $tasks; do
+  task_last "$task" > /dev/null
+  for setting in $settings; do
+    for seed in $seeds; do
+      for row in $methods; do queue "$task" "$setting" "$row" "$seed"; done
+    done
+  done
+done
 wait
-
-python3 tools/bench_table.py "$it155" "$it151" "$dir"
+python=${PYTHON:-python3}
+images=docs/images
+[ "$dir" = bench ] || images=$dir/images
+plots=()
+"$python" -c 'import matplotlib' 2> /dev/null ||
+  { plots=(--no-plots); echo "no plots: $python has no matplotlib (pip install matplotlib, or set PYTHON)"; }
+"$python" tools/bench_report.py --results "$results" --out "$dir/report.md" --images "$images" "${plots[@]}" > /dev/null
+echo "$dir/report.md written"
+echo "$(find "$results" -name '*.json' | wc -l) result files in $results; $(wc -l < "$failed") runs failed in this pass"
+[ ! -s "$failed" ]

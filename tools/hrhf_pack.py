@@ -429,7 +429,8 @@ INVERSION_OPTIONS = _object({
     "iterations": INT, "learningRate": FLOAT, "warmup": INT, "batchSize": INT, "resolution": INT, "jitter": INT,
     "flip": _boolean, "maxClasses": INT, "areaMin": FLOAT, "areaMax": FLOAT, "areaTotalMax": FLOAT, "margin": FLOAT,
     "absentFraction": FLOAT, "lambdaOut": FLOAT, "lambdaAbsent": FLOAT, "weightBN": FLOAT,
-    "firstBNMultiplier": FLOAT, "weightTV2": FLOAT, "weightTV1": FLOAT, "weightL2": FLOAT, "warmStart": FLOAT})
+    "firstBNMultiplier": FLOAT, "weightTV2": FLOAT, "weightTV1": FLOAT, "weightL2": FLOAT, "warmStart": FLOAT},
+    {"scaleAwareAggregation": _boolean})
 ARCHITECTURE = _object({
     "name": _string, "flavor": _string, "block": _string, "layers": _array(INT), "baseWidth": INT,
     "outputStride": INT, "asppRates": _array(INT), "headChannels": INT, "auxHead": _boolean,

@@ -40,6 +40,11 @@ public struct SynthesisOptionGroup: ParsableArguments {
     @Option(name: .customLong("w-l2"), help: "Weight of the image norm.") public var wL2: Float = d.weightL2
     @Option(name: .customLong("warm-start"), help: "Share of iterations run first at half resolution (0 off).") public
         var warmStart: Float = d.warmStart
+    @Flag(
+        name: .customLong("no-saa"),
+        help: ArgumentHelp(
+            "Without Scale-Aware Aggregation: one target class per image over all its pixels, plain "
+                + "cross-entropy (the ablation).")) public var noSAA = false
 
     public var options: InversionOptions {
         var o = InversionOptions()
@@ -64,6 +69,7 @@ public struct SynthesisOptionGroup: ParsableArguments {
         o.weightTV1 = wTV1
         o.weightL2 = wL2
         o.warmStart = warmStart
+        o.scaleAwareAggregation = !noSAA
         return o
     }
 }

@@ -137,6 +137,33 @@ final class DistillationTests: XCTestCase {
         }
     }
 
+    /// FT, LwF and joint start their new rows as PyTorch starts a new 1x1 convolution (MiB's code
+    /// without init_balanced): uniform in +-1/sqrt(input channels), from the run's seed.
+    func testRandomClassifierInitialisationIsPyTorchsDefaultFromTheSeed() throws {
+        for arch in [ModelParityTests.tvSmall, ModelParityTests.mibSmall] {
+            let old = try DeepLabV3(arch, seed: 2)
+            let card = ModelCard(architecture: arch, classNames: Array(DatasetClasses.voc.prefix(arch.numClasses)))
+            func grown(_ seed: UInt64) throws -> [Float] {
+                let (new, _) = try extendModel(
+                    old, card: card, newClassNames: ["a", "b"], step: arch.classesPerStep.count,
+                    initialisation: .random, seed: seed)
+                XCTAssertEqual(
+                    new.classifiers[0].bias!.array.prefix(old.numClasses), old.classifiers[0].bias!.array[...],
+                    "old rows, the background's bias included, unchanged")
+                let w = new.classifiers.last!.weight.array, b = new.classifiers.last!.bias!.array
+                let rows = arch.flavor == .mib ? w : Array(w.suffix(2 * arch.headChannels))
+                return rows + (arch.flavor == .mib ? b : Array(b.suffix(2)))
+            }
+            let first = try grown(1), again = try grown(1), other = try grown(2)
+            let bound = 1 / Float(arch.headChannels).squareRoot()
+            XCTAssertEqual(first.count, 2 * arch.headChannels + 2)
+            XCTAssertEqual(first, again, "the same seed, the same rows")
+            XCTAssertNotEqual(first, other, "another seed, other rows")
+            XCTAssertTrue(first.allSatisfy { Swift.abs($0) <= bound }, "within +-\(bound)")
+            XCTAssertGreaterThan(first.map { Swift.abs($0) }.max()!, bound / 2, "spread over the range")
+        }
+    }
+
     func testPrototypeRelabelling() {
         // Two old classes (0 bg, 1 cat), prototypes at (0, 0) and (1, 1) in a 2-channel space.
         let protos = Prototypes(vectors: [[0, 0], [1, 1]], channels: 2)
@@ -167,11 +194,6 @@ final class DistillationTests: XCTestCase {
         let kept = protos.relabel(
             Labels(shape: [1, 1, 6], values: [7, 0, 0, 0, 0, 0]), oldLogits: logits, oldFeatures: features, options: o)
         XCTAssertEqual(kept.values[0], 7)
-        // Pseudo-labels: confident old predictions on background pixels only.
-        let pseudo = pseudoLabel(
-            Labels(shape: [1, 1, 3], values: [0, 0, 4]),
-            oldLogits: Tensor(shape: [1, 2, 1, 3], values: [0, 9, 0, 9, 0, 9]), threshold: 0.5)
-        XCTAssertEqual(pseudo.values, [1, 0, 4])
     }
 
     static func stepFixture(

@@ -68,12 +68,22 @@ final class DistributedTests: XCTestCase {
         XCTAssertNotNil(value(after: loss, in: one.stdout), one.stdout)
         XCTAssertEqual(value(after: loss, in: two.stdout), value(after: loss, in: one.stdout))
         XCTAssertEqual(value(after: miou, in: two.stdout), value(after: miou, in: one.stdout))
-        // Sums over two ranks add in another order than over one batch: float rounding only (measured
-        // largest relative difference 1.4e-6, in backbone.bn1.bias).
+        // Sums over two ranks add in another order than over one batch: float rounding, which three
+        // SGD steps amplify most in the ASPP branches, whose batch norms see 3x3 maps. Bound per
+        // tensor: 1e-5 absolute (tensors near 0, such as batch-norm biases) + 3e-3 of the tensor's
+        // largest value. Measured with OpenBLAS's AVX-512 kernels: 1.5e-4 on
+        // classifier.0.convs.1.0.weight (largest 0.061), 6.2e-6 on its batch norm's bias (largest
+        // 2e-4); one process with OpenBLAS's SSE3 kernels differs from one with its AVX-512 ones by
+        // as much. The losses and mIoU above must match to the printed digit.
         let single = try weights(dir.appendingPathComponent("one.safetensors"))
         let parallel = try weights(dir.appendingPathComponent("two.safetensors"))
         XCTAssertEqual(Set(single.keys), Set(parallel.keys))
-        for (name, t) in single { assertClose(parallel[name], t, tolerance: 1e-5, name) }
+        for (name, t) in single {
+            let p = try XCTUnwrap(parallel[name], name)
+            let scale = t.array.map { Swift.abs($0) }.max() ?? 0
+            let worst = zip(p.array, t.array).map { Swift.abs($0 - $1) }.max() ?? 0
+            XCTAssertLessThanOrEqual(worst, 1e-5 + 3e-3 * scale, "\(name): largest difference \(worst)")
+        }
 
         // Without --sync-bn each rank normalises with its own two images' statistics (as DDP):
         // the running statistics then differ, which shows the test above can fail.

@@ -68,90 +68,70 @@ final class MethodPinTests: XCTestCase {
     static let expected: [String: Pin] = [
         "ft": Pin(
             losses: [
-                ["ce": 7.3602796, "total": 7.3602796],
-                ["ce": 5.9071975, "total": 5.9071975],
-            ],
-            weights: "21ef1e5307c675cc4fee9e7fe8b1f1e0eee1d37c5344c6b92419d63491ee7581"),
+                ["ce": 6.646457, "total": 6.646457], ["ce": 4.602027, "total": 4.602027],
+            ], weights: "ecdfb99adf6326747e2ed62990bd697250c182d4af604281eaea45e01b2a936d"),
         "lwf": Pin(
             losses: [
-                ["ce": 7.3602796, "lwf_kd": 0.48117673, "total": 12.172047],
-                ["ce": 6.8146434, "lwf_kd": 0.44544044, "total": 11.269048],
-            ],
-            weights: "8fec0547437c44307db1ddb5d54a5002f34cf029fddab941db9c6dbcfafe7eac"),
+                ["ce": 6.646457, "lwf_kd": 0.49254447, "total": 55.900906],
+                ["ce": 4.488576, "lwf_kd": 0.32080442, "total": 36.569016],
+            ], weights: "7249b83469acb32c5b0eac2a294761718cbf0c4aa5eec14921df1de8f3fc74ba"),
         "mib": Pin(
             losses: [
-                ["ce": 0.93218523, "kd": 0.4925445, "total": 5.8576303],
-                ["ce": 0.66295195, "kd": 0.4857132, "total": 5.520084],
-            ],
-            weights: "f30e83e44b8f8eb18967f92c691460ba383527a75bac7f9e31151d357aabb9ad"),
+                ["ce": 0.9321858, "kd": 0.49254447, "total": 5.8576303],
+                ["ce": 0.6629534, "kd": 0.4857133, "total": 5.5200863],
+            ], weights: "2fb5f6b2b95829ee93622f7a70cce3c0817683c662a8391b9826d933d8be0dc6"),
         "plop": Pin(
             losses: [
-                ["ce": 5.090594, "lwf_kd": 0.48117673, "total": 9.902361],
-                ["ce": 5.967897, "lwf_kd": 0.45430443, "total": 10.510941],
-            ],
-            weights: "6593393d2d28cbedd09ba00786345c54a045d1a80bbbc2296455ad5f3b2e3b3e"),
+                ["ce": 0.40026346, "pod": 66.18652, "total": 1.0621287],
+                ["ce": 0.1430091, "pod": 68.73338, "total": 0.8303429],
+            ], weights: "f436494793a117f81a074fd2049932327c481a8a7697a0f1c13857622790d23f"),
         "gsc": Pin(
             losses: [
-                [
-                    "ce": 5.012454, "kd": 0.4925445, "rel": 0.072580814, "sharp": 0.0, "soft": 5.0510335,
-                    "total": 11.218802,
-                ],
-                [
-                    "ce": 5.0834813, "kd": 0.44680268, "rel": 0.060193177, "sharp": 0.0, "soft": 4.138403,
-                    "total": 10.601157,
-                ],
-            ],
-            weights: "9240a5d84237841993eed793decd7d20fc8c13e3ad03de95633f3cc134949a76"),
+                ["ce": 5.012458, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034, "total": 6.293361],
+                ["ce": 3.4867153, "rel": 0.061568283, "sharp": 0.0, "soft": 4.476532, "total": 4.6212406],
+            ], weights: "b103b16e1c26901730798b42510fddb3f34b2f83dd3e01e55c1431e624e6c1de"),
         "hrhf": Pin(
             losses: [
-                ["ce": 0.87985265, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416, "total": 9.404954],
-                ["ce": 0.37493935, "fake_ce": 0.760847, "fake_kd": 0.32146662, "kd": 0.48254868, "total": 9.17594],
-            ],
-            weights: "d8c150e85b4df791fc6728dab1e4c8f685a309d4d0a7fa6182d6512a6674399e"),
+                ["ce": 0.87985265, "fake_ce": 0.1378115, "fake_kd": 0.4391546, "kd": 0.39957422, "total": 9.404953],
+                ["ce": 0.37493905, "fake_ce": 0.7608438, "fake_kd": 0.3214666, "kd": 0.4825494, "total": 9.175942],
+            ], weights: "3e45349a70433a580215a5a99f15ff29a4d12cd9fe1a52c8c9d0e18cae8b70e3"),
         "hrhf+gsc": Pin(
             losses: [
                 [
-                    "ce": 4.827484, "fake_ce": 0.15848738, "fake_kd": 0.4391548, "kd": 0.39957416, "rel": 0.068862624,
-                    "sharp": 0.0, "soft": 4.113217, "total": 14.418781,
+                    "ce": 4.8274846, "fake_ce": 0.15848704, "fake_kd": 0.4391546, "kd": 0.39957422, "rel": 0.06886264,
+                    "sharp": 0.0, "soft": 4.1132164, "total": 14.41878,
                 ],
                 [
-                    "ce": 4.108208, "fake_ce": 0.6640069, "fake_kd": 0.34313056, "kd": 0.40052044, "rel": 0.05638741,
-                    "sharp": 0.0, "soft": 3.5563016, "total": 13.111898,
+                    "ce": 4.108199, "fake_ce": 0.6640134, "fake_kd": 0.34313014, "kd": 0.40052068, "rel": 0.0563872,
+                    "sharp": 0.0, "soft": 3.5562994, "total": 13.111894,
                 ],
-            ],
-            weights: "340005d93bba552ed9b26a0d2d3afb684f93a36a00da1097493c2197d1dcf741"),
+            ], weights: "a7e5beafcb815e5468f6ce702bac02d5df7d7276d5c0a4079aa21f484e45fd0d"),
         "joint": Pin(
             losses: [
-                ["ce": 7.70402, "total": 7.70402],
-                ["ce": 5.1257496, "total": 5.1257496],
-            ],
-            weights: "24e0366a781cb6e90dee0797677912604c19a62ca2bb770e90fa607f85d0e073"),
+                ["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512896, "total": 3.7512896],
+            ], weights: "80f293f89da753612b61d4585c4230226b86d95d56efe6423bad89add70ba966"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
-                    "ce": 4.827484, "fake_ce": 0.15848738, "fake_feat": 0.6873218, "fake_kd": 0.4391548,
-                    "kd": 0.39957416,
-                    "rel": 0.068862624, "sharp": 0.3282175, "soft": 4.113217, "total": 14.769007,
+                    "ce": 4.8274846, "fake_ce": 0.15848704, "fake_feat": 0.68732196, "fake_kd": 0.4391546,
+                    "kd": 0.39957422, "rel": 0.06886264, "sharp": 0.32821745, "soft": 4.1132164, "total": 14.769006,
                 ],
                 [
-                    "ce": 4.352339, "fake_ce": 0.74420357, "fake_feat": 0.4540536, "fake_kd": 0.3463592, "kd": 0.40011,
-                    "rel": 0.05887265, "sharp": 0.6084163, "soft": 3.536919, "total": 13.699378,
+                    "ce": 4.3523474, "fake_ce": 0.74420863, "fake_feat": 0.45405257, "fake_kd": 0.34635887,
+                    "kd": 0.4001103, "rel": 0.058872532, "sharp": 0.6084166, "soft": 3.5369184, "total": 13.699389,
                 ],
-            ],
-            weights: "02b436ba0bfcc87e6b251e5742d8879e5c0f5225c6c70dc12ca24dc80a601358"),
+            ], weights: "6983b6e60f9b8a240979ca9f72c7a55a947c62a11692e4412f3c030226c227cb"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
-                    "ce": 4.8766565, "fake_ce": 0.13781178, "fake_kd": 0.4391548, "kd": 0.39957416,
-                    "lwf_kd": 0.39429823,
-                    "total": 14.190354,
+                    "ce": 0.41408393, "fake_ce": 0.1378115, "fake_kd": 0.4391546, "kd": 0.39957422,
+                    "lwf_kd": 0.39429832, "total": 9.72778,
                 ],
                 [
-                    "ce": 4.0610948, "fake_ce": 0.42476547, "fake_kd": 0.3593409, "kd": 0.4337337, "lwf_kd": 0.41504762,
-                    "total": 13.246702,
+                    "ce": 0.16304977, "fake_ce": 0.681834, "fake_kd": 0.34724602, "kd": 0.46600166,
+                    "lwf_kd": 0.45807272, "total": 9.893505,
                 ],
-            ],
-            weights: "801b7b5d22fe9725178596f161353d12c86cc8bbdfe83dfa01462dfe2082485a"),
+            ], weights: "f46f281ba49a62b9a136bece53e3e7ff321ed48081dd37fbaf689bef88340c3d"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {

@@ -23,6 +23,21 @@ final class ProfilerTests: XCTestCase {
         XCTAssertEqual(Profiler.region(.data) { Profiler.op(.convolution) { conv(x) } }.gradFn?.profileKind, .data)
     }
 
+    func testConvolutionFlopsAreCountedOnlyWhileAsked() {
+        let conv = Conv2d(3, 4, kernelSize: 3, padding: 1, bias: false, rng: &Self.rng)
+        let x = randn([2, 3, 8, 8], seed: 1)
+        x.requiresGrad = true
+        _ = conv(x)
+        Profiler.startCountingFlops()
+        sum(conv(x)).backward()
+        // 2 x Cout x Cin x (tap positions reading the image: 8x8 for the centre, fewer at the
+        // edges; 6x6 + 4 x 6x7 + ... = 484 in all) per image; forward, input and weight gradient.
+        let forward = 2.0 * 4 * 3 * 484 * 2
+        XCTAssertEqual(Profiler.stopCountingFlops(), 3 * forward)
+        _ = conv(x)
+        XCTAssertEqual(Profiler.convolutionFlops, 3 * forward, "not counted once stopped")
+    }
+
     func testTimeCountsForTheInnermostRegionOnly() {
         Profiler.start()
         Profiler.region(.data) {

@@ -1,3 +1,4 @@
+import HRHFCommandLine
 import XCTest
 
 @testable import HRHF
@@ -42,8 +43,9 @@ final class SynthesisTests: XCTestCase {
         let x = randn([2, 3, 16, 16], seed: 4)
         // Each term on its own. The ranking inside top-k can change under a step, so the step is
         // small (1e-3) and the tolerances allow for float32 noise at that step.
+        func saa(_ t: SegInversion.Terms, _ i: Int) -> Tensor { t.objective.named[i].1 }
         let pick: [(SegInversion.Terms) -> Tensor] = [
-            { $0.inside }, { $0.outside }, { $0.absent }, { $0.tv2 + $0.tv1 }, { $0.l2 },
+            { saa($0, 0) }, { saa($0, 1) }, { saa($0, 2) }, { $0.tv2 + $0.tv1 }, { $0.l2 },
         ]
         for term in pick {
             checkGradients([x], samples: 12, step: 1e-3, atol: 3e-3, rtol: 2e-2) { t in
@@ -76,7 +78,27 @@ final class SynthesisTests: XCTestCase {
             XCTAssertTrue(t.areas.allSatisfy { $0 <= o.areaMax })
         }
         XCTAssertThrowsError(
-            try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o))
+            try SegInversion(teacher: model, normalization: card.normalization, classes: [0, 9], options: o)
+        ) { e in
+            XCTAssertEqual((e as? OptionError)?.option, "--classes")
+        }
+        o.resolution = 8
+        XCTAssertThrowsError(
+            try SegInversion(teacher: model, normalization: card.normalization, classes: [2], options: o)
+        ) { e in
+            XCTAssertEqual(e as? OptionError, OptionError(option: "--resolution", "8: at least 16 pixels"))
+        }
+    }
+
+    /// A pack of some classes (as made between steps) still pushes down every other old class.
+    func testAbsentClassesAreEveryOtherForegroundClassOfTheTeacher() throws {
+        let (_, model, card) = try Self.tinyTeacher()
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [4], options: Self.smallOptions())
+        let k = inversion.saaCounts([(classes: [4], areas: [0.2])], classes: 6, pixels: 256)
+        // Classes 1, 2, 3 and 5 absent, each weighing a quarter, each on the top 2% (5 of 256 pixels).
+        XCTAssertEqual(k.absMask, [0, 0.25, 0.25, 0.25, 0, 0.25])
+        XCTAssertEqual(k.kAbs, [0, 5, 5, 5, 0, 5])
     }
 
     func testEveryClassLeadsEquallyManyImagesAcrossBatches() throws {
@@ -102,6 +124,98 @@ final class SynthesisTests: XCTestCase {
         let other = inversion.drawTargets(firstIndex: 0, count: 5, seed: 12, rng: &rng).map { $0.classes[0] }
         XCTAssertEqual(Set(other), Set(classes))
         XCTAssertNotEqual(other, Array(firstOrder.prefix(5)), "the order depends on the seed")
+    }
+
+    func testWithoutSAAEachImageIsOneClassAllOverAndTheLossIsPlainCrossEntropy() throws {
+        let (_, model, card) = try Self.tinyTeacher()
+        var o = Self.smallOptions()
+        o.scaleAwareAggregation = false
+        let inversion = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: o)
+        var rng = SeededGenerator(seed: 3)
+        let targets = inversion.drawTargets(firstIndex: 0, count: 5, seed: 3, rng: &rng)
+        XCTAssertEqual(targets.map(\.classes.count), [1, 1, 1, 1, 1])
+        XCTAssertEqual(Set(targets.map { $0.classes[0] }), [1, 2, 3, 4, 5], "each class leads once")
+        XCTAssertEqual(targets.map(\.areas), Array(repeating: [1], count: 5))
+        let x = randn([2, 3, 16, 16], seed: 4)
+        let pair = Array(targets.prefix(2))
+        let t = inversion.terms(x, targets: pair)
+        let named = t.objective.named
+        XCTAssertEqual(named.map(\.0), ["ce"])
+        // By hand: the mean over the pixels of -log softmax at the image's target class.
+        let logits = withNoGrad { model.run(x).logits }
+        let c = model.numClasses, hw = 16 * 16
+        for b in 0..<2 {
+            var total = 0.0
+            for i in 0..<hw {
+                let row = (0..<c).map { Double(logits.pointer[(b * c + $0) * hw + i]) }
+                let top = row.max()!
+                let logSum = top + log(row.map { exp($0 - top) }.reduce(0, +))
+                total += logSum - row[pair[b].classes[0]]
+            }
+            XCTAssertEqual(Double(named[0].1.pointer[b]), total / Double(hw), accuracy: 1e-5)
+        }
+        // The image's loss is the cross-entropy and the priors: SAA's weights take no part.
+        let per = inversion.perImage(t)
+        var heavier = o
+        (heavier.lambdaOut, heavier.lambdaAbsent) = (100, 100)
+        let other = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: heavier)
+        let perOther = other.perImage(other.terms(x, targets: pair))
+        for b in 0..<2 {
+            let expected = named[0].1.pointer[b] + o.weightTV2 * t.tv2.pointer[b] + o.weightL2 * t.l2.pointer[b]
+            XCTAssertEqual(per.pointer[b], expected, accuracy: 1e-5)
+            XCTAssertEqual(perOther.pointer[b], per.pointer[b])
+        }
+        // With SAA the same images and targets give SAA's three terms and another loss.
+        var withSAA = o
+        withSAA.scaleAwareAggregation = true
+        let saa = try SegInversion(
+            teacher: model, normalization: card.normalization, classes: [1, 2, 3, 4, 5], options: withSAA)
+        let saaTerms = saa.terms(x, targets: pair)
+        XCTAssertEqual(saaTerms.objective.named.map(\.0), ["in", "out", "absent"])
+        XCTAssertGreaterThan(abs(saa.perImage(saaTerms).pointer[0] - per.pointer[0]), 1e-3)
+        checkGradients([x], samples: 12, step: 1e-3, atol: 3e-3, rtol: 2e-2) { v in
+            inversion.terms(v[0], targets: pair).objective.named[0].1
+        }
+    }
+
+    func testANoSAAPackRecordsCrossEntropyAndResumesOnlyWithoutSAA() throws {
+        let teacher = try Self.tinyTeacher()
+        let dir = temporaryDirectory()
+        var o = Self.smallOptions()
+        o.scaleAwareAggregation = false
+        func job(_ options: InversionOptions, _ name: String) -> SynthesisJob {
+            SynthesisJob(
+                teacherURL: teacher.0, model: teacher.1, card: teacher.2, classes: [1, 2, 3, 4, 5], count: 4,
+                options: options, seed: 21, out: dir.appendingPathComponent(name))
+        }
+        let manifest = try job(o, "plain.tar").run(resume: false).manifest
+        let read = try SyntheticPack(url: dir.appendingPathComponent("plain.tar"))
+        XCTAssertEqual(read.manifest, manifest)
+        for r in manifest.images {
+            XCTAssertEqual(r.losses.keys.sorted(), ["bn_batch", "ce", "l2", "tv1", "tv2"])
+            XCTAssertEqual(r.targets.count, 1)
+            XCTAssertEqual(r.targetAreas, [1])
+        }
+        let saaManifest = try job(Self.smallOptions(), "saa.tar").run(resume: false).manifest
+        XCTAssertEqual(
+            saaManifest.images[0].losses.keys.sorted(), ["absent", "bn_batch", "in", "l2", "out", "tv1", "tv2"])
+        // An interrupted run without SAA is not continued with SAA, and is continued without it.
+        XCTAssertThrowsError(try job(o, "cut.tar").run(resume: false, stopAfterBatches: 1))
+        XCTAssertThrowsError(try job(Self.smallOptions(), "cut.tar").run(resume: true)) { e in
+            XCTAssertTrue("\(e)".contains("the interrupted run used other options"), "\(e)")
+        }
+        let resumed = try job(o, "cut.tar").run(resume: true)
+        XCTAssertEqual(resumed.resumedImages, 2)
+        XCTAssertEqual(
+            try Data(contentsOf: dir.appendingPathComponent("cut.tar")),
+            try Data(contentsOf: dir.appendingPathComponent("plain.tar")))
+    }
+
+    func testTheNoSAAFlagTurnsScaleAwareAggregationOff() throws {
+        XCTAssertTrue(try SynthesisOptionGroup.parse([]).options.scaleAwareAggregation)
+        XCTAssertFalse(try SynthesisOptionGroup.parse(["--no-saa"]).options.scaleAwareAggregation)
     }
 
     func testPearson() {
@@ -149,6 +263,14 @@ final class SynthesisTests: XCTestCase {
         XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: false)) { e in
             XCTAssertTrue("\(e)".contains("--resume"))
         }
+        // A damaged batch record is named, not silently synthesised again.
+        let record = URL(fileURLWithPath: c.path + ".partial.d/batches/000000.json")
+        let intact = try Data(contentsOf: record)
+        try Data("[{".utf8).write(to: record)
+        XCTAssertThrowsError(try makeJob(teacher, out: c).run(resume: true)) { e in
+            XCTAssertTrue(e is PackError && "\(e)".contains(record.path) && "\(e)".contains("unreadable"), "\(e)")
+        }
+        try intact.write(to: record)
         let resumed = try makeJob(teacher, out: c).run(resume: true)
         XCTAssertEqual(resumed.resumedImages, 2)
         XCTAssertEqual(resumed.imagesMade, 3)

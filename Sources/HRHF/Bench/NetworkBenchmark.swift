@@ -1,12 +1,5 @@
 import Foundation
 
-/// Multiply-add FLOPs of every convolution run since the last reset (forward and backward),
-/// for whole-network throughput figures. Convolutions run one at a time, so a plain counter.
-public enum FlopCounter {
-    nonisolated(unsafe) public static var flops: Double = 0
-    public static func reset() { flops = 0 }
-}
-
 /// The three workloads the performance issue compares with PyTorch.
 public enum NetworkWorkload: String, CaseIterable, Sendable {
     /// Evaluation forward, batch 1.
@@ -72,9 +65,9 @@ public func benchmarkNetwork(_ arch: ArchitectureDescription, workload: NetworkW
         }
     }
     body()
-    FlopCounter.reset()
+    Profiler.startCountingFlops()
     body()
-    let flops = FlopCounter.flops
+    let flops = Profiler.stopCountingFlops()
     TensorStorage.resetPeakBytes()
     let seconds = medianSeconds(repeats: repeats, body)
     return NetworkBenchResult(

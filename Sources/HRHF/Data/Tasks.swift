@@ -131,7 +131,8 @@ public struct StepProtocol: Sendable {
         )
         var byName: [String: Int] = [:]
         for i in 0..<dataset.count { byName[dataset.name(i)] = i }
-        if let cached = try? readList(file) {
+        if FileManager.default.fileExists(atPath: file.path) {
+            let cached = try readList(file)
             var indices: [Int] = []
             for name in cached {
                 guard let i = byName[name] else {
@@ -162,6 +163,7 @@ public struct StepProtocol: Sendable {
         }
         if let failure { throw failure }
         let indices = keep.indices.filter { keep[$0] }
+        // A cache: on a read-only dataset the list is computed again next time.
         try? FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         try? writeAtomically(Data((indices.map { dataset.name($0) }.joined(separator: "\n") + "\n").utf8), to: file)
         return indices

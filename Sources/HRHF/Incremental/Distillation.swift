@@ -6,7 +6,9 @@ public enum BackgroundHandling: String, Codable, Sendable, CaseIterable {
     case plain
     /// MiB's unbiased cross-entropy.
     case unbiased
-    /// Old-model pseudo-labels on background pixels, entropy-thresholded (PLOP).
+    /// PLOP's: background pixels take the old model's argmax where its entropy is below the
+    /// class's threshold (from the step's training set), else are ignored; each image's
+    /// cross-entropy is scaled by its share of certain background pixels.
     case pseudo
     /// GSC's prototypical pseudo re-labelling; the background pixels it leaves are scored with
     /// the unbiased cross-entropy, since prototypes find only some of the old objects.
@@ -26,8 +28,8 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     /// Score the fake half's background as background-or-new (as its KD does) instead of
     /// background alone.
     public var fakeFoldsNewClasses = true
-    /// Clamp of GSC's step-aware compensation weights. METHOD.md's [0.5, 2] cost 2-4 points of
-    /// all-class mIoU on the held-out Shapes set (tools/tune.sh, docs/tuning.md).
+    /// Clamp of GSC's step-aware compensation weights: narrower than METHOD.md's [0.5, 2], which
+    /// lost old classes on the held-out set (docs/tuning.md).
     public var compensationMin: Float = 0.8
     public var compensationMax: Float = 1.25
     public var softTemperature: Float = 2
@@ -40,11 +42,11 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     /// trusts the old model, and over several steps its errors compound (docs/tuning.md).
     public var prototypeOldConfidence: Float = 0.9
     public var prototypeTemperature: Float = 1
-    /// Pseudo-labels: normalised entropy below this (and below the class's batch median).
-    public var pseudoEntropy: Float = 0.5
+    /// Pseudo-labels: the least entropy threshold of a class (PLOP's `--threshold`).
+    public var pseudoBaseThreshold: Float = 0.001
     /// Batch norm keeps the old model's running statistics during the step (half of every
-    /// batch is synthetic, with other statistics than real test images). Off: with the zoo
-    /// model at lr 0.01 it diverged within 10 iterations.
+    /// batch is synthetic, with other statistics than real test images). Off: training diverged
+    /// with it on the zoo model (docs/tuning.md).
     public var freezeBatchNorm = false
     /// Real batches over which batch norm's running statistics are re-estimated after the step
     /// (torch's update_bn; 0: keep those of training). Off: the weights learn under the mixed
@@ -75,29 +77,11 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
         guard compensationMin > 0 && compensationMin <= compensationMax && compensationMax.isFinite else {
             throw OptionError(option: "compensation range", "\(compensationMin),\(compensationMax): 0 < MIN <= MAX")
         }
+        guard pseudoBaseThreshold.isFinite && pseudoBaseThreshold >= 0 else {
+            throw OptionError(option: "pseudo threshold", "\(pseudoBaseThreshold): a number from 0")
+        }
         guard batchNormRecalibration >= 0 else {
             throw OptionError(option: "bn recalibration", "\(batchNormRecalibration) batches: a count from 0")
         }
     }
-}
-
-/// PLOP-style pseudo-labels: background pixels of real labels take the old model's argmax
-/// when it is an old foreground class and the prediction's normalised entropy is below both
-/// `threshold` and the median entropy of that class's pixels in the batch.
-public func pseudoLabel(_ labels: Labels, oldLogits: Tensor, threshold: Float) -> Labels {
-    let logP = logSoftmax(oldLogits)
-    let (n, c, h, w) = nchw(logP, "pseudo-label")
-    let hw = h * w
-    let argmax = channelArgmax(logP).indices.map(Int.init)
-    // Normalised entropy per pixel: -sum p log p / log C.
-    let entropyMap = sum(exp(logP) * logP, axes: [1]) * (-1 / Foundation.log(Float(c)))
-    let entropy = entropyMap.array
-    var perClass = [[Float]](repeating: [], count: c)
-    for j in 0..<(n * hw) where labels.values[j] == 0 { perClass[argmax[j]].append(entropy[j]) }
-    let medians = perClass.map { v -> Float in v.isEmpty ? 0 : v.sorted()[v.count / 2] }
-    var values = labels.values
-    for j in 0..<(n * hw) where values[j] == 0 && argmax[j] != 0 && entropy[j] <= min(threshold, medians[argmax[j]]) {
-        values[j] = Int32(argmax[j])
-    }
-    return Labels(shape: labels.shape, values: values)
 }

@@ -41,11 +41,7 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?)
     -> Tensor
 {
-    let den = logSumExp(logits)
-    let slices = merged.map { sliceChannels(logits, $0) }
-    let background = logSumExp(slices.count == 1 ? slices[0] : concatChannels(slices)) - den
-    let parts = kept > 1 ? [background, sliceChannels(logits, 1..<kept) - den] : [background]
-    return nllLoss(concatChannels(parts), target, pixelWeights: pixelWeights)
+    channelSetNLL(logits, target, merged: merged, kept: kept, pixelWeights: pixelWeights)
 }
 
 /// MiB's unbiased cross-entropy: the background's probability is that of background or any
@@ -78,18 +74,8 @@ public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: I
 public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil)
     -> Tensor
 {
-    let old = oldLogits.shape[1], c = newLogits.shape[1]
-    precondition(old < c, "unbiased KD: the new model must have more classes")
-    let x = newLogits * (1 / temperature)
-    let q = withNoGrad { softmax(oldLogits * (1 / temperature)) }
-    let den = logSumExp(x)
-    let background = logSumExp(concatChannels([sliceChannels(x, 0..<1), sliceChannels(x, old..<c)])) - den
-    var perPixel = sliceChannels(q, 0..<1) * background
-    if old > 1 {
-        perPixel =
-            perPixel + sum(sliceChannels(q, 1..<old) * (sliceChannels(x, 1..<old) - den), axes: [1], keepDims: true)
-    }
-    return -maskedMean(perPixel, mask) * (1 / Float(old))
+    precondition(oldLogits.shape[1] < newLogits.shape[1], "unbiased KD: the new model must have more classes")
+    return unbiasedDistillationLoss(newLogits, oldLogits, temperature: temperature, mask: mask)
 }
 
 /// LwF's distillation as MiB implements it: the new model's log-softmax over the old classes
@@ -101,21 +87,10 @@ public func plainDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
     return -sum(logP * q) * (1 / Float(logP.count))
 }
 
-/// Mean of an N x 1 x H x W map, over the pixels where `mask` (same shape, 0/1) is 1.
-func maskedMean(_ x: Tensor, _ mask: Tensor?) -> Tensor {
-    guard let mask else { return mean(x) }
-    let count = mask.array.reduce(0, +)
-    return count > 0 ? sum(x * mask) * (1 / count) : sum(x * 0)
-}
-
 /// GSC soft distillation: KL(old || new) between the temperature-softened distributions over
 /// the old classes, on every pixel, times T^2.
 public func softDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float) -> Tensor {
-    let old = oldLogits.shape[1]
-    let logP = logSoftmax(sliceChannels(newLogits, 0..<old) * (1 / temperature))
-    let (q, logQ) = withNoGrad { (softmax(oldLogits * (1 / temperature)), logSoftmax(oldLogits * (1 / temperature))) }
-    let pixels = Float(q.count / old)
-    return sum(q * (logQ - logP)) * (temperature * temperature / pixels)
+    softDistillationLoss(newLogits, oldLogits, temperature: temperature)
 }
 
 /// GSC sharpness: the entropy of the new model's prediction, averaged over the pixels where
@@ -126,9 +101,7 @@ public func sharpEntropy(_ newLogits: Tensor, _ oldLogits: Tensor, confidence: F
         let best = channelArgmax(softmax(oldLogits)).values
         return Tensor(shape: [n, 1, h, w], values: best.map { $0 >= confidence ? 1 : 0 })
     }
-    let logP = logSoftmax(newLogits)
-    let entropy = -sum(exp(logP) * logP, axes: [1], keepDims: true)
-    return maskedMean(entropy, mask)
+    return maskedMeanEntropy(newLogits, mask: mask)
 }
 
 /// GSC relation distillation: for each old class the old model predicts in the batch, the mean
@@ -164,30 +137,41 @@ public func gradientCompensationWeights(
     backgroundIncludes merged: Range<Int>? = nil
 ) -> Tensor {
     withNoGrad {
-        let p = softmax(logits)
-        let (n, c, h, w) = nchw(p, "gradient compensation")
+        let (n, c, h, w) = nchw(logits, "gradient compensation")
         let hw = h * w
-        if let merged {
-            // The background's probability as the cross-entropy beside it scores it.
-            for b in 0..<n {
-                for k in merged {
-                    for i in 0..<hw { p.pointer[b * c * hw + i] += p.pointer[(b * c + k) * hw + i] }
+        precondition(target.count == n * hw, "gradient compensation: labels \(target.shape) for \(logits.shape)")
+        // Per pixel of an earlier step's class: g = (1 - p(y))^z, p(y) from the logsumexp over
+        // the label's channels (background with `merged`) less that over all of them.
+        let background = [0..<1] + (merged.map { [$0] } ?? [])
+        var g = [Float](repeating: 0, count: n * hw)
+        let px = logits.pointer
+        target.values.withUnsafeBufferPointer { labels in
+            g.withUnsafeMutableBufferPointer { g in
+                forEachPixelBlock(n: n, c: c, inner: hw) { b, i0, count in
+                    let j0 = b * hw + i0, x = px + b * c * hw + i0
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+                        let all = scratch.baseAddress!, own = all + count
+                        blockLogSumExp(x, channels: [0..<c], scale: 1, inner: hw, count: count, into: all)
+                        blockLogSumExp(x, channels: background, scale: 1, inner: hw, count: count, into: own)
+                        for i in 0..<count {
+                            let y = Int(labels[j0 + i])
+                            guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
+                            let logP = y == 0 ? own[i] - all[i] : x[y * hw + i] - all[i]
+                            g[j0 + i] = Foundation.pow(max(1 - Foundation.exp(logP), 0), z)
+                        }
+                    }
                 }
             }
         }
-        let weights = Tensor(zeros: target.shape)
-        var g = [Float](repeating: 0, count: n * hw)
         var groupSum = [Double](repeating: 0, count: currentStep + 1),
             groupCount = [Int](repeating: 0, count: currentStep + 1)
         for j in 0..<(n * hw) {
             let y = Int(target.values[j])
-            guard y != 255, y < c else { continue }
-            let step = stepOfClass[y]
-            guard step < currentStep else { continue }
-            g[j] = Foundation.pow(max(1 - p.pointer[(j / hw * c + y) * hw + j % hw], 0), z)
-            groupSum[step] += Double(g[j])
-            groupCount[step] += 1
+            guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
+            groupSum[stepOfClass[y]] += Double(g[j])
+            groupCount[stepOfClass[y]] += 1
         }
+        let weights = Tensor(zeros: target.shape)
         for j in 0..<(n * hw) {
             let y = Int(target.values[j])
             guard y != 255, y < c else { continue }

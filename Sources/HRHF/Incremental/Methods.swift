@@ -7,9 +7,13 @@ public enum BatchHalf: String, Codable, Sendable, CaseIterable {
 
 /// How the new classifier rows of a step start.
 public enum ClassifierInitialisation: String, Codable, Sendable {
-    /// MiB's: each new row is the background row; their biases and the background's become
-    /// b_bg - log(new classes + 1), so the background's probability is shared, not changed.
+    /// MiB's (and PLOP's `init_balanced`): each new row is the background row; their biases and
+    /// the background's become b_bg - log(new classes + 1), so the background's probability is
+    /// shared, not changed.
     case background
+    /// PyTorch's default for a new 1x1 convolution, as MiB's code leaves the rows of methods
+    /// without `init_balanced` (FT, LwF): weights and biases uniform in +-1/sqrt(input channels).
+    case random
 }
 
 /// The images and labels a step trains on.
@@ -33,6 +37,10 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
     case feat
     /// GSC's soft distillation, sharpness and relation terms.
     case soft, sharp, rel
+    /// PLOP's Local POD: the backbone stages' residual sums, the head features and the logits
+    /// (new classes added to the background's), each squared and pooled per region at scales
+    /// 1, 2 and 4; the logits' distance weighs 1/20 of the others' (PLOP's 0.0005 beside 0.01).
+    case pod
 
     /// The term's value on `half` of what the step computed.
     func value(on half: BatchHalf, _ batch: StepBatch) -> Tensor {
@@ -54,6 +62,11 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
             return sharpEntropy(new, old, confidence: options.sharpConfidence)
         case .rel:
             return relationDistillation(new, old)
+        case .pod:
+            let maps = batch.podMaps(half)
+            return localPOD(
+                new: maps.new, old: maps.old, oldClasses: batch.oldClasses,
+                newClasses: new.shape[1] - batch.oldClasses, factor: 1, logitsFactor: 0.05)
         }
     }
 }
@@ -156,12 +169,13 @@ extension Method {
     // GSC's weights were chosen on a held-out Shapes set (tools/tune.sh; docs/tuning.md): METHOD.md's
     // 1 / 0.1 / 1 cost 2-4 points of all-class mIoU there.
     public static let table: [Method] = [
-        Method("ft", [real(.ce)], background: .plain),
-        Method("lwf", [real(.ce), real(.lwfKD, 10)], background: .plain),
+        // The baselines as their authors' code runs them (MiB's argparser.py, PLOP's train.py).
+        Method("ft", [real(.ce)], background: .plain, classifier: .random),
+        Method("lwf", [real(.ce), real(.lwfKD, 100)], background: .plain, classifier: .random),
         Method("mib", [real(.ce), real(.kd, 10)], background: .unbiased),
-        Method("plop", [real(.ce), real(.lwfKD, 10)], background: .pseudo),
+        Method("plop", [real(.ce), real(.pod, 0.01)], background: .pseudo),
         Method(
-            "gsc", [real(.ce), real(.kd, 10), both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+            "gsc", [real(.ce), both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
             background: .proto, gradientCompensation: true),
         Method("hrhf", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10)], background: .unbiased),
         Method(
@@ -195,7 +209,11 @@ extension Method {
         Method(
             "hrhf+gsc-no-soft-sharp", [real(.ce), real(.kd, 10), fake(.ce), fake(.kd, 10), both(.rel, 0.25)],
             background: .proto, gradientCompensation: true),
-        Method("joint", [real(.ce)], background: .plain, trainingSet: .allSteps),
+        // hrhf+gsc with the pack read for prototypes only: what the synthetic images add as a half.
+        Method(
+            "hrhf+gsc-no-fake", [real(.ce), real(.kd, 10), both(.soft, 0.25), both(.sharp, 0.02), both(.rel, 0.25)],
+            background: .proto, gradientCompensation: true),
+        Method("joint", [real(.ce)], background: .plain, classifier: .random, trainingSet: .allSteps),
     ]
 
     public static func named(_ name: String) throws -> Method {
@@ -243,6 +261,10 @@ struct StepBatch {
     let step: Int
     /// The real half's labels after the method's background handling.
     var labels: Labels
+    /// Weights of the real half's cross-entropy pixels from the background handling (PLOP's).
+    var realPixelWeights: Tensor?
+    /// For Local POD, each model's maps (stage sums, head features, logits at the features' size).
+    var pod: (new: [Tensor], old: [Tensor])?
 
     init(
         options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
@@ -275,10 +297,20 @@ struct StepBatch {
     }
 
     func features(_ half: BatchHalf) -> (new: Tensor, old: Tensor) {
-        let n = new.features.shape[0]
+        halfOf(half, new.features, old.features)
+    }
+
+    /// The images of `half` in a new and an old map of the whole batch.
+    func halfOf(_ half: BatchHalf, _ newMap: Tensor, _ oldMap: Tensor) -> (new: Tensor, old: Tensor) {
+        let n = newMap.shape[0]
         let range = half == .fake ? realCount..<n : 0..<(half == .real ? realCount : n)
-        guard range != 0..<n else { return (new.features, old.features) }
-        return (sliceBatch(new.features, range), withNoGrad { sliceBatch(old.features, range) })
+        guard range != 0..<n else { return (newMap, oldMap) }
+        return (sliceBatch(newMap, range), withNoGrad { sliceBatch(oldMap, range) })
+    }
+
+    func podMaps(_ half: BatchHalf) -> (new: [Tensor], old: [Tensor]) {
+        let halves = zip(pod!.new, pod!.old).map { halfOf(half, $0, $1) }
+        return (halves.map(\.new), halves.map(\.old))
     }
 
     /// The cross-entropy of `half`: real images on the step's labels (old objects scored as
@@ -293,7 +325,9 @@ struct StepBatch {
                 ? unbiasedCrossEntropy(
                     new, labels, oldClasses: oldClasses,
                     pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses))
-                : HRHF.crossEntropy(new, labels, pixelWeights: compensation(new, labels, backgroundIncludes: nil))
+                : HRHF.crossEntropy(
+                    new, labels,
+                    pixelWeights: product(realPixelWeights, compensation(new, labels, backgroundIncludes: nil)))
         }
         precondition(half == .fake, "validated: the cross-entropy reads one half")
         let fakeLabels = withNoGrad { confidentLabels(old, threshold: options.fakeConfidence) }
@@ -302,6 +336,11 @@ struct StepBatch {
                 new, fakeLabels, oldClasses: oldClasses,
                 pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes))
             : HRHF.crossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
+    }
+
+    func product(_ a: Tensor?, _ b: Tensor?) -> Tensor? {
+        guard let a, let b else { return a ?? b }
+        return a * b
     }
 
     /// GSC's step-aware pixel weights when the method compensates its cross-entropy.

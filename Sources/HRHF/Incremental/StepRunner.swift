@@ -57,13 +57,15 @@ public struct StepData {
 }
 
 /// A step's models: the old one (frozen, in evaluation mode), the new one grown from it as the
-/// method says, and the old model's class prototypes for prototypical re-labelling.
+/// method says, the old model's class prototypes for prototypical re-labelling and its
+/// pseudo-labelling thresholds for PLOP's.
 public struct StepModels {
     public let old: DeepLabV3
     public let oldCard: ModelCard
     public let model: DeepLabV3
     public let card: ModelCard
     public let prototypes: Prototypes?
+    public let pseudoThresholds: PseudoLabelThresholds?
     /// The step that added each class of the new model.
     let stepOfClass: [Int]
 
@@ -87,7 +89,7 @@ public struct StepModels {
 
     init(
         old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, proto: StepProtocol, data: StepData,
-        packs: [SyntheticPack], options: DistillationOptions
+        packs: [SyntheticPack], options: DistillationOptions, seed: UInt64
     ) throws {
         try Self.check(old: old, proto: proto)
         let (task, step) = (proto.task, proto.step)
@@ -98,15 +100,27 @@ public struct StepModels {
         let newClassNames = task.classes(at: step).map {
             $0 < train.classNames.count ? train.classNames[$0] : "class \($0)"
         }
-        switch options.method.classifier {
-        case .background: (model, card) = try extendModel(old, card: oldCard, newClassNames: newClassNames, step: step)
-        }
+        (model, card) = try extendModel(
+            old, card: oldCard, newClassNames: newClassNames, step: step,
+            initialisation: options.method.classifier, seed: seed)
         if options.splitBatchNorm && options.usesFakeHalf {
             for (_, m) in model.namedModules() { (m as? BatchNorm2d)?.batchSplit = data.realPerBatch }
         }
         var steps = [Int](repeating: step, count: card.classes.count)
         for h in card.history { for c in h.classes where c < steps.count { steps[c] = h.step } }
         stepOfClass = steps
+        if options.method.background == .pseudo {
+            // One pass over the step's training batches, as PLOP's find_median does before training.
+            let loader = data.realLoader
+            pseudoThresholds = try PseudoLabelThresholds.measure(
+                batches: loader.batchesPerEpoch, classesAfterStep: card.classes.count, base: options.pseudoBaseThreshold
+            ) { i in
+                let batch = try loader.batch(i)
+                return (withNoGrad { old.run(batch.images).logits }, batch.labels)
+            }
+        } else {
+            pseudoThresholds = nil
+        }
         guard options.method.background == .proto else {
             prototypes = nil
             return
@@ -150,7 +164,7 @@ public final class DistillationStep {
             normalization: oldCard.normalization, auditRelabelling: auditRelabelling)
         models = try StepModels(
             old: old, oldCard: oldCard, train: train, proto: proto, data: data, packs: packs,
-            options: options)
+            options: options, seed: config.seed)
         relabelAudit = data.auditLoader == nil ? nil : RelabelAudit(classes: old.numClasses)
     }
 
@@ -163,18 +177,35 @@ public final class DistillationStep {
         let fakeImages = try Profiler.region(.data) { try data.fakeSampler?.batch(it) }
         let x = fakeImages.map { concatBatch([real.images, $0]) } ?? real.images
         let size = (x.shape[2], x.shape[3])
-        let oldOut = withNoGrad { models.old.run(x, upsample: false) }
+        let localPOD = options.method.terms.contains { $0.term == .pod }
+        let oldOut = withNoGrad { models.old.run(x, upsample: false, stageSums: localPOD) }
         let oldLogits = withNoGrad { resizeBilinear(oldOut.logits, size: size) }
-        let newOut = models.model.run(x)
+        var newOut: SegmentationOutput
+        var newSmallLogits: Tensor?
+        if localPOD {
+            newOut = models.model.run(x, upsample: false, stageSums: true)
+            newSmallLogits = newOut.logits
+            newOut.logits = resizeBilinear(newOut.logits, size: size)
+        } else {
+            newOut = models.model.run(x)
+        }
         var batch = StepBatch(
             options: options, new: (newOut.logits, newOut.features),
             old: (oldLogits, oldOut.features), realCount: data.realPerBatch, labels: real.labels,
             oldClasses: models.old.numClasses, stepOfClass: models.stepOfClass, step: proto.step)
+        if let newSmallLogits {
+            batch.pod = (
+                newOut.stageSums + [newOut.features, newSmallLogits],
+                oldOut.stageSums + [oldOut.features, oldOut.logits]
+            )
+        }
         switch options.method.background {
         case .plain, .unbiased: break
         case .pseudo:
-            batch.labels = withNoGrad {
-                pseudoLabel(real.labels, oldLogits: batch.oldReal, threshold: options.pseudoEntropy)
+            (batch.labels, batch.realPixelWeights) = withNoGrad {
+                plopPseudoLabels(
+                    real.labels, oldLogits: batch.oldReal, oldClasses: models.old.numClasses,
+                    thresholds: models.pseudoThresholds!)
             }
         case .proto:
             let oldFeatures = batch.features(.real).old

@@ -32,21 +32,37 @@ public struct InversionOptions: Codable, Equatable, Sendable {
     public var weightL2: Float = 0.01
     /// Share of the iterations run first at half resolution (0: off).
     public var warmStart: Float = 0
+    /// Scale-Aware Aggregation's terms (METHOD.md). Off (the ablation): each image has one target
+    /// class over all its pixels and plain DeepInversion-style cross-entropy replaces them.
+    public var scaleAwareAggregation: Bool {
+        get { scaleAwareAggregationRecord ?? true }
+        set { scaleAwareAggregationRecord = newValue ? nil : false }
+    }
+    /// In the manifest only when off, so that packs made with SAA keep their bytes.
+    var scaleAwareAggregationRecord: Bool?
+
+    enum CodingKeys: String, CodingKey {
+        case iterations, learningRate, warmup, batchSize, resolution, jitter, flip, maxClasses, areaMin, areaMax
+        case areaTotalMax, margin, absentFraction, lambdaOut, lambdaAbsent, weightBN, firstBNMultiplier, weightTV2
+        case weightTV1, weightL2, warmStart
+        case scaleAwareAggregationRecord = "scaleAwareAggregation"
+    }
 
     public init() {}
 
     public func validate() throws {
-        func fail(_ s: String) -> WeightFileError { WeightFileError(file: "synthesis options", s) }
-        guard iterations >= 1, batchSize >= 1, resolution >= 16 else {
-            throw fail("iterations, batch and resolution must be positive")
+        guard iterations >= 1, batchSize >= 1 else {
+            throw OptionError(option: "--synth-iterations, --synth-batch", "at least 1 each")
         }
-        guard maxClasses >= 1 else { throw fail("at least one class per image") }
+        guard resolution >= 16 else { throw OptionError(option: "--resolution", "\(resolution): at least 16 pixels") }
+        guard maxClasses >= 1 else { throw OptionError(option: "--classes-per-image", "at least one class per image") }
         guard areaMin > 0, areaMin <= areaMax, areaMax < 1, areaTotalMax < 1, areaTotalMax >= areaMin else {
-            throw fail("areas need 0 < min <= max < 1 and min <= total max < 1")
+            throw OptionError(
+                option: "--area-min, --area-max, --area-total", "areas need 0 < min <= max < 1 and min <= total < 1")
         }
-        guard warmStart >= 0 && warmStart < 1, margin >= 0, absentFraction > 0 else {
-            throw fail("warm start in [0, 1), margin >= 0")
-        }
+        guard warmStart >= 0 && warmStart < 1 else { throw OptionError(option: "--warm-start", "a share in [0, 1)") }
+        guard margin >= 0 else { throw OptionError(option: "--margin", "\(margin): at least 0") }
+        guard absentFraction > 0 else { throw OptionError(option: "--absent-fraction", "above 0") }
     }
 }
 
@@ -84,17 +100,24 @@ public final class SegInversion {
     public let normalization: Normalization
     /// The old foreground classes images are made of.
     public let classes: [Int]
+    /// Every foreground class of the teacher: those outside an image's targets are its absent
+    /// classes, even when the pack holds only some of them (a pack made between steps).
+    var foreground: Range<Int> { 1..<teacher.numClasses }
     public let options: InversionOptions
     let recorder: BatchNormStatisticsRecorder
 
     public init(teacher: DeepLabV3, normalization: Normalization, classes: [Int], options: InversionOptions) throws {
         try options.validate()
         guard !classes.isEmpty, classes.allSatisfy({ $0 >= 1 && $0 < teacher.numClasses }) else {
-            throw WeightFileError(
-                file: "synthesis",
-                "classes \(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
+            throw OptionError(
+                option: "--classes",
+                "\(classes) must be foreground classes of the teacher (1-\(teacher.numClasses - 1))")
         }
-        try teacher.checkInput(height: options.resolution, width: options.resolution, name: "synthesis resolution")
+        do {
+            try teacher.checkInput(height: options.resolution, width: options.resolution, name: "synthesis")
+        } catch let error as WeightFileError {
+            throw OptionError(option: "--resolution", error.problem)
+        }
         self.teacher = teacher
         self.normalization = normalization
         self.classes = classes
@@ -116,7 +139,8 @@ public final class SegInversion {
     /// Every class is drawn equally often: image i leads with class `order[i mod C]`, `order` a
     /// permutation fixed by the run's `seed` (so shards agree), and takes up to maxClasses - 1
     /// others at random. Drawing every class independently left some classes in a 64-image
-    /// pack with 4 images and others with 13.
+    /// pack with 4 images and others with 13. Without SAA an image is its lead class alone, all
+    /// over (area 1).
     func drawTargets(firstIndex: Int, count: Int, seed: UInt64, rng: inout SeededGenerator) -> [(
         classes: [Int], areas: [Float]
     )] {
@@ -124,6 +148,7 @@ public final class SegInversion {
         let order = classes.shuffled(using: &orderRNG)
         return (firstIndex..<(firstIndex + count)).map { i in
             let lead = order[i % order.count]
+            guard options.scaleAwareAggregation else { return ([lead], [1]) }
             let k = 1 + Int(rng.next() % UInt64(min(options.maxClasses, classes.count)))
             let others = classes.filter { $0 != lead }.shuffled(using: &rng).prefix(k - 1)
             let picked = ([lead] + others).sorted()
@@ -147,8 +172,26 @@ public final class SegInversion {
     /// Per-image loss terms of one forward pass, each a length-B tensor, and the batch-level
     /// feature-statistics term.
     struct Terms {
-        var inside, outside, absent, tv2, tv1, l2: Tensor
+        var objective: Objective
+        var tv2, tv1, l2: Tensor
         var bn: Tensor
+    }
+
+    /// What pulls each image towards its targets.
+    enum Objective {
+        /// SAA (in), SAA (out) and the absent-class term.
+        case scaleAware(inside: Tensor, outside: Tensor, absent: Tensor)
+        /// DeepInversion-style cross-entropy of every pixel against the image's one target class.
+        case wholeImage(crossEntropy: Tensor)
+
+        /// The per-image terms under the names a pack's records give them.
+        var named: [(String, Tensor)] {
+            switch self {
+            case .scaleAware(let inside, let outside, let absent):
+                [("in", inside), ("out", outside), ("absent", absent)]
+            case .wholeImage(let crossEntropy): [("ce", crossEntropy)]
+            }
+        }
     }
 
     /// Total variation over the four neighbour directions, per image: mean squared (L2) and
@@ -199,7 +242,7 @@ public final class SegInversion {
             }
             kIn[i * c] = max(1, hw - used)
             inMask[i * c] = 1
-            let absent = classes.filter { !t.classes.contains($0) }
+            let absent = foreground.filter { !t.classes.contains($0) }
             for cls in absent {
                 kAbs[i * c + cls] = kMin
                 absMask[i * c + cls] = 1 / Float(absent.count)
@@ -213,16 +256,25 @@ public final class SegInversion {
         let c = teacher.numClasses
         recorder.reset()
         let logits = teacher.run(x).logits
-        let logP = logSoftmax(logits), p = exp(logP)
-        let k = saaCounts(targets, classes: c, pixels: h * w)
+        let logP = logSoftmax(logits)
         func constant(_ v: [Float]) -> Tensor { Tensor(shape: [b, c], values: v) }
-        // SAA (in): mean of the top-K log-probabilities of each target class and background.
-        let inside = -sum(spatialTopKMean(logP, k: k.kIn) * constant(k.inMask), axes: [1])
-        // SAA (out): mean probability of the class beyond its K (1 + margin) strongest pixels.
-        let pSums = sum(p, axes: [2, 3])
-        let outside = sum(pSums * constant(k.outA) - spatialTopKMean(p, k: k.kOut) * constant(k.outB), axes: [1])
-        // Absent old classes: their strongest responses pushed down.
-        let absent = sum(spatialTopKMean(p, k: k.kAbs) * constant(k.absMask), axes: [1])
+        let objective: Objective
+        if options.scaleAwareAggregation {
+            let k = saaCounts(targets, classes: c, pixels: h * w)
+            let p = exp(logP)
+            // SAA (in): mean of the top-K log-probabilities of each target class and background.
+            let inside = -sum(spatialTopKMean(logP, k: k.kIn) * constant(k.inMask), axes: [1])
+            // SAA (out): mean probability of the class beyond its K (1 + margin) strongest pixels.
+            let pSums = sum(p, axes: [2, 3])
+            let outside = sum(pSums * constant(k.outA) - spatialTopKMean(p, k: k.kOut) * constant(k.outB), axes: [1])
+            // Absent old classes: their strongest responses pushed down.
+            let absent = sum(spatialTopKMean(p, k: k.kAbs) * constant(k.absMask), axes: [1])
+            objective = .scaleAware(inside: inside, outside: outside, absent: absent)
+        } else {
+            var target = [Float](repeating: 0, count: b * c)
+            for (i, t) in targets.enumerated() { target[i * c + t.classes[0]] = 1 }
+            objective = .wholeImage(crossEntropy: -sum(mean(logP, axes: [2, 3]) * constant(target), axes: [1]))
+        }
         let (tv2, tv1) = Self.totalVariation(x)
         let l2 = sqrt(mean(square(x), axes: [1, 2, 3]) + 1e-12)
         var bn = Tensor(scalar: 0)
@@ -233,11 +285,16 @@ public final class SegInversion {
                 * (sqrt(sum(square(r.mean - r.runningMean)) + 1e-12)
                     + sqrt(sum(square(r.variance - r.runningVar)) + 1e-12))
         }
-        return Terms(inside: inside, outside: outside, absent: absent, tv2: tv2, tv1: tv1, l2: l2, bn: bn)
+        return Terms(objective: objective, tv2: tv2, tv1: tv1, l2: l2, bn: bn)
     }
 
     func perImage(_ t: Terms) -> Tensor {
-        let task: Tensor = t.inside + options.lambdaOut * t.outside + options.lambdaAbsent * t.absent
+        let task: Tensor
+        switch t.objective {
+        case .scaleAware(let inside, let outside, let absent):
+            task = inside + options.lambdaOut * outside + options.lambdaAbsent * absent
+        case .wholeImage(let crossEntropy): task = crossEntropy
+        }
         let priors: Tensor = options.weightTV2 * t.tv2 + options.weightTV1 * t.tv1 + options.weightL2 * t.l2
         return task + priors
     }
@@ -371,7 +428,7 @@ public final class SegInversion {
             }
             let tg = targets[b]
             let absentMax =
-                classes.filter { !tg.classes.contains($0) }.map { Double(counts[$0]) / Double(hw) }.max() ?? 0
+                foreground.filter { !tg.classes.contains($0) }.map { Double(counts[$0]) / Double(hw) }.max() ?? 0
             let index = firstIndex + b
             let record = SynthesisRecord(
                 index: index, image: String(format: "images/%06d.png", index),
@@ -379,12 +436,10 @@ public final class SegInversion {
                 targets: tg.classes, targetAreas: tg.areas.map { Double($0) },
                 achievedAreas: tg.classes.map { Double(counts[$0]) / Double(hw) }, absentMaxArea: absentMax,
                 teacherConfidence: confidence / Double(hw),
-                losses: [
-                    "in": Double(t.inside.pointer[b]), "out": Double(t.outside.pointer[b]),
-                    "absent": Double(t.absent.pointer[b]),
-                    "tv2": Double(t.tv2.pointer[b]), "tv1": Double(t.tv1.pointer[b]), "l2": Double(t.l2.pointer[b]),
-                    "bn_batch": Double(t.bn.item),
-                ],
+                losses: Dictionary(
+                    uniqueKeysWithValues: (t.objective.named + [("tv2", t.tv2), ("tv1", t.tv1), ("l2", t.l2)]).map {
+                        ($0.0, Double($0.1.pointer[b]))
+                    } + [("bn_batch", Double(t.bn.item))]),
                 seed: seed, batch: batch)
             return SynthesizedImage(image: normalization.image(best, index: b), label: mask, record: record)
         }

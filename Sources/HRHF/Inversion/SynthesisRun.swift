@@ -86,7 +86,7 @@ public struct SynthesisJob {
         let mine = batches
         // Batches an interrupted run finished: their record files, written last, are complete.
         var finished: [Int: [SynthesisRecord]] = [:]
-        if resuming { for b in mine { finished[b] = completedRecords(b) } }
+        if resuming { for b in mine { finished[b] = try completedRecords(b) } }
         let resumedImages = finished.values.reduce(0) { $0 + $1.count }
         started?(
             resuming
@@ -118,6 +118,7 @@ public struct SynthesisJob {
             madeBatches += 1
         }
         let manifest = try writePack(records: records, teacherSHA: teacherSHA)
+        // The pack is complete: a work directory left behind costs disk space, nothing else.
         try? fm.removeItem(at: workDirectory)
         return Outcome(
             manifest: manifest, seconds: Date().timeIntervalSince(start), imagesMade: made,
@@ -139,10 +140,13 @@ public struct SynthesisJob {
                 throw PackError(
                     file: workDirectory.path, "an interrupted run is here: pass --resume to continue it, or delete it")
             }
-            guard let data = try? Data(contentsOf: identityURL),
-                let previous = try? JSONDecoder().decode(Identity.self, from: data),
-                previous == identity
-            else {
+            let previous: Identity
+            do {
+                previous = try JSONDecoder().decode(Identity.self, from: Data(contentsOf: identityURL))
+            } catch {
+                throw PackError(file: identityURL.path, "cannot read the interrupted run's description: \(error)")
+            }
+            guard previous == identity else {
                 throw PackError(
                     file: identityURL.path, "the interrupted run used other options, seed, classes or teacher")
             }
@@ -161,9 +165,14 @@ public struct SynthesisJob {
     }
 
     /// The records of a batch an earlier run completed, or nil.
-    private func completedRecords(_ batch: Int) -> [SynthesisRecord]? {
-        guard let data = try? Data(contentsOf: recordURL(batch)) else { return nil }
-        return try? JSONDecoder().decode([SynthesisRecord].self, from: data)
+    private func completedRecords(_ batch: Int) throws -> [SynthesisRecord]? {
+        let url = recordURL(batch)
+        guard FileManager.default.fileExists(atPath: url.path) else { return nil }
+        do {
+            return try JSONDecoder().decode([SynthesisRecord].self, from: Data(contentsOf: url))
+        } catch {
+            throw PackError(file: url.path, "an interrupted run's batch record is unreadable (\(error)): delete it")
+        }
     }
 
     /// Assembles the pack from the work directory's images and labels.
@@ -207,7 +216,7 @@ public struct SynthesisJob {
             let resuming = try openWorkDirectory(resume: resume, teacherSHA: teacherSHA)
             var finished: [Int] = []
             for b in batches {
-                if let done = completedRecords(b) {
+                if let done = try completedRecords(b) {
                     records += done
                     finished.append(b)
                 } else {
@@ -258,6 +267,7 @@ public struct SynthesisJob {
         var written = Data()
         if communicator.isRoot {
             written = try encoder.encode(try writePack(records: records, teacherSHA: teacherSHA))
+            // The pack is complete: a work directory left behind costs disk space, nothing else.
             try? FileManager.default.removeItem(at: workDirectory)
         }
         let manifest = try JSONDecoder().decode(PackManifest.self, from: communicator.broadcast(written))

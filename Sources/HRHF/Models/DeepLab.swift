@@ -99,6 +99,9 @@ public struct SegmentationOutput {
     public var logits: Tensor
     public var features: Tensor
     public var auxLogits: Tensor?
+    /// With `run(_:stageSums: true)`: each backbone stage's last residual sum before its
+    /// activation (what PLOP's Local POD distils); empty otherwise.
+    public var stageSums: [Tensor] = []
 }
 
 /// DeepLabV3 in either flavour, built from its description. Channel k of the logits is class k.
@@ -184,31 +187,42 @@ public final class DeepLabV3: Module {
         }
     }
 
-    /// Logits (upsampled bilinearly to the input size when `upsample`), features, aux logits.
-    public func run(_ x: Tensor, upsample: Bool = true) -> SegmentationOutput {
-        Profiler.network { layersForward(x, upsample: upsample) }
+    /// Logits (upsampled bilinearly to the input size when `upsample`), features, aux logits,
+    /// and with `stageSums` the backbone stages' residual sums.
+    public func run(_ x: Tensor, upsample: Bool = true, stageSums: Bool = false) -> SegmentationOutput {
+        Profiler.network { layersForward(x, upsample: upsample, stageSums: stageSums) }
     }
 
-    private func layersForward(_ x: Tensor, upsample: Bool) -> SegmentationOutput {
+    private func layersForward(_ x: Tensor, upsample: Bool, stageSums keepSums: Bool) -> SegmentationOutput {
         _ = nchw(x, "DeepLabV3")
         precondition(x.shape[1] == 3, "DeepLabV3 expects 3-channel images, got \(x.shape)")
         let size = (x.shape[2], x.shape[3])
         var aux: Tensor?
         var features: Tensor
+        var sums: [Tensor] = []
         if let backbone = torchvisionBackbone {
-            let (c3, c4) = backbone.features(x)
+            let (c3, c4): (Tensor, Tensor)
+            if keepSums {
+                (c3, c4, sums) = backbone.featuresKeepingSums(x)
+            } else {
+                (c3, c4) = backbone.features(x)
+            }
             features = runLayers(headLayers, c4)
             if let auxClassifier {
                 aux = auxClassifier(c3)
                 if upsample { aux = resizeBilinear(aux!, size: size) }
             }
+        } else if keepSums {
+            let body: Tensor
+            (body, sums) = mibBody!.forwardKeepingSums(x)
+            features = headLayers[0](body)
         } else {
             features = headLayers[0](mibBody!(x))
         }
         let parts = classifiers.map { $0(features) }
         var logits = parts.count == 1 ? parts[0] : concatChannels(parts)
         if upsample { logits = resizeBilinear(logits, size: size) }
-        return SegmentationOutput(logits: logits, features: features, auxLogits: aux)
+        return SegmentationOutput(logits: logits, features: features, auxLogits: aux, stageSums: sums)
     }
 
     public override func forward(_ x: Tensor) -> Tensor { run(x).logits }

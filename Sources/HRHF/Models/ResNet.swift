@@ -63,6 +63,20 @@ public final class TorchvisionResNet: Module {
         return (c3, stages[3](c3))
     }
 
+    /// As `features`, with each stage's last residual sum before its ReLU.
+    func featuresKeepingSums(_ x: Tensor) -> (stage3: Tensor, stage4: Tensor, sums: [Tensor]) {
+        var h = maxPool2d(convNorm(x, conv1, bn1, relu: true), kernel: 3, stride: 2, padding: 1)
+        var sums: [Tensor] = []
+        var c3 = h
+        for (i, stage) in stages.enumerated() {
+            let (output, sum) = runStageKeepingSum(stage, h)
+            sums.append(sum)
+            h = output
+            if i == 2 { c3 = h }
+        }
+        return (c3, h, sums)
+    }
+
     public override func forward(_ x: Tensor) -> Tensor { features(x).stage4 }
 }
 
@@ -111,6 +125,13 @@ public final class MiBResidualBlock: Module {
     public override func forward(_ x: Tensor) -> Tensor {
         let residual = projConv.map { convNorm(x, $0, projBN!) } ?? x
         return leakyRelu(convs(x) + residual, slope: mibSlope)
+    }
+}
+
+extension MiBResidualBlock: ResidualBlock {
+    func forwardKeepingSum(_ x: Tensor) -> (output: Tensor, sum: Tensor) {
+        let sum = convs(x) + (projConv.map { convNorm(x, $0, projBN!) } ?? x)
+        return (leakyRelu(sum, slope: mibSlope), sum)
     }
 }
 
@@ -170,6 +191,18 @@ public final class MiBResNet: Module {
 
     public override func forward(_ x: Tensor) -> Tensor {
         stages.reduce(mod1(x)) { $1($0) }
+    }
+
+    /// The output and each stage's last residual sum before its activation.
+    func forwardKeepingSums(_ x: Tensor) -> (output: Tensor, sums: [Tensor]) {
+        var h = mod1(x)
+        var sums: [Tensor] = []
+        for stage in stages {
+            let (output, sum) = runStageKeepingSum(stage, h)
+            sums.append(sum)
+            h = output
+        }
+        return (h, sums)
     }
 }
 

@@ -37,6 +37,32 @@ public final class Bottleneck: Module {
         out = convNorm(out, conv3, bn3)
         return addRelu(out, downsample?(x) ?? x)
     }
+
+    func forwardKeepingSum(_ x: Tensor) -> (output: Tensor, sum: Tensor) {
+        var out = convNorm(x, conv1, bn1, relu: true)
+        out = convNorm(out, conv2, bn2, relu: true)
+        let sum = convNorm(out, conv3, bn3) + (downsample?(x) ?? x)
+        return (relu(sum), sum)
+    }
+}
+
+/// A residual block whose sum before its last activation can be read: PLOP's Local POD distils
+/// that of each stage's last block (its ResNet returns them as "attentions").
+protocol ResidualBlock: Module {
+    func forwardKeepingSum(_ x: Tensor) -> (output: Tensor, sum: Tensor)
+}
+
+extension Bottleneck: ResidualBlock {}
+extension BasicBlock: ResidualBlock {}
+
+/// A ResNet stage's output and its last block's sum before the activation.
+func runStageKeepingSum(_ stage: Sequential, _ x: Tensor) -> (output: Tensor, sum: Tensor) {
+    let blocks = stage.children.map(\.module)
+    let h = runLayers(Array(blocks.dropLast()), x)
+    guard let last = blocks.last as? ResidualBlock else {
+        preconditionFailure("a ResNet stage ends in a residual block")
+    }
+    return last.forwardKeepingSum(h)
 }
 
 /// torchvision's BasicBlock (ResNet-18/34): two 3x3 convolutions with batch norm. The first
@@ -69,5 +95,10 @@ public final class BasicBlock: Module {
     public override func forward(_ x: Tensor) -> Tensor {
         let out = convNorm(x, conv1, bn1, relu: true)
         return addRelu(convNorm(out, conv2, bn2), downsample?(x) ?? x)
+    }
+
+    func forwardKeepingSum(_ x: Tensor) -> (output: Tensor, sum: Tensor) {
+        let sum = convNorm(convNorm(x, conv1, bn1, relu: true), conv2, bn2) + (downsample?(x) ?? x)
+        return (relu(sum), sum)
     }
 }

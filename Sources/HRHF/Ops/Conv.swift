@@ -1,37 +1,9 @@
-import COpenBLAS
 import Foundation
 
 // 2-D convolution (PyTorch's conv2d: cross-correlation, weight Cout x Cin/groups x kH x kW)
 // as im2col + sgemm. 1x1 stride-1 unpadded convolutions multiply the input directly.
 // Backward: dW = dY * col^T, dcol = W^T * dY then col2im; each is skipped when its input
 // needs no gradient (model inversion asks for the image gradient only).
-
-/// C = alpha * op(A) * op(B) + beta * C, row-major. OpenBLAS runs single-threaded (see
-/// `blasRunsSingleThreaded`): the convolutions split their products between the toolkit's own
-/// threads, which keeps both cores busy through im2col, col2im and bias passes too.
-@inline(__always)
-func sgemm(
-    transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int, alpha: Float = 1,
-    a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int, beta: Float = 0,
-    c: UnsafeMutablePointer<Float>, ldc: Int
-) {
-    _ = blasRunsSingleThreaded
-    cblas_sgemm(
-        CblasRowMajor, transA ? CblasTrans : CblasNoTrans, transB ? CblasTrans : CblasNoTrans,
-        blasint(m), blasint(n), blasint(k), alpha, a, blasint(lda), b, blasint(ldb), beta,
-        c, blasint(ldc))
-}
-
-/// Set once, before the first product: OpenBLAS's own threads would fight the toolkit's.
-let blasRunsSingleThreaded: Void = openblas_set_num_threads(1)
-
-/// Runs `body` with OpenBLAS on `threads` threads (the sgemm reference rate of the benchmarks).
-public func withBLASThreads<T>(_ threads: Int, _ body: () -> T) -> T {
-    _ = blasRunsSingleThreaded
-    openblas_set_num_threads(Int32(threads))
-    defer { openblas_set_num_threads(1) }
-    return body()
-}
 
 /// Geometry of one convolution.
 public struct Conv2dGeometry: Equatable, Sendable {
@@ -417,7 +389,7 @@ func conv2dForward(
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
-    FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     guard k > 0 else {
         // Every tap reads padding only: the output is the epilogue of zero.
         out.update(repeating: 0, count: batch * geo.outChannels * plane)
@@ -483,7 +455,7 @@ func conv2dBackwardInput(
     let live = LiveTapWeight(weight, geo)
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
-    FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     guard k > 0 else { return } // no tap reads the image: its gradient stays zero
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
@@ -527,7 +499,7 @@ func conv2dBackwardWeight(
     // Cout x (Cin/groups * live taps) matrix, scattered back at the end.
     let target = compact ? UnsafeMutablePointer<Float>.allocate(capacity: max(geo.outChannels * k, 1)) : gradWeight
     defer { if compact { target.deallocate() } }
-    FlopCounter.flops += geo.flopsPerImage * Double(batch)
+    Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     // Each worker owns the columns of dW of its input channels, summed over the batch in order
     // (so the result does not depend on how images would be split).
     if k > 0 {

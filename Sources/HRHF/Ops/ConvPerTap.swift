@@ -166,7 +166,7 @@ private struct PerTapPass {
         (plane, inPlane, ow) = (geo.outH * geo.outW, geo.inH * geo.inW, geo.outW)
         (cin, cout) = (geo.inChannels, geo.outChannels)
         tapWeights = weight.map { tapMajorWeight($0, geo, rects) }
-        FlopCounter.flops += geo.flopsPerImage * Double(batch)
+        Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
     }
 
     func release() { tapWeights?.deallocate() }

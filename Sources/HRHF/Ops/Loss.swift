@@ -107,3 +107,291 @@ public func crossEntropy(
     }
     return out
 }
+
+/// Negative log-likelihood of logits N x C x ... in which label 0 stands for the union of the
+/// channels `merged` (channel 0 among them) and labels 1..<kept for their own channels, as one
+/// op: log p(y) = logsumexp over the label's channels - logsumexp over all, weighted per pixel,
+/// mean over the pixels not ignored (0 and a zero gradient when there are none). The
+/// composition of logsumexp, slices, a concatenation and `nllLoss` computes the same, through
+/// five logits-sized intermediates; here one pass forward and one backward.
+func channelSetNLL(
+    _ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, ignoreIndex: Int32 = 255,
+    pixelWeights: Tensor?
+) -> Tensor {
+    let (n, c, inner) = channelLayout(logits, "merged-background NLL")
+    precondition(target.count == n * inner, "nll_loss: target \(target.shape) does not match \(logits.shape)")
+    precondition(
+        merged.allSatisfy { $0.lowerBound >= 0 && $0.upperBound <= c } && kept <= c,
+        "merged-background NLL: channels \(merged) and \(kept) kept of \(c)")
+    if let pixelWeights {
+        precondition(pixelWeights.count == n * inner, "nll_loss: weights \(pixelWeights.shape) for \(logits.shape)")
+    }
+    let labels = target.values
+    var valid = 0
+    for y in labels where y != ignoreIndex {
+        precondition(y >= 0 && Int(y) < kept, "nll_loss: label \(y) outside 0..<\(kept)")
+        valid += 1
+    }
+    let scale = valid > 0 ? 1 / Float(valid) : 0
+    // Per pixel: logsumexp over all channels and over the merged ones (kept for the backward).
+    let lseAll = Tensor(uninitialized: target.shape), lseMerged = Tensor(uninitialized: target.shape)
+    let perPixel = Tensor(zeros: target.shape)
+    let px = logits.pointer, pa = lseAll.pointer, pm = lseMerged.pointer, pl = perPixel.pointer
+    let pw = pixelWeights?.pointer
+    labels.withUnsafeBufferPointer { pt in
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, base = px + b * c * inner + i0
+            blockLogSumExp(base, c: c, inner: inner, count: count, into: pa + j0)
+            blockLogSumExp(base, channels: merged, scale: 1, inner: inner, count: count, into: pm + j0)
+            for i in 0..<count {
+                let y = pt[j0 + i]
+                guard y != ignoreIndex else { continue }
+                let logP = y == 0 ? pm[j0 + i] - pa[j0 + i] : base[Int(y) * inner + i] - pa[j0 + i]
+                pl[j0 + i] = -logP * (pw?[j0 + i] ?? 1)
+            }
+        }
+    }
+    var total = 0.0
+    for j in 0..<perPixel.count { total += Double(pl[j]) }
+    let out = Tensor(scalar: Float(total) * scale)
+    let ld = logits.detached(), weights = pixelWeights?.detached()
+    let isMerged = (0..<c).map { k in merged.contains { $0.contains(k) } }
+    record(out, "merged_background_nll", [logits]) { g in
+        // d/dx_k = coefficient * (softmax_k - [k in the label's channels] softmax over them).
+        let gx = Tensor(uninitialized: ld.shape)
+        let pgx = gx.pointer, pxd = ld.pointer, pwd = weights?.pointer, upstream = g.item * scale
+        let pa = lseAll.pointer, pm = lseMerged.pointer
+        labels.withUnsafeBufferPointer { pt in
+            forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+                let j0 = b * inner + i0, base = b * c * inner + i0
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+                    let coefficient = scratch.baseAddress!, e = coefficient + count
+                    for i in 0..<count {
+                        coefficient[i] = pt[j0 + i] == ignoreIndex ? 0 : upstream * (pwd?[j0 + i] ?? 1)
+                    }
+                    for k in 0..<c {
+                        let xr = pxd + base + k * inner, r = pgx + base + k * inner
+                        vectorExp(xr, minus: pa + j0, r, count: count)
+                        if isMerged[k] {
+                            vectorExp(xr, minus: pm + j0, e, count: count)
+                            for i in 0..<count {
+                                let own = pt[j0 + i] == 0 ? e[i] : (Int(pt[j0 + i]) == k ? 1 : 0)
+                                r[i] = coefficient[i] * (r[i] - own)
+                            }
+                        } else {
+                            for i in 0..<count { r[i] = coefficient[i] * (r[i] - (Int(pt[j0 + i]) == k ? 1 : 0)) }
+                        }
+                    }
+                }
+            }
+        }
+        return [gx]
+    }
+    return out
+}
+
+/// MiB's unbiased knowledge distillation (`unbiasedDistillation`) as one op: per pixel, with
+/// x = new logits / T, s = softmax(x) and q = softmax(old logits / T) over the old classes,
+/// l = q_0 (logsumexp over background and new channels of x - logsumexp x)
+///     + sum over old k >= 1 of q_k (x_k - logsumexp x);
+/// the loss is -(sum of l over the pixels where `mask` is 1) / (their count) / |old|, and
+/// dl/dx_k = q_0 [k background or new] softmax over those_k + [1 <= k < old] q_k - (sum q) s_k.
+func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?) -> Tensor {
+    let (n, c, inner) = channelLayout(newLogits, "unbiased KD")
+    let old = oldLogits.shape[1]
+    precondition(
+        oldLogits.shape[0] == n && oldLogits.count == n * old * inner && old < c,
+        "unbiased KD: old logits \(oldLogits.shape) for new \(newLogits.shape)")
+    if let mask { precondition(mask.count == n * inner, "unbiased KD: mask \(mask.shape) for \(newLogits.shape)") }
+    let inverse = 1 / temperature
+    let merged = [0..<1, old..<c]
+    // Per pixel: logsumexp of x over all channels and over the merged ones, and of old / T.
+    let lseAll = Tensor(uninitialized: [n * inner]), lseMerged = Tensor(uninitialized: [n * inner])
+    let lseOld = Tensor(uninitialized: [n * inner]), perPixel = Tensor(uninitialized: [n * inner])
+    let px = newLogits.pointer, po = oldLogits.pointer, pmask = mask?.pointer
+    let (pa, pm, pq, pl) = (lseAll.pointer, lseMerged.pointer, lseOld.pointer, perPixel.pointer)
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
+        blockLogSumExp(x, channels: [0..<c], scale: inverse, inner: inner, count: count, into: pa + j0)
+        blockLogSumExp(x, channels: merged, scale: inverse, inner: inner, count: count, into: pm + j0)
+        blockLogSumExp(o, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pq + j0)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { q in
+            let q = q.baseAddress!
+            for i in 0..<count { q[i] = o[i] * inverse - pq[j0 + i] }
+            vectorExp(q, q, count: count)
+            for i in 0..<count { pl[j0 + i] = q[i] * (pm[j0 + i] - pa[j0 + i]) }
+            for k in 1..<max(old, 1) {
+                for i in 0..<count { q[i] = o[k * inner + i] * inverse - pq[j0 + i] }
+                vectorExp(q, q, count: count)
+                for i in 0..<count { pl[j0 + i] += q[i] * (x[k * inner + i] * inverse - pa[j0 + i]) }
+            }
+        }
+    }
+    var total = 0.0, selected = 0.0
+    for j in 0..<(n * inner) {
+        let m = pmask?[j] ?? 1
+        total += Double(pl[j] * m)
+        selected += Double(m)
+    }
+    let scale: Float = selected > 0 ? -1 / Float(selected) / Float(old) : 0
+    let out = Tensor(scalar: Float(total) * scale)
+    let xd = newLogits.detached(), od = oldLogits.detached(), md = mask?.detached()
+    record(out, "unbiased_kd", [newLogits]) { g in
+        let gx = Tensor(uninitialized: xd.shape)
+        let pgx = gx.pointer, pxd = xd.pointer, pod = od.pointer, pmd = md?.pointer
+        let (pa, pm, pq) = (lseAll.pointer, lseMerged.pointer, lseOld.pointer)
+        let upstream = g.item * scale * inverse
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, x = pxd + b * c * inner + i0, o = pod + b * old * inner + i0
+            let r = pgx + b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 4 * count) { scratch in
+                let coefficient = scratch.baseAddress!, q0 = coefficient + count, qSum = q0 + count, e = qSum + count
+                for i in 0..<count { coefficient[i] = upstream * (pmd?[j0 + i] ?? 1) }
+                qSum.update(repeating: 0, count: count)
+                // Old-class channels k >= 1: q_k - (sum q) s_k, once the sum is known; q_k first.
+                for k in 0..<old {
+                    for i in 0..<count { e[i] = o[k * inner + i] * inverse - pq[j0 + i] }
+                    vectorExp(e, k == 0 ? q0 : r + k * inner, count: count)
+                    let qk = k == 0 ? q0 : r + k * inner
+                    for i in 0..<count { qSum[i] += qk[i] }
+                }
+                for k in 0..<c {
+                    let row = r + k * inner
+                    for i in 0..<count { e[i] = x[k * inner + i] * inverse - pa[j0 + i] }
+                    vectorExp(e, e, count: count)
+                    if k == 0 || k >= old {
+                        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { sb in
+                            let sb = sb.baseAddress!
+                            for i in 0..<count { sb[i] = x[k * inner + i] * inverse - pm[j0 + i] }
+                            vectorExp(sb, sb, count: count)
+                            for i in 0..<count { row[i] = coefficient[i] * (q0[i] * sb[i] - qSum[i] * e[i]) }
+                        }
+                    } else {
+                        for i in 0..<count { row[i] = coefficient[i] * (row[i] - qSum[i] * e[i]) }
+                    }
+                }
+            }
+        }
+        return [gx]
+    }
+    return out
+}
+
+/// GSC's soft distillation (`softDistillation`) as one op: per pixel, with p = softmax of the
+/// new logits' first |old| channels / T and q = softmax(old logits / T),
+/// l = sum over old k of q_k (log q_k - log p_k); the loss is T^2 (sum of l) / pixels and
+/// dl/dx_k = (sum q) p_k - q_k, over T, for the old channels (0 for the others).
+func softDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float) -> Tensor {
+    let (n, c, inner) = channelLayout(newLogits, "soft distillation")
+    let old = oldLogits.shape[1]
+    precondition(
+        old <= c && oldLogits.count == n * old * inner,
+        "soft distillation: old logits \(oldLogits.shape) for new \(newLogits.shape)")
+    let inverse = 1 / temperature
+    let lseNew = Tensor(uninitialized: [n * inner]), lseOld = Tensor(uninitialized: [n * inner])
+    let perPixel = Tensor(uninitialized: [n * inner])
+    let px = newLogits.pointer, po = oldLogits.pointer
+    let (pp, pq, pl) = (lseNew.pointer, lseOld.pointer, perPixel.pointer)
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
+        blockLogSumExp(x, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pp + j0)
+        blockLogSumExp(o, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pq + j0)
+        (pl + j0).update(repeating: 0, count: count)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+            let logQ = scratch.baseAddress!, q = logQ + count
+            for k in 0..<old {
+                for i in 0..<count { logQ[i] = o[k * inner + i] * inverse - pq[j0 + i] }
+                vectorExp(logQ, q, count: count)
+                for i in 0..<count {
+                    pl[j0 + i] += q[i] * (logQ[i] - (x[k * inner + i] * inverse - pp[j0 + i]))
+                }
+            }
+        }
+    }
+    var total = 0.0
+    for j in 0..<(n * inner) { total += Double(pl[j]) }
+    let scale = temperature * temperature / Float(n * inner)
+    let out = Tensor(scalar: Float(total) * scale)
+    let xd = newLogits.detached(), od = oldLogits.detached()
+    record(out, "soft_distillation", [newLogits]) { g in
+        let gx = Tensor(zeros: xd.shape)
+        let pgx = gx.pointer, pxd = xd.pointer, pod = od.pointer, coefficient = g.item * scale * inverse
+        let (pp, pq) = (lseNew.pointer, lseOld.pointer)
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, x = pxd + b * c * inner + i0, o = pod + b * old * inner + i0
+            let r = pgx + b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+                let qSum = scratch.baseAddress!, e = qSum + count
+                qSum.update(repeating: 0, count: count)
+                // q_k into the gradient's rows first, then (sum q) p_k - q_k.
+                for k in 0..<old {
+                    let row = r + k * inner
+                    for i in 0..<count { row[i] = o[k * inner + i] * inverse - pq[j0 + i] }
+                    vectorExp(row, row, count: count)
+                    for i in 0..<count { qSum[i] += row[i] }
+                }
+                for k in 0..<old {
+                    let row = r + k * inner
+                    for i in 0..<count { e[i] = x[k * inner + i] * inverse - pp[j0 + i] }
+                    vectorExp(e, e, count: count)
+                    for i in 0..<count { row[i] = coefficient * (qSum[i] * e[i] - row[i]) }
+                }
+            }
+        }
+        return [gx]
+    }
+    return out
+}
+
+/// The entropy of softmax over the channels of `logits` per pixel, averaged over the pixels
+/// where `mask` (N x 1 x ..., 0/1) is 1 (0 and a zero gradient when none is), as one op:
+/// H = -sum_k p_k log p_k and dH/dx_k = -p_k (log p_k + H).
+func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
+    let (n, c, inner) = channelLayout(logits, "entropy")
+    precondition(mask.count == n * inner, "entropy: mask \(mask.shape) for \(logits.shape)")
+    let lse = Tensor(uninitialized: [n * inner]), entropy = Tensor(uninitialized: [n * inner])
+    let px = logits.pointer, pa = lse.pointer, ph = entropy.pointer
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let j0 = b * inner + i0, x = px + b * c * inner + i0
+        blockLogSumExp(x, channels: [0..<c], scale: 1, inner: inner, count: count, into: pa + j0)
+        (ph + j0).update(repeating: 0, count: count)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+            let logP = scratch.baseAddress!, p = logP + count
+            for k in 0..<c {
+                for i in 0..<count { logP[i] = x[k * inner + i] - pa[j0 + i] }
+                vectorExp(logP, p, count: count)
+                for i in 0..<count { ph[j0 + i] -= p[i] * logP[i] }
+            }
+        }
+    }
+    let pm = mask.pointer
+    var total = 0.0
+    var selected: Float = 0
+    for j in 0..<(n * inner) {
+        total += Double(ph[j] * pm[j])
+        selected += pm[j]
+    }
+    let scale: Float = selected > 0 ? 1 / selected : 0
+    let out = Tensor(scalar: Float(total) * scale)
+    let xd = logits.detached(), md = mask.detached()
+    record(out, "masked_entropy", [logits]) { g in
+        let gx = Tensor(uninitialized: xd.shape)
+        let pgx = gx.pointer, pxd = xd.pointer, pmd = md.pointer, upstream = g.item * scale
+        let (pa, ph) = (lse.pointer, entropy.pointer)
+        forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+            let j0 = b * inner + i0, x = pxd + b * c * inner + i0, r = pgx + b * c * inner + i0
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
+                let logP = scratch.baseAddress!, coefficient = logP + count
+                for i in 0..<count { coefficient[i] = -upstream * pmd[j0 + i] }
+                for k in 0..<c {
+                    let row = r + k * inner
+                    for i in 0..<count { logP[i] = x[k * inner + i] - pa[j0 + i] }
+                    vectorExp(logP, row, count: count)
+                    for i in 0..<count { row[i] = coefficient[i] * row[i] * (logP[i] + ph[j0 + i]) }
+                }
+            }
+        }
+        return [gx]
+    }
+    return out
+}

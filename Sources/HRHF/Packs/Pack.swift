@@ -1,9 +1,6 @@
 import CArchive
 import Foundation
 
-/// The version string of this toolkit, recorded in the packs and models it makes.
-public let toolkitVersion = "0.1.0"
-
 /// manifest.json of a synthetic pack.
 public struct PackManifest: Codable, Equatable, Sendable {
     public static let formatName = "hrhf-synthetic-pack"
@@ -665,9 +662,11 @@ indirect enum ManifestShape {
             index: 0, image: "i", label: "l", targets: [1], targetAreas: [0],
             achievedAreas: [0], absentMaxArea: 0, teacherConfidence: 0, losses: ["k": 0],
             seed: 0, batch: 0)
+        var options = InversionOptions()
+        options.scaleAwareAggregation = false // recorded only when off
         let sample = PackManifest(
             generator: .init(
-                name: "n", version: "v", options: InversionOptions(), seed: 0,
+                name: "n", version: "v", options: options, seed: 0,
                 count: 1),
             teacher: .init(file: "f", sha256: "s", card: card),
             classes: [ClassInfo(id: 1, name: "a")], shard: .init(index: 1, count: 1),

@@ -77,6 +77,28 @@ public enum Profiler {
         return try region(kind, body)
     }
 
+    /// Multiply-adds times two of the convolutions run since `startCountingFlops` (whole-network
+    /// throughput figures); convolutions run one at a time, so a plain tally.
+    nonisolated(unsafe) public private(set) static var convolutionFlops: Double = 0
+    nonisolated(unsafe) private static var countsFlops = false
+
+    public static func startCountingFlops() {
+        convolutionFlops = 0
+        countsFlops = true
+    }
+
+    /// Stops counting and returns the FLOPs counted.
+    public static func stopCountingFlops() -> Double {
+        countsFlops = false
+        return convolutionFlops
+    }
+
+    /// A convolution's hook: its work, counted while `startCountingFlops` is in effect.
+    @inline(__always)
+    static func convolution(flops: @autoclosure () -> Double) {
+        if countsFlops { convolutionFlops += flops() }
+    }
+
     /// The kind a backward step of an op recorded now is charged to.
     static var recordingKind: ProfileKind { stack.last ?? .other }
 }

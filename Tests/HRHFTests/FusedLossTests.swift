@@ -1,0 +1,187 @@
+import XCTest
+
+@testable import HRHF
+
+/// The fused unbiased cross-entropy and distillation ops against the compositions of logsumexp,
+/// slices, concatenations and `nllLoss` they replace: the same values and gradients to float32
+/// rounding, on maps wider than one pixel block (512) so block edges and vector tails are crossed.
+final class FusedLossTests: XCTestCase {
+    /// The composition `mergedBackgroundNLL` computed before it was one op.
+    func composedNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, weights: Tensor?) -> Tensor {
+        let den = logSumExp(logits)
+        let slices = merged.map { sliceChannels(logits, $0) }
+        let background = logSumExp(slices.count == 1 ? slices[0] : concatChannels(slices)) - den
+        let parts = kept > 1 ? [background, sliceChannels(logits, 1..<kept) - den] : [background]
+        return nllLoss(concatChannels(parts), target, pixelWeights: weights)
+    }
+
+    /// The composition `unbiasedDistillation` computed before it was one op.
+    func composedKD(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?) -> Tensor {
+        let old = oldLogits.shape[1], c = newLogits.shape[1]
+        let x = newLogits * (1 / temperature)
+        let q = withNoGrad { softmax(oldLogits * (1 / temperature)) }
+        let den = logSumExp(x)
+        let background = logSumExp(concatChannels([sliceChannels(x, 0..<1), sliceChannels(x, old..<c)])) - den
+        let perPixel =
+            sliceChannels(q, 0..<1) * background
+            + sum(sliceChannels(q, 1..<old) * (sliceChannels(x, 1..<old) - den), axes: [1], keepDims: true)
+        return -composedMaskedMean(perPixel, mask) * (1 / Float(old))
+    }
+
+    /// Mean of an N x 1 x H x W map over the pixels where `mask` is 1, as the terms computed it.
+    func composedMaskedMean(_ x: Tensor, _ mask: Tensor?) -> Tensor {
+        guard let mask else { return mean(x) }
+        let count = mask.array.reduce(0, +)
+        return count > 0 ? sum(x * mask) * (1 / count) : sum(x * 0)
+    }
+
+    /// The composition `softDistillation` computed before it was one op.
+    func composedSoft(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float) -> Tensor {
+        let old = oldLogits.shape[1]
+        let logP = logSoftmax(sliceChannels(newLogits, 0..<old) * (1 / temperature))
+        let (q, logQ) = withNoGrad {
+            (softmax(oldLogits * (1 / temperature)), logSoftmax(oldLogits * (1 / temperature)))
+        }
+        return sum(q * (logQ - logP)) * (temperature * temperature / Float(q.count / old))
+    }
+
+    /// The composition of `sharpEntropy`'s entropy term before it was one op.
+    func composedEntropy(_ logits: Tensor, _ mask: Tensor) -> Tensor {
+        let logP = logSoftmax(logits)
+        return composedMaskedMean(-sum(exp(logP) * logP, axes: [1], keepDims: true), mask)
+    }
+
+    /// `gradientCompensationWeights` as it was computed from the full softmax.
+    func composedCompensation(
+        _ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int, z: Float, merged: Range<Int>?
+    ) -> [Float] {
+        let p = softmax(logits).array
+        let (n, c, h, w) = nchw(logits, "test")
+        let hw = h * w
+        var g = [Float](repeating: 0, count: n * hw), sums = [Double](repeating: 0, count: currentStep + 1)
+        var counts = [Int](repeating: 0, count: currentStep + 1)
+        for j in 0..<(n * hw) {
+            let y = Int(target.values[j])
+            guard y != 255, stepOfClass[y] < currentStep else { continue }
+            var py = p[(j / hw * c + y) * hw + j % hw]
+            if y == 0, let merged { for k in merged { py += p[(j / hw * c + k) * hw + j % hw] } }
+            g[j] = Foundation.pow(max(1 - py, 0), z)
+            sums[stepOfClass[y]] += Double(g[j])
+            counts[stepOfClass[y]] += 1
+        }
+        return (0..<(n * hw)).map { j in
+            let y = Int(target.values[j])
+            guard y != 255 else { return 0 }
+            guard stepOfClass[y] < currentStep else { return 1 }
+            return min(max(Float(Double(g[j]) * Double(counts[stepOfClass[y]]) / sums[stepOfClass[y]]), 0.1), 5)
+        }
+    }
+
+    /// Value and gradient of `loss` at `x`.
+    func valueAndGradient(_ x: Tensor, _ loss: (Tensor) -> Tensor) -> (Float, [Float]) {
+        x.grad = nil
+        x.requiresGrad = true
+        let value = loss(x)
+        value.backward()
+        return (value.item, x.grad!.array)
+    }
+
+    func assertClose(
+        _ fused: (Float, [Float]), _ composed: (Float, [Float]), _ what: String, line: UInt = #line
+    ) {
+        XCTAssertEqual(fused.0, composed.0, accuracy: 2e-6 * abs(composed.0), what, line: line)
+        let scale = composed.1.map(abs).max()!
+        XCTAssertGreaterThan(scale, 0, what, line: line)
+        let worst = zip(fused.1, composed.1).map { abs($0 - $1) }.max()!
+        XCTAssertLessThanOrEqual(worst, 2e-6 * scale, "\(what): gradient", line: line)
+    }
+
+    func testMergedBackgroundNLLMatchesTheComposition() {
+        var rng = SeededGenerator(seed: 11)
+        let shape = [2, 21, 20, 30]
+        let logits = Tensor.randn(shape, std: 3, rng: &rng)
+        let weights = Tensor.uniform([2, 20, 30], low: 0.2, high: 3, rng: &rng)
+        // Real labels: background, re-labelled old classes, new classes, ignored.
+        let real = Labels(
+            shape: [2, 20, 30], values: (0..<1200).map { _ in [0, 0, 3, 15, 16, 20, 255][Int(rng.next() % 7)] })
+        for w in [nil, weights] {
+            assertClose(
+                valueAndGradient(logits) { unbiasedCrossEntropy($0, real, oldClasses: 16, pixelWeights: w) },
+                valueAndGradient(logits) { self.composedNLL($0, real, merged: [0..<16], kept: 21, weights: w) },
+                "unbiased CE, weighted: \(w != nil)")
+        }
+        let fake = Labels(shape: [2, 20, 30], values: (0..<1200).map { _ in [0, 1, 9, 15, 255][Int(rng.next() % 5)] })
+        assertClose(
+            valueAndGradient(logits) { foldedCrossEntropy($0, fake, oldClasses: 16, pixelWeights: weights) },
+            valueAndGradient(logits) {
+                self.composedNLL($0, fake, merged: [0..<1, 16..<21], kept: 16, weights: weights)
+            },
+            "folded CE")
+        let ignored = Labels(shape: [2, 20, 30], repeating: 255)
+        let none = valueAndGradient(logits) { unbiasedCrossEntropy($0, ignored, oldClasses: 16) }
+        XCTAssertEqual(none.0, 0)
+        XCTAssertEqual(none.1.map(abs).max(), 0, "no pixel to score: a zero gradient")
+    }
+
+    func testUnbiasedDistillationMatchesTheComposition() {
+        var rng = SeededGenerator(seed: 12)
+        let new = Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng),
+            old = Tensor.randn([2, 16, 20, 30], std: 3, rng: &rng)
+        let mask = Tensor(shape: [2, 1, 20, 30], values: (0..<1200).map { _ in rng.next() % 3 == 0 ? 0 : 1 })
+        for temperature: Float in [1, 2] {
+            for m in [nil, mask] {
+                assertClose(
+                    valueAndGradient(new) { unbiasedDistillation($0, old, temperature: temperature, mask: m) },
+                    valueAndGradient(new) { self.composedKD($0, old, temperature: temperature, mask: m) },
+                    "unbiased KD, T \(temperature), masked: \(m != nil)")
+            }
+        }
+        let empty = Tensor(zeros: [2, 1, 20, 30])
+        let none = valueAndGradient(new) { unbiasedDistillation($0, old, mask: empty) }
+        XCTAssertEqual(none.0, 0)
+        XCTAssertEqual(none.1.map(abs).max(), 0, "an empty mask: a zero gradient")
+    }
+
+    func testGSCTermsMatchTheCompositions() {
+        var rng = SeededGenerator(seed: 13)
+        let new = Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng),
+            old = Tensor.randn([2, 16, 20, 30], std: 3, rng: &rng)
+        for temperature: Float in [1, 2] {
+            assertClose(
+                valueAndGradient(new) { softDistillation($0, old, temperature: temperature) },
+                valueAndGradient(new) { self.composedSoft($0, old, temperature: temperature) },
+                "soft distillation, T \(temperature)")
+        }
+        let mask = withNoGrad {
+            Tensor(shape: [2, 1, 20, 30], values: channelArgmax(softmax(old)).values.map { $0 >= 0.5 ? 1 : 0 })
+        }
+        XCTAssertGreaterThan(mask.array.reduce(0, +), 100)
+        assertClose(
+            valueAndGradient(new) { sharpEntropy($0, old, confidence: 0.5) },
+            valueAndGradient(new) { self.composedEntropy($0, mask) }, "sharpness")
+        let none = valueAndGradient(new) { sharpEntropy($0, old, confidence: 1.5) }
+        XCTAssertEqual(none.0, 0)
+        XCTAssertEqual(none.1.map(abs).max(), 0, "no confident pixel: a zero gradient")
+        // Classes 0-15 of step 0, 16-20 of step 1; labels of both steps and ignored pixels.
+        let steps = (0..<21).map { $0 < 16 ? 0 : 1 }
+        let labels = Labels(
+            shape: [2, 20, 30], values: (0..<1200).map { _ in [0, 0, 2, 15, 16, 20, 255][Int(rng.next() % 7)] })
+        for merged in [nil, 1..<16, 16..<21] {
+            let fused = gradientCompensationWeights(
+                new, labels, stepOfClass: steps, currentStep: 1, z: 3.2, wMin: 0.1, wMax: 5,
+                backgroundIncludes: merged
+            ).array
+            let composed = composedCompensation(new, labels, stepOfClass: steps, currentStep: 1, z: 3.2, merged: merged)
+            XCTAssertEqual(Set(composed.map { $0 == 0 ? 0 : $0 == 1 ? 1 : 2 }).count, 3, "ignored, new and old pixels")
+            XCTAssertLessThanOrEqual(
+                zip(fused, composed).map { abs($0 - $1) / max($1, 1e-3) }.max()!, 1e-4,
+                "compensation weights, background with \(String(describing: merged))")
+        }
+    }
+
+    func testMaskedUnbiasedDistillationHasFiniteDifferenceGradients() {
+        let new = randn([2, 6, 3, 4], seed: 1, std: 1.5), old = randn([2, 4, 3, 4], seed: 2, std: 1.5)
+        let mask = Tensor(shape: [2, 1, 3, 4], values: (0..<24).map { Float($0 % 3 == 0 ? 0 : 1) })
+        checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 2, mask: mask) }
+    }
+}

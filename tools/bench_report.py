@@ -1,0 +1,303 @@
+#!/usr/bin/env python3
+"""Builds the benchmark's tables, comparisons and plots from the result files tools/benchmark.sh
+writes (bench/results/TASK-SETTING-METHOD-sSEED.json) and from nothing else.
+
+    python3 tools/bench_report.py [--results bench/results] [--out bench/report.md]
+        [--images docs/images] [--no-plots]
+
+The tables give mean +- sample standard deviation over the seeds, with n. A method "beats"
+another where the difference of their means exceeds twice its standard error,
+    |mean_A - mean_B| > 2 * sqrt(sd_A^2 / n_A + sd_B^2 / n_B),
+and is "not distinguishable" from it otherwise; with fewer than 2 seeds on either side no claim
+is made. The plots (one PNG per multi-step task: all, old and new mIoU after each step, one line
+per method with a band of +- one standard deviation) need matplotlib, in the tools only.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+MAIN = ["ft", "lwf", "mib", "plop", "gsc", "hrhf", "hrhf+gsc", "joint"]
+# Each ablation row against the row it changes one thing of.
+ABLATION_REFERENCE = {
+    "hrhf+gsc-no-compensation": "hrhf+gsc",
+    "hrhf+gsc-no-soft-sharp": "hrhf+gsc",
+    "hrhf+gsc-no-relation": "hrhf+gsc",
+    "hrhf+gsc-no-proto": "hrhf+gsc",
+    "hrhf-no-saa": "hrhf",
+    "hrhf-no-fake": "hrhf",
+    "hrhf-real16": "hrhf",
+    "mib-batch16": "mib",
+}
+# The comparisons the benchmark exists for, then each method against the strongest baselines.
+KEY_PAIRS = [("hrhf+gsc", "mib"), ("hrhf+gsc", "plop"), ("hrhf", "mib"), ("hrhf", "plop"), ("gsc", "mib"),
+             ("gsc", "plop"), ("hrhf+gsc", "hrhf"), ("hrhf+gsc", "gsc"), ("plop", "mib"), ("hrhf", "mib-batch16")]
+TASK_ORDER = [("15-5", "overlap"), ("15-1", "overlap"), ("10-1", "overlap"), ("15-1", "disjoint")]
+METRICS = ["old", "new", "all"]
+
+
+class ResultError(Exception):
+    pass
+
+
+def load(folder):
+    """{(task, setting): {method: [result, ...]}} from every *.json in folder, checked."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            key = (r["task"], r["setting"], r["method"], r["seed"])
+            steps = r["steps"]
+            budget = r["budget"]
+            budget["iterations_per_step"], budget["batch"], budget["eval_images"]
+            r["code_commit"], r["machine"]["cpu"], r["machine"]["simd"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ResultError(f"{path}: not a benchmark result ({e})")
+        if name != "%s-%s-%s-s%d.json" % key:
+            raise ResultError(f"{path}: holds {key}, which is not what its name says")
+        if not steps or [s["step"] for s in steps] != list(range(1, len(steps) + 1)):
+            raise ResultError(f"{path}: steps must be 1, 2, ... in order")
+        runs = groups[(r["task"], r["setting"])][r["method"]]
+        if runs and (runs[0]["budget"] != budget or len(runs[0]["steps"]) != len(steps)):
+            raise ResultError(f"{path}: budget or steps differ from {runs[0]['_file']}: runs of another budget "
+                              "belong in another results folder")
+        r["_file"] = path
+        runs.append(r)
+    return groups
+
+
+def mean_sd(values):
+    n = len(values)
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return mean, sd, n
+
+
+def metric(runs, name, step=-1):
+    """The metric (%) of every seed at a step (default the last); None where a run has no value (hrhf-distill's
+    JSON leaves out a mean over no class, e.g. new classes absent from the evaluated images)."""
+    values = [r["steps"][step].get(name) for r in runs]
+    return None if any(v is None for v in values) else [100 * v for v in values]
+
+
+def cell(values):
+    if values is None:
+        return "-"
+    mean, sd, n = mean_sd(values)
+    return f"{mean:.1f}" if sd is None else f"{mean:.1f} ± {sd:.1f}"
+
+
+def compare(a, b):
+    """(verdict, difference of means, 2 standard errors) of seed values a against b."""
+    ma, sa, na = mean_sd(a)
+    mb, sb, nb = mean_sd(b)
+    diff = ma - mb
+    if na < 2 or nb < 2:
+        return "no claim (n=1)", diff, None
+    bound = 2 * math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    if abs(diff) > bound:
+        return ("beats" if diff > 0 else "is beaten by"), diff, bound
+    return "not distinguishable from", diff, bound
+
+
+def ordered_methods(methods):
+    main = [m for m in MAIN if m in methods]
+    return main + sorted(m for m in methods if m not in MAIN)
+
+
+def ordered_tasks(groups):
+    known = [k for k in TASK_ORDER if k in groups]
+    return known + sorted(k for k in groups if k not in TASK_ORDER)
+
+
+def task_label(task, setting):
+    return task if setting == "overlap" else f"{task} {setting}"
+
+
+def summary_table(groups):
+    """The README table: all mIoU at the last step of each task, main methods."""
+    tasks = ordered_tasks(groups)
+    methods = ordered_methods({m for t in tasks for m in groups[t] if m in MAIN})
+    lines = ["| method | " + " | ".join(task_label(*t) + " all" for t in tasks) + " |",
+             "| --- |" + " ---: |" * len(tasks)]
+    for m in methods:
+        cells = []
+        for t in tasks:
+            runs = groups[t].get(m)
+            cells.append("" if not runs else f"{cell(metric(runs, 'all'))} (n={len(runs)})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def task_table(runs_by_method):
+    lines = ["| method | n | old | new | all |", "| --- | ---: | ---: | ---: | ---: |"]
+    for m in ordered_methods(runs_by_method):
+        runs = runs_by_method[m]
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(cell(metric(runs, k)) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def step_table(runs_by_method):
+    steps = max(len(r[0]["steps"]) for r in runs_by_method.values())
+    lines = ["| method | n | " + " | ".join(f"step {s}" for s in range(1, steps + 1)) + " |",
+             "| --- | ---: |" + " ---: |" * steps]
+    for m in ordered_methods(runs_by_method):
+        runs = runs_by_method[m]
+        cells = [cell(metric(runs, "all", s)) for s in range(len(runs[0]["steps"]))]
+        lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def comparison_lines(runs_by_method):
+    """Every key pair and ablation present, on all / old / new at the last step."""
+    pairs = [p for p in KEY_PAIRS if p[0] in runs_by_method and p[1] in runs_by_method]
+    pairs += [(a, ref) for a, ref in ABLATION_REFERENCE.items() if a in runs_by_method and ref in runs_by_method]
+    lines = []
+    for a, b in pairs:
+        parts = []
+        for k in ["all", "old", "new"]:
+            va, vb = metric(runs_by_method[a], k), metric(runs_by_method[b], k)
+            if va is None or vb is None:
+                continue
+            verdict, diff, bound = compare(va, vb)
+            margin = "" if bound is None else f", 2 SE {bound:.1f}"
+            parts.append(f"{k}: {verdict} ({diff:+.1f}{margin})")
+        lines.append(f"- **{a}** vs **{b}**: " + "; ".join(parts))
+    return lines
+
+
+def colour(method):
+    """The same colour for a method in every plot: the main rows first, the ablations after them."""
+    rows = MAIN + list(ABLATION_REFERENCE)
+    palette = [f"C{i}" for i in range(10)] + ["#7f3f00", "#003f7f", "#3f7f00", "#7f007f", "#007f7f", "#555555"]
+    return palette[rows.index(method) % len(palette)] if method in rows else "black"
+
+
+def plot(task, setting, runs_by_method, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharex=True)
+    for m in ordered_methods(runs_by_method):
+        runs = runs_by_method[m]
+        steps = list(range(1, len(runs[0]["steps"]) + 1))
+        style = "-" if m in MAIN else "--"
+        for ax, k in zip(axes, ["all", "old", "new"]):
+            values = [metric(runs, k, s - 1) for s in steps]
+            if any(v is None for v in values):
+                continue
+            stats = [mean_sd(v) for v in values]
+            means = [s[0] for s in stats]
+            ax.plot(steps, means, style, marker="o", markersize=3, color=colour(m), label=f"{m} (n={len(runs)})")
+            if all(s[1] is not None for s in stats):
+                ax.fill_between(steps, [mu - sd for mu, sd, _ in stats], [mu + sd for mu, sd, _ in stats],
+                                color=colour(m), alpha=0.15, linewidth=0)
+    for ax, k in zip(axes, ["all", "old", "new"]):
+        ax.set_title(f"{k} mIoU %")
+        ax.set_xlabel("step")
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Shapes {task_label(task, setting)}: mean over seeds, band ± 1 sd")
+    fig.tight_layout()
+    partial = path + ".partial.png"
+    fig.savefig(partial, dpi=100)
+    plt.close(fig)
+    os.replace(partial, path)
+
+
+def provenance(runs_by_method):
+    """The commits and machines behind a task's runs: figures compare bitwise only within one of each."""
+    runs = [r for rs in runs_by_method.values() for r in rs]
+    commits = sorted({r["code_commit"] for r in runs})
+    machines = sorted({"%s (%s)" % (r["machine"]["cpu"], r["machine"]["simd"]) for r in runs})
+    text = f"Code of {', '.join(commits)}; {', '.join(machines)}."
+    if len(commits) > 1 or len(machines) > 1:
+        text += " Runs from more than one code commit or machine: differences include theirs."
+    return text
+
+
+def report(groups, image_dir, plots, out_dir):
+    """The markdown text (to be written into out_dir); writes the plots into image_dir when plots is true."""
+
+    def image(name, caption):
+        return f"![{caption}]({os.path.relpath(os.path.join(image_dir, name), out_dir)})"
+
+    out = ["# Benchmark results", "",
+           "Generated by `tools/bench_report.py` from `bench/results/` alone. Mean ± sample standard deviation "
+           "over seeds (n seeds), mIoU % at the last step on the validation images each task's budget names. "
+           "Old = step-0 foreground classes, new = classes added since, all = every seen class with background.",
+           "",
+           "A method **beats** another where |mean difference| > 2 · sqrt(sd_A²/n_A + sd_B²/n_B) (twice the "
+           "standard error of the difference); otherwise they are **not distinguishable**. With n=1 no claim "
+           "is made.", "", "## All mIoU at the last step", "", summary_table(groups), ""]
+    for task, setting in ordered_tasks(groups):
+        runs_by_method = groups[(task, setting)]
+        any_runs = next(iter(runs_by_method.values()))
+        budget = any_runs[0]["budget"]
+        out += [f"## {task_label(task, setting)}", "",
+                f"{len(any_runs[0]['steps'])} step(s) of {budget['iterations_per_step']} iterations, "
+                f"{budget['eval_images']} validation images (a row's own batch: its files' budget). "
+                + provenance(runs_by_method), "",
+                task_table(runs_by_method), ""]
+        if len(any_runs[0]["steps"]) > 1:
+            out += ["All mIoU after each step:", "", step_table(runs_by_method), ""]
+            if plots:
+                name = f"bench-{task}-{setting}.png"
+                main_rows = {m: r for m, r in runs_by_method.items() if m in MAIN}
+                if main_rows:
+                    plot(task, setting, main_rows, os.path.join(image_dir, name))
+                    out += [image(name, task_label(task, setting)), ""]
+                ablations = {m: r for m, r in runs_by_method.items() if m not in MAIN}
+                if ablations:
+                    name = f"bench-{task}-{setting}-ablations.png"
+                    for m in {ABLATION_REFERENCE.get(a) for a in ablations} - {None}:
+                        if m in runs_by_method:
+                            ablations[m] = runs_by_method[m]
+                    plot(task, setting, ablations, os.path.join(image_dir, name))
+                    out += [image(name, task_label(task, setting) + " ablations"), ""]
+        comparisons = comparison_lines(runs_by_method)
+        if comparisons:
+            out += ["Comparisons (difference of means A - B in points):", ""] + comparisons + [""]
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--out", default="bench/report.md")
+    parser.add_argument("--images", default="docs/images")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args()
+    plots = not args.no_plots
+    if plots:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("bench_report: matplotlib is missing (pip install matplotlib, or --no-plots)")
+    try:
+        groups = load(args.results)
+    except (OSError, ResultError) as e:
+        sys.exit(f"bench_report: {e}")
+    if not groups:
+        sys.exit(f"bench_report: no result files in {args.results}")
+    os.makedirs(args.images, exist_ok=True)
+    text = report(groups, args.images, plots, os.path.dirname(os.path.abspath(args.out)))
+    partial = args.out + ".partial"
+    with open(partial, "w") as f:
+        f.write(text)
+    os.replace(partial, args.out)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Checks of tools/bench_report.py on result files built here: the mean and standard deviation,
+the 2-standard-error verdicts, n=1 without a claim, refused files, and the plots.
+
+    /opt/torchvenv/bin/python tools/test_bench_report.py   # the plot check needs matplotlib
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+import bench_report  # noqa: E402
+
+BUDGET = {"iterations_per_step": 200, "batch": 8, "eval_images": 200}
+
+
+def write_result(folder, task, setting, method, seed, alls, old=0.5, new=0.4, budget=BUDGET):
+    """A result file whose steps have the given all mIoU (fractions), one per step; new None: left out."""
+    steps = [{"step": s + 1, "all": a, "old": old} | ({} if new is None else {"new": new}) for s, a in enumerate(alls)]
+    record = {"task": task, "setting": setting, "method": method, "seed": seed, "budget": budget, "steps": steps,
+              "commit": "abc1234", "code_commit": "abc1234", "machine": {"cpu": "Xeon", "simd": "avx512", "cores": 2}}
+    path = os.path.join(folder, f"{task}-{setting}-{method}-s{seed}.json")
+    with open(path, "w") as f:
+        json.dump(record, f)
+    return path
+
+
+class BenchReportTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.results = os.path.join(self.tmp.name, "results")
+        os.mkdir(self.results)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_mean_and_sample_standard_deviation(self):
+        self.assertEqual(bench_report.cell([50.0, 52.0, 54.0]), "52.0 ± 2.0")
+        self.assertEqual(bench_report.cell([61.25]), "61.2")
+        mean, sd, n = bench_report.mean_sd([1.0, 2.0, 3.0, 4.0])
+        self.assertEqual((mean, n), (2.5, 4))
+        self.assertAlmostEqual(sd, 1.2909944, places=6)
+
+    def test_a_difference_beyond_two_standard_errors_beats(self):
+        verdict, diff, bound = bench_report.compare([60.0, 61.0, 62.0], [50.0, 51.0, 52.0])
+        self.assertEqual(verdict, "beats")
+        self.assertAlmostEqual(diff, 10.0)
+        self.assertAlmostEqual(bound, 2 * (2 / 3) ** 0.5)
+        self.assertEqual(bench_report.compare([50.0, 51.0, 52.0], [60.0, 61.0, 62.0])[0], "is beaten by")
+
+    def test_a_difference_within_two_standard_errors_is_not_distinguishable(self):
+        verdict, diff, bound = bench_report.compare([50.0, 55.0, 60.0], [52.0, 53.0, 54.0])
+        self.assertEqual(verdict, "not distinguishable from")
+        self.assertAlmostEqual(diff, 2.0)
+        self.assertAlmostEqual(bound, 2 * (25 / 3 + 1 / 3) ** 0.5)
+        # Just inside and just outside the bound: sd 1 on both sides, n 3, 2 SE = 1.633.
+        self.assertEqual(bench_report.compare([51.6, 52.6, 53.6], [50.0, 51.0, 52.0])[0], "not distinguishable from")
+        self.assertEqual(bench_report.compare([51.7, 52.7, 53.7], [50.0, 51.0, 52.0])[0], "beats")
+
+    def test_one_seed_makes_no_claim(self):
+        verdict, diff, bound = bench_report.compare([70.0], [50.0, 51.0, 52.0])
+        self.assertEqual((verdict, bound), ("no claim (n=1)", None))
+        self.assertAlmostEqual(diff, 19.0)
+
+    def test_report_from_files(self):
+        for seed, (a, b) in enumerate([(0.60, 0.50), (0.61, 0.51), (0.62, 0.52)]):
+            write_result(self.results, "15-1", "overlap", "hrhf+gsc", seed, [0.8, 0.7, a])
+            write_result(self.results, "15-1", "overlap", "mib", seed, [0.8, 0.7, b])
+        write_result(self.results, "15-1", "overlap", "hrhf+gsc-no-proto", 0, [0.8, 0.7, 0.65])
+        write_result(self.results, "15-5", "overlap", "mib", 0, [0.686])
+        groups = bench_report.load(self.results)
+        text = bench_report.report(groups, self.tmp.name, False, self.tmp.name)
+        self.assertIn("| mib | 68.6 (n=1) | 51.0 ± 1.0 (n=3) |", text)
+        self.assertIn("| hrhf+gsc |  | 61.0 ± 1.0 (n=3) |", text)
+        self.assertIn("| hrhf+gsc | 3 | 50.0 ± 0.0 | 40.0 ± 0.0 | 61.0 ± 1.0 |", text)
+        self.assertIn("| hrhf+gsc | 3 | 80.0 ± 0.0 | 70.0 ± 0.0 | 61.0 ± 1.0 |", text)
+        self.assertIn("3 step(s) of 200 iterations, 200 validation images (a row's own batch: its files' budget). "
+                      "Code of abc1234; Xeon (avx512).\n", text)
+        self.assertIn("- **hrhf+gsc** vs **mib**: all: beats (+10.0, 2 SE 1.6); old: not distinguishable from "
+                      "(+0.0, 2 SE 0.0)", text)
+        self.assertIn("- **hrhf+gsc-no-proto** vs **hrhf+gsc**: all: no claim (n=1) (+4.0)", text)
+
+    def test_runs_of_two_machines_are_flagged(self):
+        write_result(self.results, "15-5", "overlap", "mib", 0, [0.5])
+        path = write_result(self.results, "15-5", "overlap", "mib", 1, [0.5])
+        with open(path) as f:
+            record = json.load(f)
+        record["machine"]["simd"] = "avx2"
+        with open(path, "w") as f:
+            json.dump(record, f)
+        text = bench_report.report(bench_report.load(self.results), self.tmp.name, False, self.tmp.name)
+        self.assertIn("Code of abc1234; Xeon (avx2), Xeon (avx512). Runs from more than one code commit or "
+                      "machine", text)
+
+    def test_a_file_whose_name_disagrees_is_refused(self):
+        path = write_result(self.results, "15-1", "overlap", "mib", 0, [0.5])
+        os.rename(path, os.path.join(self.results, "15-1-overlap-mib-s1.json"))
+        with self.assertRaisesRegex(bench_report.ResultError, r"15-1-overlap-mib-s1\.json: holds .*not what its name"):
+            bench_report.load(self.results)
+
+    def test_runs_of_another_budget_are_refused(self):
+        write_result(self.results, "15-1", "overlap", "mib", 0, [0.5])
+        write_result(self.results, "15-1", "overlap", "mib", 1, [0.5], budget=dict(BUDGET, iterations_per_step=80))
+        with self.assertRaisesRegex(bench_report.ResultError, r"mib-s1\.json: budget or steps differ from .*mib-s0"):
+            bench_report.load(self.results)
+
+    def test_a_budget_without_its_evaluation_images_is_refused(self):
+        write_result(self.results, "15-1", "overlap", "mib", 0, [0.5], budget={"iterations_per_step": 80, "batch": 8})
+        refusal = r"mib-s0\.json: not a benchmark result \('eval_images'\)"
+        with self.assertRaisesRegex(bench_report.ResultError, refusal):
+            bench_report.load(self.results)
+
+    def test_missing_steps_are_refused(self):
+        path = write_result(self.results, "15-1", "overlap", "mib", 0, [0.5, 0.4])
+        with open(path) as f:
+            record = json.load(f)
+        record["steps"] = record["steps"][1:]
+        with open(path, "w") as f:
+            json.dump(record, f)
+        with self.assertRaisesRegex(bench_report.ResultError, r"mib-s0\.json: steps must be 1, 2, \.\.\. in order"):
+            bench_report.load(self.results)
+
+    @unittest.skipUnless(importlib.util.find_spec("matplotlib"), "matplotlib is not installed")
+    def test_the_command_writes_the_report_and_a_plot_per_multi_step_task(self):
+        for seed in range(3):
+            write_result(self.results, "15-1", "overlap", "mib", seed, [0.8, 0.7 + seed / 100, 0.5])
+            write_result(self.results, "15-1", "overlap", "mib-batch16", seed, [0.8, 0.7, 0.55], new=None)
+            write_result(self.results, "15-5", "overlap", "mib", seed, [0.68])
+        images = os.path.join(self.tmp.name, "images")
+        out = os.path.join(self.tmp.name, "report.md")
+        subprocess.run([sys.executable, os.path.join(TOOLS, "bench_report.py"), "--results", self.results,
+                        "--out", out, "--images", images], check=True, capture_output=True)
+        self.assertEqual(sorted(os.listdir(images)),
+                         ["bench-15-1-overlap-ablations.png", "bench-15-1-overlap.png"])
+        with open(os.path.join(images, "bench-15-1-overlap.png"), "rb") as f:
+            self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        with open(out) as f:
+            text = f.read()
+        self.assertIn("![15-1](images/bench-15-1-overlap.png)", text)
+        self.assertIn("| mib | 3 | 80.0 ± 0.0 | 71.0 ± 1.0 | 50.0 ± 0.0 |", text)
+        self.assertIn("![15-1 ablations](images/bench-15-1-overlap-ablations.png)", text)
+        self.assertIn("| mib-batch16 | 3 | 50.0 ± 0.0 | - | 55.0 ± 0.0 |", text)
+
+
+if __name__ == "__main__":
+    unittest.main()
