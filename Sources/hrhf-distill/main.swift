@@ -101,14 +101,14 @@ struct Distill: ParsableCommand {
     @Option(help: "Write the evaluations as JSON.") var json: String?
     @Option(help: "Append PLOP-format CSV lines.") var csv: String?
     @Option(help: "The final model.") var out: String
+    @Flag(name: .customLong("sync-bn"), help: "Under mpirun: batch norm statistics over every rank's images (SyncBN).")
+    var syncBN = false
     @OptionGroup var compute: ComputeOptions
 
     func run() throws {
         compute.apply()
-        // Its losses' batch-wide statistics (GSC groups, split batch norm) are not reduced over ranks yet.
-        guard Communicator.current.size == 1 else {
-            throw OptionError(option: "mpirun/srun", "hrhf-distill is not data-parallel yet: run it as one process")
-        }
+        let communicator = Communicator.current
+        if syncBN { BatchNormSync.communicator = communicator }
         var options = try DistillationOptions.preset(method)
         if let background {
             guard let b = BackgroundHandling(rawValue: background) else {
@@ -167,7 +167,7 @@ struct Distill: ParsableCommand {
             let job = try SynthesisJob(request: request, count: synthCount, options: synthesisOptions)
             let perBatch = synthesisOptions.iterations
             let outcome = try job.run(
-                resume: true,
+                resume: true, communicator: communicator,
                 started: { resumed in
                     if let resumed { print(resumeLine(resumed, batchesInRun: job.batches.count)) }
                     progress = ProgressLine(
@@ -184,6 +184,9 @@ struct Distill: ParsableCommand {
             options: options, config: config, stepPackClasses: stepPackClasses,
             synthesize: synthesize, out: URL(fileURLWithPath: out), evalLimit: evalLimit)
         run.auditRelabelling = auditRelabelling
+        run.communicator = communicator
+        var lastIteration = ""
+        var iterationsRun = 0
         var summary: [[String]] = []
         var allReports: [IoUReport] = []
         _ = try run.run { event in
@@ -202,8 +205,14 @@ struct Distill: ParsableCommand {
                 let detail = parts.keys.sorted().map { String(format: "%@ %.3f", $0, parts[$0]!) }
                     .joined(separator: " ")
                 progress?.update(done, detail: String(format: "loss %.3f  ", loss) + detail)
+                lastIteration =
+                    String(format: "loss %.6f", loss)
+                    + parts.keys.sorted().map { String(format: ", %@ %.6f", $0, parts[$0]!) }.joined()
+                iterationsRun += 1
             case .stepFinished(let s, let report, let seconds, let model):
                 progress?.finish()
+                if !lastIteration.isEmpty { print("step \(s) last iteration: \(lastIteration)") }
+                lastIteration = ""
                 if let report {
                     print(report.table())
                     allReports.append(report)
@@ -218,6 +227,12 @@ struct Distill: ParsableCommand {
                 print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")
             }
         }
+        if communicator.size > 1 {
+            print(
+                "ranks x threads \(communicator.size) x \(compute.threads); allreduce per iteration (rank 0): "
+                    + allreduceSummary(communicator, iterations: iterationsRun))
+        }
+        guard communicator.isRoot else { return }
         for report in allReports { try writeReport(report, json: nil, csv: csv, classCount: report.perClass.count) }
         if let json {
             let encoder = JSONEncoder()

@@ -101,7 +101,13 @@ public final class BatchLoader: @unchecked Sendable {
     /// The slots of every batch this process builds (a data-parallel rank's share); nil for all.
     /// Augmentation is keyed on the slot in the whole batch, so a slot's sample does not depend on
     /// which rank builds it.
-    public var share: Range<Int>?
+    public var share: Range<Int>? {
+        // A batch prepared in the background for the former share is dropped.
+        didSet {
+            pending?.done.wait()
+            pending = nil
+        }
+    }
 
     private let queue = DispatchQueue(label: "hrhf.batch-loader")
 

@@ -41,18 +41,15 @@ public struct BatchReduction {
         return out
     }
 
+    /// `mean`, this rank's mean over `count` elements, as its part of the mean over every rank's
+    /// elements: mean * count / (the count over the ranks), so that the parts add up to it.
+    public func share(ofMean mean: Tensor, count: Double) -> Tensor {
+        guard !isLocal else { return mean }
+        let total = total(count)
+        return mean * (total > 0 ? Float(count / total) : 0)
+    }
+
     /// This rank's part of a value every rank computes alike from summed statistics: 1/size of
     /// it, so that the ranks' parts add up to it (and, through `sum`, their gradients to its).
     public func share(ofReplicated x: Tensor) -> Tensor { isLocal ? x : x * (1 / Float(communicator.size)) }
-
-    /// Every rank's `values`, in rank order, on every rank (for statistics such as medians that
-    /// are not sums).
-    public func gathered(_ values: [Float]) -> [Float] {
-        guard !isLocal else { return values }
-        let mine = values.withUnsafeBufferPointer { Data(buffer: $0) }
-        let joined = communicator.broadcast(communicator.gather(mine).map { $0.reduce(Data(), +) } ?? Data())
-        var all = [Float](repeating: 0, count: joined.count / MemoryLayout<Float>.stride)
-        all.withUnsafeMutableBytes { _ = joined.copyBytes(to: $0) }
-        return all
-    }
 }

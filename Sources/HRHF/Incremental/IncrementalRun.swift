@@ -45,6 +45,9 @@ public struct IncrementalRun {
     public var evalLimit: Int?
     /// Count how prototypical re-labelling fares against the training images' full masks.
     public var auditRelabelling = false
+    /// The ranks that share every batch (one process by default). Rank 0 alone writes models;
+    /// `synthesize` is called on every rank.
+    public var communicator: Communicator = .single
 
     public init(
         old: URL, train: SegmentationDataset, val: SegmentationDataset?, task: IncrementalTask, firstStep: Int,
@@ -109,6 +112,7 @@ public struct IncrementalRun {
                     config: stepConfig, auditRelabelling: auditRelabelling)
                 let checkpoint = URL(fileURLWithPath: target.path + ".ckpt")
                 let trainer = try runner.makeTrainer(checkpoint: checkpoint)
+                try runner.share(with: DataParallel(communicator), trainer: trainer)
                 let resumed = try trainer.resume()
                 event(
                     .stepStarted(
@@ -124,21 +128,28 @@ public struct IncrementalRun {
                 }) { done, loss in
                     event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts))
                 }
-                if let audit = runner.relabelAudit { event(.relabelAudit(step: step, audit: audit)) }
+                if var audit = runner.relabelAudit {
+                    for i in 0..<4 { communicator.allreduceSum(&audit[keyPath: RelabelAudit.counts[i]]) }
+                    event(.relabelAudit(step: step, audit: audit))
+                }
                 try runner.recalibrateBatchNorm(batches: options.batchNormRecalibration)
                 var report: IoUReport?
                 var card = runner.models.card
                 if let val {
                     report = try evaluate(
                         model: runner.model, normalization: card.normalization, dataset: val,
-                        proto: runner.proto, limit: evalLimit)
+                        proto: runner.proto, limit: evalLimit, communicator: communicator)
                     card.notes["step\(step)_val_miou_all"] = String(format: "%.4f", report!.all ?? 0)
                 }
                 card.notes["step\(step)_method"] = options.method.name
-                try ModelFile.save(runner.model, card: card, to: target)
-                if FileManager.default.fileExists(atPath: checkpoint.path) {
-                    try FileManager.default.removeItem(at: checkpoint)
+                if communicator.isRoot {
+                    try ModelFile.save(runner.model, card: card, to: target)
+                    if FileManager.default.fileExists(atPath: checkpoint.path) {
+                        try FileManager.default.removeItem(at: checkpoint)
+                    }
                 }
+                // The next step reads the model rank 0 has just written.
+                communicator.barrier()
                 let seconds = Date().timeIntervalSince(start)
                 event(.stepFinished(step: step, report: report, seconds: seconds, model: target))
                 if let report { reports.append(report) }
@@ -158,10 +169,45 @@ public struct IncrementalRun {
                         PackRequest(
                             afterStep: step, teacher: previous, classes: classes,
                             seed: config.seed &+ UInt64(100 + step), out: packURL))
+                    communicator.barrier()
                 }
                 currentPacks = stepPackClasses == .new ? currentPacks + [packURL] : [packURL]
             }
         }
         return reports
+    }
+}
+
+extension RelabelAudit {
+    /// The per-class counts, to be summed over ranks.
+    static let counts: [WritableKeyPath<RelabelAudit, [Int]>] = [\.right, \.wrongBackground, \.wrongOther, \.missed]
+}
+
+extension DistillationStep {
+    /// Shares every batch of the step among the ranks of `parallel` (nothing to do for one
+    /// process): each rank builds its contiguous shares of the real and of the fake images, draws
+    /// their dropout masks, normalises its real and fake shares apart under split batch norm, and
+    /// sums the loss terms' statistics and the gradients over the ranks. Each rank needs at least
+    /// one real and (for a method with fake images) one fake image of every batch.
+    func share(with parallel: DataParallel, trainer: Trainer) throws {
+        let ranks = parallel.communicator.size
+        guard ranks > 1 else { return }
+        let real = data.realPerBatch, fake = data.fakeSampler?.batchSize ?? 0
+        guard real >= ranks, fake == 0 || fake >= ranks else {
+            throw OptionError(
+                option: "--batch",
+                "a batch of \(real) real and \(fake) fake images cannot be shared by \(ranks) ranks: "
+                    + "each needs one of each")
+        }
+        data.realLoader.share = parallel.share(of: real)
+        data.auditLoader?.share = parallel.share(of: real)
+        data.fakeSampler?.share = parallel.share(of: fake)
+        parallel.shareDropout(model, batchSizes: fake > 0 ? [real, fake] : [real])
+        for (_, m) in model.namedModules() {
+            guard let bn = m as? BatchNorm2d, bn.batchSplit != nil else { continue }
+            bn.batchSplit = parallel.share(of: real).count
+        }
+        reduction = BatchReduction(parallel.communicator)
+        trainer.dataParallel = parallel
     }
 }

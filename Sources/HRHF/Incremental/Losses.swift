@@ -2,7 +2,10 @@ import Foundation
 
 // The losses of incremental steps (METHOD.md): MiB's unbiased cross-entropy and knowledge
 // distillation, LwF's plain distillation, and GSC's gradient compensation, soft, sharp and
-// relation terms. Logits are N x C x H x W; the old model's outputs are constants.
+// relation terms. Logits are N x C x H x W; the old model's outputs are constants. Under data
+// parallelism each rank passes its share of the batch and a `BatchReduction` that sums the
+// batch-wide statistics (counts, group sums, class means) over the ranks: a term is then this
+// rank's part of the whole batch's value, the parts adding up to it.
 
 /// Negative log-likelihood of log-probabilities (N x C x H x W) at the labels, ignoring 255,
 /// optionally weighted per pixel; mean over pixels not ignored (0 when there are none).
@@ -38,90 +41,120 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 /// Negative log-likelihood in which label 0 stands for the union of the `merged` channels
 /// (channel 0 among them) and labels 1..<kept for their own channels:
 /// log p(union) = logsumexp over the merged channels - logsumexp over all.
-func mergedBackgroundNLL(_ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?)
-    -> Tensor
-{
-    channelSetNLL(logits, target, merged: merged, kept: kept, pixelWeights: pixelWeights)
+func mergedBackgroundNLL(
+    _ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?,
+    reduction: BatchReduction
+) -> Tensor {
+    reduction.share(
+        ofMean: channelSetNLL(logits, target, merged: merged, kept: kept, pixelWeights: pixelWeights),
+        count: labelledPixels(target))
 }
+
+/// The pixels of `labels` not ignored (255).
+func labelledPixels(_ labels: Labels) -> Double { Double(labels.values.reduce(0) { $0 + ($1 == 255 ? 0 : 1) }) }
 
 /// MiB's unbiased cross-entropy: the background's probability is that of background or any
 /// old class (channels 0..<oldClasses), since old objects are labelled background in new
 /// images. A pixel labelled with an old class (GSC's prototypical re-labelling) is scored on
 /// that class alone; new classes (>= oldClasses) on theirs; 255 is ignored.
-public func unbiasedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil)
-    -> Tensor
-{
+public func unbiasedCrossEntropy(
+    _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil,
+    reduction: BatchReduction = .local
+) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
-    return mergedBackgroundNLL(logits, target, merged: [0..<oldClasses], kept: c, pixelWeights: pixelWeights)
+    return mergedBackgroundNLL(
+        logits, target, merged: [0..<oldClasses], kept: c, pixelWeights: pixelWeights, reduction: reduction)
 }
 
 /// Cross-entropy of fake images (old classes only) with the new classes folded into background,
 /// as the unbiased KD beside it does: a synthetic background is no evidence about what the new
 /// classes look like. Labels hold old classes (< oldClasses) or 255.
-public func foldedCrossEntropy(_ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil)
-    -> Tensor
-{
+public func foldedCrossEntropy(
+    _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil,
+    reduction: BatchReduction = .local
+) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "folded CE: \(oldClasses) old of \(c) classes")
     return mergedBackgroundNLL(
-        logits, target, merged: [0..<1, oldClasses..<c], kept: oldClasses, pixelWeights: pixelWeights)
+        logits, target, merged: [0..<1, oldClasses..<c], kept: oldClasses, pixelWeights: pixelWeights,
+        reduction: reduction)
 }
 
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
 /// new classes are summed into background, then compared with the old model's distribution:
 /// -mean over pixels of (sum_c q_c log p'_c) / |old classes|, at temperature T on both sides.
-public func unbiasedDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil)
-    -> Tensor
-{
+public func unbiasedDistillation(
+    _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil,
+    reduction: BatchReduction = .local
+) -> Tensor {
     precondition(oldLogits.shape[1] < newLogits.shape[1], "unbiased KD: the new model must have more classes")
-    return unbiasedDistillationLoss(newLogits, oldLogits, temperature: temperature, mask: mask)
+    return reduction.share(
+        ofMean: unbiasedDistillationLoss(newLogits, oldLogits, temperature: temperature, mask: mask),
+        count: Double(mask?.array.reduce(0, +) ?? Float(newLogits.count / newLogits.shape[1])))
 }
 
 /// LwF's distillation as MiB implements it: the new model's log-softmax over the old classes
 /// against the old model's softmax, averaged over classes and pixels.
-public func plainDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1) -> Tensor {
+public func plainDistillation(
+    _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, reduction: BatchReduction = .local
+) -> Tensor {
     let old = oldLogits.shape[1]
     let logP = logSoftmax(sliceChannels(newLogits, 0..<old) * (1 / temperature))
     let q = withNoGrad { softmax(oldLogits * (1 / temperature)) }
-    return -sum(logP * q) * (1 / Float(logP.count))
+    return -sum(logP * q) * (1 / Float(reduction.total(Double(logP.count))))
 }
 
 /// GSC soft distillation: KL(old || new) between the temperature-softened distributions over
 /// the old classes, on every pixel, times T^2.
-public func softDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float) -> Tensor {
-    softDistillationLoss(newLogits, oldLogits, temperature: temperature)
+public func softDistillation(
+    _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, reduction: BatchReduction = .local
+) -> Tensor {
+    reduction.share(
+        ofMean: softDistillationLoss(newLogits, oldLogits, temperature: temperature),
+        count: Double(newLogits.count / newLogits.shape[1]))
 }
 
 /// GSC sharpness: the entropy of the new model's prediction, averaged over the pixels where
 /// the old model is confident (max probability at least `confidence`); minimised.
-public func sharpEntropy(_ newLogits: Tensor, _ oldLogits: Tensor, confidence: Float) -> Tensor {
+public func sharpEntropy(
+    _ newLogits: Tensor, _ oldLogits: Tensor, confidence: Float, reduction: BatchReduction = .local
+) -> Tensor {
     let mask = withNoGrad { () -> Tensor in
         let (n, _, h, w) = nchw(oldLogits, "sharp")
         let best = channelArgmax(softmax(oldLogits)).values
         return Tensor(shape: [n, 1, h, w], values: best.map { $0 >= confidence ? 1 : 0 })
     }
-    return maskedMeanEntropy(newLogits, mask: mask)
+    return reduction.share(ofMean: maskedMeanEntropy(newLogits, mask: mask), count: Double(mask.array.reduce(0, +)))
 }
 
 /// GSC relation distillation: for each old class the old model predicts in the batch, the mean
 /// probability vector (over old classes) of the new and of the old model on those pixels are
 /// row c of two class-relation matrices; the loss is the mean absolute difference over the
-/// rows of the classes present.
-public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Tensor {
+/// rows of the classes present. Over ranks, each rank's class means are weighted by its share of
+/// the class's pixels and summed (the backward sends each rank the gradient of its part).
+public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, reduction: BatchReduction = .local)
+    -> Tensor
+{
     let old = oldLogits.shape[1]
     let pNew = softmax(sliceChannels(newLogits, 0..<old))
     let (q, assignment) = withNoGrad { () -> (Tensor, [Int32]) in
         let q = softmax(oldLogits)
         return (q, channelArgmax(q).indices)
     }
-    var present = [Bool](repeating: false, count: old)
-    for a in assignment { present[Int(a)] = true }
-    let rows = present.filter { $0 }.count
-    let rowsNew = classConditionalMeans(pNew, assignment: assignment, classes: old)
-    let rowsOld = withNoGrad { classConditionalMeans(q, assignment: assignment, classes: old) }
+    var counts = [Double](repeating: 0, count: old)
+    for a in assignment { counts[Int(a)] += 1 }
+    let totals = reduction.total(counts)
+    let rows = totals.filter { $0 > 0 }.count
+    var rowsNew = classConditionalMeans(pNew, assignment: assignment, classes: old)
+    var rowsOld = withNoGrad { classConditionalMeans(q, assignment: assignment, classes: old) }
+    if !reduction.isLocal {
+        let part = Tensor(shape: [old, 1], values: zip(counts, totals).map { $1 > 0 ? Float($0 / $1) : 0 })
+        rowsNew = reduction.sum(rowsNew * part)
+        rowsOld = withNoGrad { reduction.sum(rowsOld * part) }
+    }
     // Absent classes have zero rows in both, so they add nothing.
-    return sum(abs(rowsNew - rowsOld)) * (1 / Float(max(rows, 1) * old))
+    return reduction.share(ofReplicated: sum(abs(rowsNew - rowsOld)) * (1 / Float(max(rows, 1) * old)))
 }
 
 /// GSC step-aware gradient compensation: pixel weights for the cross-entropy. For a pixel of
@@ -134,7 +167,7 @@ public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor) -> Te
 public func gradientCompensationWeights(
     _ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
     z: Float, wMin: Float, wMax: Float,
-    backgroundIncludes merged: Range<Int>? = nil
+    backgroundIncludes merged: Range<Int>? = nil, reduction: BatchReduction = .local
 ) -> Tensor {
     withNoGrad {
         let (n, c, h, w) = nchw(logits, "gradient compensation")
@@ -163,14 +196,17 @@ public func gradientCompensationWeights(
                 }
             }
         }
-        var groupSum = [Double](repeating: 0, count: currentStep + 1),
-            groupCount = [Int](repeating: 0, count: currentStep + 1)
+        var groupSum = [Double](repeating: 0, count: currentStep + 1)
+        var groupCount = [Double](repeating: 0, count: currentStep + 1)
         for j in 0..<(n * hw) {
             let y = Int(target.values[j])
             guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
             groupSum[stepOfClass[y]] += Double(g[j])
             groupCount[stepOfClass[y]] += 1
         }
+        // The groups of the whole batch: sums and counts over every rank's share.
+        let totals = reduction.total(groupSum + groupCount)
+        (groupSum, groupCount) = (Array(totals[..<groupSum.count]), Array(totals[groupSum.count...]))
         let weights = Tensor(zeros: target.shape)
         for j in 0..<(n * hw) {
             let y = Int(target.values[j])
@@ -179,7 +215,7 @@ public func gradientCompensationWeights(
             if step >= currentStep {
                 weights.pointer[j] = 1
             } else {
-                let mean = groupSum[step] / Double(max(groupCount[step], 1))
+                let mean = groupSum[step] / max(groupCount[step], 1)
                 weights.pointer[j] = mean > 0 ? min(max(Float(Double(g[j]) / mean), wMin), wMax) : 1
             }
         }

@@ -45,28 +45,29 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
     /// The term's value on `half` of what the step computed.
     func value(on half: BatchHalf, _ batch: StepBatch) -> Tensor {
         let (new, old) = batch.logits(half)
-        let options = batch.options
+        let (options, reduction) = (batch.options, batch.reduction)
         switch self {
         case .ce:
             return batch.crossEntropy(half)
         case .kd:
-            return unbiasedDistillation(new, old, temperature: options.kdTemperature)
+            return unbiasedDistillation(new, old, temperature: options.kdTemperature, reduction: reduction)
         case .lwfKD:
-            return plainDistillation(new, old, temperature: options.kdTemperature)
+            return plainDistillation(new, old, temperature: options.kdTemperature, reduction: reduction)
         case .feat:
             let (newFeatures, oldFeatures) = batch.features(half)
-            return mean(square(newFeatures - oldFeatures))
+            let difference = square(newFeatures - oldFeatures)
+            return reduction.share(ofMean: mean(difference), count: Double(difference.count))
         case .soft:
-            return softDistillation(new, old, temperature: options.softTemperature)
+            return softDistillation(new, old, temperature: options.softTemperature, reduction: reduction)
         case .sharp:
-            return sharpEntropy(new, old, confidence: options.sharpConfidence)
+            return sharpEntropy(new, old, confidence: options.sharpConfidence, reduction: reduction)
         case .rel:
-            return relationDistillation(new, old)
+            return relationDistillation(new, old, reduction: reduction)
         case .pod:
             let maps = batch.podMaps(half)
             return localPOD(
                 new: maps.new, old: maps.old, oldClasses: batch.oldClasses,
-                newClasses: new.shape[1] - batch.oldClasses, factor: 1, logitsFactor: 0.05)
+                newClasses: new.shape[1] - batch.oldClasses, factor: 1, logitsFactor: 0.05, reduction: reduction)
         }
     }
 }
@@ -261,6 +262,9 @@ struct StepBatch {
     let step: Int
     /// The real half's labels after the method's background handling.
     var labels: Labels
+    /// Sums the terms' batch-wide statistics over the ranks that share the batch (each rank holds
+    /// its shares of the real and of the fake images).
+    let reduction: BatchReduction
     /// Weights of the real half's cross-entropy pixels from the background handling (PLOP's).
     var realPixelWeights: Tensor?
     /// For Local POD, each model's maps (stage sums, head features, logits at the features' size).
@@ -268,9 +272,11 @@ struct StepBatch {
 
     init(
         options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
-        realCount: Int, labels: Labels, oldClasses: Int, stepOfClass: [Int], step: Int
+        realCount: Int, labels: Labels, oldClasses: Int, stepOfClass: [Int], step: Int,
+        reduction: BatchReduction = .local
     ) {
         self.options = options
+        self.reduction = reduction
         self.new = new
         self.old = old
         self.realCount = realCount
@@ -324,8 +330,8 @@ struct StepBatch {
             return unbiased
                 ? unbiasedCrossEntropy(
                     new, labels, oldClasses: oldClasses,
-                    pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses))
-                : HRHF.crossEntropy(
+                    pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses), reduction: reduction)
+                : plainCrossEntropy(
                     new, labels,
                     pixelWeights: product(realPixelWeights, compensation(new, labels, backgroundIncludes: nil)))
         }
@@ -334,8 +340,15 @@ struct StepBatch {
         return options.fakeFoldsNewClasses
             ? foldedCrossEntropy(
                 new, fakeLabels, oldClasses: oldClasses,
-                pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes))
-            : HRHF.crossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
+                pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes),
+                reduction: reduction)
+            : plainCrossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
+    }
+
+    /// Cross-entropy averaged over the labelled pixels of every rank's share of the batch.
+    func plainCrossEntropy(_ logits: Tensor, _ labels: Labels, pixelWeights: Tensor?) -> Tensor {
+        reduction.share(
+            ofMean: HRHF.crossEntropy(logits, labels, pixelWeights: pixelWeights), count: labelledPixels(labels))
     }
 
     func product(_ a: Tensor?, _ b: Tensor?) -> Tensor? {
@@ -350,19 +363,21 @@ struct StepBatch {
         return gradientCompensationWeights(
             logits, labels, stepOfClass: stepOfClass, currentStep: step, z: z,
             wMin: options.compensationMin, wMax: options.compensationMax,
-            backgroundIncludes: backgroundIncludes)
+            backgroundIncludes: backgroundIncludes, reduction: reduction)
     }
 
     /// The method's loss: its terms' weighted sum, in the table's order, and each term's value.
     func loss() throws -> (total: Tensor, parts: [String: Float]) {
         var total: Tensor?
-        var parts: [String: Float] = [:]
+        var labels: [String] = [], values: [Double] = []
         for t in options.method.terms where t.half != .fake || hasFake {
             let value = t.term.value(on: t.half, self)
             total = total.map { $0 + t.weight * value } ?? t.weight * value
-            parts[t.label] = value.item
+            labels.append(t.label)
+            values.append(Double(value.item))
         }
         guard let total else { throw OptionError(option: "method", "\(options.method.name) has no term on this batch") }
-        return (total, parts)
+        // The parts shown are the whole batch's: each rank's parts summed.
+        return (total, Dictionary(uniqueKeysWithValues: zip(labels, reduction.total(values).map { Float($0) })))
     }
 }

@@ -87,10 +87,12 @@ public struct PseudoLabelThresholds: Codable, Equatable, Sendable {
 /// labelled background (or an old class) takes the old model's argmax where its scaled entropy is
 /// below that class's threshold, else 255 (ignored); each image's loss is scaled by its share of
 /// such pixels that were certain (the "classif adaptive factor"), and the loss is the mean over
-/// every pixel, ignored ones counting 0 (PLOP's `reduction="none"` then `.mean()`).
-func plopPseudoLabels(_ labels: Labels, oldLogits: Tensor, oldClasses: Int, thresholds: PseudoLabelThresholds)
-    -> (labels: Labels, pixelWeights: Tensor)
-{
+/// every pixel, ignored ones counting 0 (PLOP's `reduction="none"` then `.mean()`; every pixel of
+/// every rank's share).
+func plopPseudoLabels(
+    _ labels: Labels, oldLogits: Tensor, oldClasses: Int, thresholds: PseudoLabelThresholds,
+    reduction: BatchReduction = .local
+) -> (labels: Labels, pixelWeights: Tensor) {
     let probabilities = softmax(oldLogits)
     let (n, _, inner) = channelLayout(probabilities, "PLOP pseudo-labels")
     let entropy = plopEntropy(probabilities)
@@ -112,8 +114,8 @@ func plopPseudoLabels(_ labels: Labels, oldLogits: Tensor, oldClasses: Int, thre
         factor[b] = Float(certain) / (Float(background) + 1e-6)
     }
     // nll_loss divides by the pixels not ignored; PLOP's mean divides by all of them.
-    let valid = values.reduce(0) { $0 + ($1 == 255 ? 0 : 1) }
-    let scale = Float(valid) / Float(max(values.count, 1))
+    let counts = reduction.total([Double(values.reduce(0) { $0 + ($1 == 255 ? 0 : 1) }), Double(values.count)])
+    let scale = Float(counts[0]) / Float(max(counts[1], 1))
     let weights = Tensor(shape: labels.shape, values: (0..<values.count).map { factor[$0 / inner] * scale })
     return (Labels(shape: labels.shape, values: values), weights)
 }
@@ -165,10 +167,10 @@ func rowNorms(_ x: Tensor) -> Tensor {
 /// (`localPODEmbedding`, scales 1, 2, 4), the L2 distance per image averaged over the batch, times
 /// `factor` (0.01) or for the logits `logitsFactor` (0.0005), times sqrt(classes / new classes);
 /// their sum over the number of maps. The new model's logits have their new classes' logits added
-/// to the background's (PLOP's `extra_channels: sum`).
+/// to the background's (PLOP's `extra_channels: sum`). The batch is every rank's share.
 func localPOD(
     new: [Tensor], old: [Tensor], oldClasses: Int, newClasses: Int, factor: Float = 0.01,
-    logitsFactor: Float = 0.0005, scales: [Int] = [1, 2, 4]
+    logitsFactor: Float = 0.0005, scales: [Int] = [1, 2, 4], reduction: BatchReduction = .local
 ) -> Tensor {
     precondition(new.count == old.count && !new.isEmpty, "local POD: maps in pairs")
     let classes = oldClasses + newClasses
@@ -182,7 +184,9 @@ func localPOD(
             newMap = oldClasses > 1 ? concatChannels([background, sliceChannels(a, 1..<oldClasses)]) : background
         }
         let oldEmbedding = withNoGrad { localPODEmbedding(square(b), scales: scales) }
-        let distance = mean(rowNorms(localPODEmbedding(square(newMap), scales: scales) - oldEmbedding))
+        let distance = reduction.share(
+            ofMean: mean(rowNorms(localPODEmbedding(square(newMap), scales: scales) - oldEmbedding)),
+            count: Double(a.shape[0]))
         let weight = (index == new.count - 1 ? logitsFactor : factor) * schedule
         total = total.map { $0 + weight * distance } ?? weight * distance
     }

@@ -145,8 +145,11 @@ public final class DistillationStep {
     public let config: TrainingConfig
     public let data: StepData
     public let models: StepModels
-    /// With `auditRelabelling`: how re-labelling fared on the batches so far.
+    /// With `auditRelabelling`: how re-labelling fared on the batches so far (this rank's).
     public private(set) var relabelAudit: RelabelAudit?
+    /// Sums the loss terms' batch-wide statistics over the ranks sharing each batch (IncrementalRun's
+    /// `share(with:)`); one process by default.
+    var reduction = BatchReduction.local
 
     public init(
         old: DeepLabV3, oldCard: ModelCard, train: SegmentationDataset, task: IncrementalTask, step: Int,
@@ -191,8 +194,9 @@ public final class DistillationStep {
         }
         var batch = StepBatch(
             options: options, new: (newOut.logits, newOut.features),
-            old: (oldLogits, oldOut.features), realCount: data.realPerBatch, labels: real.labels,
-            oldClasses: models.old.numClasses, stepOfClass: models.stepOfClass, step: proto.step)
+            old: (oldLogits, oldOut.features), realCount: real.images.shape[0], labels: real.labels,
+            oldClasses: models.old.numClasses, stepOfClass: models.stepOfClass, step: proto.step,
+            reduction: reduction)
         if let newSmallLogits {
             batch.pod = (
                 newOut.stageSums + [newOut.features, newSmallLogits],
@@ -205,7 +209,7 @@ public final class DistillationStep {
             (batch.labels, batch.realPixelWeights) = withNoGrad {
                 plopPseudoLabels(
                     real.labels, oldLogits: batch.oldReal, oldClasses: models.old.numClasses,
-                    thresholds: models.pseudoThresholds!)
+                    thresholds: models.pseudoThresholds!, reduction: reduction)
             }
         case .proto:
             let oldFeatures = batch.features(.real).old
