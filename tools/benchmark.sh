@@ -22,7 +22,7 @@ cd "$(dirname "$0")/.."
 
 main_methods="ft lwf mib plop gsc hrhf hrhf+gsc joint"
 ablation_methods="hrhf+gsc-no-compensation hrhf+gsc-no-soft-sharp hrhf+gsc-no-relation hrhf+gsc-no-proto
-  hrhf-no-saa hrhf-no-fake hrhf-real16 mib-batch16"
+  hrhf-no-saa hrhf+gsc-no-fake hrhf-real16 mib-batch16"
 tasks=${TASKS:-15-5 15-1}
 settings=${SETTINGS:-overlap}
 methods=${METHODS:-main}
