@@ -27,8 +27,8 @@ ABLATION_REFERENCE = {
     "hrhf+gsc-no-soft-sharp": "hrhf+gsc",
     "hrhf+gsc-no-relation": "hrhf+gsc",
     "hrhf+gsc-no-proto": "hrhf+gsc",
+    "hrhf+gsc-no-fake": "hrhf+gsc",
     "hrhf-no-saa": "hrhf",
-    "hrhf-no-fake": "hrhf",
     "hrhf-real16": "hrhf",
     "mib-batch16": "mib",
 }
