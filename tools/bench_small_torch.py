@@ -332,10 +332,24 @@ def distill_job(args, d):
     model, _ = load_model(args.model, extra_classes=added)
     model.train()
     o = d["options"]
-    unmirrored = [k for k in ("featureWeight", "plainKDWeight", "splitBatchNorm", "freezeBatchNorm", "joint") if o[k]]
-    if unmirrored or not o["fakeFoldsNewClasses"] or o["background"] not in ("unbiased", "proto"):
-        sys.exit(f"options this reference does not mirror: {unmirrored}, background {o['background']}, "
+    method = o["method"]
+    # The method's loss table: weight by (term, half); the terms and halves this reference mirrors.
+    weight = {(t["term"], t["half"]): t["weight"] for t in method["terms"]}
+    mirrored = {("ce", "real"), ("kd", "real"), ("ce", "fake"), ("kd", "fake"),
+                ("soft", "both"), ("sharp", "both"), ("rel", "both")}
+    unmirrored = [f"{t}/{h}" for t, h in weight if (t, h) not in mirrored]
+    unmirrored += [k for k in ("splitBatchNorm", "freezeBatchNorm") if o[k]]
+    if method["trainingSet"] != "step":
+        unmirrored.append(f"training set {method['trainingSet']}")
+    if weight.get(("ce", "real"), 0) != 1:
+        unmirrored.append("a real cross-entropy weight other than 1")
+    if unmirrored or not o["fakeFoldsNewClasses"] or method["background"] not in ("unbiased", "proto"):
+        sys.exit(f"options this reference does not mirror: {unmirrored}, background {method['background']}, "
                  f"fakeFoldsNewClasses {o['fakeFoldsNewClasses']}")
+    o = dict(o, background=method["background"], gradientCompensation=method["gradientCompensation"],
+             realKDWeight=weight.get(("kd", "real"), 0), fakeCEWeight=weight.get(("ce", "fake"), 0),
+             fakeKDWeight=weight.get(("kd", "fake"), 0), softWeight=weight.get(("soft", "both"), 0),
+             sharpWeight=weight.get(("sharp", "both"), 0), relationWeight=weight.get(("rel", "both"), 0))
     real = npy(f"{args.inputs}/real.npy")
     labels = npy(f"{args.inputs}/labels.npy").long()
     fake = npy(f"{args.inputs}/fake.npy") if d["fake"] else None
