@@ -186,7 +186,9 @@ final class DistributedTests: XCTestCase {
         let small = try mpirun(2, "hrhf-distill", arguments("mib", "small", batch: 1))
         XCTAssertNotEqual(small.status, 0)
         XCTAssertTrue(
-            small.stderr.contains("--batch: a batch of 1 real and 0 fake images cannot be shared by 2 ranks"),
+            small.stderr.contains(
+                "--batch: a batch of 1 real and 0 fake images cannot be shared by 2 ranks: "
+                    + "each rank needs at least one real image"),
             small.stderr)
         XCTAssertFalse(FileManager.default.fileExists(atPath: dir.appendingPathComponent("small.safetensors").path))
 

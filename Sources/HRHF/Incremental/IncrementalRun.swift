@@ -129,7 +129,7 @@ public struct IncrementalRun {
                     event(.iteration(step: step, done: done, total: stepConfig.iterations, loss: loss, parts: parts))
                 }
                 if var audit = runner.relabelAudit {
-                    for i in 0..<4 { communicator.allreduceSum(&audit[keyPath: RelabelAudit.counts[i]]) }
+                    for counts in RelabelAudit.counts { communicator.allreduceSum(&audit[keyPath: counts]) }
                     event(.relabelAudit(step: step, audit: audit))
                 }
                 try runner.recalibrateBatchNorm(batches: options.batchNormRecalibration)
@@ -197,7 +197,7 @@ extension DistillationStep {
             throw OptionError(
                 option: "--batch",
                 "a batch of \(real) real and \(fake) fake images cannot be shared by \(ranks) ranks: "
-                    + "each needs one of each")
+                    + "each rank needs at least one real\(fake > 0 ? " and one fake" : "") image")
         }
         data.realLoader.share = parallel.share(of: real)
         data.auditLoader?.share = parallel.share(of: real)
