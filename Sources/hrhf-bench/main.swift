@@ -88,7 +88,10 @@ struct Bench: ParsableCommand {
         }
         print("hrhf-bench: \(threads) thread(s), batch \(batch), median of \(repeats) runs after warm-up")
         let sgemm = measureSgemmGFLOPS()
-        print(String(format: "sgemm 2048^3: %.1f GFLOP/s (the baseline below)", sgemm))
+        print(
+            String(
+                format: "sgemm 2048^3: %.1f GFLOP/s (the baseline below; OpenBLAS's %@ kernels)", sgemm,
+                OpenBLASKernels.coreName))
         print("")
         let header = ["convolution", "fwd ms", "fwd GFLOP/s", "fwd/sgemm", "bwd ms", "bwd GFLOP/s", "bwd/sgemm"]
         var rows: [[String]] = []
