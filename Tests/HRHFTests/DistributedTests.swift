@@ -153,10 +153,11 @@ final class DistributedTests: XCTestCase {
             ] + (method == "hrhf+gsc" ? ["--split-bn", "true", "--feature-weight", "1"] : [])
                 + (syncBN ? ["--sync-bn"] : [])
         }
-        // The loss and its terms: ce, kd (mib); ce, lwf_kd (plop); ce, fake_ce, fake_feat, fake_kd,
-        // kd, rel, sharp, soft (hrhf+gsc).
+        // The loss and its terms: ce, kd (mib); ce, pod (plop, pseudo-labels); ce, fake_ce, fake_feat,
+        // fake_kd, kd, rel, sharp, soft (hrhf+gsc, re-labelling); ce, lwf_kd (lwf, plain background,
+        // random new rows); ce on every step's images (joint). The other rows combine these.
         var mibLoss = 0.0
-        for (method, terms) in [("mib", 2), ("plop", 2), ("hrhf+gsc", 8)] {
+        for (method, terms) in [("mib", 2), ("plop", 2), ("hrhf+gsc", 8), ("lwf", 2), ("joint", 1)] {
             let one = try runTool("hrhf-distill", arguments(method, method + "-one"))
             XCTAssertEqual(one.status, 0, one.stderr)
             let two = try mpirun(2, "hrhf-distill", arguments(method, method + "-two"))
