@@ -181,7 +181,8 @@ with open(partial, "w") as f:
 os.replace(partial, e["RESULT"])
 EOF
   local final
-  final=$(python3 -c 'import json, sys; print("%.1f" % (100 * json.load(open(sys.argv[1]))["steps"][-1]["all"]))' "$result")
+  final=$(python3 -c 'import json, sys
+print("%.1f" % (100 * json.load(open(sys.argv[1]))["steps"][-1]["all"]))' "$result")
   echo "$name: all mIoU $final % after step $last, $wall s"
   if [ "${COMMIT_RESULTS:-0}" = 1 ]; then
     (flock -x 9; git add -f "$result" && git commit -q -m "bench: $name" -- "$result") 9> "$work/git.lock"
