@@ -155,9 +155,12 @@ final class DistributedTests: XCTestCase {
         }
         // The loss and its terms: ce, kd (mib); ce, pod (plop, pseudo-labels); ce, fake_ce, fake_feat,
         // fake_kd, kd, rel, sharp, soft (hrhf+gsc, re-labelling); ce, lwf_kd (lwf, plain background,
-        // random new rows); ce on every step's images (joint). The other rows combine these.
+        // random new rows); ce on every step's images (joint); and the other rows of the table.
         var mibLoss = 0.0
-        for (method, terms) in [("mib", 2), ("plop", 2), ("hrhf+gsc", 8), ("lwf", 2), ("joint", 1)] {
+        let methods = [
+            ("mib", 2), ("plop", 2), ("hrhf+gsc", 8), ("lwf", 2), ("joint", 1), ("ft", 1), ("gsc", 4), ("hrhf", 4),
+        ]
+        for (method, terms) in methods {
             let one = try runTool("hrhf-distill", arguments(method, method + "-one"))
             XCTAssertEqual(one.status, 0, one.stderr)
             let two = try mpirun(2, "hrhf-distill", arguments(method, method + "-two"))
