@@ -441,6 +441,6 @@ final class DistributedTests: XCTestCase {
         XCTAssertTrue(
             refusal(["SLURM_ARRAY_TASK_ID": "x1", "SLURM_ARRAY_TASK_COUNT": "2"])
                 .contains("SLURM_ARRAY_TASK_ID: environment variable is \"x1\", not a whole number"))
-        XCTAssertTrue(refusal([:]).contains("--shard auto needs SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX"))
+        XCTAssertTrue(refusal([:]).contains("--shard auto: needs SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX"))
     }
 }

@@ -88,10 +88,10 @@ final class ProfilerTests: XCTestCase {
     func testDistillationJobsRefuseToStartWithoutTheirData() throws {
         let (url, _, _) = try SynthesisTests.tinyTeacher()
         XCTAssertThrowsError(try JobBenchmark(job: .mib, model: url, data: nil, pack: nil)) { e in
-            XCTAssertEqual("\(e)", "hrhf-bench: job mib needs --data (a Shapes root)")
+            XCTAssertEqual(e as? OptionError, OptionError(option: "--data", "job mib needs a Shapes root"))
         }
         XCTAssertThrowsError(try JobBenchmark(job: .hrhfGSC, model: url, data: temporaryDirectory(), pack: nil)) { e in
-            XCTAssertEqual("\(e)", "hrhf-bench: job hrhf+gsc needs --pack")
+            XCTAssertEqual(e as? OptionError, OptionError(option: "--pack", "job hrhf+gsc needs a pack"))
         }
     }
 

@@ -33,10 +33,10 @@ public final class JobBenchmark {
             dumpInputs = { try setup.dump(to: $0) }
         case .mib, .hrhfGSC:
             guard let data else {
-                throw WeightFileError(file: "hrhf-bench", "job \(job.rawValue) needs --data (a Shapes root)")
+                throw OptionError(option: "--data", "job \(job.rawValue) needs a Shapes root")
             }
             guard job == .mib || pack != nil else {
-                throw WeightFileError(file: "hrhf-bench", "job hrhf+gsc needs --pack")
+                throw OptionError(option: "--pack", "job hrhf+gsc needs a pack")
             }
             let setup = try DistillationIterations(
                 job: job, old: teacher, card: card, data: data,
