@@ -312,4 +312,25 @@ final class DataTests: XCTestCase {
         let initial = try job.makeModel().stateDict().flatMap { $0.tensor.array }
         XCTAssertNotEqual(initial, straight, "training changed the weights")
     }
+
+    /// The real images' loader and the pack sampler draw from one schedule: an epoch visits each
+    /// item once (the last partial batch dropped), and a synthetic slot's generator is the one of
+    /// its place after the real slots.
+    func testLoaderAndPackSamplerShareOneEpochSchedule() {
+        let schedule = EpochSchedule(count: 10, batchSize: 3, seed: 7)
+        XCTAssertEqual(schedule.batchesPerEpoch, 3)
+        let epoch0 = (0..<3).flatMap { schedule.picks($0, slots: nil).map(\.item) }
+        XCTAssertEqual(Set(epoch0).count, 9, "nine distinct items in epoch 0")
+        XCTAssertEqual(epoch0, Array(schedule.order(epoch: 0).prefix(9)))
+        XCTAssertNotEqual(schedule.order(epoch: 1), schedule.order(epoch: 0), "each epoch reshuffles")
+        XCTAssertEqual(schedule.picks(4, slots: 1..<3).map(\.slot), [1, 2], "a rank's share of the slots")
+        var fake = EpochSchedule(count: 10, batchSize: 3, seed: 7, firstSlot: 8).augmentationGenerator(
+            iteration: 5, slot: 0)
+        var real = schedule.augmentationGenerator(iteration: 5, slot: 8)
+        XCTAssertEqual(fake.next(), real.next())
+        var first = schedule.augmentationGenerator(iteration: 5, slot: 0)
+        var fakeFirst = EpochSchedule(count: 10, batchSize: 3, seed: 7, firstSlot: 8).augmentationGenerator(
+            iteration: 5, slot: 0)
+        XCTAssertNotEqual(first.next(), fakeFirst.next(), "real slot 0 and fake slot 0 differ")
+    }
 }

@@ -92,20 +92,20 @@ final class MethodPinTests: XCTestCase {
             ], weights: "b103b16e1c26901730798b42510fddb3f34b2f83dd3e01e55c1431e624e6c1de"),
         "hrhf": Pin(
             losses: [
-                ["ce": 0.87985265, "fake_ce": 0.1378115, "fake_kd": 0.4391546, "kd": 0.39957422, "total": 9.404953],
-                ["ce": 0.37493905, "fake_ce": 0.7608438, "fake_kd": 0.3214666, "kd": 0.4825494, "total": 9.175942],
-            ], weights: "3e45349a70433a580215a5a99f15ff29a4d12cd9fe1a52c8c9d0e18cae8b70e3"),
+                ["ce": 0.78900427, "fake_ce": 0.56710994, "fake_kd": 0.47695485, "kd": 0.4130956, "total": 10.2566185],
+                ["ce": 0.34664354, "fake_ce": 0.4399082, "fake_kd": 0.43931362, "kd": 0.3359857, "total": 8.539545],
+            ], weights: "48512ef4261b153d3231a24f052d87b3b2d8c9ae7cb56ce8894112dfe6071bd8"),
         "hrhf+gsc": Pin(
             losses: [
                 [
-                    "ce": 4.8274846, "fake_ce": 0.15848704, "fake_kd": 0.4391546, "kd": 0.39957422, "rel": 0.06886264,
-                    "sharp": 0.0, "soft": 4.1132164, "total": 14.41878,
+                    "ce": 4.254595, "fake_ce": 0.6942531, "fake_kd": 0.47695485, "kd": 0.4130956, "rel": 0.07018101,
+                    "sharp": 0.0, "soft": 4.5490556, "total": 15.004162,
                 ],
                 [
-                    "ce": 4.108199, "fake_ce": 0.6640134, "fake_kd": 0.34313014, "kd": 0.40052068, "rel": 0.0563872,
-                    "sharp": 0.0, "soft": 3.5562994, "total": 13.111894,
+                    "ce": 4.3692718, "fake_ce": 1.7460927, "fake_kd": 0.4021667, "kd": 0.49191275, "rel": 0.048350513,
+                    "sharp": 0.0, "soft": 4.157106, "total": 16.107521,
                 ],
-            ], weights: "a7e5beafcb815e5468f6ce702bac02d5df7d7276d5c0a4079aa21f484e45fd0d"),
+            ], weights: "4980f5e054a4cbb5580b53a2c1502156936d926e3259c0db68d6a1e069c2d277"),
         "joint": Pin(
             losses: [
                 ["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512896, "total": 3.7512896],
@@ -113,25 +113,25 @@ final class MethodPinTests: XCTestCase {
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
-                    "ce": 4.8274846, "fake_ce": 0.15848704, "fake_feat": 0.68732196, "fake_kd": 0.4391546,
-                    "kd": 0.39957422, "rel": 0.06886264, "sharp": 0.32821745, "soft": 4.1132164, "total": 14.769006,
+                    "ce": 4.254595, "fake_ce": 0.6942531, "fake_feat": 0.6856124, "fake_kd": 0.47695485,
+                    "kd": 0.4130956, "rel": 0.07018101, "sharp": 0.3064068, "soft": 4.5490556, "total": 15.353096,
                 ],
                 [
-                    "ce": 4.3523474, "fake_ce": 0.74420863, "fake_feat": 0.45405257, "fake_kd": 0.34635887,
-                    "kd": 0.4001103, "rel": 0.058872532, "sharp": 0.6084166, "soft": 3.5369184, "total": 13.699389,
+                    "ce": 5.087206, "fake_ce": 1.8400164, "fake_feat": 0.38275325, "fake_kd": 0.38379928,
+                    "kd": 0.5146668, "rel": 0.044398677, "sharp": 0.52553797, "soft": 4.2027197, "total": 17.175549,
                 ],
-            ], weights: "6983b6e60f9b8a240979ca9f72c7a55a947c62a11692e4412f3c030226c227cb"),
+            ], weights: "b11be15e2b6497326645903d7b83634d523f3ad6f7c7424c4ae7b6a31fc58314"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
-                    "ce": 0.41408393, "fake_ce": 0.1378115, "fake_kd": 0.4391546, "kd": 0.39957422,
-                    "lwf_kd": 0.39429832, "total": 9.72778,
+                    "ce": 0.33246282, "fake_ce": 0.56710994, "fake_kd": 0.47695485, "kd": 0.4130956,
+                    "lwf_kd": 0.40496308, "total": 10.6100025,
                 ],
                 [
-                    "ce": 0.16304977, "fake_ce": 0.681834, "fake_kd": 0.34724602, "kd": 0.46600166,
-                    "lwf_kd": 0.45807272, "total": 9.893505,
+                    "ce": 0.10753869, "fake_ce": 0.4383675, "fake_kd": 0.44975105, "kd": 0.3083805, "lwf_kd": 0.3116815,
+                    "total": 8.750585,
                 ],
-            ], weights: "f46f281ba49a62b9a136bece53e3e7ff321ed48081dd37fbaf689bef88340c3d"),
+            ], weights: "c768743fe703e62aa1104122af9c91b37c663d4bbff3afd4386088f84f3473db"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {

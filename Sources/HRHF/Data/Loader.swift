@@ -86,6 +86,39 @@ extension Augmentation {
     }
 }
 
+/// Which item fills each slot of batch `iteration`, and the generator that augments it: an
+/// epoch's batches take a shuffle of the items keyed on (seed, epoch) in turn, the last partial
+/// batch dropped (drop_last); slot s augments with a generator keyed on (seed, iteration, s). A
+/// step's real and synthetic images follow one schedule each, the synthetic slots numbered after
+/// the real ones (`firstSlot`), so no two images of a batch share a generator.
+struct EpochSchedule {
+    let count: Int
+    let batchSize: Int
+    let seed: UInt64
+    var firstSlot = 0
+
+    var batchesPerEpoch: Int { max(1, count / batchSize) }
+
+    /// A permutation of 0..<count.
+    func order(epoch: Int) -> [Int] {
+        var rng = SeededGenerator(seed: seed &+ UInt64(epoch) &* 0x9E37_79B9_7F4A_7C15)
+        return Array(0..<count).shuffled(using: &rng)
+    }
+
+    /// Batch `iteration`'s slots `slots` (all when nil) and the item each takes.
+    func picks(_ iteration: Int, slots: Range<Int>?) -> [(slot: Int, item: Int)] {
+        let epoch = iteration / batchesPerEpoch, position = iteration % batchesPerEpoch
+        let order = self.order(epoch: epoch)
+        return (slots ?? 0..<batchSize).map { ($0, order[(position * batchSize + $0) % order.count]) }
+    }
+
+    func augmentationGenerator(iteration: Int, slot: Int) -> SeededGenerator {
+        SeededGenerator(
+            seed: seed ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(firstSlot + slot)
+                &* 0x94D0_49BB_1331_11EB)
+    }
+}
+
 /// Deterministic batches of a dataset: batch `k` depends only on the seed and `k` (the epoch's
 /// shuffled order and each sample's augmentation come from generators keyed on them), so a
 /// resumed run sees the same batches. The next batch is prepared on a background thread while
@@ -135,27 +168,22 @@ public final class BatchLoader: @unchecked Sendable {
         self.seed = seed
     }
 
-    /// Batches per pass over the images (the last partial batch is dropped, as drop_last).
-    public var batchesPerEpoch: Int { max(1, indices.count / batchSize) }
+    var schedule: EpochSchedule { EpochSchedule(count: indices.count, batchSize: batchSize, seed: seed) }
 
-    func order(epoch: Int) -> [Int] {
-        var rng = SeededGenerator(seed: seed &+ UInt64(epoch) &* 0x9E37_79B9_7F4A_7C15)
-        return indices.shuffled(using: &rng)
-    }
+    /// Batches per pass over the images (the last partial batch is dropped, as drop_last).
+    public var batchesPerEpoch: Int { schedule.batchesPerEpoch }
 
     /// Builds batch `iteration` now, on the calling thread.
     public func makeBatch(_ iteration: Int) throws -> Batch {
-        let epoch = iteration / batchesPerEpoch, position = iteration % batchesPerEpoch
-        let order = self.order(epoch: epoch)
-        let picks = (share ?? 0..<batchSize).map { ($0, order[(position * batchSize + $0) % order.count]) }
+        let schedule = self.schedule
+        let picks = schedule.picks(iteration, slots: share).map { ($0.slot, indices[$0.item]) }
         var images: [Tensor] = [], labelValues: [Int32] = [], names: [String] = []
         var shape: (Int, Int)?
         for (slot, index) in picks {
             let sample = try dataset.sample(index)
             var image = sample.image, labels = labelTransform(sample.labels)
             if let augmentation {
-                var rng = SeededGenerator(
-                    seed: seed ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot) &* 0x94D0_49BB_1331_11EB)
+                var rng = schedule.augmentationGenerator(iteration: iteration, slot: slot)
                 (image, labels) = augmentation.apply(image, labels, rng: &rng)
             }
             if let shape, shape != (image.height, image.width) {

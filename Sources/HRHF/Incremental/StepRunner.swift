@@ -52,7 +52,7 @@ public struct StepData {
             usesPacks
             ? try PackSampler(
                 packs: packs, batchSize: fake, augmentation: augmentation,
-                normalization: normalization, seed: config.seed) : nil
+                normalization: normalization, seed: config.seed, firstSlot: perBatch) : nil
     }
 }
 

@@ -9,14 +9,17 @@ public final class PackSampler {
     let augmentation: Augmentation
     let normalization: Normalization
     let seed: UInt64
+    let firstSlot: Int
     /// The slots of every batch this process builds (a data-parallel rank's share); nil for all.
     /// A slot's image and augmentation are keyed on its place in the whole batch, so they do not
     /// depend on which rank builds it.
     public var share: Range<Int>?
 
+    /// `firstSlot`: the slots of a batch before the pack images' (the real images of a step's
+    /// batch), so that their augmentation is keyed on their place in the whole batch.
     public init(
         packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization,
-        seed: UInt64
+        seed: UInt64, firstSlot: Int = 0
     ) throws {
         images = packs.flatMap { p in p.manifest.images.map { (p, $0) } }
         guard !images.isEmpty else {
@@ -27,21 +30,20 @@ public final class PackSampler {
         self.augmentation = augmentation
         self.normalization = normalization
         self.seed = seed
+        self.firstSlot = firstSlot
     }
 
     public var count: Int { images.count }
 
-    /// Batch `iteration`: a function of the seed and the iteration only.
+    /// Batch `iteration`: a function of the seed and the iteration only, drawn as the real
+    /// images' loader draws its batches (`EpochSchedule`).
     public func batch(_ iteration: Int) throws -> Tensor {
-        let perEpoch = max(1, images.count / batchSize)
-        let epoch = iteration / perEpoch, position = iteration % perEpoch
-        var orderRNG = SeededGenerator(seed: seed ^ 0x5A5A_5A5A ^ (UInt64(epoch) &* 0x9E37_79B9_7F4A_7C15))
-        let order = Array(images.indices).shuffled(using: &orderRNG)
+        let schedule = EpochSchedule(count: images.count, batchSize: batchSize, seed: seed, firstSlot: firstSlot)
         var tensors: [Tensor] = []
-        for slot in share ?? 0..<batchSize {
-            let (pack, record) = images[order[(position * batchSize + slot) % order.count]]
+        for (slot, item) in schedule.picks(iteration, slots: share) {
+            let (pack, record) = images[item]
             let image = try pack.image(record)
-            var rng = SeededGenerator(seed: seed ^ 0xA5A5 ^ (UInt64(iteration) &* 0xBF58_476D_1CE4_E5B9) ^ UInt64(slot))
+            var rng = schedule.augmentationGenerator(iteration: iteration, slot: slot)
             let (augmented, _) = augmentation.apply(
                 image,
                 IndexMask(
