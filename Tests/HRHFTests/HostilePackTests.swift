@@ -450,6 +450,12 @@ final class HostilePackTests: XCTestCase {
             packs: [full], batchSize: 3, augmentation: Augmentation(cropSize: 4),
             normalization: .imagenet, seed: 1)
         XCTAssertEqual(try sampler.batch(0).shape, [3, 3, 4, 4])
+        // Batch 1 was prepared in the background while the caller used batch 0: the same values as
+        // made now; after a change of share the batch prepared for the old share is dropped.
+        XCTAssertEqual(try sampler.batch(1).array, try sampler.makeBatch(1).array)
+        sampler.share = 1..<3
+        XCTAssertEqual(try sampler.batch(2).array, try sampler.makeBatch(2).array)
+        XCTAssertEqual(try sampler.batch(3).shape, [2, 3, 4, 4])
     }
 
     func testCommandsRefuseLyingPacksAndPlantedLinks() throws {

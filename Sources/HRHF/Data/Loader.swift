@@ -119,6 +119,49 @@ struct EpochSchedule {
     }
 }
 
+/// Prepares batch `iteration + 1` on a background thread while the caller computes with batch
+/// `iteration`: the real images' loader and the pack sampler both read through one.
+final class Prefetcher<Value>: @unchecked Sendable {
+    private let queue: DispatchQueue
+
+    /// A batch being prepared in the background.
+    private final class Job: @unchecked Sendable {
+        let iteration: Int
+        var result: Result<Value, Error>?
+        let done = DispatchSemaphore(value: 0)
+        init(_ iteration: Int) { self.iteration = iteration }
+    }
+
+    private var pending: Job?
+
+    init(label: String) { queue = DispatchQueue(label: label) }
+
+    /// Batch `iteration`, taken from the background thread when it was prepared there; starts
+    /// preparing `iteration + 1`.
+    func value(_ iteration: Int, make: @escaping @Sendable (Int) throws -> Value) throws -> Value {
+        var result: Result<Value, Error>
+        if let job = pending {
+            job.done.wait()
+            result = job.iteration == iteration ? job.result! : Result { try make(iteration) }
+        } else {
+            result = Result { try make(iteration) }
+        }
+        let job = Job(iteration + 1)
+        pending = job
+        queue.async {
+            job.result = Result { try make(job.iteration) }
+            job.done.signal()
+        }
+        return try result.get()
+    }
+
+    /// Drops a batch prepared for settings that changed (a data-parallel rank's new share).
+    func drop() {
+        pending?.done.wait()
+        pending = nil
+    }
+}
+
 /// Deterministic batches of a dataset: batch `k` depends only on the seed and `k` (the epoch's
 /// shuffled order and each sample's augmentation come from generators keyed on them), so a
 /// resumed run sees the same batches. The next batch is prepared on a background thread while
@@ -136,23 +179,10 @@ public final class BatchLoader: @unchecked Sendable {
     /// which rank builds it.
     public var share: Range<Int>? {
         // A batch prepared in the background for the former share is dropped.
-        didSet {
-            pending?.done.wait()
-            pending = nil
-        }
+        didSet { prefetcher.drop() }
     }
 
-    private let queue = DispatchQueue(label: "hrhf.batch-loader")
-
-    /// A batch being prepared in the background.
-    private final class Job: @unchecked Sendable {
-        let iteration: Int
-        var result: Result<Batch, Error>?
-        let done = DispatchSemaphore(value: 0)
-        init(_ iteration: Int) { self.iteration = iteration }
-    }
-
-    private var pending: Job?
+    private let prefetcher = Prefetcher<Batch>(label: "hrhf.batch-loader")
 
     public init(
         dataset: SegmentationDataset, indices: [Int], batchSize: Int, augmentation: Augmentation?,
@@ -205,19 +235,6 @@ public final class BatchLoader: @unchecked Sendable {
     /// preparing `iteration + 1`. (Batches hold no tensors that need gradients, so building
     /// them records nothing on the tape and needs no change of the process-wide grad mode.)
     public func batch(_ iteration: Int) throws -> Batch {
-        var result: Result<Batch, Error>
-        if let job = pending {
-            job.done.wait()
-            result = job.iteration == iteration ? job.result! : Result { try makeBatch(iteration) }
-        } else {
-            result = Result { try makeBatch(iteration) }
-        }
-        let job = Job(iteration + 1)
-        pending = job
-        queue.async { [self] in
-            job.result = Result { try self.makeBatch(job.iteration) }
-            job.done.signal()
-        }
-        return try result.get()
+        try prefetcher.value(iteration) { [self] in try makeBatch($0) }
     }
 }

@@ -3,7 +3,7 @@ import Foundation
 /// Deterministic batches of pack images (augmented like the real ones; their labels are not
 /// used: the old model's outputs are the targets of fake images). Packs are verified when read;
 /// each image is decoded through `SyntheticPack.image`, which checks it against the pack.
-public final class PackSampler {
+public final class PackSampler: @unchecked Sendable {
     let images: [(pack: SyntheticPack, record: SynthesisRecord)]
     let batchSize: Int
     let augmentation: Augmentation
@@ -13,7 +13,10 @@ public final class PackSampler {
     /// The slots of every batch this process builds (a data-parallel rank's share); nil for all.
     /// A slot's image and augmentation are keyed on its place in the whole batch, so they do not
     /// depend on which rank builds it.
-    public var share: Range<Int>?
+    public var share: Range<Int>? {
+        didSet { prefetcher.drop() }
+    }
+    private let prefetcher = Prefetcher<Tensor>(label: "hrhf.pack-sampler")
 
     /// `firstSlot`: the slots of a batch before the pack images' (the real images of a step's
     /// batch), so that their augmentation is keyed on their place in the whole batch.
@@ -36,8 +39,13 @@ public final class PackSampler {
     public var count: Int { images.count }
 
     /// Batch `iteration`: a function of the seed and the iteration only, drawn as the real
-    /// images' loader draws its batches (`EpochSchedule`).
+    /// images' loader draws its batches (`EpochSchedule`); the next one is prepared in the background.
     public func batch(_ iteration: Int) throws -> Tensor {
+        try prefetcher.value(iteration) { [self] in try makeBatch($0) }
+    }
+
+    /// Builds batch `iteration` now, on the calling thread.
+    func makeBatch(_ iteration: Int) throws -> Tensor {
         let schedule = EpochSchedule(count: images.count, batchSize: batchSize, seed: seed, firstSlot: firstSlot)
         var tensors: [Tensor] = []
         for (slot, item) in schedule.picks(iteration, slots: share) {
