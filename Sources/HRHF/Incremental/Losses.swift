@@ -116,15 +116,15 @@ public func softDistillation(
 }
 
 /// GSC sharpness: the entropy of the new model's prediction, averaged over the pixels where
-/// the old model is confident (max probability at least `confidence`); minimised.
+/// the old model is confident (max probability at least `confidence`); minimised. `oldPrediction`,
+/// when given, is the old model's on these images (computed once per step), else it is computed here.
 public func sharpEntropy(
-    _ newLogits: Tensor, _ oldLogits: Tensor, confidence: Float, reduction: BatchReduction = .local
+    _ newLogits: Tensor, _ oldLogits: Tensor, confidence: Float, reduction: BatchReduction = .local,
+    oldPrediction: OldPrediction? = nil
 ) -> Tensor {
-    let mask = withNoGrad { () -> Tensor in
-        let (n, _, h, w) = nchw(oldLogits, "sharp")
-        let best = channelArgmax(softmax(oldLogits)).values
-        return Tensor(shape: [n, 1, h, w], values: best.map { $0 >= confidence ? 1 : 0 })
-    }
+    let prediction = oldPrediction ?? OldPrediction(oldLogits)
+    precondition(prediction.shape == oldLogits.shape, "sharp: prediction \(prediction.shape) for \(oldLogits.shape)")
+    let mask = prediction.confidenceMask(threshold: confidence)
     return reduction.share(ofMean: maskedMeanEntropy(newLogits, mask: mask), count: Double(mask.array.reduce(0, +)))
 }
 
@@ -133,21 +133,21 @@ public func sharpEntropy(
 /// row c of two class-relation matrices; the loss is the mean absolute difference over the
 /// rows of the classes present. Over ranks, each rank's class means are weighted by its share of
 /// the class's pixels and summed (the backward sends each rank the gradient of its part).
-public func relationDistillation(_ newLogits: Tensor, _ oldLogits: Tensor, reduction: BatchReduction = .local)
-    -> Tensor
-{
+/// `oldPrediction` as for `sharpEntropy`.
+public func relationDistillation(
+    _ newLogits: Tensor, _ oldLogits: Tensor, reduction: BatchReduction = .local, oldPrediction: OldPrediction? = nil
+) -> Tensor {
     let old = oldLogits.shape[1]
-    let pNew = softmax(sliceChannels(newLogits, 0..<old))
-    let (q, assignment) = withNoGrad { () -> (Tensor, [Int32]) in
-        let q = softmax(oldLogits)
-        return (q, channelArgmax(q).indices)
-    }
+    let prediction = oldPrediction ?? OldPrediction(oldLogits)
+    precondition(prediction.shape == oldLogits.shape, "relation: prediction \(prediction.shape) for \(oldLogits.shape)")
+    let assignment = prediction.argmax
     var counts = [Double](repeating: 0, count: old)
     for a in assignment { counts[Int(a)] += 1 }
     let totals = reduction.total(counts)
     let rows = totals.filter { $0 > 0 }.count
-    var rowsNew = classConditionalMeans(pNew, assignment: assignment, classes: old)
-    var rowsOld = withNoGrad { classConditionalMeans(q, assignment: assignment, classes: old) }
+    let means = softmaxClassMeans(
+        newLogits, channels: old, assignment: assignment, classes: old, alongside: prediction.probabilities)
+    var (rowsNew, rowsOld) = (means.means, means.constantMeans!)
     if !reduction.isLocal {
         let part = Tensor(shape: [old, 1], values: zip(counts, totals).map { $1 > 0 ? Float($0 / $1) : 0 })
         rowsNew = reduction.sum(rowsNew * part)

@@ -60,9 +60,11 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
         case .soft:
             return softDistillation(new, old, temperature: options.softTemperature, reduction: reduction)
         case .sharp:
-            return sharpEntropy(new, old, confidence: options.sharpConfidence, reduction: reduction)
+            return sharpEntropy(
+                new, old, confidence: options.sharpConfidence, reduction: reduction,
+                oldPrediction: batch.oldPrediction(half))
         case .rel:
-            return relationDistillation(new, old, reduction: reduction)
+            return relationDistillation(new, old, reduction: reduction, oldPrediction: batch.oldPrediction(half))
         case .pod:
             let maps = batch.podMaps(half)
             return localPOD(
@@ -269,6 +271,9 @@ struct StepBatch {
     var realPixelWeights: Tensor?
     /// For Local POD, each model's maps (stage sums, head features, logits at the features' size).
     var pod: (new: [Tensor], old: [Tensor])?
+    /// The old model's softmax, argmax and confidence, computed once for the terms that read them
+    /// (GSC's, the fake half's labels, re-labelling) on the images they read; nil when none does.
+    let sharedOldPrediction: (images: Range<Int>, prediction: OldPrediction)?
 
     init(
         options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
@@ -291,6 +296,33 @@ struct StepBatch {
         self.oldClasses = oldClasses
         self.stepOfClass = stepOfClass
         self.step = step
+        var halves: Set<BatchHalf> = options.method.background == .proto ? [.real] : []
+        for t in options.method.terms where t.half != .fake || hasFake {
+            if t.term == .sharp || t.term == .rel || (t.term == .ce && t.half == .fake) { halves.insert(t.half) }
+        }
+        let shared: BatchHalf? = halves.isEmpty ? nil : halves.count == 1 ? halves.first! : .both
+        let (real, fake) = (oldReal, oldFake)
+        sharedOldPrediction = shared.map { half in
+            (Self.images(half, realCount, n), OldPrediction(half == .real ? real : half == .fake ? fake! : old.logits))
+        }
+    }
+
+    /// Images `range` of the batch that `half` covers.
+    static func images(_ half: BatchHalf, _ realCount: Int, _ n: Int) -> Range<Int> {
+        half == .fake ? realCount..<n : 0..<(half == .real ? realCount : n)
+    }
+
+    /// The old model's prediction on `half`: the shared one, or its part, or else computed here.
+    func oldPrediction(_ half: BatchHalf) -> OldPrediction {
+        let range = Self.images(half, realCount, new.logits.shape[0])
+        guard let shared = sharedOldPrediction,
+            shared.images.lowerBound <= range.lowerBound && range.upperBound <= shared.images.upperBound
+        else {
+            return OldPrediction(logits(half).old)
+        }
+        let offset = shared.images.lowerBound
+        return shared.images == range
+            ? shared.prediction : shared.prediction.images((range.lowerBound - offset)..<(range.upperBound - offset))
     }
 
     /// The new and the old model's logits on `half` (the fake half exists when `hasFake`).
@@ -309,7 +341,7 @@ struct StepBatch {
     /// The images of `half` in a new and an old map of the whole batch.
     func halfOf(_ half: BatchHalf, _ newMap: Tensor, _ oldMap: Tensor) -> (new: Tensor, old: Tensor) {
         let n = newMap.shape[0]
-        let range = half == .fake ? realCount..<n : 0..<(half == .real ? realCount : n)
+        let range = Self.images(half, realCount, n)
         guard range != 0..<n else { return (newMap, oldMap) }
         return (sliceBatch(newMap, range), withNoGrad { sliceBatch(oldMap, range) })
     }
@@ -323,7 +355,7 @@ struct StepBatch {
     /// background-or-old under the unbiased and prototype handlings, MiB), fake images on the old
     /// model's confident argmax (new classes folded into background unless the options say not).
     func crossEntropy(_ half: BatchHalf) -> Tensor {
-        let (new, old) = logits(half)
+        let new = logits(half).new
         let classes = new.shape[1]
         if half == .real {
             let unbiased = options.method.background == .unbiased || options.method.background == .proto
@@ -336,7 +368,7 @@ struct StepBatch {
                     pixelWeights: product(realPixelWeights, compensation(new, labels, backgroundIncludes: nil)))
         }
         precondition(half == .fake, "validated: the cross-entropy reads one half")
-        let fakeLabels = withNoGrad { confidentLabels(old, threshold: options.fakeConfidence) }
+        let fakeLabels = oldPrediction(.fake).confidentLabels(threshold: options.fakeConfidence)
         return options.fakeFoldsNewClasses
             ? foldedCrossEntropy(
                 new, fakeLabels, oldClasses: oldClasses,

@@ -38,14 +38,19 @@ public struct Prototypes {
     /// tauConf; where the prototype's nearest class disagrees with the old argmax it becomes 255.
     /// The old prediction is read per pixel (`oldLogits` at label resolution), the feature at
     /// the pixel's cell of `oldFeatures`: deciding whole feature cells would give old objects
-    /// blocky labels that cut into the background around them.
-    public func relabel(_ labels: Labels, oldLogits: Tensor, oldFeatures: Tensor, options: DistillationOptions)
-        -> Labels
-    {
+    /// blocky labels that cut into the background around them. `oldPrediction`, when given, is the
+    /// old model's on these images (computed once per step), else it is computed from `oldLogits`.
+    public func relabel(
+        _ labels: Labels, oldLogits: Tensor, oldFeatures: Tensor, options: DistillationOptions,
+        oldPrediction: OldPrediction? = nil
+    ) -> Labels {
         let (n, c, h, w) = nchw(oldLogits, "relabel")
         precondition(labels.shape == [n, h, w], "relabel: labels \(labels.shape) for logits \(oldLogits.shape)")
         let (fh, fw) = (oldFeatures.shape[2], oldFeatures.shape[3])
-        let (oldArgmax, oldConfidence) = channelArgmax(softmax(oldLogits))
+        let prediction = oldPrediction ?? OldPrediction(oldLogits)
+        precondition(
+            prediction.shape == oldLogits.shape, "relabel: prediction \(prediction.shape) for \(oldLogits.shape)")
+        let (oldArgmax, oldConfidence) = (prediction.argmax, prediction.confidence)
         var values = labels.values
         for b in 0..<n {
             // Per feature cell: the prototypes' nearest class and their softmax over old classes.

@@ -216,7 +216,7 @@ public final class DistillationStep {
             batch.labels = withNoGrad {
                 models.prototypes!.relabel(
                     real.labels, oldLogits: batch.oldReal, oldFeatures: oldFeatures,
-                    options: options)
+                    options: options, oldPrediction: batch.oldPrediction(.real))
             }
             if let auditLoader = data.auditLoader {
                 relabelAudit?.add(before: real.labels, after: batch.labels, truth: try auditLoader.batch(it).labels)
@@ -249,7 +249,5 @@ public final class DistillationStep {
 
 /// The old model's argmax where its probability is at least `threshold`, else 255.
 public func confidentLabels(_ logits: Tensor, threshold: Float) -> Labels {
-    let (n, _, h, w) = nchw(logits, "confident labels")
-    let (indices, best) = channelArgmax(softmax(logits))
-    return Labels(shape: [n, h, w], values: zip(indices, best).map { $1 >= threshold ? $0 : 255 })
+    OldPrediction(logits).confidentLabels(threshold: threshold)
 }
