@@ -46,11 +46,21 @@ func softmaxClassMeans(
                         for i in 0..<count { row[i] *= sums[i] }
                     }
                 }
+                // Four banks of sums, pixel i into bank i % 4: neighbours mostly share a class, and
+                // one bank would make each add wait for the previous one.
                 func addClassSums(_ values: UnsafePointer<Float>, into classSums: UnsafeMutablePointer<Double>) {
-                    for ch in 0..<old {
-                        let row = values + ch * inner
-                        for i in 0..<count where labels[i] >= 0 {
-                            classSums[Int(labels[i]) * old + ch] += Double(row[i])
+                    withUnsafeTemporaryAllocation(of: Double.self, capacity: 4 * k) { banks in
+                        let banks = banks.baseAddress!
+                        for ch in 0..<old {
+                            banks.update(repeating: 0, count: 4 * k)
+                            let row = values + ch * inner
+                            for i in 0..<count where labels[i] >= 0 {
+                                banks[(i & 3) * k + Int(labels[i])] += Double(row[i])
+                            }
+                            for a in 0..<k {
+                                classSums[a * old + ch] +=
+                                    (banks[a] + banks[k + a]) + (banks[2 * k + a] + banks[3 * k + a])
+                            }
                         }
                     }
                 }
@@ -75,7 +85,9 @@ func softmaxClassMeans(
     let shape = logits.shape, pd = p
     record(out, "softmax_class_means", [logits]) { g in
         let gx = Tensor(zeros: shape)
-        let pg = g.pointer, py = pd.pointer, pgx = gx.pointer
+        let py = pd.pointer, pgx = gx.pointer
+        // Each row's gradient shared by its pixels: G[a, k] / |a|.
+        let share = (0..<(k * old)).map { e in counts[e / old] > 0 ? g.pointer[e] / counts[e / old] : 0 }
         assignment.withUnsafeBufferPointer { assigned in
             forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
                 let y = py + b * old * inner + i0, r = pgx + b * c * inner + i0
@@ -87,7 +99,7 @@ func softmaxClassMeans(
                         let gr = r + ch * inner, yr = y + ch * inner
                         for i in 0..<count {
                             let a = Int(labels[i])
-                            gr[i] = a >= 0 ? pg[a * old + ch] / counts[a] : 0
+                            gr[i] = a >= 0 ? share[a * old + ch] : 0
                             dot[i] += gr[i] * yr[i]
                         }
                     }
