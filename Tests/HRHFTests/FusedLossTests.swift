@@ -77,15 +77,6 @@ final class FusedLossTests: XCTestCase {
         }
     }
 
-    /// Value and gradient of `loss` at `x`.
-    func valueAndGradient(_ x: Tensor, _ loss: (Tensor) -> Tensor) -> (Float, [Float]) {
-        x.grad = nil
-        x.requiresGrad = true
-        let value = loss(x)
-        value.backward()
-        return (value.item, x.grad!.array)
-    }
-
     func assertClose(
         _ fused: (Float, [Float]), _ composed: (Float, [Float]), _ what: String, line: UInt = #line
     ) {

@@ -22,15 +22,6 @@ final class OldPredictionTests: XCTestCase {
         return sum(abs(rowsNew - rowsOld)) * (1 / Float(rows * classes))
     }
 
-    /// Value and gradient of `loss` at `x`.
-    func valueAndGradient(_ x: Tensor, _ loss: (Tensor) -> Tensor) -> (Float, [Float]) {
-        x.grad = nil
-        x.requiresGrad = true
-        let value = loss(x)
-        value.backward()
-        return (value.item, x.grad!.array)
-    }
-
     /// Largest difference of `a` and `b` relative to the largest magnitude in `b`.
     func relativeDifference(_ a: [Float], _ b: [Float]) -> Float {
         precondition(a.count == b.count)

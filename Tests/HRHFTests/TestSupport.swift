@@ -105,6 +105,15 @@ func checkGradients(
     }
 }
 
+/// Value and gradient of `loss` at `x`.
+func valueAndGradient(_ x: Tensor, _ loss: (Tensor) -> Tensor) -> (Float, [Float]) {
+    x.grad = nil
+    x.requiresGrad = true
+    let value = loss(x)
+    value.backward()
+    return (value.item, x.grad!.array)
+}
+
 func randn(_ shape: [Int], seed: UInt64, std: Float = 1) -> Tensor {
     var rng = SeededGenerator(seed: seed)
     return Tensor.randn(shape, std: std, rng: &rng)

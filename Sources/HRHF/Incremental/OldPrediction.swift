@@ -8,8 +8,8 @@ public struct OldPrediction {
     /// Softmax over the channels of the whole batch's old logits (N x C x H x W).
     let wholeProbabilities: Tensor
     /// The images of the whole batch this prediction covers.
-    let images: Range<Int>
-    /// Per pixel of `images` (image-major, as the logits): the most probable class...
+    let imageRange: Range<Int>
+    /// Per pixel of those images (image-major, as the logits): the most probable class...
     public let argmax: [Int32]
     /// ...and its probability.
     public let confidence: [Float]
@@ -18,13 +18,13 @@ public struct OldPrediction {
     public init(_ logits: Tensor) {
         _ = nchw(logits, "old prediction")
         wholeProbabilities = withNoGrad { softmax(logits.detached()) }
-        images = 0..<logits.shape[0]
+        imageRange = 0..<logits.shape[0]
         (argmax, confidence) = channelArgmax(wholeProbabilities)
     }
 
-    private init(probabilities: Tensor, images: Range<Int>, argmax: [Int32], confidence: [Float]) {
+    private init(probabilities: Tensor, imageRange: Range<Int>, argmax: [Int32], confidence: [Float]) {
         wholeProbabilities = probabilities
-        self.images = images
+        self.imageRange = imageRange
         self.argmax = argmax
         self.confidence = confidence
     }
@@ -32,25 +32,25 @@ public struct OldPrediction {
     /// The shape of the logits of the images covered (N x C x H x W).
     public var shape: [Int] {
         var shape = wholeProbabilities.shape
-        shape[0] = images.count
+        shape[0] = imageRange.count
         return shape
     }
 
     /// The softmax of the images covered (copied out of the batch's when a part is covered).
     public var probabilities: Tensor {
-        images == 0..<wholeProbabilities.shape[0]
-            ? wholeProbabilities : withNoGrad { sliceBatch(wholeProbabilities, images) }
+        imageRange == 0..<wholeProbabilities.shape[0]
+            ? wholeProbabilities : withNoGrad { sliceBatch(wholeProbabilities, imageRange) }
     }
 
-    /// The prediction on images `range` of those covered (the argmax and confidence shared, the
+    /// The prediction on images `range` of those covered (the argmax and confidence copied, the
     /// softmax copied only when read).
     public func images(_ range: Range<Int>) -> OldPrediction {
-        precondition(range.lowerBound >= 0 && range.upperBound <= images.count, "old prediction: images \(range)")
-        let pixels = argmax.count / max(images.count, 1)
+        precondition(range.lowerBound >= 0 && range.upperBound <= imageRange.count, "old prediction: images \(range)")
+        let pixels = argmax.count / max(imageRange.count, 1)
         let pixelRange = (range.lowerBound * pixels)..<(range.upperBound * pixels)
         return OldPrediction(
             probabilities: wholeProbabilities,
-            images: (images.lowerBound + range.lowerBound)..<(images.lowerBound + range.upperBound),
+            imageRange: (imageRange.lowerBound + range.lowerBound)..<(imageRange.lowerBound + range.upperBound),
             argmax: Array(argmax[pixelRange]), confidence: Array(confidence[pixelRange]))
     }
 
