@@ -90,6 +90,8 @@ final class FusedLossTests: XCTestCase {
         _ fused: (Float, [Float]), _ composed: (Float, [Float]), _ what: String, line: UInt = #line
     ) {
         XCTAssertEqual(fused.0, composed.0, accuracy: 2e-6 * abs(composed.0), what, line: line)
+        // Swift's max() passes over a NaN, so a NaN anywhere is a failure of its own.
+        XCTAssertFalse(fused.0.isNaN || fused.1.contains { $0.isNaN }, "\(what): NaN", line: line)
         let scale = composed.1.map(abs).max()!
         XCTAssertGreaterThan(scale, 0, what, line: line)
         let worst = zip(fused.1, composed.1).map { abs($0 - $1) }.max()!

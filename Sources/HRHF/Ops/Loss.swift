@@ -228,15 +228,14 @@ func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
         // With e_k = exp(old_k / T - peak), q_k = e_k / sum e: l = (sum_k e_k term_k) / sum e.
         withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
             let peak = scratch.baseAddress!, sum = peak + paddedBlock, weighted = sum + paddedBlock
-            blockExpSums(
-                o, runs: [(0..<old, true)], scale: inverse, inner: inner, count: count, peak: peak, sumAll: sum,
-                sumSubset: nil)
-            weighted.update(repeating: 0, count: paddedBlock)
+            blockPeak(o, rows: 0..<old, scale: inverse, inner: inner, count: count, into: peak)
+            sum.update(repeating: 0, count: 2 * paddedBlock)
             for k in 0..<old {
                 var i = 0
                 while i < count {
                     let lanes = min(8, count - i), all = loadLanes(pa + j0 + i, lanes)
                     let e = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - load8(peak + i))
+                    store8(load8(sum + i) + e, sum + i)
                     let term =
                         k == 0
                         ? loadLanes(pm + j0 + i, lanes) - all : loadLanes(x + k * inner + i, lanes) * inverse - all
@@ -328,30 +327,16 @@ func softDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature:
     let (pp, pq, pl) = (lseNew.pointer, lseOld.pointer, perPixel.pointer)
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
-        // exp(old_k / T - peak) of a group, kept for q_k = that / its sum.
-        withUnsafeTemporaryAllocation(of: SIMD8<Float>.self, capacity: old) { shifted in
+        blockLogSumExp(x, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pp + j0)
+        blockLogSumExp(o, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pq + j0)
+        (pl + j0).update(repeating: 0, count: count)
+        for k in 0..<old {
             var i = 0
             while i < count {
                 let lanes = min(8, count - i)
-                var peak = lanePeak(x + i, rows: 0..<old, scale: inverse, inner: inner, lanes: lanes)
-                var sum = SIMD8<Float>(repeating: 0)
-                for k in 0..<old { sum += simdExp(loadLanes(x + k * inner + i, lanes) * inverse - peak) }
-                let lp = laneLogSumExp(peak: peak, sum: sum)
-                peak = lanePeak(o + i, rows: 0..<old, scale: inverse, inner: inner, lanes: lanes)
-                sum = SIMD8(repeating: 0)
-                for k in 0..<old {
-                    shifted[k] = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - peak)
-                    sum += shifted[k]
-                }
-                let lq = laneLogSumExp(peak: peak, sum: sum), reciprocal = 1 / sum
-                var l = SIMD8<Float>(repeating: 0)
-                for k in 0..<old {
-                    let logQ = loadLanes(o + k * inner + i, lanes) * inverse - lq
-                    l += shifted[k] * reciprocal * (logQ - (loadLanes(x + k * inner + i, lanes) * inverse - lp))
-                }
-                storeLanes(lp, pp + j0 + i, lanes)
-                storeLanes(lq, pq + j0 + i, lanes)
-                storeLanes(l, pl + j0 + i, lanes)
+                let logQ = loadLanes(o + k * inner + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes)
+                let logP = loadLanes(x + k * inner + i, lanes) * inverse - loadLanes(pp + j0 + i, lanes)
+                storeLanes(loadLanes(pl + j0 + i, lanes) + simdExp(logQ) * (logQ - logP), pl + j0 + i, lanes)
                 i += 8
             }
         }
@@ -368,22 +353,31 @@ func softDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature:
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, x = pxd + b * c * inner + i0, o = pod + b * old * inner + i0
             let r = pgx + b * c * inner + i0
-            var i = 0
-            while i < count {
-                let lanes = min(8, count - i), lp = loadLanes(pp + j0 + i, lanes), lq = loadLanes(pq + j0 + i, lanes)
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: paddedBlock) { qSum in
+                let qSum = qSum.baseAddress!
+                qSum.update(repeating: 0, count: paddedBlock)
                 // q_k into the gradient's rows first, then (sum q) p_k - q_k; the other channels 0.
-                var qSum = SIMD8<Float>(repeating: 0)
                 for k in 0..<old {
-                    let q = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - lq)
-                    storeLanes(q, r + k * inner + i, lanes)
-                    qSum += q
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        let q = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes))
+                        storeLanes(q, r + k * inner + i, lanes)
+                        store8(load8(qSum + i) + q, qSum + i)
+                        i += 8
+                    }
                 }
                 for k in 0..<old {
-                    let p = simdExp(loadLanes(x + k * inner + i, lanes) * inverse - lp)
-                    storeLanes(coefficient * (qSum * p - loadLanes(r + k * inner + i, lanes)), r + k * inner + i, lanes)
+                    let row = r + k * inner
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        let p = simdExp(loadLanes(x + k * inner + i, lanes) * inverse - loadLanes(pp + j0 + i, lanes))
+                        storeLanes(coefficient * (load8(qSum + i) * p - loadLanes(row + i, lanes)), row + i, lanes)
+                        i += 8
+                    }
                 }
-                for k in old..<c { storeLanes(SIMD8(repeating: 0), r + k * inner + i, lanes) }
-                i += 8
+                for k in old..<c { (r + k * inner).update(repeating: 0, count: count) }
             }
         }
         return [gx]
@@ -401,23 +395,29 @@ func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
     let px = logits.pointer, pa = lse.pointer, ph = entropy.pointer
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0, x = px + b * c * inner + i0
-        var i = 0
-        while i < count {
-            // With e_k = exp(x_k - peak) and S = sum e: H = log S - (sum_k e_k (x_k - peak)) / S.
-            let lanes = min(8, count - i)
-            let peak = lanePeak(x + i, rows: 0..<c, scale: 1, inner: inner, lanes: lanes)
-            var sum = SIMD8<Float>(repeating: 0), weighted = SIMD8<Float>(repeating: 0)
+        // With e_k = exp(x_k - peak) and S = sum e: H = log S - (sum_k e_k (x_k - peak)) / S.
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
+            let peak = scratch.baseAddress!, sum = peak + paddedBlock, weighted = sum + paddedBlock
+            blockPeak(x, rows: 0..<c, scale: 1, inner: inner, count: count, into: peak)
+            sum.update(repeating: 0, count: 2 * paddedBlock)
             for k in 0..<c {
-                let d = loadLanes(x + k * inner + i, lanes) - peak, e = simdExp(d)
-                sum += e
-                weighted += e * d
+                var i = 0
+                while i < count {
+                    let d = loadLanes(x + k * inner + i, min(8, count - i)) - load8(peak + i), e = simdExp(d)
+                    store8(load8(sum + i) + e, sum + i)
+                    store8(load8(weighted + i) + e * d, weighted + i)
+                    i += 8
+                }
             }
-            let logSum = simdLog(sum)
-            var all = peak + logSum
-            all.replace(with: -.infinity, where: peak .== -.infinity)
-            storeLanes(all, pa + j0 + i, lanes)
-            storeLanes(logSum - weighted / sum, ph + j0 + i, lanes)
-            i += 8
+            var i = 0
+            while i < count {
+                let lanes = min(8, count - i), m = load8(peak + i), total = load8(sum + i), logSum = simdLog(total)
+                var all = m + logSum
+                all.replace(with: -.infinity, where: m .== -.infinity)
+                storeLanes(all, pa + j0 + i, lanes)
+                storeLanes(logSum - load8(weighted + i) / total, ph + j0 + i, lanes)
+                i += 8
+            }
         }
     }
     let pm = mask.pointer
@@ -436,16 +436,15 @@ func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
         let (pa, ph) = (lse.pointer, entropy.pointer)
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, x = pxd + b * c * inner + i0, r = pgx + b * c * inner + i0
-            var i = 0
-            while i < count {
-                let lanes = min(8, count - i)
-                let coefficient = -upstream * loadLanes(pmd + j0 + i, lanes)
-                let all = loadLanes(pa + j0 + i, lanes), h = loadLanes(ph + j0 + i, lanes)
-                for k in 0..<c {
-                    let logP = loadLanes(x + k * inner + i, lanes) - all
+            for k in 0..<c {
+                var i = 0
+                while i < count {
+                    let lanes = min(8, count - i), coefficient = -upstream * loadLanes(pmd + j0 + i, lanes)
+                    let logP = loadLanes(x + k * inner + i, lanes) - loadLanes(pa + j0 + i, lanes)
+                    let h = loadLanes(ph + j0 + i, lanes)
                     storeLanes(coefficient * simdExp(logP) * (logP + h), r + k * inner + i, lanes)
+                    i += 8
                 }
-                i += 8
             }
         }
         return [gx]
@@ -454,9 +453,9 @@ func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
 }
 
 /// exp(all - subset) per pixel of a block into `factor`, which turns the softmax over all
-/// channels (exp(x - all)) into the one over a subset (exp(x - subset)); false when a pixel's
-/// gap could overflow the factor or underflow the softmax (the subset far below the rest):
-/// then the block takes the subset's softmax from its own exp.
+/// channels (exp(x - all)) into the one over a subset (exp(x - subset)). Returns whether the
+/// block must take the subset's softmax from its own exp instead: a pixel's gap could overflow
+/// the factor or underflow the softmax over all (the subset far below the rest).
 @inline(__always)
 func subsetFactors(
     all: UnsafePointer<Float>, subset: UnsafePointer<Float>, count: Int, into factor: UnsafeMutablePointer<Float>
@@ -469,5 +468,5 @@ func subsetFactors(
         store8(simdExp(gap), factor + i)
         i += 8
     }
-    return !direct
+    return direct
 }

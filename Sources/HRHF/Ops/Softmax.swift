@@ -60,6 +60,28 @@ func blockLogSumExp(
 let paddedBlock = (pixelBlock + 7) / 8 * 8
 
 /// Per pixel of a block of `count` (channel stride `inner`): the peak of `scale` x over the
+/// channels `rows` into `peak` (whole groups of 8), or of those and the peaks already there
+/// when not `resetting`; a NaN is passed over, as `pointwiseMax` does.
+@inline(__always)
+func blockPeak(
+    _ p: UnsafePointer<Float>, rows: Range<Int>, scale: Float, inner: Int, count: Int,
+    into peak: UnsafeMutablePointer<Float>, resetting: Bool = true
+) {
+    if resetting { peak.update(repeating: -.infinity, count: (count + 7) / 8 * 8) }
+    for k in rows {
+        let row = p + k * inner
+        var i = 0
+        while i < count {
+            let v = loadLanes(row + i, min(8, count - i)) * scale
+            var m = load8(peak + i)
+            m.replace(with: v, where: v .> m)
+            store8(m, peak + i)
+            i += 8
+        }
+    }
+}
+
+/// Per pixel of a block of `count` (channel stride `inner`): the peak of `scale` x over the
 /// channels of `runs` and the sum of exp(scale x - peak) over them, and over the runs in the
 /// subset into `sumSubset`. Channel by channel along contiguous rows (one exp per value), so
 /// the hardware prefetcher follows; the per-pixel rows stay in L1.
@@ -73,17 +95,7 @@ func blockExpSums(
     sumAll.update(repeating: 0, count: padded)
     sumSubset?.update(repeating: 0, count: padded)
     for run in runs {
-        for k in run.channels {
-            let row = p + k * inner
-            var i = 0
-            while i < count {
-                let v = loadLanes(row + i, min(8, count - i)) * scale
-                var m = load8(peak + i)
-                m.replace(with: v, where: v .> m)
-                store8(m, peak + i)
-                i += 8
-            }
-        }
+        blockPeak(p, rows: run.channels, scale: scale, inner: inner, count: count, into: peak, resetting: false)
     }
     for run in runs {
         for k in run.channels {
@@ -126,21 +138,6 @@ func loadPartialLanes(_ p: UnsafePointer<Float>, _ lanes: Int) -> SIMD8<Float> {
 @inline(never)
 func storePartialLanes(_ v: SIMD8<Float>, _ p: UnsafeMutablePointer<Float>, _ lanes: Int) {
     for l in 0..<lanes { p[l] = v[l] }
-}
-
-/// The maximum of `peak` and `scale` x over the channels `rows` of 8 pixels at `p` (channel
-/// stride `inner`); a NaN is passed over, as `pointwiseMax` does.
-@inline(__always)
-func lanePeak(
-    _ p: UnsafePointer<Float>, rows: Range<Int>, scale: Float, inner: Int, lanes: Int,
-    _ peak: SIMD8<Float> = SIMD8(repeating: -.infinity)
-) -> SIMD8<Float> {
-    var peak = peak
-    for k in rows {
-        let v = loadLanes(p + k * inner, lanes) * scale
-        peak.replace(with: v, where: v .> peak)
-    }
-    return peak
 }
 
 /// peak + log(sum), -inf where the peak is (every channel -inf).
@@ -194,9 +191,10 @@ func blockLogSumExps(
     }
 }
 
-/// Softmax over the channels of `x` into `out`, 8 pixels at a time with one exp per value;
-/// with `argmax`, also each pixel's most probable channel (first maximum wins, as
-/// `channelArgmax` of the result) and its probability, indexed by image * pixels + pixel.
+/// Softmax over the channels of `x` into `out`, channel by channel along a pixel block's rows
+/// with one exp per value; with `argmax`, also each pixel's most probable channel (first
+/// maximum wins, as `channelArgmax` of the result) and its probability, indexed by
+/// image * pixels + pixel.
 func softmaxForward(
     _ x: Tensor, into out: Tensor, argmax: (indices: UnsafeMutablePointer<Int32>, values: UnsafeMutablePointer<Float>)?
 ) {
@@ -204,33 +202,49 @@ func softmaxForward(
     let px = x.pointer, po = out.pointer
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let base = b * c * inner + i0
-        var i = 0
-        while i < count {
-            let lanes = min(8, count - i), src = px + base + i, dst = po + base + i
-            let peak = lanePeak(src, rows: 0..<c, scale: 1, inner: inner, lanes: lanes)
-            var sum = SIMD8<Float>(repeating: 0)
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
+            let peak = scratch.baseAddress!, sum = peak + paddedBlock, best = sum + paddedBlock
+            blockPeak(px + base, rows: 0..<c, scale: 1, inner: inner, count: count, into: peak)
+            sum.update(repeating: 0, count: paddedBlock)
             for k in 0..<c {
-                let e = simdExp(loadLanes(src + k * inner, lanes) - peak)
-                storeLanes(e, dst + k * inner, lanes)
-                sum += e
+                let src = px + base + k * inner, dst = po + base + k * inner
+                var i = 0
+                while i < count {
+                    let lanes = min(8, count - i), e = simdExp(loadLanes(src + i, lanes) - load8(peak + i))
+                    storeLanes(e, dst + i, lanes)
+                    store8(load8(sum + i) + e, sum + i)
+                    i += 8
+                }
             }
-            let reciprocal = 1 / sum
-            var best = SIMD8<Float>(repeating: 0), index = SIMD8<Int32>(repeating: 0)
+            var i = 0
+            while i < paddedBlock {
+                store8(1 / load8(sum + i), sum + i)
+                i += 8
+            }
+            // The channel of the best probability so far as a float (exact below 2^24), in `peak`.
+            let index = peak
             for k in 0..<c {
-                let y = loadLanes(dst + k * inner, lanes) * reciprocal
-                storeLanes(y, dst + k * inner, lanes)
-                if argmax != nil {
-                    let better = k == 0 ? SIMDMask(repeating: true) : y .> best
-                    best.replace(with: y, where: better)
-                    index.replace(with: Int32(k), where: better)
+                let dst = po + base + k * inner
+                i = 0
+                while i < count {
+                    let lanes = min(8, count - i), y = loadLanes(dst + i, lanes) * load8(sum + i)
+                    storeLanes(y, dst + i, lanes)
+                    if argmax != nil {
+                        var top = load8(best + i), channel = load8(index + i)
+                        let better = k == 0 ? SIMDMask(repeating: true) : y .> top
+                        top.replace(with: y, where: better)
+                        channel.replace(with: Float(k), where: better)
+                        store8(top, best + i)
+                        store8(channel, index + i)
+                    }
+                    i += 8
                 }
             }
             if let argmax {
-                let j = b * inner + i0 + i
-                storeLanes(best, argmax.values + j, lanes)
-                for l in 0..<lanes { argmax.indices[j + l] = index[l] }
+                let j = b * inner + i0
+                (argmax.values + j).update(from: best, count: count)
+                for i in 0..<count { argmax.indices[j + i] = Int32(index[i]) }
             }
-            i += 8
         }
     }
 }
@@ -244,16 +258,27 @@ func recordSoftmax(_ out: Tensor, of x: Tensor) {
         let pg = g.pointer, py = od.pointer, pgx = gx.pointer
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let base = b * c * inner + i0
-            var i = 0
-            while i < count {
-                let lanes = min(8, count - i), gr = pg + base + i, yr = py + base + i
-                var dot = SIMD8<Float>(repeating: 0)
-                for k in 0..<c { dot += loadLanes(gr + k * inner, lanes) * loadLanes(yr + k * inner, lanes) }
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: paddedBlock) { dot in
+                let dot = dot.baseAddress!
+                dot.update(repeating: 0, count: paddedBlock)
                 for k in 0..<c {
-                    let y = loadLanes(yr + k * inner, lanes), gk = loadLanes(gr + k * inner, lanes)
-                    storeLanes(y * (gk - dot), pgx + base + i + k * inner, lanes)
+                    let gr = pg + base + k * inner, yr = py + base + k * inner
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        store8(load8(dot + i) + loadLanes(gr + i, lanes) * loadLanes(yr + i, lanes), dot + i)
+                        i += 8
+                    }
                 }
-                i += 8
+                for k in 0..<c {
+                    let gr = pg + base + k * inner, yr = py + base + k * inner, r = pgx + base + k * inner
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        storeLanes(loadLanes(yr + i, lanes) * (loadLanes(gr + i, lanes) - load8(dot + i)), r + i, lanes)
+                        i += 8
+                    }
+                }
             }
         }
         return [gx]
@@ -359,19 +384,26 @@ public func channelArgmax(_ x: Tensor) -> (indices: [Int32], values: [Float]) {
             let pi = pi.baseAddress!, pv = pv.baseAddress!
             forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
                 let j0 = b * inner + i0, base = px + b * c * inner + i0
-                var i = 0
-                while i < count {
-                    let lanes = min(8, count - i)
-                    var best = loadLanes(base + i, lanes), index = SIMD8<Int32>(repeating: 0)
+                // The channel of the maximum so far as a float (exact below 2^24).
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: paddedBlock) { index in
+                    let index = index.baseAddress!
+                    index.update(repeating: 0, count: paddedBlock)
+                    (pv + j0).update(from: base, count: count)
                     for k in 1..<max(c, 1) {
-                        let v = loadLanes(base + k * inner + i, lanes)
-                        let better = v .> best
-                        best.replace(with: v, where: better)
-                        index.replace(with: Int32(k), where: better)
+                        let row = base + k * inner
+                        var i = 0
+                        while i < count {
+                            let lanes = min(8, count - i), v = loadLanes(row + i, lanes)
+                            var best = loadLanes(pv + j0 + i, lanes), channel = load8(index + i)
+                            let better = v .> best
+                            best.replace(with: v, where: better)
+                            channel.replace(with: Float(k), where: better)
+                            storeLanes(best, pv + j0 + i, lanes)
+                            store8(channel, index + i)
+                            i += 8
+                        }
                     }
-                    storeLanes(best, pv + j0 + i, lanes)
-                    for l in 0..<lanes { pi[j0 + i + l] = index[l] }
-                    i += 8
+                    for i in 0..<count { pi[j0 + i] = Int32(index[i]) }
                 }
             }
         }
