@@ -81,6 +81,8 @@ final class FusedLossTests: XCTestCase {
         _ fused: (Float, [Float]), _ composed: (Float, [Float]), _ what: String, line: UInt = #line
     ) {
         XCTAssertEqual(fused.0, composed.0, accuracy: 2e-6 * abs(composed.0), what, line: line)
+        // Swift's max() passes over a NaN, so a NaN anywhere is a failure of its own.
+        XCTAssertFalse(fused.0.isNaN || fused.1.contains { $0.isNaN }, "\(what): NaN", line: line)
         let scale = composed.1.map(abs).max()!
         XCTAssertGreaterThan(scale, 0, what, line: line)
         let worst = zip(fused.1, composed.1).map { abs($0 - $1) }.max()!
@@ -174,5 +176,59 @@ final class FusedLossTests: XCTestCase {
         let new = randn([2, 6, 3, 4], seed: 1, std: 1.5), old = randn([2, 4, 3, 4], seed: 2, std: 1.5)
         let mask = Tensor(shape: [2, 1, 3, 4], values: (0..<24).map { Float($0 % 3 == 0 ? 0 : 1) })
         checkGradients([new]) { unbiasedDistillation($0[0], old, temperature: 2, mask: mask) }
+    }
+
+    /// Pixels whose merged channels lie 200 below the others (their exps, shifted by the overall
+    /// peak, underflow to 0) still match the compositions, which take each logsumexp with its
+    /// own peak: the fused ops fall back to the merged set's own peak there, forward and backward.
+    func testFusedOpsMatchTheCompositionsWhenTheMergedChannelsUnderflow() {
+        var rng = SeededGenerator(seed: 14)
+        let shape = [2, 21, 20, 30], hw = 600
+        var values = Tensor.randn(shape, std: 3, rng: &rng).array
+        // Every third pixel: channels 0..<16 (unbiased CE's merged set) and 0, 16..<21 (KD's) far below.
+        for b in 0..<2 {
+            for j in stride(from: 0, to: hw, by: 3) {
+                for k in 0..<16 { values[(b * 21 + k) * hw + j] -= 200 }
+            }
+            for j in stride(from: 1, to: hw, by: 3) {
+                for k in [0, 16, 17, 18, 19, 20] { values[(b * 21 + k) * hw + j] -= 200 }
+            }
+        }
+        let logits = Tensor(shape: shape, values: values)
+        let labels = Labels(
+            shape: [2, 20, 30], values: (0..<1200).map { _ in [0, 0, 3, 16, 20][Int(rng.next() % 5)] })
+        assertClose(
+            valueAndGradient(logits) { unbiasedCrossEntropy($0, labels, oldClasses: 16) },
+            valueAndGradient(logits) { self.composedNLL($0, labels, merged: [0..<16], kept: 21, weights: nil) },
+            "unbiased CE")
+        let old = Tensor.randn([2, 16, 20, 30], std: 3, rng: &rng)
+        for temperature: Float in [1, 2] {
+            assertClose(
+                valueAndGradient(logits) { unbiasedDistillation($0, old, temperature: temperature) },
+                valueAndGradient(logits) { self.composedKD($0, old, temperature: temperature, mask: nil) },
+                "unbiased KD, T \(temperature)")
+        }
+    }
+
+    /// `softmaxWithArgmax` gives softmax's probabilities and gradient and `channelArgmax`'s
+    /// indices and values of them bit for bit, ties (equal channels) included.
+    func testSoftmaxWithArgmaxEqualsTheOpsInTurn() {
+        var rng = SeededGenerator(seed: 15)
+        var values = Tensor.randn([2, 7, 20, 30], std: 2, rng: &rng).array
+        for j in 0..<600 where j % 4 == 0 { values[(7 + 5) * 600 + j] = values[(7 + 2) * 600 + j] }
+        let x = Tensor(shape: [2, 7, 20, 30], values: values), weights = Tensor.randn([2, 7, 20, 30], rng: &rng)
+        x.requiresGrad = true
+        let (p, indices, best) = softmaxWithArgmax(x)
+        sum(p * weights).backward()
+        let fusedGradient = x.grad!.array
+        x.grad = nil
+        let reference = softmax(x)
+        sum(reference * weights).backward()
+        let argmax = channelArgmax(reference)
+        XCTAssertEqual(p.array, reference.array)
+        XCTAssertEqual(indices, argmax.indices)
+        XCTAssertEqual(best, argmax.values)
+        XCTAssertEqual(fusedGradient, x.grad!.array)
+        XCTAssertEqual(Set(indices).count, 7)
     }
 }

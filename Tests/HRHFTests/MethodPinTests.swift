@@ -67,9 +67,8 @@ final class MethodPinTests: XCTestCase {
 
     static let expected: [String: Pin] = [
         "ft": Pin(
-            losses: [
-                ["ce": 6.646457, "total": 6.646457], ["ce": 4.602027, "total": 4.602027],
-            ], weights: "ecdfb99adf6326747e2ed62990bd697250c182d4af604281eaea45e01b2a936d"),
+            losses: [["ce": 6.646457, "total": 6.646457], ["ce": 4.6020255, "total": 4.6020255]],
+            weights: "1b9e68ca96ce025d29b886da2722194f871d997a2827d885a9c3c942ea1c210c"),
         "lwf": Pin(
             losses: [
                 ["ce": 6.646457, "lwf_kd": 0.49254447, "total": 55.900906],
@@ -78,8 +77,8 @@ final class MethodPinTests: XCTestCase {
         "mib": Pin(
             losses: [
                 ["ce": 0.9321858, "kd": 0.49254447, "total": 5.8576303],
-                ["ce": 0.6629534, "kd": 0.4857133, "total": 5.5200863],
-            ], weights: "2fb5f6b2b95829ee93622f7a70cce3c0817683c662a8391b9826d933d8be0dc6"),
+                ["ce": 0.6629533, "kd": 0.48571324, "total": 5.520086],
+            ], weights: "122680f63da1c13296656f4a43af53ca23398369e5499a518c87e27b9b13c967"),
         "plop": Pin(
             losses: [
                 ["ce": 0.40026346, "pod": 66.18652, "total": 1.0621287],
@@ -88,13 +87,13 @@ final class MethodPinTests: XCTestCase {
         "gsc": Pin(
             losses: [
                 ["ce": 5.012458, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034, "total": 6.293361],
-                ["ce": 3.4867153, "rel": 0.061568283, "sharp": 0.0, "soft": 4.476532, "total": 4.6212406],
-            ], weights: "b103b16e1c26901730798b42510fddb3f34b2f83dd3e01e55c1431e624e6c1de"),
+                ["ce": 3.4867146, "rel": 0.06156829, "sharp": 0.0, "soft": 4.476532, "total": 4.6212397],
+            ], weights: "c54e1039d93a0daec642ab4064aca1188d8bf7914010fe0f492fbb660efed17b"),
         "hrhf": Pin(
             losses: [
                 ["ce": 0.78900427, "fake_ce": 0.56710994, "fake_kd": 0.47695485, "kd": 0.4130956, "total": 10.2566185],
-                ["ce": 0.34664354, "fake_ce": 0.4399082, "fake_kd": 0.43931362, "kd": 0.3359857, "total": 8.539545],
-            ], weights: "48512ef4261b153d3231a24f052d87b3b2d8c9ae7cb56ce8894112dfe6071bd8"),
+                ["ce": 0.34664324, "fake_ce": 0.43990764, "fake_kd": 0.43931353, "kd": 0.3359858, "total": 8.539544],
+            ], weights: "75e9183434054cfbc75cad82369ff7615f2e4a6c0f2e4900a96c07cc308f1b8b"),
         "hrhf+gsc": Pin(
             losses: [
                 [
@@ -102,25 +101,24 @@ final class MethodPinTests: XCTestCase {
                     "sharp": 0.0, "soft": 4.5490556, "total": 15.004162,
                 ],
                 [
-                    "ce": 4.3692718, "fake_ce": 1.7460927, "fake_kd": 0.4021667, "kd": 0.49191275, "rel": 0.048350513,
-                    "sharp": 0.0, "soft": 4.157106, "total": 16.107521,
+                    "ce": 4.369274, "fake_ce": 1.7460934, "fake_kd": 0.40216655, "kd": 0.49191296, "rel": 0.048350506,
+                    "sharp": 0.0, "soft": 4.157107, "total": 16.107527,
                 ],
-            ], weights: "4980f5e054a4cbb5580b53a2c1502156936d926e3259c0db68d6a1e069c2d277"),
+            ], weights: "9e613ff7afa3cf6e86f93f76900fdeb753e11a24030cbe2116004615b02373af"),
         "joint": Pin(
-            losses: [
-                ["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512896, "total": 3.7512896],
-            ], weights: "80f293f89da753612b61d4585c4230226b86d95d56efe6423bad89add70ba966"),
+            losses: [["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512908, "total": 3.7512908]],
+            weights: "cd2bbbd5f956d21a769e8e0f9530efb64e439404d8a2a0298cdaa83ed4120c40"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
                     "ce": 4.254595, "fake_ce": 0.6942531, "fake_feat": 0.6856124, "fake_kd": 0.47695485,
-                    "kd": 0.4130956, "rel": 0.07018101, "sharp": 0.3064068, "soft": 4.5490556, "total": 15.353096,
+                    "kd": 0.4130956, "rel": 0.07018101, "sharp": 0.30640683, "soft": 4.5490556, "total": 15.353096,
                 ],
                 [
-                    "ce": 5.087206, "fake_ce": 1.8400164, "fake_feat": 0.38275325, "fake_kd": 0.38379928,
-                    "kd": 0.5146668, "rel": 0.044398677, "sharp": 0.52553797, "soft": 4.2027197, "total": 17.175549,
+                    "ce": 5.0872045, "fake_ce": 1.8400176, "fake_feat": 0.38275304, "fake_kd": 0.38379917,
+                    "kd": 0.51466686, "rel": 0.044398613, "sharp": 0.5255385, "soft": 4.2027197, "total": 17.175549,
                 ],
-            ], weights: "b11be15e2b6497326645903d7b83634d523f3ad6f7c7424c4ae7b6a31fc58314"),
+            ], weights: "bcfafaf8f5127c8b8808dae90495ad754b3fdc81d26c0c3b07d84f3891fabb85"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
@@ -128,10 +126,10 @@ final class MethodPinTests: XCTestCase {
                     "lwf_kd": 0.40496308, "total": 10.6100025,
                 ],
                 [
-                    "ce": 0.10753869, "fake_ce": 0.4383675, "fake_kd": 0.44975105, "kd": 0.3083805, "lwf_kd": 0.3116815,
-                    "total": 8.750585,
+                    "ce": 0.10753873, "fake_ce": 0.43836826, "fake_kd": 0.44975108, "kd": 0.3083805,
+                    "lwf_kd": 0.3116815, "total": 8.750586,
                 ],
-            ], weights: "c768743fe703e62aa1104122af9c91b37c663d4bbff3afd4386088f84f3473db"),
+            ], weights: "dc551256c260cc1a8569d89128d764a27943a93bdc2f30fe47749e581d355454"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {

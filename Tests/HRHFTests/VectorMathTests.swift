@@ -42,4 +42,29 @@ final class VectorMathTests: XCTestCase {
             XCTAssertEqual(y[i], Foundation.exp(x[i] - s[i]), accuracy: 5e-7 * Foundation.exp(x[i] - s[i]))
         }
     }
+
+    /// The vectorised log against glibc's logf from 1e-38 to 3e38 and around 1 (where log is
+    /// near 0): error at most 1.5e-7 times max(1, |log x|); values outside the positive normal
+    /// range (0, denormals, negatives, inf, NaN) give exactly glibc's results.
+    func testVectorLogMatchesFoundation() {
+        var xs: [Float] = stride(from: Float(-87.3), through: 88.7, by: 0.0113).map { Foundation.exp($0) }
+        xs += stride(from: Float(0.99), through: 1.01, by: 1e-5).map { $0 } + [1, 0.5, 2, 0.70710677, 0.7071068]
+        xs += [Float.leastNormalMagnitude, Float.greatestFiniteMagnitude]
+        var worst: Float = 0
+        for start in stride(from: 0, to: xs.count - 7, by: 8) {
+            let y = simdLog(SIMD8(xs[start..<(start + 8)]))
+            for l in 0..<8 {
+                let ref = Foundation.log(xs[start + l])
+                worst = max(worst, Swift.abs(y[l] - ref) / max(1, Swift.abs(ref)))
+            }
+        }
+        XCTAssertLessThanOrEqual(worst, 1.5e-7)
+        let denormal = Float.leastNonzeroMagnitude * 1000
+        let edges = SIMD8<Float>(0, -0.0, denormal, -1, .infinity, -.infinity, .nan, 3)
+        let y = simdLog(edges)
+        XCTAssertEqual(
+            [y[0], y[1], y[2], y[4], y[7]],
+            [-.infinity, -.infinity, Foundation.log(denormal), .infinity, Foundation.log(3)])
+        XCTAssertTrue(y[3].isNaN && y[5].isNaN && y[6].isNaN)
+    }
 }

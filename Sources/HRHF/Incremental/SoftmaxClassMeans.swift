@@ -31,9 +31,9 @@ func softmaxClassMeans(
                 let x = px + b * c * inner + i0, y = pp + b * old * inner + i0,
                     labels = assigned.baseAddress! + b * inner + i0
                 // softmax's arithmetic: exp(x - max) per channel, then times 1 / their sum.
-                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-                    let peak = scratch.baseAddress!, sums = peak + count
-                    blockChannelMax(x, c: old, inner: inner, count: count, into: peak)
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * paddedBlock) { scratch in
+                    let peak = scratch.baseAddress!, sums = peak + paddedBlock
+                    blockPeak(x, rows: 0..<old, scale: 1, inner: inner, count: count, into: peak)
                     sums.update(repeating: 0, count: count)
                     for ch in 0..<old {
                         let row = y + ch * inner

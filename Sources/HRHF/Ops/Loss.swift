@@ -138,11 +138,12 @@ func channelSetNLL(
     let perPixel = Tensor(zeros: target.shape)
     let px = logits.pointer, pa = lseAll.pointer, pm = lseMerged.pointer, pl = perPixel.pointer
     let pw = pixelWeights?.pointer
+    let runs = channelRuns(c: c, subset: merged)
     labels.withUnsafeBufferPointer { pt in
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, base = px + b * c * inner + i0
-            blockLogSumExp(base, c: c, inner: inner, count: count, into: pa + j0)
-            blockLogSumExp(base, channels: merged, scale: 1, inner: inner, count: count, into: pm + j0)
+            blockLogSumExps(
+                base, runs: runs, subset: merged, scale: 1, inner: inner, count: count, all: pa + j0, union: pm + j0)
             for i in 0..<count {
                 let y = pt[j0 + i]
                 guard y != ignoreIndex else { continue }
@@ -155,7 +156,6 @@ func channelSetNLL(
     for j in 0..<perPixel.count { total += Double(pl[j]) }
     let out = Tensor(scalar: Float(total) * scale)
     let ld = logits.detached(), weights = pixelWeights?.detached()
-    let isMerged = (0..<c).map { k in merged.contains { $0.contains(k) } }
     record(out, "merged_background_nll", [logits]) { g in
         // d/dx_k = coefficient * (softmax_k - [k in the label's channels] softmax over them).
         let gx = Tensor(uninitialized: ld.shape)
@@ -164,22 +164,33 @@ func channelSetNLL(
         labels.withUnsafeBufferPointer { pt in
             forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
                 let j0 = b * inner + i0, base = b * c * inner + i0
-                withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-                    let coefficient = scratch.baseAddress!, e = coefficient + count
-                    for i in 0..<count {
-                        coefficient[i] = pt[j0 + i] == ignoreIndex ? 0 : upstream * (pwd?[j0 + i] ?? 1)
+                withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
+                    let coefficient = scratch.baseAddress!, label = coefficient + paddedBlock
+                    let factor = label + paddedBlock
+                    // Labels as floats (exact below 2^24), -1 where ignored.
+                    for i in 0..<((count + 7) / 8 * 8) {
+                        let y = i < count ? pt[j0 + i] : ignoreIndex
+                        coefficient[i] = y == ignoreIndex ? 0 : upstream * (pwd?[j0 + i] ?? 1)
+                        label[i] = y == ignoreIndex ? -1 : Float(y)
                     }
-                    for k in 0..<c {
-                        let xr = pxd + base + k * inner, r = pgx + base + k * inner
-                        vectorExp(xr, minus: pa + j0, r, count: count)
-                        if isMerged[k] {
-                            vectorExp(xr, minus: pm + j0, e, count: count)
-                            for i in 0..<count {
-                                let own = pt[j0 + i] == 0 ? e[i] : (Int(pt[j0 + i]) == k ? 1 : 0)
-                                r[i] = coefficient[i] * (r[i] - own)
+                    let direct = subsetFactors(all: pa + j0, subset: pm + j0, count: count, into: factor)
+                    for run in runs {
+                        for k in run.channels {
+                            let row = pxd + base + k * inner, out = pgx + base + k * inner
+                            var i = 0
+                            while i < count {
+                                let lanes = min(8, count - i), y = load8(label + i)
+                                let x = loadLanes(row + i, lanes), s = simdExp(x - loadLanes(pa + j0 + i, lanes))
+                                var own = SIMD8<Float>(repeating: 0)
+                                own.replace(with: 1, where: y .== Float(k))
+                                if run.inSubset {
+                                    let union =
+                                        direct ? simdExp(x - loadLanes(pm + j0 + i, lanes)) : s * load8(factor + i)
+                                    own.replace(with: union, where: y .== 0)
+                                }
+                                storeLanes(load8(coefficient + i) * (s - own), out + i, lanes)
+                                i += 8
                             }
-                        } else {
-                            for i in 0..<count { r[i] = coefficient[i] * (r[i] - (Int(pt[j0 + i]) == k ? 1 : 0)) }
                         }
                     }
                 }
@@ -204,7 +215,7 @@ func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
         "unbiased KD: old logits \(oldLogits.shape) for new \(newLogits.shape)")
     if let mask { precondition(mask.count == n * inner, "unbiased KD: mask \(mask.shape) for \(newLogits.shape)") }
     let inverse = 1 / temperature
-    let merged = [0..<1, old..<c]
+    let merged = [0..<1, old..<c], runs = channelRuns(c: c, subset: merged)
     // Per pixel: logsumexp of x over all channels and over the merged ones, and of old / T.
     let lseAll = Tensor(uninitialized: [n * inner]), lseMerged = Tensor(uninitialized: [n * inner])
     let lseOld = Tensor(uninitialized: [n * inner]), perPixel = Tensor(uninitialized: [n * inner])
@@ -212,18 +223,32 @@ func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
     let (pa, pm, pq, pl) = (lseAll.pointer, lseMerged.pointer, lseOld.pointer, perPixel.pointer)
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
-        blockLogSumExp(x, channels: [0..<c], scale: inverse, inner: inner, count: count, into: pa + j0)
-        blockLogSumExp(x, channels: merged, scale: inverse, inner: inner, count: count, into: pm + j0)
-        blockLogSumExp(o, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pq + j0)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { q in
-            let q = q.baseAddress!
-            for i in 0..<count { q[i] = o[i] * inverse - pq[j0 + i] }
-            vectorExp(q, q, count: count)
-            for i in 0..<count { pl[j0 + i] = q[i] * (pm[j0 + i] - pa[j0 + i]) }
-            for k in 1..<max(old, 1) {
-                for i in 0..<count { q[i] = o[k * inner + i] * inverse - pq[j0 + i] }
-                vectorExp(q, q, count: count)
-                for i in 0..<count { pl[j0 + i] += q[i] * (x[k * inner + i] * inverse - pa[j0 + i]) }
+        blockLogSumExps(
+            x, runs: runs, subset: merged, scale: inverse, inner: inner, count: count, all: pa + j0, union: pm + j0)
+        // With e_k = exp(old_k / T - peak), q_k = e_k / sum e: l = (sum_k e_k term_k) / sum e.
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
+            let peak = scratch.baseAddress!, sum = peak + paddedBlock, weighted = sum + paddedBlock
+            blockPeak(o, rows: 0..<old, scale: inverse, inner: inner, count: count, into: peak)
+            sum.update(repeating: 0, count: 2 * paddedBlock)
+            for k in 0..<old {
+                var i = 0
+                while i < count {
+                    let lanes = min(8, count - i), all = loadLanes(pa + j0 + i, lanes)
+                    let e = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - load8(peak + i))
+                    store8(load8(sum + i) + e, sum + i)
+                    let term =
+                        k == 0
+                        ? loadLanes(pm + j0 + i, lanes) - all : loadLanes(x + k * inner + i, lanes) * inverse - all
+                    store8(load8(weighted + i) + e * term, weighted + i)
+                    i += 8
+                }
+            }
+            var i = 0
+            while i < count {
+                let lanes = min(8, count - i), m = load8(peak + i), total = load8(sum + i)
+                storeLanes(laneLogSumExp(peak: m, sum: total), pq + j0 + i, lanes)
+                storeLanes(load8(weighted + i) / total, pl + j0 + i, lanes)
+                i += 8
             }
         }
     }
@@ -244,30 +269,38 @@ func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, x = pxd + b * c * inner + i0, o = pod + b * old * inner + i0
             let r = pgx + b * c * inner + i0
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: 4 * count) { scratch in
-                let coefficient = scratch.baseAddress!, q0 = coefficient + count, qSum = q0 + count, e = qSum + count
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: 4 * paddedBlock) { scratch in
+                let coefficient = scratch.baseAddress!, q0 = coefficient + paddedBlock, qSum = q0 + paddedBlock
+                let factor = qSum + paddedBlock
                 for i in 0..<count { coefficient[i] = upstream * (pmd?[j0 + i] ?? 1) }
-                qSum.update(repeating: 0, count: count)
-                // Old-class channels k >= 1: q_k - (sum q) s_k, once the sum is known; q_k first.
+                qSum.update(repeating: 0, count: paddedBlock)
+                // q_k into q0 and the gradient's rows 1..<old first, then q_k - (sum q) s_k once the sum is known.
                 for k in 0..<old {
-                    for i in 0..<count { e[i] = o[k * inner + i] * inverse - pq[j0 + i] }
-                    vectorExp(e, k == 0 ? q0 : r + k * inner, count: count)
-                    let qk = k == 0 ? q0 : r + k * inner
-                    for i in 0..<count { qSum[i] += qk[i] }
+                    let row = o + k * inner, out = k == 0 ? q0 : r + k * inner
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        let q = simdExp(loadLanes(row + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes))
+                        storeLanes(q, out + i, lanes)
+                        store8(load8(qSum + i) + q, qSum + i)
+                        i += 8
+                    }
                 }
+                let direct = subsetFactors(all: pa + j0, subset: pm + j0, count: count, into: factor)
                 for k in 0..<c {
-                    let row = r + k * inner
-                    for i in 0..<count { e[i] = x[k * inner + i] * inverse - pa[j0 + i] }
-                    vectorExp(e, e, count: count)
-                    if k == 0 || k >= old {
-                        withUnsafeTemporaryAllocation(of: Float.self, capacity: count) { sb in
-                            let sb = sb.baseAddress!
-                            for i in 0..<count { sb[i] = x[k * inner + i] * inverse - pm[j0 + i] }
-                            vectorExp(sb, sb, count: count)
-                            for i in 0..<count { row[i] = coefficient[i] * (q0[i] * sb[i] - qSum[i] * e[i]) }
-                        }
-                    } else {
-                        for i in 0..<count { row[i] = coefficient[i] * (row[i] - qSum[i] * e[i]) }
+                    let row = r + k * inner, merged = k == 0 || k >= old
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        let xs = loadLanes(x + k * inner + i, lanes) * inverse
+                        let s = simdExp(xs - loadLanes(pa + j0 + i, lanes))
+                        let own =
+                            !merged
+                            ? loadLanes(row + i, lanes)
+                            : load8(q0 + i)
+                                * (direct ? simdExp(xs - loadLanes(pm + j0 + i, lanes)) : s * load8(factor + i))
+                        storeLanes(load8(coefficient + i) * (own - load8(qSum + i) * s), row + i, lanes)
+                        i += 8
                     }
                 }
             }
@@ -297,14 +330,14 @@ func softDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature:
         blockLogSumExp(x, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pp + j0)
         blockLogSumExp(o, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pq + j0)
         (pl + j0).update(repeating: 0, count: count)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-            let logQ = scratch.baseAddress!, q = logQ + count
-            for k in 0..<old {
-                for i in 0..<count { logQ[i] = o[k * inner + i] * inverse - pq[j0 + i] }
-                vectorExp(logQ, q, count: count)
-                for i in 0..<count {
-                    pl[j0 + i] += q[i] * (logQ[i] - (x[k * inner + i] * inverse - pp[j0 + i]))
-                }
+        for k in 0..<old {
+            var i = 0
+            while i < count {
+                let lanes = min(8, count - i)
+                let logQ = loadLanes(o + k * inner + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes)
+                let logP = loadLanes(x + k * inner + i, lanes) * inverse - loadLanes(pp + j0 + i, lanes)
+                storeLanes(loadLanes(pl + j0 + i, lanes) + simdExp(logQ) * (logQ - logP), pl + j0 + i, lanes)
+                i += 8
             }
         }
     }
@@ -314,28 +347,37 @@ func softDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature:
     let out = Tensor(scalar: Float(total) * scale)
     let xd = newLogits.detached(), od = oldLogits.detached()
     record(out, "soft_distillation", [newLogits]) { g in
-        let gx = Tensor(zeros: xd.shape)
+        let gx = Tensor(uninitialized: xd.shape)
         let pgx = gx.pointer, pxd = xd.pointer, pod = od.pointer, coefficient = g.item * scale * inverse
         let (pp, pq) = (lseNew.pointer, lseOld.pointer)
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, x = pxd + b * c * inner + i0, o = pod + b * old * inner + i0
             let r = pgx + b * c * inner + i0
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-                let qSum = scratch.baseAddress!, e = qSum + count
-                qSum.update(repeating: 0, count: count)
-                // q_k into the gradient's rows first, then (sum q) p_k - q_k.
+            withUnsafeTemporaryAllocation(of: Float.self, capacity: paddedBlock) { qSum in
+                let qSum = qSum.baseAddress!
+                qSum.update(repeating: 0, count: paddedBlock)
+                // q_k into the gradient's rows first, then (sum q) p_k - q_k; the other channels 0.
                 for k in 0..<old {
-                    let row = r + k * inner
-                    for i in 0..<count { row[i] = o[k * inner + i] * inverse - pq[j0 + i] }
-                    vectorExp(row, row, count: count)
-                    for i in 0..<count { qSum[i] += row[i] }
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        let q = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes))
+                        storeLanes(q, r + k * inner + i, lanes)
+                        store8(load8(qSum + i) + q, qSum + i)
+                        i += 8
+                    }
                 }
                 for k in 0..<old {
                     let row = r + k * inner
-                    for i in 0..<count { e[i] = x[k * inner + i] * inverse - pp[j0 + i] }
-                    vectorExp(e, e, count: count)
-                    for i in 0..<count { row[i] = coefficient * (qSum[i] * e[i] - row[i]) }
+                    var i = 0
+                    while i < count {
+                        let lanes = min(8, count - i)
+                        let p = simdExp(loadLanes(x + k * inner + i, lanes) * inverse - loadLanes(pp + j0 + i, lanes))
+                        storeLanes(coefficient * (load8(qSum + i) * p - loadLanes(row + i, lanes)), row + i, lanes)
+                        i += 8
+                    }
                 }
+                for k in old..<c { (r + k * inner).update(repeating: 0, count: count) }
             }
         }
         return [gx]
@@ -353,14 +395,28 @@ func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
     let px = logits.pointer, pa = lse.pointer, ph = entropy.pointer
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0, x = px + b * c * inner + i0
-        blockLogSumExp(x, channels: [0..<c], scale: 1, inner: inner, count: count, into: pa + j0)
-        (ph + j0).update(repeating: 0, count: count)
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-            let logP = scratch.baseAddress!, p = logP + count
+        // With e_k = exp(x_k - peak) and S = sum e: H = log S - (sum_k e_k (x_k - peak)) / S.
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
+            let peak = scratch.baseAddress!, sum = peak + paddedBlock, weighted = sum + paddedBlock
+            blockPeak(x, rows: 0..<c, scale: 1, inner: inner, count: count, into: peak)
+            sum.update(repeating: 0, count: 2 * paddedBlock)
             for k in 0..<c {
-                for i in 0..<count { logP[i] = x[k * inner + i] - pa[j0 + i] }
-                vectorExp(logP, p, count: count)
-                for i in 0..<count { ph[j0 + i] -= p[i] * logP[i] }
+                var i = 0
+                while i < count {
+                    let d = loadLanes(x + k * inner + i, min(8, count - i)) - load8(peak + i), e = simdExp(d)
+                    store8(load8(sum + i) + e, sum + i)
+                    store8(load8(weighted + i) + e * d, weighted + i)
+                    i += 8
+                }
+            }
+            var i = 0
+            while i < count {
+                let lanes = min(8, count - i), m = load8(peak + i), total = load8(sum + i), logSum = simdLog(total)
+                var all = m + logSum
+                all.replace(with: -.infinity, where: m .== -.infinity)
+                storeLanes(all, pa + j0 + i, lanes)
+                storeLanes(logSum - load8(weighted + i) / total, ph + j0 + i, lanes)
+                i += 8
             }
         }
     }
@@ -380,18 +436,37 @@ func maskedMeanEntropy(_ logits: Tensor, mask: Tensor) -> Tensor {
         let (pa, ph) = (lse.pointer, entropy.pointer)
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, x = pxd + b * c * inner + i0, r = pgx + b * c * inner + i0
-            withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-                let logP = scratch.baseAddress!, coefficient = logP + count
-                for i in 0..<count { coefficient[i] = -upstream * pmd[j0 + i] }
-                for k in 0..<c {
-                    let row = r + k * inner
-                    for i in 0..<count { logP[i] = x[k * inner + i] - pa[j0 + i] }
-                    vectorExp(logP, row, count: count)
-                    for i in 0..<count { row[i] = coefficient[i] * row[i] * (logP[i] + ph[j0 + i]) }
+            for k in 0..<c {
+                var i = 0
+                while i < count {
+                    let lanes = min(8, count - i), coefficient = -upstream * loadLanes(pmd + j0 + i, lanes)
+                    let logP = loadLanes(x + k * inner + i, lanes) - loadLanes(pa + j0 + i, lanes)
+                    let h = loadLanes(ph + j0 + i, lanes)
+                    storeLanes(coefficient * simdExp(logP) * (logP + h), r + k * inner + i, lanes)
+                    i += 8
                 }
             }
         }
         return [gx]
     }
     return out
+}
+
+/// exp(all - subset) per pixel of a block into `factor`, which turns the softmax over all
+/// channels (exp(x - all)) into the one over a subset (exp(x - subset)). Returns whether the
+/// block must take the subset's softmax from its own exp instead: a pixel's gap could overflow
+/// the factor or underflow the softmax over all (the subset far below the rest).
+@inline(__always)
+func subsetFactors(
+    all: UnsafePointer<Float>, subset: UnsafePointer<Float>, count: Int, into factor: UnsafeMutablePointer<Float>
+) -> Bool {
+    var direct = false
+    var i = 0
+    while i < count {
+        let lanes = min(8, count - i), gap = loadLanes(all + i, lanes) - loadLanes(subset + i, lanes)
+        direct = direct || any(gap .> 60)
+        store8(simdExp(gap), factor + i)
+        i += 8
+    }
+    return direct
 }

@@ -18,7 +18,9 @@ private let ln2Lo: Float = -2.12194440e-4
 private let roundingMagic: Float = 12582912.0
 private let roundingMagicBits: Int32 = 0x4B40_0000
 
-@inline(__always)
+// Transparent: inlined before optimisation, so a large caller still gets it in line (the
+// optimiser's inliner stops at a caller size, and a call spills every live vector register).
+@_transparent
 func simdExp(_ x: SIMD8<Float>) -> SIMD8<Float> {
     var c = x
     c.replace(with: SIMD8(repeating: expLo), where: x .< expLo)
@@ -79,4 +81,44 @@ func vectorExp(
         let e = simdExp(v)
         for k in 0..<(count - i) { y[i + k] = e[k] }
     }
+}
+
+// A vectorised natural log for the log-sum-exps of the channel kernels: Cephes' single-precision
+// polynomial on the mantissa in [sqrt(1/2), sqrt(2)), 8 lanes at a time; a group holding a
+// value outside the positive normal range (0, denormals, negatives, inf, NaN) goes through
+// Foundation.log lane by lane, so those keep glibc's results.
+
+private let sqrtHalf: Float = 0.707106781186547524
+
+@_transparent
+func simdLog(_ x: SIMD8<Float>) -> SIMD8<Float> {
+    let outside = (x .< Float.leastNormalMagnitude) .| (x .> Float.greatestFiniteMagnitude) .| (x .!= x)
+    if any(outside) {
+        var y = x
+        for l in 0..<8 { y[l] = Foundation.log(x[l]) }
+        return y
+    }
+    // x = m 2^e with m in [0.5, 1), then m in [sqrt(1/2), sqrt(2)) and f = m - 1.
+    let bits = unsafeBitCast(x, to: SIMD8<Int32>.self)
+    var e = (bits &>> 23) &- 126
+    var m = unsafeBitCast((bits & 0x007F_FFFF) | 0x3F00_0000, to: SIMD8<Float>.self)
+    let low = m .< sqrtHalf
+    e.replace(with: e &- 1, where: low)
+    m.replace(with: m + m, where: low)
+    let f = m - 1
+    let exponent = unsafeBitCast(e &+ roundingMagicBits, to: SIMD8<Float>.self) - roundingMagic
+    let z = f * f
+    var p = SIMD8<Float>(repeating: 7.0376836292e-2)
+    p = p * f - 1.1514610310e-1
+    p = p * f + 1.1676998740e-1
+    p = p * f - 1.2420140846e-1
+    p = p * f + 1.4249322787e-1
+    p = p * f - 1.6668057665e-1
+    p = p * f + 2.0000714765e-1
+    p = p * f - 2.4999993993e-1
+    p = p * f + 3.3333331174e-1
+    var y = p * f * z
+    y = y + exponent * ln2Lo
+    y = y - 0.5 * z
+    return f + y + exponent * ln2Hi
 }
