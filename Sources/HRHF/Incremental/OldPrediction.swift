@@ -17,9 +17,8 @@ public struct OldPrediction {
     /// From the old model's logits (N x C x H x W); the same values `channelArgmax(softmax(logits))` gives.
     public init(_ logits: Tensor) {
         _ = nchw(logits, "old prediction")
-        wholeProbabilities = withNoGrad { softmax(logits.detached()) }
+        (wholeProbabilities, argmax, confidence) = withNoGrad { softmaxWithArgmax(logits.detached()) }
         imageRange = 0..<logits.shape[0]
-        (argmax, confidence) = channelArgmax(wholeProbabilities)
     }
 
     private init(probabilities: Tensor, imageRange: Range<Int>, argmax: [Int32], confidence: [Float]) {
