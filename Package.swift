@@ -1,5 +1,17 @@
 // swift-tools-version:6.0
+import Foundation
 import PackageDescription
+
+// The core library's SIMD8 loops run on 256-bit AVX2 registers when the building machine has
+// AVX2 (as -march=native would; Swift's default target is SSE2, which splits each SIMD8 in two).
+// LLVM neither fuses multiply-adds nor reorders float sums without fast-math, so results are the
+// same bit for bit. HRHF_PORTABLE=1 builds for any x86-64 (binaries for other machines).
+let hostHasAVX2 =
+    (try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8))?.split(separator: "\n")
+    .first { $0.hasPrefix("flags") }?.split(separator: " ").contains("avx2") ?? false
+let portable = ProcessInfo.processInfo.environment["HRHF_PORTABLE"] == "1"
+let vectorSettings: [SwiftSetting] =
+    hostHasAVX2 && !portable ? [.unsafeFlags(["-target-cpu", "haswell"], .when(platforms: [.linux]))] : []
 
 // C libraries come from Debian packages (see .ci/run); each is a system-library target
 // found through pkg-config.
@@ -44,7 +56,8 @@ let package = Package(
             dependencies: [
                 "COpenBLAS", "CArchive", "CPNG", "CJPEG", "CImageIO", "CMemory", "CMPI",
                 .product(name: "Crypto", package: "swift-crypto"),
-            ]
+            ],
+            swiftSettings: vectorSettings
         ),
         .target(
             name: "HRHFCommandLine",
