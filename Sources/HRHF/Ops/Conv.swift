@@ -116,43 +116,71 @@ func blocks(of columns: Range<Int>, width: Int) -> [Range<Int>] {
 
 /// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
 /// (c, j) for channel c and live tap taps[j], column oy * outW + ox) into `col`, a
-/// rows.count x columns.count matrix.
+/// rows.count x columns.count matrix. Output rows whose input row is padding are zeroed in one
+/// run; at stride 1 on a map of the input's width each row of the matrix is one shifted copy
+/// (rows of 16-64 columns copied one by one cost more in bookkeeping than in copying).
 func im2col(
     _ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], rows: Range<Int>, columns: Range<Int>,
     into col: UnsafeMutablePointer<Float>
 ) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
-    let kw = geo.kernelW, l = taps.count
-    let width = columns.count
-    guard width > 0 else { return }
+    let kw = geo.kernelW, l = taps.count, sw = geo.strideW
+    let (lo, hi) = (columns.lowerBound, columns.upperBound)
+    guard hi > lo else { return }
     for row in rows {
         let c = row / l, tap = taps[row % l], ki = tap / kw, kj = tap % kw
+        // Positions p = oy * ow + ox of this row, at dst[p].
+        let dst = col + (row - rows.lowerBound) * (hi - lo) - lo
+        let liveRows = Conv2dGeometry.liveOutputs(
+            ki, stride: geo.strideH, pad: geo.padH, dilation: geo.dilationH, inSize: h, outSize: geo.outH)
+        let liveCols = Conv2dGeometry.liveOutputs(
+            kj, stride: sw, pad: geo.padW, dilation: geo.dilationW, inSize: w, outSize: ow)
+        let liveLo = min(max(lo, liveRows.lowerBound * ow), hi), liveHi = max(min(hi, liveRows.upperBound * ow), liveLo)
+        if liveLo > lo { (dst + lo).update(repeating: 0, count: liveLo - lo) }
+        if hi > liveHi { (dst + liveHi).update(repeating: 0, count: hi - liveHi) }
+        guard liveHi > liveLo else { continue }
+        let dy = ki * geo.dilationH - geo.padH, dx = kj * geo.dilationW - geo.padW
         let channel = src + c * h * w
-        let dst = col + (row - rows.lowerBound) * width - columns.lowerBound
-        let xOffset = kj * geo.dilationW - geo.padW
-        // Output columns whose input column lies inside the image.
-        let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
-        let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
-        for oy in (columns.lowerBound / ow)...((columns.upperBound - 1) / ow) {
-            // This output row's share of the columns.
-            let first = max(columns.lowerBound, oy * ow) - oy * ow,
-                last = min(columns.upperBound, (oy + 1) * ow) - oy * ow
-            let drow = dst + oy * ow
-            let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
-            let lo = max(first, oxLo), hi = min(last, oxHi)
-            if iy < 0 || iy >= h || lo >= hi {
-                (drow + first).update(repeating: 0, count: last - first)
-                continue
+        let (cLo, cHi) = (liveCols.lowerBound, liveCols.upperBound)
+        if geo.strideH == 1 && sw == 1 && w == ow && cLo < cHi {
+            // Output p reads input p + shift: one copy of the whole run (clipped to the plane),
+            // then the columns that read padding, wrapped into neighbouring rows, cleared.
+            let shift = dy * w + dx
+            let first = max(liveLo, -shift), last = min(liveHi, h * w - shift)
+            if last > first { (dst + first).update(from: channel + (first + shift), count: last - first) }
+            if cLo > 0 || cHi < ow {
+                for oy in (liveLo / ow)...((liveHi - 1) / ow) {
+                    let base = oy &* ow
+                    clear(dst, max(liveLo, base), min(liveHi, base &+ cLo))
+                    clear(dst, max(liveLo, base &+ cHi), min(liveHi, base &+ ow))
+                }
             }
-            if lo > first { (drow + first).update(repeating: 0, count: lo - first) }
-            if hi < last { (drow + hi).update(repeating: 0, count: last - hi) }
-            let srow = channel + iy * w + xOffset
-            if geo.strideW == 1 {
-                (drow + lo).update(from: srow + lo, count: hi - lo)
+            continue
+        }
+        for oy in (liveLo / ow)...((liveHi - 1) / ow) {
+            let base = oy &* ow
+            let first = max(liveLo, base) &- base, last = min(liveHi, base &+ ow) &- base
+            let drow = dst + base
+            let copyLo = min(max(first, cLo), last), copyHi = max(min(last, cHi), copyLo)
+            for ox in first..<copyLo { drow[ox] = 0 }
+            for ox in copyHi..<last { drow[ox] = 0 }
+            let srow = channel + ((oy &* geo.strideH &+ dy) &* w &+ dx)
+            if sw == 1 {
+                for ox in copyLo..<copyHi { drow[ox] = srow[ox] }
             } else {
-                for ox in lo..<hi { drow[ox] = srow[ox * geo.strideW] }
+                for ox in copyLo..<copyHi { drow[ox] = srow[ox &* sw] }
             }
         }
+    }
+}
+
+/// Zeroes p[from..<to] (nothing when to <= from): a few elements, inline.
+@inline(__always)
+private func clear(_ p: UnsafeMutablePointer<Float>, _ from: Int, _ to: Int) {
+    var i = from
+    while i < to {
+        p[i] = 0
+        i &+= 1
     }
 }
 
@@ -234,12 +262,12 @@ public func conv2d(
     record(out, "conv2d", inputs) { g in
         var grads: [Tensor?] = [nil, nil]
         if x.requiresGrad {
-            let gx = Tensor(zeros: xd.shape)
+            let gx = Tensor(uninitialized: xd.shape)
             conv2dBackwardInput(g.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
             grads[0] = gx
         }
         if weight.requiresGrad {
-            let gw = Tensor(zeros: wd.shape)
+            let gw = Tensor(uninitialized: wd.shape)
             conv2dBackwardWeight(g.pointer, xd.pointer, geo, batch: n, gradWeight: gw.pointer)
             grads[1] = gw
         }
@@ -298,7 +326,7 @@ public func conv2dAffine(
                 }
             }
         }
-        let gx = Tensor(zeros: xd.shape)
+        let gx = Tensor(uninitialized: xd.shape)
         conv2dBackwardInput(gs.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
         return [gx]
     }
@@ -445,7 +473,7 @@ func conv2dForward(
     }
 }
 
-/// `gradInput` must hold zeros (the gradient is added to it).
+/// Writes every element of `gradInput` (each worker clears its share, in parallel, then adds to it).
 func conv2dBackwardInput(
     _ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
     batch: Int, gradInput: UnsafeMutablePointer<Float>
@@ -456,7 +484,11 @@ func conv2dBackwardInput(
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
     Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
-    guard k > 0 else { return } // no tap reads the image: its gradient stays zero
+    guard k > 0 else {
+        // No tap reads the image: its gradient is zero.
+        gradInput.update(repeating: 0, count: batch * geo.inChannels * inPlane)
+        return
+    }
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
         let rows = channels.count * taps.count
@@ -467,6 +499,7 @@ func conv2dBackwardInput(
             let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
             let wg = live.pointer + g * geo.groupOut * k + channels.lowerBound * taps.count
             let gx = gradInput + (b * geo.inChannels + g * geo.groupIn) * inPlane
+            (gx + channels.lowerBound * inPlane).update(repeating: 0, count: channels.count * inPlane)
             if let col {
                 for outRows in blocks(of: 0..<geo.outH, width: blockRows) {
                     let width = outRows.count * geo.outW
@@ -486,6 +519,7 @@ func conv2dBackwardInput(
     forEachImageShare(batch: batch, parts: geo.groupIn, run)
 }
 
+/// Writes every element of `gradWeight`.
 func conv2dBackwardWeight(
     _ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
     batch: Int, gradWeight: UnsafeMutablePointer<Float>

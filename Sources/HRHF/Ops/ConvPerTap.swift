@@ -233,8 +233,8 @@ func conv2dForwardPerTap(
     forEachImageShare(batch: batch, parts: geo.outH, run)
 }
 
-/// `conv2dBackwardInput` for `runsPerTap` geometries (`gradInput` holds zeros): each worker
-/// owns input channels and adds, tap by tap, W_tap^T dY over the tap's rectangle.
+/// `conv2dBackwardInput` for `runsPerTap` geometries: each worker owns input channels, clears
+/// them and adds, tap by tap, W_tap^T dY over the tap's rectangle.
 func conv2dBackwardInputPerTap(
     _ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
     batch: Int, gradInput: UnsafeMutablePointer<Float>
@@ -245,6 +245,7 @@ func conv2dBackwardInputPerTap(
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
         guard !channels.isEmpty else { return }
         let gy = gradOut + b * cout * plane, gx = gradInput + (b * cin + channels.lowerBound) * inPlane
+        gx.update(repeating: 0, count: channels.count * inPlane)
         pass.forEachProduct(within: 0..<geo.outH) { j, rect, block, n in
             let (dy, lddy) = rectOperand(
                 gy, plane: plane, planeW: ow, channels: cout, rect: rect, block: block, shifted: false,
