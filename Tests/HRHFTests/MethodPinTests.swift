@@ -67,34 +67,33 @@ final class MethodPinTests: XCTestCase {
 
     static let expected: [String: Pin] = [
         "ft": Pin(
-            losses: [
-                ["ce": 6.646457, "total": 6.646457], ["ce": 4.602027, "total": 4.602027],
-            ], weights: "ecdfb99adf6326747e2ed62990bd697250c182d4af604281eaea45e01b2a936d"),
+            losses: [["ce": 6.646457, "total": 6.646457], ["ce": 4.6020274, "total": 4.6020274]],
+            weights: "c4a0a8789eebd50b5b849bcd75ba38b083bb26523b0e83a59d6fe3627bd7e402"),
         "lwf": Pin(
             losses: [
                 ["ce": 6.646457, "lwf_kd": 0.49254447, "total": 55.900906],
-                ["ce": 4.488576, "lwf_kd": 0.32080442, "total": 36.569016],
-            ], weights: "7249b83469acb32c5b0eac2a294761718cbf0c4aa5eec14921df1de8f3fc74ba"),
+                ["ce": 4.4885726, "lwf_kd": 0.32080457, "total": 36.569027],
+            ], weights: "33e929984d4a5fb6a68f669cebd19c7fc72920ad36abd135e4e8dc23b3f79977"),
         "mib": Pin(
             losses: [
                 ["ce": 0.9321858, "kd": 0.49254447, "total": 5.8576303],
-                ["ce": 0.6629534, "kd": 0.4857133, "total": 5.5200863],
-            ], weights: "2fb5f6b2b95829ee93622f7a70cce3c0817683c662a8391b9826d933d8be0dc6"),
+                ["ce": 0.6629532, "kd": 0.48571333, "total": 5.520087],
+            ], weights: "77200e2895b03aa43ffcc55be8df9d025038137164664e7ff4d8e8937f7024c1"),
         "plop": Pin(
             losses: [
                 ["ce": 0.40026346, "pod": 66.18652, "total": 1.0621287],
-                ["ce": 0.1430091, "pod": 68.73338, "total": 0.8303429],
-            ], weights: "f436494793a117f81a074fd2049932327c481a8a7697a0f1c13857622790d23f"),
+                ["ce": 0.14300914, "pod": 68.73339, "total": 0.830343],
+            ], weights: "3b45fceb8cf34646213b7905b28814735d9c095ea12969e2926bbd44799a5060"),
         "gsc": Pin(
             losses: [
                 ["ce": 5.012458, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034, "total": 6.293361],
-                ["ce": 3.4867153, "rel": 0.061568283, "sharp": 0.0, "soft": 4.476532, "total": 4.6212406],
-            ], weights: "b103b16e1c26901730798b42510fddb3f34b2f83dd3e01e55c1431e624e6c1de"),
+                ["ce": 3.4867146, "rel": 0.061568283, "sharp": 0.0, "soft": 4.4765325, "total": 4.62124],
+            ], weights: "e96bcde117cf39a69c62d32014e344aa1589a54f7a239b36f3b2eb2fbede8e90"),
         "hrhf": Pin(
             losses: [
                 ["ce": 0.78900427, "fake_ce": 0.56710994, "fake_kd": 0.47695485, "kd": 0.4130956, "total": 10.2566185],
-                ["ce": 0.34664354, "fake_ce": 0.4399082, "fake_kd": 0.43931362, "kd": 0.3359857, "total": 8.539545],
-            ], weights: "48512ef4261b153d3231a24f052d87b3b2d8c9ae7cb56ce8894112dfe6071bd8"),
+                ["ce": 0.34664327, "fake_ce": 0.4399081, "fake_kd": 0.43931356, "kd": 0.3359857, "total": 8.539543],
+            ], weights: "9d2a8b7f48f7f60a8c0d4ccff693ea8417ebf79501dbd1f060531a6e0b186d00"),
         "hrhf+gsc": Pin(
             losses: [
                 [
@@ -102,14 +101,13 @@ final class MethodPinTests: XCTestCase {
                     "sharp": 0.0, "soft": 4.5490556, "total": 15.004162,
                 ],
                 [
-                    "ce": 4.3692718, "fake_ce": 1.7460927, "fake_kd": 0.4021667, "kd": 0.49191275, "rel": 0.048350513,
-                    "sharp": 0.0, "soft": 4.157106, "total": 16.107521,
+                    "ce": 4.369272, "fake_ce": 1.7460946, "fake_kd": 0.40216666, "kd": 0.4919129, "rel": 0.04835048,
+                    "sharp": 0.0, "soft": 4.157107, "total": 16.107525,
                 ],
-            ], weights: "4980f5e054a4cbb5580b53a2c1502156936d926e3259c0db68d6a1e069c2d277"),
+            ], weights: "8396de682466e3e7133fb6a8b0804bde43192de00ceb298156771e969932907b"),
         "joint": Pin(
-            losses: [
-                ["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512896, "total": 3.7512896],
-            ], weights: "80f293f89da753612b61d4585c4230226b86d95d56efe6423bad89add70ba966"),
+            losses: [["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512906, "total": 3.7512906]],
+            weights: "8fe7ea3eec2d533016ff1dcb748f8c1f4358cf0f84aeddb773d6180a887a1e92"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
@@ -117,10 +115,10 @@ final class MethodPinTests: XCTestCase {
                     "kd": 0.4130956, "rel": 0.07018101, "sharp": 0.3064068, "soft": 4.5490556, "total": 15.353096,
                 ],
                 [
-                    "ce": 5.087206, "fake_ce": 1.8400164, "fake_feat": 0.38275325, "fake_kd": 0.38379928,
-                    "kd": 0.5146668, "rel": 0.044398677, "sharp": 0.52553797, "soft": 4.2027197, "total": 17.175549,
+                    "ce": 5.0872145, "fake_ce": 1.8400217, "fake_feat": 0.38275284, "fake_kd": 0.38379928,
+                    "kd": 0.5146672, "rel": 0.044398557, "sharp": 0.5255387, "soft": 4.2027225, "total": 17.175568,
                 ],
-            ], weights: "b11be15e2b6497326645903d7b83634d523f3ad6f7c7424c4ae7b6a31fc58314"),
+            ], weights: "948d75856ffd1a16313bbedd945accc0a2ca8dc7c6b044653e66946cb2dc70a1"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
@@ -128,10 +126,10 @@ final class MethodPinTests: XCTestCase {
                     "lwf_kd": 0.40496308, "total": 10.6100025,
                 ],
                 [
-                    "ce": 0.10753869, "fake_ce": 0.4383675, "fake_kd": 0.44975105, "kd": 0.3083805, "lwf_kd": 0.3116815,
-                    "total": 8.750585,
+                    "ce": 0.1075387, "fake_ce": 0.43836808, "fake_kd": 0.4497511, "kd": 0.30838045,
+                    "lwf_kd": 0.31168142, "total": 8.750586,
                 ],
-            ], weights: "c768743fe703e62aa1104122af9c91b37c663d4bbff3afd4386088f84f3473db"),
+            ], weights: "eae5d609119e66feffe90c26890218e2e6458f48ce4656aaecb5e579600e6e65"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {
