@@ -114,19 +114,30 @@ func blocks(of columns: Range<Int>, width: Int) -> [Range<Int>] {
     }
 }
 
+/// Per-worker scratch of `im2col`'s phase planes.
+let im2colPhaseScratch = WorkerScratch()
+
 /// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
 /// (c, j) for channel c and live tap taps[j], column oy * outW + ox) into `col`, a
 /// rows.count x columns.count matrix. Output rows whose input row is padding are zeroed in one
-/// run; at stride 1 on a map of the input's width each row of the matrix is one shifted copy
+/// run. Where output row oy reads one plane's row oy + shift (stride 1 on a map of the input's
+/// width; stride 2 over whole maps, through the input split into its four phase planes: even or
+/// odd rows by even or odd columns), each row of the matrix is one shifted copy of that plane
 /// (rows of 16-64 columns copied one by one cost more in bookkeeping than in copying).
+/// `worker` picks the phase planes' scratch.
 func im2col(
     _ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], rows: Range<Int>, columns: Range<Int>,
-    into col: UnsafeMutablePointer<Float>
+    into col: UnsafeMutablePointer<Float>, worker: Int = 0
 ) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
     let kw = geo.kernelW, l = taps.count, sw = geo.strideW
     let (lo, hi) = (columns.lowerBound, columns.upperBound)
-    guard hi > lo else { return }
+    guard hi > lo, !rows.isEmpty else { return }
+    let firstChannel = rows.lowerBound / l
+    let phases =
+        geo.strideH == 2 && sw == 2 && lo == 0 && hi == geo.outH * ow && (w + 1) / 2 == ow
+        ? phasePlanes(src, geo, channels: firstChannel..<((rows.upperBound - 1) / l + 1), worker: worker) : nil
+    let (ph, pw) = ((h + 1) / 2, (w + 1) / 2)
     for row in rows {
         let c = row / l, tap = taps[row % l], ki = tap / kw, kj = tap % kw
         // Positions p = oy * ow + ox of this row, at dst[p].
@@ -142,35 +153,76 @@ func im2col(
         let dy = ki * geo.dilationH - geo.padH, dx = kj * geo.dilationW - geo.padW
         let channel = src + c * h * w
         let (cLo, cHi) = (liveCols.lowerBound, liveCols.upperBound)
-        if geo.strideH == 1 && sw == 1 && w == ow && cLo < cHi {
-            // Output p reads input p + shift: one copy of the whole run (clipped to the plane),
-            // then the columns that read padding, wrapped into neighbouring rows, cleared.
-            let shift = dy * w + dx
-            let first = max(liveLo, -shift), last = min(liveHi, h * w - shift)
-            if last > first { (dst + first).update(from: channel + (first + shift), count: last - first) }
-            if cLo > 0 || cHi < ow {
-                for oy in (liveLo / ow)...((liveHi - 1) / ow) {
-                    let base = oy &* ow
-                    clear(dst, max(liveLo, base), min(liveHi, base &+ cLo))
-                    clear(dst, max(liveLo, base &+ cHi), min(liveHi, base &+ ow))
+        if cLo < cHi, let phases {
+            // Input (2 oy + dy, 2 ox + dx) is phase (dy & 1, dx & 1)'s (oy + dy >> 1, ox + dx >> 1).
+            let plane = phases + ((c - firstChannel) * 4 + (dy & 1) * 2 + (dx & 1)) * ph * pw
+            shiftedCopy(
+                plane, count: ph * pw, shift: (dy >> 1) * pw + (dx >> 1), ow: ow, live: liveLo..<liveHi,
+                liveCols: liveCols, into: dst)
+        } else if geo.strideH == 1 && sw == 1 && w == ow && cLo < cHi {
+            shiftedCopy(
+                channel, count: h * w, shift: dy * w + dx, ow: ow, live: liveLo..<liveHi, liveCols: liveCols, into: dst)
+        } else {
+            for oy in (liveLo / ow)...((liveHi - 1) / ow) {
+                let base = oy &* ow
+                let first = max(liveLo, base) &- base, last = min(liveHi, base &+ ow) &- base
+                let drow = dst + base
+                let copyLo = min(max(first, cLo), last), copyHi = max(min(last, cHi), copyLo)
+                for ox in first..<copyLo { drow[ox] = 0 }
+                for ox in copyHi..<last { drow[ox] = 0 }
+                let srow = channel + ((oy &* geo.strideH &+ dy) &* w &+ dx)
+                if sw == 1 {
+                    for ox in copyLo..<copyHi { drow[ox] = srow[ox] }
+                } else {
+                    for ox in copyLo..<copyHi { drow[ox] = srow[ox &* sw] }
                 }
             }
-            continue
         }
-        for oy in (liveLo / ow)...((liveHi - 1) / ow) {
-            let base = oy &* ow
-            let first = max(liveLo, base) &- base, last = min(liveHi, base &+ ow) &- base
-            let drow = dst + base
-            let copyLo = min(max(first, cLo), last), copyHi = max(min(last, cHi), copyLo)
-            for ox in first..<copyLo { drow[ox] = 0 }
-            for ox in copyHi..<last { drow[ox] = 0 }
-            let srow = channel + ((oy &* geo.strideH &+ dy) &* w &+ dx)
-            if sw == 1 {
-                for ox in copyLo..<copyHi { drow[ox] = srow[ox] }
-            } else {
-                for ox in copyLo..<copyHi { drow[ox] = srow[ox &* sw] }
+    }
+}
+
+/// The four phase planes of each of `channels` (plane (c, py, px) holds input (2y + py, 2x + px),
+/// zero past the edge of an odd-sized map), channel after channel, in the worker's scratch.
+private func phasePlanes(
+    _ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, channels: Range<Int>, worker: Int
+) -> UnsafePointer<Float> {
+    let (h, w) = (geo.inH, geo.inW), (ph, pw) = ((geo.inH + 1) / 2, (geo.inW + 1) / 2)
+    let planes = im2colPhaseScratch.get(worker: worker, channels.count * 4 * ph * pw)
+    for (i, c) in channels.enumerated() {
+        let channel = src + c * h * w
+        for phase in 0..<4 {
+            let (py, px) = (phase / 2, phase % 2), plane = planes + (i * 4 + phase) * ph * pw
+            for y in 0..<ph {
+                let d = plane + y * pw, iy = 2 * y + py
+                guard iy < h else {
+                    d.update(repeating: 0, count: pw)
+                    continue
+                }
+                let s = channel + iy * w + px
+                let inside = (w - px + 1) / 2
+                for x in 0..<inside { d[x] = s[2 &* x] }
+                for x in inside..<pw { d[x] = 0 }
             }
         }
+    }
+    return UnsafePointer(planes)
+}
+
+/// dst[p] = plane[p + shift] for p in `live` (one copy, clipped to the plane's `count`), then
+/// the positions whose column ox = p % ow lies outside `liveCols` (they read padding; the copy
+/// wrapped them into neighbouring rows) cleared.
+@inline(__always)
+private func shiftedCopy(
+    _ plane: UnsafePointer<Float>, count: Int, shift: Int, ow: Int, live: Range<Int>, liveCols: Range<Int>,
+    into dst: UnsafeMutablePointer<Float>
+) {
+    let first = max(live.lowerBound, -shift), last = min(live.upperBound, count - shift)
+    if last > first { (dst + first).update(from: plane + (first + shift), count: last - first) }
+    guard liveCols.lowerBound > 0 || liveCols.upperBound < ow else { return }
+    for oy in (live.lowerBound / ow)...((live.upperBound - 1) / ow) {
+        let base = oy &* ow
+        clear(dst, max(live.lowerBound, base), min(live.upperBound, base &+ liveCols.lowerBound))
+        clear(dst, max(live.lowerBound, base &+ liveCols.upperBound), min(live.upperBound, base &+ ow))
     }
 }
 
@@ -440,7 +492,7 @@ func conv2dForward(
             let wg = live.pointer + g * geo.groupOut * k
             if let col {
                 for block in blocks(of: columns, width: blockWidth) {
-                    im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col)
+                    im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col, worker: t)
                     sgemm(
                         m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 0,
                         c: dst + block.lowerBound, ldc: plane)
@@ -552,7 +604,7 @@ func conv2dBackwardWeight(
                             im2col(
                                 src, geo, taps: taps,
                                 rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
-                                columns: block, into: col)
+                                columns: block, into: col, worker: t)
                             sgemm(
                                 transB: true, m: geo.groupOut, n: rows, k: block.count, a: gy + block.lowerBound,
                                 lda: plane,
