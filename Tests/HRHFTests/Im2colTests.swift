@@ -74,4 +74,62 @@ final class Im2colTests: XCTestCase {
         }
         return rows.count * width
     }
+
+    /// col2im adds each im2col entry back to the input pixel it was read from: against that
+    /// scatter, entry by entry in the same order (taps in turn), on the geometries of
+    /// `testIm2colMatchesTheDefinition` with every tap live or not, whole maps and blocks of
+    /// output rows. Exact: the same sums in the same order.
+    func testCol2imAddsEachEntryWhereIm2colReadIt() {
+        var rng = SeededGenerator(seed: 12)
+        var checked = 0
+        for (kh, kw) in [(3, 3), (1, 3)] {
+            for stride in [1, 2] {
+                for (dilation, pad) in [(1, 1), (2, 2), (5, 6), (1, 0)] {
+                    for (ih, iw) in [(9, 9), (7, 12)] {
+                        let geo = Conv2dGeometry(
+                            inChannels: 2, outChannels: 3, kernelH: kh, kernelW: kw, strideH: stride, strideW: stride,
+                            padH: pad, padW: kw > 1 ? pad : 0, dilationH: dilation, dilationW: dilation, groups: 1,
+                            inH: ih, inW: iw)
+                        guard geo.outH > 1 else { continue }
+                        let taps = geo.liveTaps
+                        for outRows in [0..<geo.outH, 1..<geo.outH] {
+                            checked += compareCol2im(geo, taps: taps, outRows: outRows, rng: &rng)
+                        }
+                    }
+                }
+            }
+        }
+        XCTAssertGreaterThan(checked, 1000)
+    }
+
+    /// Returns the input entries compared.
+    func compareCol2im(_ geo: Conv2dGeometry, taps: [Int], outRows: Range<Int>, rng: inout SeededGenerator) -> Int {
+        let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
+        let width = outRows.count * ow, rows = geo.inChannels * taps.count
+        let col = Tensor.randn([rows * width], rng: &rng).array
+        let start = Tensor.randn([geo.inChannels * h * w], rng: &rng).array
+        var want = start
+        for row in 0..<rows {
+            let c = row / taps.count, tap = taps[row % taps.count]
+            for (i, oy) in outRows.enumerated() {
+                for ox in 0..<ow {
+                    let iy = oy * geo.strideH - geo.padH + tap / geo.kernelW * geo.dilationH
+                    let ix = ox * geo.strideW - geo.padW + tap % geo.kernelW * geo.dilationW
+                    if iy >= 0 && iy < h && ix >= 0 && ix < w {
+                        want[(c * h + iy) * w + ix] += col[row * width + i * ow + ox]
+                    }
+                }
+            }
+        }
+        var got = start, scratch = col
+        scratch.withUnsafeMutableBufferPointer { pc in
+            got.withUnsafeMutableBufferPointer { pg in
+                col2im(
+                    pc.baseAddress!, geo, taps: taps, channels: 0..<geo.inChannels, outRows: outRows,
+                    into: pg.baseAddress!)
+            }
+        }
+        XCTAssertEqual(got, want, "\(geo) output rows \(outRows)")
+        return got.count
+    }
 }

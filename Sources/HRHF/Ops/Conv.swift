@@ -238,14 +238,17 @@ private func clear(_ p: UnsafeMutablePointer<Float>, _ from: Int, _ to: Int) {
 
 /// Adds rows of an im2col-shaped gradient (those of channels `channels`, `col` starting at the
 /// first of them; one row per live tap, each covering output rows `outRows`) back into the
-/// input gradient of one image and group.
+/// input gradient of one image and group. At stride 1 on a map of the input's width each row is
+/// added as one shifted run, after its entries at columns that read padding are set to zero in
+/// `col` (they wrap into neighbouring rows and add nothing there).
 func col2im(
-    _ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, outRows: Range<Int>,
-    into dst: UnsafeMutablePointer<Float>
+    _ col: UnsafeMutablePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>,
+    outRows: Range<Int>, into dst: UnsafeMutablePointer<Float>
 ) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
     let kw = geo.kernelW, l = taps.count
     let width = outRows.count * ow
+    let shiftedRuns = geo.strideH == 1 && geo.strideW == 1 && w == ow
     for c in channels {
         let channel = dst + c * h * w
         for (j, tap) in taps.enumerated() {
@@ -255,6 +258,24 @@ func col2im(
             let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
             let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
             if oxLo >= oxHi { continue }
+            if shiftedRuns {
+                let liveRows = Conv2dGeometry.liveOutputs(
+                    ki, stride: 1, pad: geo.padH, dilation: geo.dilationH, inSize: h, outSize: geo.outH)
+                let rowLo = max(outRows.lowerBound, liveRows.lowerBound)
+                let rowHi = min(outRows.upperBound, liveRows.upperBound)
+                guard rowLo < rowHi else { continue }
+                if oxLo > 0 || oxHi < ow {
+                    for oy in rowLo..<rowHi {
+                        clear(src, oy &* ow, oy &* ow &+ oxLo)
+                        clear(src, oy &* ow &+ oxHi, (oy &+ 1) &* ow)
+                    }
+                }
+                let shift = (ki * geo.dilationH - geo.padH) * w + xOffset
+                let first = max(rowLo * ow, -shift), last = min(rowHi * ow, h * w - shift)
+                let d = channel + shift
+                for p in first..<max(first, last) { d[p] += src[p] }
+                continue
+            }
             for oy in outRows {
                 let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
                 if iy < 0 || iy >= h { continue }
