@@ -36,7 +36,8 @@ final class ConvPerTapTests: XCTestCase {
         XCTAssertEqual(Conv2dGeometry.liveOutputs(2, stride: 1, pad: 6, dilation: 6, inSize: 5, outSize: 5), 0..<0)
     }
 
-    /// Which convolutions of DeepLabV3-ResNet at 256x256 (32x32 maps at output stride 8) take it.
+    /// Which convolutions of DeepLabV3-ResNet at 256x256 (32x32 maps at output stride 8) and of
+    /// the zoo model (16x16 maps, 128 channels into the ASPP) take it.
     func testTheAutomaticChoice() {
         XCTAssertTrue(
             geometry(channels: 2048, size: 32, dilation: 12).runsPerTap, "ASPP rate 12: 56% of im2col reads the image")
@@ -45,7 +46,10 @@ final class ConvPerTapTests: XCTestCase {
         XCTAssertTrue(geometry(channels: 256, size: 32, dilation: 2).runsPerTap, "layer3's rate 2: 92%")
         XCTAssertFalse(geometry(channels: 256, size: 64, dilation: 1).runsPerTap, "rate 1 on a 64x64 map: 97%")
         XCTAssertFalse(geometry(channels: 64, size: 64, dilation: 1).runsPerTap, "layer1: too shallow a product")
-        XCTAssertFalse(geometry(channels: 128, size: 8, dilation: 4).runsPerTap, "too shallow a product")
+        XCTAssertFalse(geometry(channels: 128, size: 16, dilation: 4).runsPerTap, "128 channels, 69%: too shallow")
+        XCTAssertTrue(geometry(channels: 128, size: 16, dilation: 12).runsPerTap, "the zoo model's ASPP rate 12: 25%")
+        XCTAssertTrue(geometry(channels: 128, size: 16, dilation: 36).runsPerTap, "rate 36: the centre tap, 11%")
+        XCTAssertFalse(geometry(channels: 64, size: 16, dilation: 12).runsPerTap, "64 channels: too shallow")
         var strided = geometry(channels: 2048, size: 32, dilation: 12)
         strided.strideH = 2
         XCTAssertFalse(strided.runsPerTap, "stride 2 stays on im2col")

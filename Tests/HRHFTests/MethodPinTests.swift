@@ -67,33 +67,33 @@ final class MethodPinTests: XCTestCase {
 
     static let expected: [String: Pin] = [
         "ft": Pin(
-            losses: [["ce": 6.646457, "total": 6.646457], ["ce": 4.6020255, "total": 4.6020255]],
-            weights: "1b9e68ca96ce025d29b886da2722194f871d997a2827d885a9c3c942ea1c210c"),
+            losses: [["ce": 6.646457, "total": 6.646457], ["ce": 4.6020274, "total": 4.6020274]],
+            weights: "efdddddfec6f0f3a69bc1a52357b0aa1503711b8bd59472e8aaa9394e02ae772"),
         "lwf": Pin(
             losses: [
                 ["ce": 6.646457, "lwf_kd": 0.49254447, "total": 55.900906],
-                ["ce": 4.488576, "lwf_kd": 0.32080442, "total": 36.569016],
-            ], weights: "7249b83469acb32c5b0eac2a294761718cbf0c4aa5eec14921df1de8f3fc74ba"),
+                ["ce": 4.4885726, "lwf_kd": 0.32080457, "total": 36.569027],
+            ], weights: "33e929984d4a5fb6a68f669cebd19c7fc72920ad36abd135e4e8dc23b3f79977"),
         "mib": Pin(
             losses: [
                 ["ce": 0.9321858, "kd": 0.49254447, "total": 5.8576303],
-                ["ce": 0.6629533, "kd": 0.48571324, "total": 5.520086],
-            ], weights: "122680f63da1c13296656f4a43af53ca23398369e5499a518c87e27b9b13c967"),
+                ["ce": 0.66295356, "kd": 0.4857133, "total": 5.5200863],
+            ], weights: "5e92a3b75793fc059c264e9aa6f646e3abc1fddcb73fd0bf2f3531e002ce9734"),
         "plop": Pin(
             losses: [
                 ["ce": 0.40026346, "pod": 66.18652, "total": 1.0621287],
-                ["ce": 0.1430091, "pod": 68.73338, "total": 0.8303429],
-            ], weights: "f436494793a117f81a074fd2049932327c481a8a7697a0f1c13857622790d23f"),
+                ["ce": 0.14300914, "pod": 68.73339, "total": 0.830343],
+            ], weights: "3b45fceb8cf34646213b7905b28814735d9c095ea12969e2926bbd44799a5060"),
         "gsc": Pin(
             losses: [
                 ["ce": 5.012458, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034, "total": 6.293361],
-                ["ce": 3.4867146, "rel": 0.06156829, "sharp": 0.0, "soft": 4.476532, "total": 4.6212397],
-            ], weights: "c54e1039d93a0daec642ab4064aca1188d8bf7914010fe0f492fbb660efed17b"),
+                ["ce": 3.4867167, "rel": 0.06156829, "sharp": 0.0, "soft": 4.4765325, "total": 4.621242],
+            ], weights: "fe83edb22b0745aee16b10c261269bb120c0deb0a09d4c6dd19175d573b0bdfa"),
         "hrhf": Pin(
             losses: [
                 ["ce": 0.78900427, "fake_ce": 0.56710994, "fake_kd": 0.47695485, "kd": 0.4130956, "total": 10.2566185],
-                ["ce": 0.34664324, "fake_ce": 0.43990764, "fake_kd": 0.43931353, "kd": 0.3359858, "total": 8.539544],
-            ], weights: "75e9183434054cfbc75cad82369ff7615f2e4a6c0f2e4900a96c07cc308f1b8b"),
+                ["ce": 0.34664348, "fake_ce": 0.43990794, "fake_kd": 0.4393138, "kd": 0.33598572, "total": 8.539547],
+            ], weights: "e81eae391d7088872a700d7c12097de18f93a0d1c26d50542e92c30e9182489b"),
         "hrhf+gsc": Pin(
             losses: [
                 [
@@ -101,13 +101,13 @@ final class MethodPinTests: XCTestCase {
                     "sharp": 0.0, "soft": 4.5490556, "total": 15.004162,
                 ],
                 [
-                    "ce": 4.369274, "fake_ce": 1.7460934, "fake_kd": 0.40216655, "kd": 0.49191296, "rel": 0.048350506,
-                    "sharp": 0.0, "soft": 4.157107, "total": 16.107527,
+                    "ce": 4.3692656, "fake_ce": 1.7460942, "fake_kd": 0.4021669, "kd": 0.4919127, "rel": 0.048350494,
+                    "sharp": 0.0, "soft": 4.157107, "total": 16.10752,
                 ],
-            ], weights: "9e613ff7afa3cf6e86f93f76900fdeb753e11a24030cbe2116004615b02373af"),
+            ], weights: "7b3ac7eba8f1efa6d72d4de4405192b4d35a9a281aa10b52f1c2b8deafedd40c"),
         "joint": Pin(
-            losses: [["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512908, "total": 3.7512908]],
-            weights: "cd2bbbd5f956d21a769e8e0f9530efb64e439404d8a2a0298cdaa83ed4120c40"),
+            losses: [["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512906, "total": 3.7512906]],
+            weights: "4f0c8e79348f996b7ef416a1b99185dcd2fe25f428483ad3daf28e87540bb351"),
         "hrhf+gsc feature, plain fake background, sharp 0.4": Pin(
             losses: [
                 [
@@ -115,10 +115,10 @@ final class MethodPinTests: XCTestCase {
                     "kd": 0.4130956, "rel": 0.07018101, "sharp": 0.30640683, "soft": 4.5490556, "total": 15.353096,
                 ],
                 [
-                    "ce": 5.0872045, "fake_ce": 1.8400176, "fake_feat": 0.38275304, "fake_kd": 0.38379917,
-                    "kd": 0.51466686, "rel": 0.044398613, "sharp": 0.5255385, "soft": 4.2027197, "total": 17.175549,
+                    "ce": 5.0872097, "fake_ce": 1.8400201, "fake_feat": 0.3827529, "fake_kd": 0.38379934,
+                    "kd": 0.51466703, "rel": 0.044398602, "sharp": 0.5255384, "soft": 4.202722, "total": 17.17556,
                 ],
-            ], weights: "bcfafaf8f5127c8b8808dae90495ad754b3fdc81d26c0c3b07d84f3891fabb85"),
+            ], weights: "7ab0cfa1aa935cdc6e57f9b8f53e5858cb50de785700c45bfe9babf4a203e097"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [
@@ -126,10 +126,10 @@ final class MethodPinTests: XCTestCase {
                     "lwf_kd": 0.40496308, "total": 10.6100025,
                 ],
                 [
-                    "ce": 0.10753873, "fake_ce": 0.43836826, "fake_kd": 0.44975108, "kd": 0.3083805,
-                    "lwf_kd": 0.3116815, "total": 8.750586,
+                    "ce": 0.1075387, "fake_ce": 0.43836784, "fake_kd": 0.44975105, "kd": 0.30838045,
+                    "lwf_kd": 0.31168142, "total": 8.750584,
                 ],
-            ], weights: "dc551256c260cc1a8569d89128d764a27943a93bdc2f30fe47749e581d355454"),
+            ], weights: "0772a34c6ce4f88b4edd357407ef250e16d272103671d1579b2ec7d9914b78fb"),
     ]
 
     func testEveryMethodIsPinnedBitwise() throws {

@@ -88,7 +88,6 @@ public func benchmarkConvolution(_ bc: ConvBenchCase, repeats: Int) -> ConvBench
         conv2dForward(x.pointer, w.pointer, nil, geo, batch: bc.batch, out: y.pointer)
     }
     let backward = medianSeconds(repeats: repeats) {
-        gx.fill(0)
         conv2dBackwardInput(gy.pointer, w.pointer, geo, batch: bc.batch, gradInput: gx.pointer)
         conv2dBackwardWeight(gy.pointer, x.pointer, geo, batch: bc.batch, gradWeight: gw.pointer)
     }

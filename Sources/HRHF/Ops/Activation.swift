@@ -78,7 +78,7 @@ public func clamp(_ x: Tensor, min low: Float, max high: Float) -> Tensor {
 public func dropout(_ x: Tensor, p: Float, training: Bool, rng: inout SeededGenerator) -> Tensor {
     precondition(p >= 0 && p < 1, "dropout probability \(p) outside [0, 1)")
     guard training, p > 0 else { return x }
-    let mask = Tensor(zeros: x.shape)
+    let mask = Tensor(uninitialized: x.shape)
     let scale = 1 / (1 - p)
     for i in 0..<mask.count { mask.pointer[i] = rng.nextUnitFloat() < p ? 0 : scale }
     let out = zipValues(x, mask) { $0 * $1 }

@@ -114,58 +114,141 @@ func blocks(of columns: Range<Int>, width: Int) -> [Range<Int>] {
     }
 }
 
+/// Per-worker scratch of `im2col`'s phase planes.
+let im2colPhaseScratch = WorkerScratch()
+
 /// Fills rows `rows` and columns `columns` of the im2col matrix of one image and group (row
 /// (c, j) for channel c and live tap taps[j], column oy * outW + ox) into `col`, a
-/// rows.count x columns.count matrix.
+/// rows.count x columns.count matrix. Output rows whose input row is padding are zeroed in one
+/// run. Where output row oy reads one plane's row oy + shift (stride 1 on a map of the input's
+/// width; stride 2 over whole maps, through the input split into its four phase planes: even or
+/// odd rows by even or odd columns), each row of the matrix is one shifted copy of that plane
+/// (rows of 16-64 columns copied one by one cost more in bookkeeping than in copying).
+/// `worker` picks the phase planes' scratch.
 func im2col(
     _ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], rows: Range<Int>, columns: Range<Int>,
-    into col: UnsafeMutablePointer<Float>
+    into col: UnsafeMutablePointer<Float>, worker: Int = 0
 ) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
-    let kw = geo.kernelW, l = taps.count
-    let width = columns.count
-    guard width > 0 else { return }
+    let kw = geo.kernelW, l = taps.count, sw = geo.strideW
+    let (lo, hi) = (columns.lowerBound, columns.upperBound)
+    guard hi > lo, !rows.isEmpty else { return }
+    let firstChannel = rows.lowerBound / l
+    let phases =
+        geo.strideH == 2 && sw == 2 && lo == 0 && hi == geo.outH * ow && (w + 1) / 2 == ow
+        ? phasePlanes(src, geo, channels: firstChannel..<((rows.upperBound - 1) / l + 1), worker: worker) : nil
+    let (ph, pw) = ((h + 1) / 2, (w + 1) / 2)
     for row in rows {
         let c = row / l, tap = taps[row % l], ki = tap / kw, kj = tap % kw
+        // Positions p = oy * ow + ox of this row, at dst[p].
+        let dst = col + (row - rows.lowerBound) * (hi - lo) - lo
+        let liveRows = Conv2dGeometry.liveOutputs(
+            ki, stride: geo.strideH, pad: geo.padH, dilation: geo.dilationH, inSize: h, outSize: geo.outH)
+        let liveCols = Conv2dGeometry.liveOutputs(
+            kj, stride: sw, pad: geo.padW, dilation: geo.dilationW, inSize: w, outSize: ow)
+        let liveLo = min(max(lo, liveRows.lowerBound * ow), hi), liveHi = max(min(hi, liveRows.upperBound * ow), liveLo)
+        if liveLo > lo { (dst + lo).update(repeating: 0, count: liveLo - lo) }
+        if hi > liveHi { (dst + liveHi).update(repeating: 0, count: hi - liveHi) }
+        guard liveHi > liveLo else { continue }
+        let dy = ki * geo.dilationH - geo.padH, dx = kj * geo.dilationW - geo.padW
         let channel = src + c * h * w
-        let dst = col + (row - rows.lowerBound) * width - columns.lowerBound
-        let xOffset = kj * geo.dilationW - geo.padW
-        // Output columns whose input column lies inside the image.
-        let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
-        let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
-        for oy in (columns.lowerBound / ow)...((columns.upperBound - 1) / ow) {
-            // This output row's share of the columns.
-            let first = max(columns.lowerBound, oy * ow) - oy * ow,
-                last = min(columns.upperBound, (oy + 1) * ow) - oy * ow
-            let drow = dst + oy * ow
-            let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
-            let lo = max(first, oxLo), hi = min(last, oxHi)
-            if iy < 0 || iy >= h || lo >= hi {
-                (drow + first).update(repeating: 0, count: last - first)
-                continue
-            }
-            if lo > first { (drow + first).update(repeating: 0, count: lo - first) }
-            if hi < last { (drow + hi).update(repeating: 0, count: last - hi) }
-            let srow = channel + iy * w + xOffset
-            if geo.strideW == 1 {
-                (drow + lo).update(from: srow + lo, count: hi - lo)
-            } else {
-                for ox in lo..<hi { drow[ox] = srow[ox * geo.strideW] }
+        let (cLo, cHi) = (liveCols.lowerBound, liveCols.upperBound)
+        if cLo < cHi, let phases {
+            // Input (2 oy + dy, 2 ox + dx) is phase (dy & 1, dx & 1)'s (oy + dy >> 1, ox + dx >> 1).
+            let plane = phases + ((c - firstChannel) * 4 + (dy & 1) * 2 + (dx & 1)) * ph * pw
+            shiftedCopy(
+                plane, count: ph * pw, shift: (dy >> 1) * pw + (dx >> 1), ow: ow, live: liveLo..<liveHi,
+                liveCols: liveCols, into: dst)
+        } else if geo.strideH == 1 && sw == 1 && w == ow && cLo < cHi {
+            shiftedCopy(
+                channel, count: h * w, shift: dy * w + dx, ow: ow, live: liveLo..<liveHi, liveCols: liveCols, into: dst)
+        } else {
+            for oy in (liveLo / ow)...((liveHi - 1) / ow) {
+                let base = oy &* ow
+                let first = max(liveLo, base) &- base, last = min(liveHi, base &+ ow) &- base
+                let drow = dst + base
+                let copyLo = min(max(first, cLo), last), copyHi = max(min(last, cHi), copyLo)
+                for ox in first..<copyLo { drow[ox] = 0 }
+                for ox in copyHi..<last { drow[ox] = 0 }
+                let srow = channel + ((oy &* geo.strideH &+ dy) &* w &+ dx)
+                if sw == 1 {
+                    for ox in copyLo..<copyHi { drow[ox] = srow[ox] }
+                } else {
+                    for ox in copyLo..<copyHi { drow[ox] = srow[ox &* sw] }
+                }
             }
         }
     }
 }
 
+/// The four phase planes of each of `channels` (plane (c, py, px) holds input (2y + py, 2x + px),
+/// zero past the edge of an odd-sized map), channel after channel, in the worker's scratch.
+private func phasePlanes(
+    _ src: UnsafePointer<Float>, _ geo: Conv2dGeometry, channels: Range<Int>, worker: Int
+) -> UnsafePointer<Float> {
+    let (h, w) = (geo.inH, geo.inW), (ph, pw) = ((geo.inH + 1) / 2, (geo.inW + 1) / 2)
+    let planes = im2colPhaseScratch.get(worker: worker, channels.count * 4 * ph * pw)
+    for (i, c) in channels.enumerated() {
+        let channel = src + c * h * w
+        for phase in 0..<4 {
+            let (py, px) = (phase / 2, phase % 2), plane = planes + (i * 4 + phase) * ph * pw
+            for y in 0..<ph {
+                let d = plane + y * pw, iy = 2 * y + py
+                guard iy < h else {
+                    d.update(repeating: 0, count: pw)
+                    continue
+                }
+                let s = channel + iy * w + px
+                let inside = (w - px + 1) / 2
+                for x in 0..<inside { d[x] = s[2 &* x] }
+                for x in inside..<pw { d[x] = 0 }
+            }
+        }
+    }
+    return UnsafePointer(planes)
+}
+
+/// dst[p] = plane[p + shift] for p in `live` (one copy, clipped to the plane's `count`), then
+/// the positions whose column ox = p % ow lies outside `liveCols` (they read padding; the copy
+/// wrapped them into neighbouring rows) cleared.
+@inline(__always)
+private func shiftedCopy(
+    _ plane: UnsafePointer<Float>, count: Int, shift: Int, ow: Int, live: Range<Int>, liveCols: Range<Int>,
+    into dst: UnsafeMutablePointer<Float>
+) {
+    let first = max(live.lowerBound, -shift), last = min(live.upperBound, count - shift)
+    if last > first { (dst + first).update(from: plane + (first + shift), count: last - first) }
+    guard liveCols.lowerBound > 0 || liveCols.upperBound < ow else { return }
+    for oy in (live.lowerBound / ow)...((live.upperBound - 1) / ow) {
+        let base = oy &* ow
+        clear(dst, max(live.lowerBound, base), min(live.upperBound, base &+ liveCols.lowerBound))
+        clear(dst, max(live.lowerBound, base &+ liveCols.upperBound), min(live.upperBound, base &+ ow))
+    }
+}
+
+/// Zeroes p[from..<to] (nothing when to <= from): a few elements, inline.
+@inline(__always)
+private func clear(_ p: UnsafeMutablePointer<Float>, _ from: Int, _ to: Int) {
+    var i = from
+    while i < to {
+        p[i] = 0
+        i &+= 1
+    }
+}
+
 /// Adds rows of an im2col-shaped gradient (those of channels `channels`, `col` starting at the
 /// first of them; one row per live tap, each covering output rows `outRows`) back into the
-/// input gradient of one image and group.
+/// input gradient of one image and group. At stride 1 on a map of the input's width each row is
+/// added as one shifted run, after its entries at columns that read padding are set to zero in
+/// `col` (they wrap into neighbouring rows and add nothing there).
 func col2im(
-    _ col: UnsafePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>, outRows: Range<Int>,
-    into dst: UnsafeMutablePointer<Float>
+    _ col: UnsafeMutablePointer<Float>, _ geo: Conv2dGeometry, taps: [Int], channels: Range<Int>,
+    outRows: Range<Int>, into dst: UnsafeMutablePointer<Float>
 ) {
     let (h, w, ow) = (geo.inH, geo.inW, geo.outW)
     let kw = geo.kernelW, l = taps.count
     let width = outRows.count * ow
+    let shiftedRuns = geo.strideH == 1 && geo.strideW == 1 && w == ow
     for c in channels {
         let channel = dst + c * h * w
         for (j, tap) in taps.enumerated() {
@@ -175,6 +258,24 @@ func col2im(
             let oxLo = max(0, (-xOffset + geo.strideW - 1) / geo.strideW)
             let oxHi = min(ow, (w - 1 - xOffset) >= 0 ? (w - 1 - xOffset) / geo.strideW + 1 : 0)
             if oxLo >= oxHi { continue }
+            if shiftedRuns {
+                let liveRows = Conv2dGeometry.liveOutputs(
+                    ki, stride: 1, pad: geo.padH, dilation: geo.dilationH, inSize: h, outSize: geo.outH)
+                let rowLo = max(outRows.lowerBound, liveRows.lowerBound)
+                let rowHi = min(outRows.upperBound, liveRows.upperBound)
+                guard rowLo < rowHi else { continue }
+                if oxLo > 0 || oxHi < ow {
+                    for oy in rowLo..<rowHi {
+                        clear(src, oy &* ow, oy &* ow &+ oxLo)
+                        clear(src, oy &* ow &+ oxHi, (oy &+ 1) &* ow)
+                    }
+                }
+                let shift = (ki * geo.dilationH - geo.padH) * w + xOffset
+                let first = max(rowLo * ow, -shift), last = min(rowHi * ow, h * w - shift)
+                let d = channel + shift
+                for p in first..<max(first, last) { d[p] += src[p] }
+                continue
+            }
             for oy in outRows {
                 let iy = oy * geo.strideH - geo.padH + ki * geo.dilationH
                 if iy < 0 || iy >= h { continue }
@@ -234,12 +335,12 @@ public func conv2d(
     record(out, "conv2d", inputs) { g in
         var grads: [Tensor?] = [nil, nil]
         if x.requiresGrad {
-            let gx = Tensor(zeros: xd.shape)
+            let gx = Tensor(uninitialized: xd.shape)
             conv2dBackwardInput(g.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
             grads[0] = gx
         }
         if weight.requiresGrad {
-            let gw = Tensor(zeros: wd.shape)
+            let gw = Tensor(uninitialized: wd.shape)
             conv2dBackwardWeight(g.pointer, xd.pointer, geo, batch: n, gradWeight: gw.pointer)
             grads[1] = gw
         }
@@ -298,7 +399,7 @@ public func conv2dAffine(
                 }
             }
         }
-        let gx = Tensor(zeros: xd.shape)
+        let gx = Tensor(uninitialized: xd.shape)
         conv2dBackwardInput(gs.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
         return [gx]
     }
@@ -412,7 +513,7 @@ func conv2dForward(
             let wg = live.pointer + g * geo.groupOut * k
             if let col {
                 for block in blocks(of: columns, width: blockWidth) {
-                    im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col)
+                    im2col(src, geo, taps: taps, rows: 0..<k, columns: block, into: col, worker: t)
                     sgemm(
                         m: geo.groupOut, n: block.count, k: k, a: wg, lda: k, b: col, ldb: block.count, beta: 0,
                         c: dst + block.lowerBound, ldc: plane)
@@ -445,7 +546,7 @@ func conv2dForward(
     }
 }
 
-/// `gradInput` must hold zeros (the gradient is added to it).
+/// Writes every element of `gradInput` (each worker clears its share, in parallel, then adds to it).
 func conv2dBackwardInput(
     _ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
     batch: Int, gradInput: UnsafeMutablePointer<Float>
@@ -456,7 +557,11 @@ func conv2dBackwardInput(
     defer { live.release() }
     let taps = live.taps, k = geo.groupIn * taps.count
     Profiler.convolution(flops: geo.flopsPerImage * Double(batch))
-    guard k > 0 else { return } // no tap reads the image: its gradient stays zero
+    guard k > 0 else {
+        // No tap reads the image: its gradient is zero.
+        gradInput.update(repeating: 0, count: batch * geo.inChannels * inPlane)
+        return
+    }
     // The input-gradient channels `channels` of image b: dcol = W^T dY on those rows, then col2im.
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
         let rows = channels.count * taps.count
@@ -467,6 +572,7 @@ func conv2dBackwardInput(
             let gy = gradOut + (b * geo.outChannels + g * geo.groupOut) * plane
             let wg = live.pointer + g * geo.groupOut * k + channels.lowerBound * taps.count
             let gx = gradInput + (b * geo.inChannels + g * geo.groupIn) * inPlane
+            (gx + channels.lowerBound * inPlane).update(repeating: 0, count: channels.count * inPlane)
             if let col {
                 for outRows in blocks(of: 0..<geo.outH, width: blockRows) {
                     let width = outRows.count * geo.outW
@@ -486,6 +592,7 @@ func conv2dBackwardInput(
     forEachImageShare(batch: batch, parts: geo.groupIn, run)
 }
 
+/// Writes every element of `gradWeight`.
 func conv2dBackwardWeight(
     _ gradOut: UnsafePointer<Float>, _ x: UnsafePointer<Float>, _ geo: Conv2dGeometry,
     batch: Int, gradWeight: UnsafeMutablePointer<Float>
@@ -518,7 +625,7 @@ func conv2dBackwardWeight(
                             im2col(
                                 src, geo, taps: taps,
                                 rows: (channels.lowerBound * taps.count)..<(channels.upperBound * taps.count),
-                                columns: block, into: col)
+                                columns: block, into: col, worker: t)
                             sgemm(
                                 transB: true, m: geo.groupOut, n: rows, k: block.count, a: gy + block.lowerBound,
                                 lda: plane,

@@ -63,16 +63,20 @@ extension Conv2dGeometry {
     }
 
     /// Whether this convolution runs one product per tap: stride 1 and one group, at least 256
-    /// input channels (each product's depth; 128 and 64 measured no faster), and more than 5%
-    /// of the im2col product on padding. Measured on DeepLabV3-ResNet50 at 256x256: the bound
-    /// at 95% (ASPP plus the rate-2 and rate-4 3x3 layers, 92% and 84%) trained 3-4% faster
-    /// than at 80% (ASPP only).
+    /// input channels (each product's depth; 128 and 64 measured no faster) and more than 5%
+    /// of the im2col product on padding, or at least 128 input channels and more than half of
+    /// it on padding. Measured on DeepLabV3-ResNet50 at 256x256: the bound at 95% (ASPP plus
+    /// the rate-2 and rate-4 3x3 layers, 92% and 84%) trained 3-4% faster than at 80% (ASPP
+    /// only). The zoo model's ASPP (128 channels on 16x16 maps; rate 12 reads the image in 25%
+    /// of the im2col product, rates 24 and 36 in 11%) cut the sgemm samples of a MiB iteration
+    /// by 17%.
     var runsPerTap: Bool {
         guard groups == 1 && strideH == 1 && strideW == 1 && !isPointwise else { return false }
         switch PerTapProducts.mode {
         case .never: return false
         case .always: return true
-        case .auto: return inChannels >= 256 && imageReadingShare <= 0.95
+        case .auto:
+            return (inChannels >= 256 && imageReadingShare <= 0.95) || (inChannels >= 128 && imageReadingShare <= 0.5)
         }
     }
 }
@@ -233,8 +237,8 @@ func conv2dForwardPerTap(
     forEachImageShare(batch: batch, parts: geo.outH, run)
 }
 
-/// `conv2dBackwardInput` for `runsPerTap` geometries (`gradInput` holds zeros): each worker
-/// owns input channels and adds, tap by tap, W_tap^T dY over the tap's rectangle.
+/// `conv2dBackwardInput` for `runsPerTap` geometries: each worker owns input channels, clears
+/// them and adds, tap by tap, W_tap^T dY over the tap's rectangle.
 func conv2dBackwardInputPerTap(
     _ gradOut: UnsafePointer<Float>, _ weight: UnsafePointer<Float>, _ geo: Conv2dGeometry,
     batch: Int, gradInput: UnsafeMutablePointer<Float>
@@ -245,6 +249,7 @@ func conv2dBackwardInputPerTap(
     func run(_ t: Int, _ b: Int, _ channels: Range<Int>) {
         guard !channels.isEmpty else { return }
         let gy = gradOut + b * cout * plane, gx = gradInput + (b * cin + channels.lowerBound) * inPlane
+        gx.update(repeating: 0, count: channels.count * inPlane)
         pass.forEachProduct(within: 0..<geo.outH) { j, rect, block, n in
             let (dy, lddy) = rectOperand(
                 gy, plane: plane, planeW: ow, channels: cout, rect: rect, block: block, shifted: false,

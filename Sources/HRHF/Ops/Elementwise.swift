@@ -93,7 +93,7 @@ public func sumToShape(_ g: Tensor, _ shape: [Int]) -> Tensor {
 func reduceSum(_ x: Tensor, axes: [Int]) -> Tensor {
     var outShape = x.shape
     for a in axes { outShape[a] = 1 }
-    let out = Tensor(zeros: outShape)
+    let out = Tensor(uninitialized: outShape)
     let x4 = padded4(x.shape)
     let os = broadcastStrides(padded4(outShape), to: x4)
     var acc = [Double](repeating: 0, count: out.count)
@@ -220,7 +220,7 @@ func zipValues(_ a: Tensor, _ b: Tensor, _ body: (Float, Float) -> Float) -> Ten
 }
 
 public func exp(_ x: Tensor) -> Tensor {
-    let out = Tensor(zeros: x.shape)
+    let out = Tensor(uninitialized: x.shape)
     let px = x.pointer, po = out.pointer
     parallelBlocks(x.count, minBlock: parallelGrain) { r in
         vectorExp(px + r.lowerBound, po + r.lowerBound, count: r.count)

@@ -9,37 +9,38 @@ public func maxPool2d(_ x: Tensor, kernel: Int = 3, stride: Int = 2, padding: In
     precondition(padding * 2 <= kernel, "max_pool2d: padding \(padding) larger than half the kernel \(kernel)")
     let oh = (h + 2 * padding - kernel) / stride + 1, ow = (w + 2 * padding - kernel) / stride + 1
     precondition(oh > 0 && ow > 0, "max_pool2d: input \(h)x\(w) too small")
-    let out = Tensor(zeros: [n, c, oh, ow])
-    var argmax = [Int32](repeating: 0, count: out.count)
-    let px = x.pointer, po = out.pointer
-    argmax.withUnsafeMutableBufferPointer { pa in
-        let pa = pa.baseAddress!
+    let out = Tensor(uninitialized: [n, c, oh, ow])
+    // Where each maximum came from, for the backward only.
+    let recordsIndices = GradMode.isEnabled && x.requiresGrad
+    let argmax = [Int32](unsafeUninitializedCapacity: recordsIndices ? out.count : 0) { pa, initialized in
+        let px = x.pointer, po = out.pointer, pa = recordsIndices ? pa.baseAddress : nil
         parallelBlocks(n * c, minBlock: max(1, parallelGrain / max(oh * ow * kernel * kernel, 1))) { r in
             for p in r {
-                let src = px + p * h * w
+                let src = px + p * h * w, dst = po + p * oh * ow, index = pa.map { $0 + p * oh * ow }
                 for oy in 0..<oh {
+                    // The window clipped to the image: never empty (padding is at most half the kernel).
+                    let y0 = max(oy * stride - padding, 0), y1 = min(oy * stride - padding + kernel, h)
                     for ox in 0..<ow {
-                        var best = -Float.infinity, bestIndex = -1
-                        for ky in 0..<kernel {
-                            let iy = oy * stride - padding + ky
-                            if iy < 0 || iy >= h { continue }
-                            for kx in 0..<kernel {
-                                let ix = ox * stride - padding + kx
-                                if ix < 0 || ix >= w { continue }
-                                let v = src[iy * w + ix]
-                                if v > best || v.isNaN || bestIndex < 0 {
+                        let x0 = max(ox * stride - padding, 0), x1 = min(ox * stride - padding + kernel, w)
+                        var bestIndex = y0 &* w &+ x0
+                        var best = src[bestIndex]
+                        for iy in y0..<y1 {
+                            let rowStart = iy &* w
+                            for ix in x0..<x1 {
+                                let v = src[rowStart &+ ix]
+                                if v > best || v.isNaN {
                                     best = v
-                                    bestIndex = iy * w + ix
+                                    bestIndex = rowStart &+ ix
                                 }
                             }
                         }
-                        let o = (p * oh + oy) * ow + ox
-                        po[o] = best
-                        pa[o] = Int32(bestIndex)
+                        dst[oy &* ow &+ ox] = best
+                        index?[oy &* ow &+ ox] = Int32(truncatingIfNeeded: bestIndex)
                     }
                 }
             }
         }
+        initialized = recordsIndices ? out.count : 0
     }
     let indices = argmax
     record(out, "max_pool2d", [x]) { g in

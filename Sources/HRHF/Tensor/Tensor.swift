@@ -137,7 +137,7 @@ public final class Tensor: @unchecked Sendable {
 
     /// A new tensor with its own copy of the values, outside the autograd graph.
     public func copy() -> Tensor {
-        let t = Tensor(zeros: shape)
+        let t = Tensor(uninitialized: shape)
         t.pointer.update(from: pointer, count: count)
         return t
     }
