@@ -210,6 +210,76 @@ final class FusedLossTests: XCTestCase {
         }
     }
 
+    /// The cross-entropies, the unbiased KD and the compensation weights read from log-sum-exps
+    /// computed once per half give what each computes alone: the losses and gradients bit for bit
+    /// (the same kernel makes them), the weights to 1e-5 relative (they took two log-sum-exps).
+    func testTermsFromSharedLogSumExpsMatchTheTermsAlone() {
+        var rng = SeededGenerator(seed: 15)
+        let logits = Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng)
+        let old = Tensor.randn([2, 16, 20, 30], std: 3, rng: &rng)
+        let steps = (0..<21).map { $0 < 16 ? 0 : 1 }
+        let real = Labels(
+            shape: [2, 20, 30], values: (0..<1200).map { _ in [0, 0, 3, 15, 16, 20, 255][Int(rng.next() % 7)] })
+        let fake = Labels(shape: [2, 20, 30], values: (0..<1200).map { _ in [0, 1, 9, 15, 255][Int(rng.next() % 5)] })
+        let unbiased = unbiasedBackground(oldClasses: 16), folded = foldedBackground(oldClasses: 16, classes: 21)
+        for (labels, merged, includes) in [(real, unbiased, 1..<16), (fake, folded, 16..<21)] {
+            let sums = channelSetLogSumExps(logits, merged: merged, scale: 1)
+            let alone = gradientCompensationWeights(
+                logits, labels, stepOfClass: steps, currentStep: 1, z: 3.2, wMin: 0.1, wMax: 5,
+                backgroundIncludes: includes
+            ).array
+            let shared = gradientCompensationWeights(
+                logits, labels, stepOfClass: steps, currentStep: 1, z: 3.2, wMin: 0.1, wMax: 5,
+                backgroundIncludes: includes, reduction: .local, logSumExps: sums
+            ).array
+            XCTAssertGreaterThan(Set(alone).count, 100, "weights of many values")
+            XCTAssertLessThanOrEqual(
+                zip(shared, alone).map { abs($0 - $1) / max($1, 1e-3) }.max()!, 1e-5, "compensation over \(merged)")
+        }
+        let realSums = channelSetLogSumExps(logits, merged: unbiased, scale: 1)
+        let fakeSums = channelSetLogSumExps(logits, merged: folded, scale: 1)
+        let weights = Tensor.uniform([2, 20, 30], low: 0.2, high: 3, rng: &rng)
+        let terms: [(String, ChannelSetLogSumExps, (Tensor, ChannelSetLogSumExps?) -> Tensor)] = [
+            (
+                "unbiased CE", realSums,
+                {
+                    unbiasedCrossEntropy(
+                        $0, real, oldClasses: 16, pixelWeights: weights, reduction: .local, logSumExps: $1)
+                }
+            ),
+            (
+                "folded CE", fakeSums,
+                {
+                    foldedCrossEntropy(
+                        $0, fake, oldClasses: 16, pixelWeights: weights, reduction: .local, logSumExps: $1)
+                }
+            ),
+            (
+                "unbiased KD", fakeSums,
+                { unbiasedDistillation($0, old, temperature: 1, mask: nil, reduction: .local, logSumExps: $1) }
+            ),
+        ]
+        for (what, sums, term) in terms {
+            let alone = valueAndGradient(logits) { term($0, nil) }
+            let shared = valueAndGradient(logits) { term($0, sums) }
+            XCTAssertNotEqual(alone.0, 0, what)
+            XCTAssertEqual(shared.0, alone.0, what)
+            XCTAssertEqual(shared.1, alone.1, "\(what): gradient")
+        }
+    }
+
+    func testTermsFromSharedLogSumExpsHaveFiniteDifferenceGradients() {
+        let new = randn([2, 6, 3, 4], seed: 3, std: 1.5), old = randn([2, 4, 3, 4], seed: 4, std: 1.5)
+        let labels = Labels(shape: [2, 3, 4], values: (0..<24).map { [0, 1, 3, 255][$0 % 4] })
+        let folded = foldedBackground(oldClasses: 4, classes: 6)
+        checkGradients([new]) {
+            let sums = channelSetLogSumExps($0[0], merged: folded, scale: 1)
+            return foldedCrossEntropy(
+                $0[0], labels, oldClasses: 4, pixelWeights: nil, reduction: .local, logSumExps: sums)
+                + unbiasedDistillation($0[0], old, temperature: 1, mask: nil, reduction: .local, logSumExps: sums)
+        }
+    }
+
     /// `softmaxWithArgmax` gives softmax's probabilities and gradient and `channelArgmax`'s
     /// indices and values of them bit for bit, ties (equal channels) included.
     func testSoftmaxWithArgmaxEqualsTheOpsInTurn() {

@@ -41,14 +41,22 @@ public func nllLoss(_ logProbs: Tensor, _ target: Labels, ignoreIndex: Int32 = 2
 /// Negative log-likelihood in which label 0 stands for the union of the `merged` channels
 /// (channel 0 among them) and labels 1..<kept for their own channels:
 /// log p(union) = logsumexp over the merged channels - logsumexp over all.
+/// `logSumExps`, when given, are the logits' over all channels and over `merged` (computed once per step).
 func mergedBackgroundNLL(
     _ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?,
-    reduction: BatchReduction
+    reduction: BatchReduction, logSumExps: ChannelSetLogSumExps? = nil
 ) -> Tensor {
     reduction.share(
-        ofMean: channelSetNLL(logits, target, merged: merged, kept: kept, pixelWeights: pixelWeights),
+        ofMean: channelSetNLL(
+            logits, target, merged: merged, kept: kept, pixelWeights: pixelWeights, logSumExps: logSumExps),
         count: labelledPixels(target))
 }
+
+/// The channels the unbiased cross-entropy scores as background: background and the old classes.
+func unbiasedBackground(oldClasses: Int) -> [Range<Int>] { [0..<oldClasses] }
+
+/// The channels the folded cross-entropy and the unbiased KD score as background: background and the new classes.
+func foldedBackground(oldClasses: Int, classes: Int) -> [Range<Int>] { [0..<1, oldClasses..<classes] }
 
 /// The pixels of `labels` not ignored (255).
 func labelledPixels(_ labels: Labels) -> Double { Double(labels.values.reduce(0) { $0 + ($1 == 255 ? 0 : 1) }) }
@@ -61,10 +69,20 @@ public func unbiasedCrossEntropy(
     _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil,
     reduction: BatchReduction = .local
 ) -> Tensor {
+    unbiasedCrossEntropy(
+        logits, target, oldClasses: oldClasses, pixelWeights: pixelWeights, reduction: reduction, logSumExps: nil)
+}
+
+/// `unbiasedCrossEntropy` from the logits' log-sum-exps over `unbiasedBackground`, when given.
+func unbiasedCrossEntropy(
+    _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor?, reduction: BatchReduction,
+    logSumExps: ChannelSetLogSumExps?
+) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
     return mergedBackgroundNLL(
-        logits, target, merged: [0..<oldClasses], kept: c, pixelWeights: pixelWeights, reduction: reduction)
+        logits, target, merged: unbiasedBackground(oldClasses: oldClasses), kept: c, pixelWeights: pixelWeights,
+        reduction: reduction, logSumExps: logSumExps)
 }
 
 /// Cross-entropy of fake images (old classes only) with the new classes folded into background,
@@ -74,11 +92,20 @@ public func foldedCrossEntropy(
     _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil,
     reduction: BatchReduction = .local
 ) -> Tensor {
+    foldedCrossEntropy(
+        logits, target, oldClasses: oldClasses, pixelWeights: pixelWeights, reduction: reduction, logSumExps: nil)
+}
+
+/// `foldedCrossEntropy` from the logits' log-sum-exps over `foldedBackground`, when given.
+func foldedCrossEntropy(
+    _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor?, reduction: BatchReduction,
+    logSumExps: ChannelSetLogSumExps?
+) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "folded CE: \(oldClasses) old of \(c) classes")
     return mergedBackgroundNLL(
-        logits, target, merged: [0..<1, oldClasses..<c], kept: oldClasses, pixelWeights: pixelWeights,
-        reduction: reduction)
+        logits, target, merged: foldedBackground(oldClasses: oldClasses, classes: c), kept: oldClasses,
+        pixelWeights: pixelWeights, reduction: reduction, logSumExps: logSumExps)
 }
 
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the
@@ -88,9 +115,19 @@ public func unbiasedDistillation(
     _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float = 1, mask: Tensor? = nil,
     reduction: BatchReduction = .local
 ) -> Tensor {
+    unbiasedDistillation(
+        newLogits, oldLogits, temperature: temperature, mask: mask, reduction: reduction, logSumExps: nil)
+}
+
+/// `unbiasedDistillation` from the new logits' log-sum-exps over `foldedBackground` at 1 / T, when given.
+func unbiasedDistillation(
+    _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?, reduction: BatchReduction,
+    logSumExps: ChannelSetLogSumExps?
+) -> Tensor {
     precondition(oldLogits.shape[1] < newLogits.shape[1], "unbiased KD: the new model must have more classes")
     return reduction.share(
-        ofMean: unbiasedDistillationLoss(newLogits, oldLogits, temperature: temperature, mask: mask),
+        ofMean: unbiasedDistillationLoss(
+            newLogits, oldLogits, temperature: temperature, mask: mask, logSumExps: logSumExps),
         count: Double(mask?.array.reduce(0, +) ?? Float(newLogits.count / newLogits.shape[1])))
 }
 
@@ -169,6 +206,17 @@ public func gradientCompensationWeights(
     z: Float, wMin: Float, wMax: Float,
     backgroundIncludes merged: Range<Int>? = nil, reduction: BatchReduction = .local
 ) -> Tensor {
+    gradientCompensationWeights(
+        logits, target, stepOfClass: stepOfClass, currentStep: currentStep, z: z, wMin: wMin, wMax: wMax,
+        backgroundIncludes: merged, reduction: reduction, logSumExps: nil)
+}
+
+/// `gradientCompensationWeights` from the logits' log-sum-exps over background and `merged`, when given.
+func gradientCompensationWeights(
+    _ logits: Tensor, _ target: Labels, stepOfClass: [Int], currentStep: Int,
+    z: Float, wMin: Float, wMax: Float,
+    backgroundIncludes merged: Range<Int>?, reduction: BatchReduction, logSumExps: ChannelSetLogSumExps?
+) -> Tensor {
     withNoGrad {
         let (n, c, h, w) = nchw(logits, "gradient compensation")
         let hw = h * w
@@ -176,22 +224,19 @@ public func gradientCompensationWeights(
         // Per pixel of an earlier step's class: g = (1 - p(y))^z, p(y) from the logsumexp over
         // the label's channels (background with `merged`) less that over all of them.
         let background = [0..<1] + (merged.map { [$0] } ?? [])
+        let sums = logSumExps ?? channelSetLogSumExps(logits, merged: background, scale: 1)
+        precondition(sums.matches(logits, merged: background, scale: 1), "gradient compensation: other log-sum-exps")
         var g = [Float](repeating: 0, count: n * hw)
-        let px = logits.pointer
+        let px = logits.pointer, all = sums.all.pointer, own = sums.union.pointer
         target.values.withUnsafeBufferPointer { labels in
             g.withUnsafeMutableBufferPointer { g in
                 forEachPixelBlock(n: n, c: c, inner: hw) { b, i0, count in
                     let j0 = b * hw + i0, x = px + b * c * hw + i0
-                    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * count) { scratch in
-                        let all = scratch.baseAddress!, own = all + count
-                        blockLogSumExp(x, channels: [0..<c], scale: 1, inner: hw, count: count, into: all)
-                        blockLogSumExp(x, channels: background, scale: 1, inner: hw, count: count, into: own)
-                        for i in 0..<count {
-                            let y = Int(labels[j0 + i])
-                            guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
-                            let logP = y == 0 ? own[i] - all[i] : x[y * hw + i] - all[i]
-                            g[j0 + i] = Foundation.pow(max(1 - Foundation.exp(logP), 0), z)
-                        }
+                    for i in 0..<count {
+                        let y = Int(labels[j0 + i])
+                        guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
+                        let logP = y == 0 ? own[j0 + i] - all[j0 + i] : x[y * hw + i] - all[j0 + i]
+                        g[j0 + i] = Foundation.pow(max(1 - Foundation.exp(logP), 0), z)
                     }
                 }
             }

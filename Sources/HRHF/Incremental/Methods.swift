@@ -50,7 +50,10 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
         case .ce:
             return batch.crossEntropy(half)
         case .kd:
-            return unbiasedDistillation(new, old, temperature: options.kdTemperature, reduction: reduction)
+            let folded = foldedBackground(oldClasses: old.shape[1], classes: new.shape[1])
+            return unbiasedDistillation(
+                new, old, temperature: options.kdTemperature, mask: nil, reduction: reduction,
+                logSumExps: batch.logSumExps(half, merged: folded, scale: 1 / options.kdTemperature))
         case .lwfKD:
             return plainDistillation(new, old, temperature: options.kdTemperature, reduction: reduction)
         case .feat:
@@ -274,6 +277,10 @@ struct StepBatch {
     /// The old model's softmax, argmax and confidence, computed once for the terms that read them
     /// (GSC's, the fake half's labels, re-labelling) on the images they read; nil when none does.
     let sharedOldPrediction: (images: Range<Int>, prediction: OldPrediction)?
+    /// Per half, the new logits' log-sum-exps over all channels and over the background its
+    /// cross-entropy merges, computed once for that cross-entropy, its compensation weights and
+    /// (at KD temperature 1, on the fake half) the unbiased KD, which would each exponentiate them again.
+    let sharedLogSumExps: [BatchHalf: ChannelSetLogSumExps]
 
     init(
         options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
@@ -305,6 +312,19 @@ struct StepBatch {
         sharedOldPrediction = shared.map { half in
             (Self.images(half, realCount, n), OldPrediction(half == .real ? real : half == .fake ? fake! : old.logits))
         }
+        var sums: [BatchHalf: ChannelSetLogSumExps] = [:]
+        let unbiased = options.method.background == .unbiased || options.method.background == .proto
+        for t in options.method.terms where t.term == .ce {
+            if t.half == .real && unbiased {
+                sums[.real] = channelSetLogSumExps(
+                    newReal, merged: unbiasedBackground(oldClasses: oldClasses), scale: 1)
+            } else if t.half == .fake && hasFake && options.fakeFoldsNewClasses {
+                sums[.fake] = channelSetLogSumExps(
+                    newFake!, merged: foldedBackground(oldClasses: oldClasses, classes: new.logits.shape[1]),
+                    scale: 1)
+            }
+        }
+        sharedLogSumExps = sums
     }
 
     /// Images `range` of the batch that `half` covers.
@@ -323,6 +343,14 @@ struct StepBatch {
         let offset = shared.images.lowerBound
         return shared.images == range
             ? shared.prediction : shared.prediction.images((range.lowerBound - offset)..<(range.upperBound - offset))
+    }
+
+    /// The log-sum-exps of `half`'s new logits computed once, when they are over `merged` at `scale`.
+    func logSumExps(_ half: BatchHalf, merged: [Range<Int>], scale: Float) -> ChannelSetLogSumExps? {
+        guard let sums = sharedLogSumExps[half], sums.matches(logits(half).new, merged: merged, scale: scale) else {
+            return nil
+        }
+        return sums
     }
 
     /// The new and the old model's logits on `half` (the fake half exists when `hasFake`).
@@ -359,21 +387,24 @@ struct StepBatch {
         let classes = new.shape[1]
         if half == .real {
             let unbiased = options.method.background == .unbiased || options.method.background == .proto
+            let sums = logSumExps(.real, merged: unbiasedBackground(oldClasses: oldClasses), scale: 1)
             return unbiased
                 ? unbiasedCrossEntropy(
                     new, labels, oldClasses: oldClasses,
-                    pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses), reduction: reduction)
+                    pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses, logSumExps: sums),
+                    reduction: reduction, logSumExps: sums)
                 : plainCrossEntropy(
                     new, labels,
                     pixelWeights: product(realPixelWeights, compensation(new, labels, backgroundIncludes: nil)))
         }
         precondition(half == .fake, "validated: the cross-entropy reads one half")
         let fakeLabels = oldPrediction(.fake).confidentLabels(threshold: options.fakeConfidence)
+        let sums = logSumExps(.fake, merged: foldedBackground(oldClasses: oldClasses, classes: classes), scale: 1)
         return options.fakeFoldsNewClasses
             ? foldedCrossEntropy(
                 new, fakeLabels, oldClasses: oldClasses,
-                pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes),
-                reduction: reduction)
+                pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes, logSumExps: sums),
+                reduction: reduction, logSumExps: sums)
             : plainCrossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
     }
 
@@ -389,13 +420,16 @@ struct StepBatch {
     }
 
     /// GSC's step-aware pixel weights when the method compensates its cross-entropy.
-    func compensation(_ logits: Tensor, _ labels: Labels, backgroundIncludes: Range<Int>?) -> Tensor? {
+    /// `logSumExps`, when given, are the logits' over all channels and over background and `backgroundIncludes`.
+    func compensation(
+        _ logits: Tensor, _ labels: Labels, backgroundIncludes: Range<Int>?, logSumExps: ChannelSetLogSumExps? = nil
+    ) -> Tensor? {
         guard options.method.gradientCompensation else { return nil }
         let z = Float(oldClasses) / Float(logits.shape[1] - oldClasses)
         return gradientCompensationWeights(
             logits, labels, stepOfClass: stepOfClass, currentStep: step, z: z,
             wMin: options.compensationMin, wMax: options.compensationMax,
-            backgroundIncludes: backgroundIncludes, reduction: reduction)
+            backgroundIncludes: backgroundIncludes, reduction: reduction, logSumExps: logSumExps)
     }
 
     /// The method's loss: its terms' weighted sum, in the table's order, and each term's value.

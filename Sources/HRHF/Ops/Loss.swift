@@ -116,7 +116,7 @@ public func crossEntropy(
 /// five logits-sized intermediates; here one pass forward and one backward.
 func channelSetNLL(
     _ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, ignoreIndex: Int32 = 255,
-    pixelWeights: Tensor?
+    pixelWeights: Tensor?, logSumExps given: ChannelSetLogSumExps? = nil
 ) -> Tensor {
     let (n, c, inner) = channelLayout(logits, "merged-background NLL")
     precondition(target.count == n * inner, "nll_loss: target \(target.shape) does not match \(logits.shape)")
@@ -134,16 +134,15 @@ func channelSetNLL(
     }
     let scale = valid > 0 ? 1 / Float(valid) : 0
     // Per pixel: logsumexp over all channels and over the merged ones (kept for the backward).
-    let lseAll = Tensor(uninitialized: target.shape), lseMerged = Tensor(uninitialized: target.shape)
+    let sums = given ?? channelSetLogSumExps(logits, merged: merged, scale: 1)
+    precondition(sums.matches(logits, merged: merged, scale: 1), "merged-background NLL: log-sum-exps of other sets")
+    let (lseAll, lseMerged, runs) = (sums.all, sums.union, channelRuns(c: c, subset: merged))
     let perPixel = Tensor(zeros: target.shape)
     let px = logits.pointer, pa = lseAll.pointer, pm = lseMerged.pointer, pl = perPixel.pointer
     let pw = pixelWeights?.pointer
-    let runs = channelRuns(c: c, subset: merged)
     labels.withUnsafeBufferPointer { pt in
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
             let j0 = b * inner + i0, base = px + b * c * inner + i0
-            blockLogSumExps(
-                base, runs: runs, subset: merged, scale: 1, inner: inner, count: count, all: pa + j0, union: pm + j0)
             for i in 0..<count {
                 let y = pt[j0 + i]
                 guard y != ignoreIndex else { continue }
@@ -201,13 +200,45 @@ func channelSetNLL(
     return out
 }
 
+/// Per pixel of logits N x C x ...: the log-sum-exp of `scale` x over all channels and over the
+/// channels `merged`, from one exp per value (`blockLogSumExps`). A step computes them once per
+/// half for the terms that read the same sets (compensation weights, cross-entropy, unbiased KD).
+struct ChannelSetLogSumExps {
+    /// Over all channels and over `merged`, N x ... each.
+    let all: Tensor, union: Tensor
+    let shape: [Int], merged: [Range<Int>], scale: Float
+
+    /// Whether these are the log-sum-exps of `logits`' shape over the same channels (as a set) and scale.
+    func matches(_ logits: Tensor, merged sets: [Range<Int>], scale factor: Float) -> Bool {
+        let c = logits.shape[1]
+        return logits.shape == shape && scale == factor
+            && channelRuns(c: c, subset: merged).elementsEqual(channelRuns(c: c, subset: sets)) { $0 == $1 }
+    }
+}
+
+func channelSetLogSumExps(_ logits: Tensor, merged: [Range<Int>], scale: Float) -> ChannelSetLogSumExps {
+    let (n, c, inner) = channelLayout(logits, "log-sum-exps")
+    let all = Tensor(uninitialized: [n * inner]), union = Tensor(uninitialized: [n * inner])
+    let px = logits.pointer, pa = all.pointer, pu = union.pointer, runs = channelRuns(c: c, subset: merged)
+    forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
+        let j0 = b * inner + i0
+        blockLogSumExps(
+            px + b * c * inner + i0, runs: runs, subset: merged, scale: scale, inner: inner, count: count,
+            all: pa + j0, union: pu + j0)
+    }
+    return ChannelSetLogSumExps(all: all, union: union, shape: logits.shape, merged: merged, scale: scale)
+}
+
 /// MiB's unbiased knowledge distillation (`unbiasedDistillation`) as one op: per pixel, with
 /// x = new logits / T, s = softmax(x) and q = softmax(old logits / T) over the old classes,
 /// l = q_0 (logsumexp over background and new channels of x - logsumexp x)
 ///     + sum over old k >= 1 of q_k (x_k - logsumexp x);
 /// the loss is -(sum of l over the pixels where `mask` is 1) / (their count) / |old|, and
 /// dl/dx_k = q_0 [k background or new] softmax over those_k + [1 <= k < old] q_k - (sum q) s_k.
-func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?) -> Tensor {
+func unbiasedDistillationLoss(
+    _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?,
+    logSumExps given: ChannelSetLogSumExps? = nil
+) -> Tensor {
     let (n, c, inner) = channelLayout(newLogits, "unbiased KD")
     let old = oldLogits.shape[1]
     precondition(
@@ -215,16 +246,16 @@ func unbiasedDistillationLoss(_ newLogits: Tensor, _ oldLogits: Tensor, temperat
         "unbiased KD: old logits \(oldLogits.shape) for new \(newLogits.shape)")
     if let mask { precondition(mask.count == n * inner, "unbiased KD: mask \(mask.shape) for \(newLogits.shape)") }
     let inverse = 1 / temperature
-    let merged = [0..<1, old..<c], runs = channelRuns(c: c, subset: merged)
+    let merged = foldedBackground(oldClasses: old, classes: c)
     // Per pixel: logsumexp of x over all channels and over the merged ones, and of old / T.
-    let lseAll = Tensor(uninitialized: [n * inner]), lseMerged = Tensor(uninitialized: [n * inner])
+    let sums = given ?? channelSetLogSumExps(newLogits, merged: merged, scale: inverse)
+    precondition(sums.matches(newLogits, merged: merged, scale: inverse), "unbiased KD: log-sum-exps of other sets")
+    let (lseAll, lseMerged) = (sums.all, sums.union)
     let lseOld = Tensor(uninitialized: [n * inner]), perPixel = Tensor(uninitialized: [n * inner])
     let px = newLogits.pointer, po = oldLogits.pointer, pmask = mask?.pointer
     let (pa, pm, pq, pl) = (lseAll.pointer, lseMerged.pointer, lseOld.pointer, perPixel.pointer)
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
-        blockLogSumExps(
-            x, runs: runs, subset: merged, scale: inverse, inner: inner, count: count, all: pa + j0, union: pm + j0)
         // With e_k = exp(old_k / T - peak), q_k = e_k / sum e: l = (sum_k e_k term_k) / sum e.
         withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
             let peak = scratch.baseAddress!, sum = peak + paddedBlock, weighted = sum + paddedBlock
