@@ -63,6 +63,64 @@ final class AutogradTests: XCTestCase {
         XCTAssertEqual(x.grad!.array, [6, 8, -2], "second backward adds 4 to each, as PyTorch accumulates")
     }
 
+    func testBatchSliceGradientsAreAddedAtTheirRowsInAnyOrder() {
+        // Small integers: every sum is exact, so each order must give the same bits.
+        let w = (1...4).map { k in Tensor(shape: [4, 3], values: (0..<12).map { Float(($0 * k) % 7) - 3 }) }
+        let leafValues = (0..<12).map { Float($0 % 5) - 2 }
+        // Rows 0-1 from w0's rows 0-1, rows 1-3 from w1's rows 0-2, all rows from w2, row 3 from w3's row 0.
+        var expected = w[2].array
+        for i in 0..<6 { expected[i] += w[0].array[i] }
+        for i in 3..<12 { expected[i] += w[1].array[i - 3] }
+        for i in 9..<12 { expected[i] += w[3].array[i - 9] }
+        func terms(_ x: Tensor) -> [Tensor] {
+            [
+                sum(sliceBatch(x, 0..<2) * sliceBatch(w[0], 0..<2)),
+                sum(sliceBatch(x, 1..<4) * sliceBatch(w[1], 0..<3)),
+                sum(x * w[2]),
+                sum(sliceBatch(sliceBatch(x, 2..<4), 1..<2) * sliceBatch(w[3], 0..<1)),
+            ]
+        }
+        let orders = [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1], [3, 0, 1, 2]]
+        for order in orders {
+            for throughAnOp in [false, true] {
+                let leaf = Tensor(shape: [4, 3], values: leafValues).requiringGrad()
+                // Through an op, the summed slices reach a backward before the leaf.
+                let x = throughAnOp ? leaf * 1 : leaf
+                let all = terms(x)
+                order.dropFirst().reduce(all[order[0]]) { $0 + all[$1] }.backward()
+                XCTAssertEqual(leaf.grad!.array, expected, "order \(order), through an op: \(throughAnOp)")
+            }
+        }
+        // Rows no slice covers get zeros (the tape leaves them unwritten until the sum is done).
+        let leaf = Tensor(shape: [4, 3], values: leafValues).requiringGrad()
+        func partialLoss() -> Tensor {
+            let all = terms(leaf * 1)
+            return all[3] + all[0]
+        }
+        partialLoss().backward()
+        var covered = [Float](repeating: 0, count: 12)
+        for i in 0..<6 { covered[i] = w[0].array[i] }
+        for i in 9..<12 { covered[i] = w[3].array[i - 9] }
+        XCTAssertEqual(leaf.grad!.array, covered)
+        // A second backward adds to the leaf's gradient.
+        partialLoss().backward()
+        XCTAssertEqual(leaf.grad!.array, covered.map { $0 * 2 })
+    }
+
+    func testTapeNeverWritesIntoAGradientABackwardPassedThrough() {
+        let w = Tensor(shape: [3], values: [1, 2, 3]), v = Tensor(shape: [3], values: [10, 20, 30])
+        for ownTermFirst in [false, true] {
+            let p = Tensor(shape: [3], values: [0.5, -1, 2]).requiringGrad()
+            let q = Tensor(shape: [3], values: [4, 5, -6]).requiringGrad()
+            // The sum's backward hands the same gradient to p and q; p then gets a second term.
+            let shared = sum((p + q) * w), own = sum(p * v)
+            (ownTermFirst ? own + shared : shared + own).backward()
+            XCTAssertEqual(q.grad!.array, [1, 2, 3], "own term first: \(ownTermFirst)")
+            XCTAssertEqual(p.grad!.array, [11, 22, 33], "own term first: \(ownTermFirst)")
+            XCTAssertFalse(p.grad!.storage === q.grad!.storage)
+        }
+    }
+
     func testDeepGraphDoesNotOverflowTheStack() {
         let x = Tensor(shape: [1], values: [0.5]).requiringGrad()
         var y = x

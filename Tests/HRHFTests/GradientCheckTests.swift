@@ -320,6 +320,10 @@ final class GradientCheckTests: XCTestCase {
         checkGradients([a, b]) { concatChannels([$0[0], $0[1]]) }
         checkGradients([a]) { sliceChannels($0[0], 1..<3) }
         checkGradients([a]) { sliceBatch($0[0], 1..<2) }
+        // One tensor read whole and by overlapping batch slices: the tape sums the slices' rows.
+        checkGradients([a]) {
+            concatBatch([sliceBatch($0[0], 1..<2) * sliceBatch($0[0], 0..<1), $0[0] * 2, sliceBatch($0[0], 0..<2)])
+        }
         checkGradients([a, randn([1, 3, 4, 5], seed: 122)]) { concatBatch([$0[0], $0[1]]) }
         checkGradients([a]) { reshape($0[0], [6, -1]) * reshape($0[0], [6, 20]) }
         checkGradients([a]) { cropSpatial($0[0], rows: 1..<3, columns: 0..<4) }

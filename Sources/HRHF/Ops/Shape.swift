@@ -43,7 +43,7 @@ public func concatChannels(_ xs: [Tensor]) -> Tensor {
     let total = xs.reduce(0) { $0 + $1.shape[1] }
     var shape = first
     shape[1] = total
-    let out = Tensor(zeros: shape)
+    let out = Tensor(uninitialized: shape)
     var offset = 0
     for x in xs {
         copyChannelBlock(
@@ -57,7 +57,7 @@ public func concatChannels(_ xs: [Tensor]) -> Tensor {
         return zip(xs, sizes).map { x, s in
             defer { offset += s[1] }
             guard x.requiresGrad else { return nil }
-            let gx = Tensor(zeros: s)
+            let gx = Tensor(uninitialized: s)
             copyChannelBlock(
                 from: g.pointer, srcChannels: total, srcOffset: offset, to: gx.pointer,
                 dstChannels: s[1], dstOffset: 0, channels: s[1], batch: n, plane: plane)
@@ -75,7 +75,7 @@ public func sliceChannels(_ x: Tensor, _ range: Range<Int>) -> Tensor {
     let n = x.shape[0], c = x.shape[1], plane = x.shape[2...].reduce(1, *)
     var shape = x.shape
     shape[1] = range.count
-    let out = Tensor(zeros: shape)
+    let out = Tensor(uninitialized: shape)
     copyChannelBlock(
         from: x.pointer, srcChannels: c, srcOffset: range.lowerBound, to: out.pointer,
         dstChannels: range.count, dstOffset: 0, channels: range.count, batch: n, plane: plane)
@@ -96,14 +96,9 @@ public func sliceBatch(_ x: Tensor, _ range: Range<Int>) -> Tensor {
     let per = x.count / max(x.shape[0], 1)
     var shape = x.shape
     shape[0] = range.count
-    let out = Tensor(zeros: shape)
+    let out = Tensor(uninitialized: shape)
     out.pointer.update(from: x.pointer + range.lowerBound * per, count: range.count * per)
-    let inShape = x.shape
-    record(out, "slice_batch", [x]) { g in
-        let gx = Tensor(zeros: inShape)
-        (gx.pointer + range.lowerBound * per).update(from: g.pointer, count: range.count * per)
-        return [gx]
-    }
+    recordRows(out, "slice_batch", of: x, rows: range)
     return out
 }
 
@@ -112,7 +107,7 @@ public func concatBatch(_ xs: [Tensor]) -> Tensor {
     precondition(!xs.isEmpty, "concat of no tensors")
     let inner = Array(xs[0].shape.dropFirst())
     precondition(xs.allSatisfy { Array($0.shape.dropFirst()) == inner }, "concatBatch: shapes \(xs.map(\.shape))")
-    let out = Tensor(zeros: [xs.reduce(0) { $0 + $1.shape[0] }] + inner)
+    let out = Tensor(uninitialized: [xs.reduce(0) { $0 + $1.shape[0] }] + inner)
     var offset = 0
     for x in xs {
         (out.pointer + offset).update(from: x.pointer, count: x.count)
@@ -123,7 +118,7 @@ public func concatBatch(_ xs: [Tensor]) -> Tensor {
         return xs.map { x in
             defer { offset += x.count }
             guard x.requiresGrad else { return nil }
-            let gx = Tensor(zeros: x.shape)
+            let gx = Tensor(uninitialized: x.shape)
             gx.pointer.update(from: g.pointer + offset, count: x.count)
             return gx
         }

@@ -6,12 +6,19 @@ final class GradFn {
     let name: String
     let inputs: [Tensor]
     let backward: (Tensor) -> [Tensor?]
+    /// When set, the one input's gradient that `backward` returns covers only these rows (dim 0)
+    /// of that input: the tape adds it in at its offset instead of the op padding it with zeros.
+    let inputRows: Range<Int>?
     /// What the backward step counts as in a profile (the kind current when the op ran).
     let profileKind: ProfileKind
 
-    init(name: String, inputs: [Tensor], backward: @escaping (Tensor) -> [Tensor?]) {
+    init(
+        name: String, inputs: [Tensor], inputRows: Range<Int>? = nil,
+        backward: @escaping (Tensor) -> [Tensor?]
+    ) {
         self.name = name
         self.inputs = inputs
+        self.inputRows = inputRows
         self.backward = backward
         profileKind = Profiler.isEnabled ? Profiler.recordingKind : .other
     }
@@ -49,6 +56,14 @@ func record(
     output.gradFn = GradFn(name: name, inputs: inputs, backward: backward)
 }
 
+/// Records `output` as rows `rows` (dim 0) of `input`: its gradient goes into those rows of the
+/// input's gradient without a zero-padded full-size copy.
+func recordRows(_ output: Tensor, _ name: String, of input: Tensor, rows: Range<Int>) {
+    guard GradMode.isEnabled, input.requiresGrad else { return }
+    output.requiresGrad = true
+    output.gradFn = GradFn(name: name, inputs: [input], inputRows: rows) { g in [g] }
+}
+
 extension Tensor {
     /// Reverse-mode differentiation from this tensor. A non-scalar root needs `gradient`.
     /// Leaves that require a gradient accumulate it in `.grad` (added to what is there, as in
@@ -83,12 +98,21 @@ extension Tensor {
             }
         }
 
-        var grads: [ObjectIdentifier: Tensor] = [ObjectIdentifier(self): seed]
+        var grads: [ObjectIdentifier: PendingGradient] = [
+            ObjectIdentifier(self): PendingGradient(tensor: seed, owned: false, written: nil)
+        ]
         for t in order.reversed() {
-            guard let g = grads.removeValue(forKey: ObjectIdentifier(t)) else { continue }
+            guard let pending = grads.removeValue(forKey: ObjectIdentifier(t)) else { continue }
+            let g = pending.finished()
             guard let fn = t.gradFn else {
-                // A copy: a passed-through gradient may alias another tensor's.
-                t.grad = t.grad.map { accumulate($0, g) } ?? g.copy()
+                // A gradient the tape did not make may alias another tensor's: the leaf gets a copy or a fresh sum.
+                if let previous = t.grad {
+                    t.grad =
+                        PendingGradient(tensor: g, owned: pending.owned, written: nil)
+                        .adding(previous, rows: allRows(of: g.shape)).tensor
+                } else {
+                    t.grad = pending.owned ? g : g.copy()
+                }
                 leafReady?(t)
                 continue
             }
@@ -96,21 +120,108 @@ extension Tensor {
             precondition(inputGrads.count == fn.inputs.count, "\(fn.name): wrong gradient count")
             for (input, ig) in zip(fn.inputs, inputGrads) {
                 guard let ig, input.requiresGrad else { continue }
+                let rows = fn.inputRows ?? allRows(of: input.shape)
                 precondition(
-                    ig.shape == input.shape,
-                    "\(fn.name): gradient shape \(ig.shape) for input \(input.shape)")
+                    ig.shape == (input.rank == 0 ? [] : [rows.count] + input.shape.dropFirst()),
+                    "\(fn.name): gradient shape \(ig.shape) for input \(input.shape), rows \(rows)")
                 let key = ObjectIdentifier(input)
-                grads[key] = grads[key].map { accumulate($0, ig) } ?? ig
+                if let existing = grads[key] {
+                    grads[key] = existing.adding(ig, rows: rows)
+                } else {
+                    grads[key] = PendingGradient(starting: ig, rows: rows, of: input.shape)
+                }
             }
             t.gradFn = nil
         }
     }
 }
 
-/// a + b into fresh memory (either may be aliased elsewhere in the graph).
-private func accumulate(_ a: Tensor, _ b: Tensor) -> Tensor {
-    let out = Tensor(uninitialized: a.shape)
-    let pa = a.pointer, pb = b.pointer, po = out.pointer
-    parallelBlocks(a.count, minBlock: parallelGrain) { r in for i in r { po[i] = pa[i] + pb[i] } }
-    return out
+/// Every row (dim 0) of a tensor of `shape`; a scalar counts as one row.
+private func allRows(of shape: [Int]) -> Range<Int> { 0..<(shape.first ?? 1) }
+
+/// A gradient the tape is summing for one tensor, term by term in the order the terms arrive.
+private struct PendingGradient {
+    var tensor: Tensor
+    /// Made by the tape and held nowhere else, so later terms are added into it in place. A
+    /// gradient a backward returned is never written: it may be that backward's own `g`.
+    let owned: Bool
+    /// For a sum started from a row slice, which rows (dim 0) hold values so far; nil when all do.
+    var written: [Bool]?
+
+    init(tensor: Tensor, owned: Bool, written: [Bool]?) {
+        self.tensor = tensor
+        self.owned = owned
+        self.written = written
+    }
+
+    /// The sum's first term: `g`, the gradient of rows `rows` of a tensor of `shape`. Taken as
+    /// it is when it covers every row; otherwise placed in a new tensor whose other rows stay
+    /// unwritten until a later term or `finished()` fills them.
+    init(starting g: Tensor, rows: Range<Int>, of shape: [Int]) {
+        let all = allRows(of: shape)
+        guard rows != all else {
+            self.init(tensor: g, owned: false, written: nil)
+            return
+        }
+        let out = Tensor(uninitialized: shape)
+        let per = out.count / max(all.count, 1)
+        (out.pointer + rows.lowerBound * per).update(from: g.pointer, count: g.count)
+        self.init(tensor: out, owned: true, written: all.map { rows.contains($0) })
+    }
+
+    /// This sum plus `g`, the gradient of rows `rows`: in place when the tape owns the sum.
+    func adding(_ g: Tensor, rows: Range<Int>) -> PendingGradient {
+        let a = tensor
+        let rowCount = allRows(of: a.shape).count
+        let per = a.count / max(rowCount, 1)
+        guard owned else {
+            // A fresh tensor: the rows outside `rows` copied, a + g inside.
+            let out = Tensor(uninitialized: a.shape)
+            out.pointer.update(from: a.pointer, count: rows.lowerBound * per)
+            let tail = rows.upperBound * per
+            (out.pointer + tail).update(from: a.pointer + tail, count: a.count - tail)
+            let start = rows.lowerBound * per
+            addElements(a.pointer + start, g.pointer, into: out.pointer + start, count: g.count)
+            return PendingGradient(tensor: out, owned: true, written: nil)
+        }
+        var sum = self
+        var row = rows.lowerBound
+        while row < rows.upperBound {
+            // A run of rows that all hold values (add g in) or all do not (copy g in).
+            let holdsValues = written?[row] ?? true
+            var end = row + 1
+            while end < rows.upperBound, (written?[end] ?? true) == holdsValues { end += 1 }
+            let dst = a.pointer + row * per, src = g.pointer + (row - rows.lowerBound) * per
+            if holdsValues {
+                addElements(dst, src, into: dst, count: (end - row) * per)
+            } else {
+                dst.update(from: src, count: (end - row) * per)
+            }
+            row = end
+        }
+        if var marks = written {
+            for r in rows { marks[r] = true }
+            sum.written = marks.allSatisfy { $0 } ? nil : marks
+        }
+        return sum
+    }
+
+    /// The summed gradient, with zeros in the rows no term covered.
+    func finished() -> Tensor {
+        if let written {
+            let per = tensor.count / max(written.count, 1)
+            for (row, holdsValues) in written.enumerated() where !holdsValues {
+                (tensor.pointer + row * per).update(repeating: 0, count: per)
+            }
+        }
+        return tensor
+    }
+}
+
+/// out[i] = a[i] + b[i] for i < count (`out` may be `a`).
+private func addElements(
+    _ a: UnsafeMutablePointer<Float>, _ b: UnsafeMutablePointer<Float>, into out: UnsafeMutablePointer<Float>,
+    count: Int
+) {
+    parallelBlocks(count, minBlock: parallelGrain) { r in for i in r { out[i] = a[i] + b[i] } }
 }
