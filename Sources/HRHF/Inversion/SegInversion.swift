@@ -195,23 +195,10 @@ public final class SegInversion {
     }
 
     /// Total variation over the four neighbour directions, per image: mean squared (L2) and
-    /// mean absolute (L1) differences, summed over directions.
+    /// mean absolute (L1) differences, summed over directions (`totalVariationRows`, rows split).
     static func totalVariation(_ x: Tensor) -> (l2: Tensor, l1: Tensor) {
-        let (_, _, h, w) = nchw(x, "total variation")
-        let pairs: [((Range<Int>, Range<Int>), (Range<Int>, Range<Int>))] = [
-            ((0..<h, 0..<(w - 1)), (0..<h, 1..<w)),
-            ((0..<(h - 1), 0..<w), (1..<h, 0..<w)),
-            ((1..<h, 0..<(w - 1)), (0..<(h - 1), 1..<w)),
-            ((0..<(h - 1), 0..<(w - 1)), (1..<h, 1..<w)),
-        ]
-        var l2: Tensor?, l1: Tensor?
-        for (a, b) in pairs {
-            let d = cropSpatial(x, rows: a.0, columns: a.1) - cropSpatial(x, rows: b.0, columns: b.1)
-            let s2 = mean(square(d), axes: [1, 2, 3]), s1 = mean(abs(d), axes: [1, 2, 3])
-            l2 = l2.map { $0 + s2 } ?? s2
-            l1 = l1.map { $0 + s1 } ?? s1
-        }
-        return (l2!, l1!)
+        let rows = totalVariationRows(x), n = x.shape[0]
+        return (reshape(sliceBatch(rows, 0..<1), [n]), reshape(sliceBatch(rows, 1..<2), [n]))
     }
 
     /// Per (image, class), B x C row-major: the top-K counts of SAA (in), SAA (out) and the absent
