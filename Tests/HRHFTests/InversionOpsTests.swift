@@ -58,4 +58,24 @@ final class InversionOpsTests: XCTestCase {
         XCTAssertEqual(l1.array, Array(fused.0.array[2..<4]))
         checkGradients([randn([2, 2, 5, 4], seed: 4)]) { totalVariationRows($0[0]) }
     }
+
+    func testSpatialTopKMeanTakesTheLowestIndicesAmongTies() {
+        // Few distinct values, so most k-th values are tied: the ranking is by value, then index.
+        var rng = SeededGenerator(seed: 6)
+        let x = Tensor(shape: [2, 3, 9, 7], values: (0..<378).map { _ in Float(rng.next() % 5) })
+        let k = [1, 9, 30, 0, 63, 17]
+        x.requiresGrad = true
+        let out = spatialTopKMean(x, k: k)
+        sum(out).backward()
+        for p in 0..<6 {
+            let plane = Array(x.array[(p * 63)..<((p + 1) * 63)])
+            let ranked = plane.indices.sorted { plane[$0] > plane[$1] || (plane[$0] == plane[$1] && $0 < $1) }
+            let chosen = Set(ranked.prefix(k[p]))
+            let expected = k[p] == 0 ? 0 : chosen.map { plane[$0] }.reduce(0, +) / Float(k[p])
+            XCTAssertEqual(out.pointer[p], expected, accuracy: 1e-6, "plane \(p)")
+            let gradient = Array(x.grad!.array[(p * 63)..<((p + 1) * 63)])
+            XCTAssertEqual(
+                gradient, plane.indices.map { chosen.contains($0) ? 1 / Float(k[p]) : 0 }, "plane \(p) gradient")
+        }
+    }
 }

@@ -252,10 +252,12 @@ public final class SegInversion {
             // SAA (in): mean of the top-K log-probabilities of each target class and background.
             let inside = -sum(spatialTopKMean(logP, k: k.kIn) * constant(k.inMask), axes: [1])
             // SAA (out): mean probability of the class beyond its K (1 + margin) strongest pixels.
+            // Target classes rank to kOut, absent ones to kAbs: disjoint planes, one top-K op for both.
+            let ranked = spatialTopKMean(p, k: zip(k.kOut, k.kAbs).map { $0 + $1 })
             let pSums = sum(p, axes: [2, 3])
-            let outside = sum(pSums * constant(k.outA) - spatialTopKMean(p, k: k.kOut) * constant(k.outB), axes: [1])
+            let outside = sum(pSums * constant(k.outA) - ranked * constant(k.outB), axes: [1])
             // Absent old classes: their strongest responses pushed down.
-            let absent = sum(spatialTopKMean(p, k: k.kAbs) * constant(k.absMask), axes: [1])
+            let absent = sum(ranked * constant(k.absMask), axes: [1])
             objective = .scaleAware(inside: inside, outside: outside, absent: absent)
         } else {
             var target = [Float](repeating: 0, count: b * c)
