@@ -93,29 +93,20 @@ public func spatialTopKMean(_ x: Tensor, k: [Int]) -> Tensor {
     let px = x.pointer, po = out.pointer
     let lock = NSLock()
     parallelBlocks(n * c) { r in
-        var values = [Float](repeating: 0, count: plane)
+        var order = [Int32](repeating: 0, count: plane)
         for p in r where k[p] > 0 {
             let base = px + p * plane
-            // The k-th largest value by a selection on the values themselves (no index indirection),
-            // then one scan takes those above it and, of those equal to it, the lowest indices.
-            let threshold = values.withUnsafeMutableBufferPointer { v in
-                v.baseAddress!.update(from: base, count: plane)
-                return kthLargest(v, k: k[p])
-            }
-            var above = 0
-            for i in 0..<plane where base[i] > threshold { above += 1 }
-            var ties = k[p] - above
-            var chosen = [Int32]()
-            chosen.reserveCapacity(k[p])
+            for i in 0..<plane { order[i] = Int32(i) }
             var total: Double = 0
-            for i in 0..<plane {
-                let v = base[i]
-                guard v > threshold || (v == threshold && ties > 0) else { continue }
-                if v == threshold { ties -= 1 }
-                chosen.append(Int32(i))
-                total += Double(v)
+            order.withUnsafeMutableBufferPointer { o in
+                selectTopK(o, k: k[p]) { a, b in
+                    let va = base[Int(a)], vb = base[Int(b)]
+                    return va > vb || (va == vb && a < b)
+                }
+                for j in 0..<k[p] { total += Double(base[Int(o[j])]) }
             }
             po[p] = Float(total / Double(k[p]))
+            let chosen = Array(order[0..<k[p]])
             lock.lock()
             selected[p] = chosen
             lock.unlock()
@@ -132,27 +123,6 @@ public func spatialTopKMean(_ x: Tensor, k: [Int]) -> Tensor {
         return [gx]
     }
     return out
-}
-
-/// The k-th largest of the values (quickselect, reordering them in place).
-private func kthLargest(_ a: UnsafeMutableBufferPointer<Float>, k: Int) -> Float {
-    var lo = 0, hi = a.count - 1
-    let target = k - 1
-    while lo < hi {
-        let pivot = a[(lo + hi) / 2]
-        var i = lo, j = hi
-        while i <= j {
-            while a[i] > pivot { i += 1 }
-            while pivot > a[j] { j -= 1 }
-            if i <= j {
-                a.swapAt(i, j)
-                i += 1
-                j -= 1
-            }
-        }
-        if target <= j { hi = j } else if target >= i { lo = i } else { return a[target] }
-    }
-    return a[target]
 }
 
 /// Moves the k elements that come first under `by` to the front (quickselect, in place).
