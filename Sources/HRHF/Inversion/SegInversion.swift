@@ -195,23 +195,10 @@ public final class SegInversion {
     }
 
     /// Total variation over the four neighbour directions, per image: mean squared (L2) and
-    /// mean absolute (L1) differences, summed over directions.
+    /// mean absolute (L1) differences, summed over directions (`totalVariationRows`, rows split).
     static func totalVariation(_ x: Tensor) -> (l2: Tensor, l1: Tensor) {
-        let (_, _, h, w) = nchw(x, "total variation")
-        let pairs: [((Range<Int>, Range<Int>), (Range<Int>, Range<Int>))] = [
-            ((0..<h, 0..<(w - 1)), (0..<h, 1..<w)),
-            ((0..<(h - 1), 0..<w), (1..<h, 0..<w)),
-            ((1..<h, 0..<(w - 1)), (0..<(h - 1), 1..<w)),
-            ((0..<(h - 1), 0..<(w - 1)), (1..<h, 1..<w)),
-        ]
-        var l2: Tensor?, l1: Tensor?
-        for (a, b) in pairs {
-            let d = cropSpatial(x, rows: a.0, columns: a.1) - cropSpatial(x, rows: b.0, columns: b.1)
-            let s2 = mean(square(d), axes: [1, 2, 3]), s1 = mean(abs(d), axes: [1, 2, 3])
-            l2 = l2.map { $0 + s2 } ?? s2
-            l1 = l1.map { $0 + s1 } ?? s1
-        }
-        return (l2!, l1!)
+        let rows = totalVariationRows(x), n = x.shape[0]
+        return (reshape(sliceBatch(rows, 0..<1), [n]), reshape(sliceBatch(rows, 1..<2), [n]))
     }
 
     /// Per (image, class), B x C row-major: the top-K counts of SAA (in), SAA (out) and the absent
@@ -265,10 +252,12 @@ public final class SegInversion {
             // SAA (in): mean of the top-K log-probabilities of each target class and background.
             let inside = -sum(spatialTopKMean(logP, k: k.kIn) * constant(k.inMask), axes: [1])
             // SAA (out): mean probability of the class beyond its K (1 + margin) strongest pixels.
+            // Target classes rank to kOut, absent ones to kAbs: disjoint planes, one top-K op for both.
+            let ranked = spatialTopKMean(p, k: zip(k.kOut, k.kAbs).map { $0 + $1 })
             let pSums = sum(p, axes: [2, 3])
-            let outside = sum(pSums * constant(k.outA) - spatialTopKMean(p, k: k.kOut) * constant(k.outB), axes: [1])
+            let outside = sum(pSums * constant(k.outA) - ranked * constant(k.outB), axes: [1])
             // Absent old classes: their strongest responses pushed down.
-            let absent = sum(spatialTopKMean(p, k: k.kAbs) * constant(k.absMask), axes: [1])
+            let absent = sum(ranked * constant(k.absMask), axes: [1])
             objective = .scaleAware(inside: inside, outside: outside, absent: absent)
         } else {
             var target = [Float](repeating: 0, count: b * c)
