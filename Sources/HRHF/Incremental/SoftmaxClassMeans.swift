@@ -84,7 +84,8 @@ func softmaxClassMeans(
     let out = means(0)
     let shape = logits.shape, pd = p
     record(out, "softmax_class_means", [logits]) { g in
-        let gx = Tensor(zeros: shape)
+        // Every element is written below (the channels past `old` zeroed there, on both cores).
+        let gx = Tensor(uninitialized: shape)
         let py = pd.pointer, pgx = gx.pointer
         // Each row's gradient shared by its pixels: G[a, k] / |a|.
         let share = (0..<(k * old)).map { e in counts[e / old] > 0 ? g.pointer[e] / counts[e / old] : 0 }
@@ -107,6 +108,7 @@ func softmaxClassMeans(
                         let gr = r + ch * inner, yr = y + ch * inner
                         for i in 0..<count { gr[i] = yr[i] * (gr[i] - dot[i]) }
                     }
+                    for ch in old..<c { (r + ch * inner).update(repeating: 0, count: count) }
                 }
             }
         }
