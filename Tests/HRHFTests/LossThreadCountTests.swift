@@ -64,10 +64,22 @@ final class LossThreadCountTests: XCTestCase {
         }
         let one = onThreads(1, gradient), two = onThreads(2, gradient)
         XCTAssertEqual(one, two)
+        // Classes 0-6 each assigned every 8th pixel of 1200 (-1 the rest): 150 pixels each.
+        XCTAssertEqual(
+            softmaxClassMeans(new, channels: 16, assignment: assignment, classes: 7).counts,
+            [Float](repeating: 150, count: 7))
         // Elements (image * 21 + channel) * 600 + pixel: channels 16-20 are past the old ones.
         let past = one.indices.filter { $0 / 600 % 21 >= 16 }.map { one[$0] }
         XCTAssertEqual(past.count, 2 * 5 * 600)
         XCTAssertEqual(past.map { $0.isNaN ? 1 : Swift.abs($0) }.max(), 0)
         XCTAssertGreaterThan(one.map { Swift.abs($0) }.max()!, 1e-4)
+    }
+
+    func testBatchSliceOfAMapLargerThanTheGrainIsExact() {
+        // 3 x 21 x 40 x 60 = 151 200 elements: a slice of two images is copied in blocks on both cores.
+        let x = Tensor(shape: [3, 21, 40, 60], values: (0..<151_200).map { Float($0) })
+        let slice = onThreads(2) { sliceBatch(x, 1..<3) }
+        XCTAssertEqual(slice.shape, [2, 21, 40, 60])
+        XCTAssertEqual(slice.array, (50_400..<151_200).map { Float($0) })
     }
 }

@@ -177,13 +177,11 @@ public func relationDistillation(
     let old = oldLogits.shape[1]
     let prediction = oldPrediction ?? OldPrediction(oldLogits)
     precondition(prediction.shape == oldLogits.shape, "relation: prediction \(prediction.shape) for \(oldLogits.shape)")
-    let assignment = prediction.argmax
-    var counts = [Double](repeating: 0, count: old)
-    for a in assignment { counts[Int(a)] += 1 }
+    let means = softmaxClassMeans(
+        newLogits, channels: old, assignment: prediction.argmax, classes: old, alongside: prediction.probabilities)
+    let counts = means.counts.map { Double($0) }
     let totals = reduction.total(counts)
     let rows = totals.filter { $0 > 0 }.count
-    let means = softmaxClassMeans(
-        newLogits, channels: old, assignment: assignment, classes: old, alongside: prediction.probabilities)
     var (rowsNew, rowsOld) = (means.means, means.constantMeans!)
     if !reduction.isLocal {
         let part = Tensor(shape: [old, 1], values: zip(counts, totals).map { $1 > 0 ? Float($0 / $1) : 0 })
