@@ -177,13 +177,11 @@ public func relationDistillation(
     let old = oldLogits.shape[1]
     let prediction = oldPrediction ?? OldPrediction(oldLogits)
     precondition(prediction.shape == oldLogits.shape, "relation: prediction \(prediction.shape) for \(oldLogits.shape)")
-    let assignment = prediction.argmax
-    var counts = [Double](repeating: 0, count: old)
-    for a in assignment { counts[Int(a)] += 1 }
+    let means = softmaxClassMeans(
+        newLogits, channels: old, assignment: prediction.argmax, classes: old, alongside: prediction.probabilities)
+    let counts = means.counts.map { Double($0) }
     let totals = reduction.total(counts)
     let rows = totals.filter { $0 > 0 }.count
-    let means = softmaxClassMeans(
-        newLogits, channels: old, assignment: assignment, classes: old, alongside: prediction.probabilities)
     var (rowsNew, rowsOld) = (means.means, means.constantMeans!)
     if !reduction.isLocal {
         let part = Tensor(shape: [old, 1], values: zip(counts, totals).map { $1 > 0 ? Float($0 / $1) : 0 })
@@ -226,42 +224,54 @@ func gradientCompensationWeights(
         let background = [0..<1] + (merged.map { [$0] } ?? [])
         let sums = logSumExps ?? channelSetLogSumExps(logits, merged: background, scale: 1)
         precondition(sums.matches(logits, merged: background, scale: 1), "gradient compensation: other log-sum-exps")
+        // Per pixel block (fixed blocks, summed in block order after: the same sums whatever the
+        // thread count), each step group's sum of g and count, on both cores.
+        let groups = currentStep + 1, blocksPerImage = (hw + pixelBlock - 1) / pixelBlock
         var g = [Float](repeating: 0, count: n * hw)
+        var partial = [Double](repeating: 0, count: n * blocksPerImage * 2 * groups)
         let px = logits.pointer, all = sums.all.pointer, own = sums.union.pointer
         target.values.withUnsafeBufferPointer { labels in
             g.withUnsafeMutableBufferPointer { g in
-                forEachPixelBlock(n: n, c: c, inner: hw) { b, i0, count in
-                    let j0 = b * hw + i0, x = px + b * c * hw + i0
-                    for i in 0..<count {
-                        let y = Int(labels[j0 + i])
-                        guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
-                        let logP = y == 0 ? own[j0 + i] - all[j0 + i] : x[y * hw + i] - all[j0 + i]
-                        g[j0 + i] = Foundation.pow(max(1 - Foundation.exp(logP), 0), z)
+                partial.withUnsafeMutableBufferPointer { partial in
+                    forEachPixelBlock(n: n, c: c, inner: hw) { b, i0, count in
+                        let j0 = b * hw + i0, x = px + b * c * hw + i0
+                        let groupSums = partial.baseAddress! + (b * blocksPerImage + i0 / pixelBlock) * 2 * groups
+                        for i in 0..<count {
+                            let y = Int(labels[j0 + i])
+                            guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
+                            let logP = y == 0 ? own[j0 + i] - all[j0 + i] : x[y * hw + i] - all[j0 + i]
+                            g[j0 + i] = Foundation.pow(max(1 - Foundation.exp(logP), 0), z)
+                            groupSums[stepOfClass[y]] += Double(g[j0 + i])
+                            groupSums[groups + stepOfClass[y]] += 1
+                        }
                     }
                 }
             }
         }
-        var groupSum = [Double](repeating: 0, count: currentStep + 1)
-        var groupCount = [Double](repeating: 0, count: currentStep + 1)
-        for j in 0..<(n * hw) {
-            let y = Int(target.values[j])
-            guard y != 255, y < c, stepOfClass[y] < currentStep else { continue }
-            groupSum[stepOfClass[y]] += Double(g[j])
-            groupCount[stepOfClass[y]] += 1
+        var groupTotals = [Double](repeating: 0, count: 2 * groups)
+        for block in 0..<(n * blocksPerImage) {
+            for e in 0..<(2 * groups) { groupTotals[e] += partial[block * 2 * groups + e] }
         }
         // The groups of the whole batch: sums and counts over every rank's share.
-        let totals = reduction.total(groupSum + groupCount)
-        (groupSum, groupCount) = (Array(totals[..<groupSum.count]), Array(totals[groupSum.count...]))
-        let weights = Tensor(zeros: target.shape)
-        for j in 0..<(n * hw) {
-            let y = Int(target.values[j])
-            guard y != 255, y < c else { continue }
-            let step = stepOfClass[y]
-            if step >= currentStep {
-                weights.pointer[j] = 1
-            } else {
-                let mean = groupSum[step] / max(groupCount[step], 1)
-                weights.pointer[j] = mean > 0 ? min(max(Float(Double(g[j]) / mean), wMin), wMax) : 1
+        let totals = reduction.total(groupTotals)
+        let means = (0..<groups).map { totals[$0] / max(totals[groups + $0], 1) }
+        let weights = Tensor(uninitialized: target.shape)
+        let pw = weights.pointer
+        target.values.withUnsafeBufferPointer { labels in
+            g.withUnsafeBufferPointer { g in
+                forEachPixelBlock(n: n, c: 1, inner: hw) { b, i0, count in
+                    let j0 = b * hw + i0
+                    for j in j0..<(j0 + count) {
+                        let y = Int(labels[j])
+                        guard y != 255, y < c else {
+                            pw[j] = 0
+                            continue
+                        }
+                        let step = stepOfClass[y], mean = step < currentStep ? means[step] : 0
+                        pw[j] =
+                            step >= currentStep ? 1 : mean > 0 ? min(max(Float(Double(g[j]) / mean), wMin), wMax) : 1
+                    }
+                }
             }
         }
         return weights

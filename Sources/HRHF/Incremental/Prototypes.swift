@@ -52,42 +52,47 @@ public struct Prototypes {
             prediction.shape == oldLogits.shape, "relabel: prediction \(prediction.shape) for \(oldLogits.shape)")
         let (oldArgmax, oldConfidence) = (prediction.argmax, prediction.confidence)
         var values = labels.values
-        for b in 0..<n {
-            // Per feature cell: the prototypes' nearest class and their softmax over old classes.
-            var cells: [Int: (nearest: Int, probabilities: [Float])] = [:]
-            func prototypeView(_ cell: Int) -> (nearest: Int, probabilities: [Float]) {
-                if let v = cells[cell] { return v }
-                var logits = [Float](repeating: -.infinity, count: c)
-                for j in 0..<c {
-                    guard let v = vectors[j] else { continue }
-                    var d: Float = 0
-                    for ch in 0..<channels {
-                        let diff = oldFeatures.pointer[(b * channels + ch) * fh * fw + cell] - v[ch]
-                        d += diff * diff
+        // Images apart on both cores: each writes only its own pixels' labels.
+        values.withUnsafeMutableBufferPointer { values in
+            parallelBlocks(n) { images in
+                for b in images {
+                    // Per feature cell: the prototypes' nearest class and their softmax over old classes.
+                    var cells: [Int: (nearest: Int, probabilities: [Float])] = [:]
+                    func prototypeView(_ cell: Int) -> (nearest: Int, probabilities: [Float]) {
+                        if let v = cells[cell] { return v }
+                        var logits = [Float](repeating: -.infinity, count: c)
+                        for j in 0..<c {
+                            guard let v = vectors[j] else { continue }
+                            var d: Float = 0
+                            for ch in 0..<channels {
+                                let diff = oldFeatures.pointer[(b * channels + ch) * fh * fw + cell] - v[ch]
+                                d += diff * diff
+                            }
+                            logits[j] = -d.squareRoot() / options.prototypeTemperature
+                        }
+                        let m = logits.max() ?? 0
+                        let e = logits.map { $0.isFinite ? Foundation.exp($0 - m) : 0 }
+                        let z = max(e.reduce(0, +), .leastNormalMagnitude)
+                        let view = (logits.firstIndex(of: m) ?? 0, e.map { $0 / z })
+                        cells[cell] = view
+                        return view
                     }
-                    logits[j] = -d.squareRoot() / options.prototypeTemperature
-                }
-                let m = logits.max() ?? 0
-                let e = logits.map { $0.isFinite ? Foundation.exp($0 - m) : 0 }
-                let z = max(e.reduce(0, +), .leastNormalMagnitude)
-                let view = (logits.firstIndex(of: m) ?? 0, e.map { $0 / z })
-                cells[cell] = view
-                return view
-            }
-            for y in 0..<h {
-                let fy = min(fh - 1, y * fh / h)
-                for x in 0..<w {
-                    let j = (b * h + y) * w + x
-                    guard values[j] == 0 else { continue }
-                    let k = Int(oldArgmax[j])
-                    guard k != 0 else { continue }
-                    let view = prototypeView(fy * fw + min(fw - 1, x * fw / w))
-                    if view.nearest != k {
-                        values[j] = 255
-                    } else if view.probabilities[k] >= options.prototypeTau
-                        && oldConfidence[j] >= options.prototypeOldConfidence
-                    {
-                        values[j] = Int32(k)
+                    for y in 0..<h {
+                        let fy = min(fh - 1, y * fh / h)
+                        for x in 0..<w {
+                            let j = (b * h + y) * w + x
+                            guard values[j] == 0 else { continue }
+                            let k = Int(oldArgmax[j])
+                            guard k != 0 else { continue }
+                            let view = prototypeView(fy * fw + min(fw - 1, x * fw / w))
+                            if view.nearest != k {
+                                values[j] = 255
+                            } else if view.probabilities[k] >= options.prototypeTau
+                                && oldConfidence[j] >= options.prototypeOldConfidence
+                            {
+                                values[j] = Int32(k)
+                            }
+                        }
                     }
                 }
             }

@@ -5,24 +5,23 @@ import Foundation
 /// with row k (classes x channels) the mean softmax of the pixels assigned to class k
 /// (`assignment[n * H * W + i]`, -1 for none; zero rows for classes without pixels). With
 /// `constant` (N x channels x ..., e.g. the old model's softmax) its class means come out of the
-/// same pass, without a gradient. Backward, for a pixel of class a with G the rows' gradient:
-/// g_k = G[a, k] / |a|, dx_k = p_k (g_k - sum_j g_j p_j) on the first `channels` channels, 0 on the rest.
+/// same pass, without a gradient; `counts` are each class's pixels. Backward, for a pixel of
+/// class a with G the rows' gradient: g_k = G[a, k] / |a|, dx_k = p_k (g_k - sum_j g_j p_j) on the
+/// first `channels` channels, 0 on the rest.
 func softmaxClassMeans(
     _ logits: Tensor, channels old: Int, assignment: [Int32], classes k: Int, alongside constant: Tensor? = nil
-) -> (means: Tensor, constantMeans: Tensor?) {
+) -> (means: Tensor, constantMeans: Tensor?, counts: [Float]) {
     let (n, c, inner) = channelLayout(logits, "softmax class means")
     precondition(old >= 1 && old <= c, "softmax class means: \(old) of \(c) channels")
     precondition(assignment.count == n * inner, "softmax class means: \(assignment.count) assignments for \(n * inner)")
     precondition(
         constant.map { $0.count == n * old * inner && $0.shape[0] == n } ?? true,
         "softmax class means: constant \(constant?.shape ?? []) for \(logits.shape)")
-    var counts = [Float](repeating: 0, count: k)
-    for a in assignment where a >= 0 { counts[Int(a)] += 1 }
     let p = Tensor(uninitialized: [n, old, inner])
     let blocksPerImage = (inner + pixelBlock - 1) / pixelBlock
-    // Each pixel block's class sums (of p, then of the constant), added in block order after:
-    // the same result whatever the thread count.
-    let models = constant == nil ? 1 : 2, stride = models * k * old
+    // Each pixel block's class sums (of p, then of the constant) and pixel counts, added in block
+    // order after: the same result whatever the thread count.
+    let models = constant == nil ? 1 : 2, sumsPerBlock = models * k * old, stride = sumsPerBlock + k
     var partial = [Double](repeating: 0, count: n * blocksPerImage * stride)
     let px = logits.pointer, pp = p.pointer, pc = constant?.pointer
     assignment.withUnsafeBufferPointer { assigned in
@@ -67,6 +66,7 @@ func softmaxClassMeans(
                 let sums = partial.baseAddress! + (b * blocksPerImage + i0 / pixelBlock) * stride
                 addClassSums(y, into: sums)
                 if let pc { addClassSums(pc + b * old * inner + i0, into: sums + k * old) }
+                for i in 0..<count where labels[i] >= 0 { sums[sumsPerBlock + Int(labels[i])] += 1 }
             }
         }
     }
@@ -74,6 +74,7 @@ func softmaxClassMeans(
     for block in 0..<(n * blocksPerImage) {
         for e in 0..<stride { totals[e] += partial[block * stride + e] }
     }
+    let counts = totals[sumsPerBlock...].map { Float($0) }
     func means(_ model: Int) -> Tensor {
         Tensor(
             shape: [k, old],
@@ -84,7 +85,8 @@ func softmaxClassMeans(
     let out = means(0)
     let shape = logits.shape, pd = p
     record(out, "softmax_class_means", [logits]) { g in
-        let gx = Tensor(zeros: shape)
+        // Every element is written below (the channels past `old` zeroed there, on both cores).
+        let gx = Tensor(uninitialized: shape)
         let py = pd.pointer, pgx = gx.pointer
         // Each row's gradient shared by its pixels: G[a, k] / |a|.
         let share = (0..<(k * old)).map { e in counts[e / old] > 0 ? g.pointer[e] / counts[e / old] : 0 }
@@ -107,10 +109,11 @@ func softmaxClassMeans(
                         let gr = r + ch * inner, yr = y + ch * inner
                         for i in 0..<count { gr[i] = yr[i] * (gr[i] - dot[i]) }
                     }
+                    for ch in old..<c { (r + ch * inner).update(repeating: 0, count: count) }
                 }
             }
         }
         return [gx]
     }
-    return (out, constant == nil ? nil : means(1))
+    return (out, constant == nil ? nil : means(1), counts)
 }

@@ -97,7 +97,11 @@ public func sliceBatch(_ x: Tensor, _ range: Range<Int>) -> Tensor {
     var shape = x.shape
     shape[0] = range.count
     let out = Tensor(uninitialized: shape)
-    out.pointer.update(from: x.pointer + range.lowerBound * per, count: range.count * per)
+    // A half batch of logits is ~10 MB: copied on every core.
+    let source = x.pointer + range.lowerBound * per, target = out.pointer
+    parallelBlocks(range.count * per, minBlock: parallelGrain) { r in
+        (target + r.lowerBound).update(from: source + r.lowerBound, count: r.count)
+    }
     recordRows(out, "slice_batch", of: x, rows: range)
     return out
 }
