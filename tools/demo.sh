@@ -16,6 +16,9 @@ model=zoo/shapes-15-5-step0.safetensors
 "$bin/hrhf-synth" --model "$model" --classes 1-15 --count 32 --synth-iterations 150 --seed 0 --out out/pack.tar
 "$bin/hrhf-pack" verify out/pack.tar --model "$model"
 "$bin/hrhf-pack" sheet out/pack.tar --out out/pack-sheet.png
+# The pack was just made anew: a step-1 model or checkpoint left by an earlier run (other code,
+# so perhaps another pack) would be kept by hrhf-distill's resume, so the step starts afresh.
+rm -rf out/step1.safetensors out/step1.safetensors.* out/step1-eval.json
 "$bin/hrhf-distill" --old "$model" --pack out/pack.tar --data data/shapes --dataset shapes --task 15-5 --step 1 \
   --method hrhf+gsc --iterations 400 --eval-limit 200 --out out/step1.safetensors
 "$bin/hrhf-eval" --model out/step1.safetensors --data data/shapes --dataset shapes --task 15-5 --step 1 --json out/step1-eval.json
