@@ -172,6 +172,58 @@ final class FusedLossTests: XCTestCase {
         }
     }
 
+    /// GSC's terms as `StepBatch` computes them, from one `gscTermSums` for those requested.
+    func gscTogether(
+        _ new: Tensor, _ old: Tensor, _ prediction: OldPrediction, soft: Float, sharp: Float, rel: Float
+    ) -> Tensor {
+        let sums = gscTermSums(
+            new, old, channels: old.shape[1],
+            GSCTermRequest(
+                softTemperature: soft > 0 ? 2 : nil,
+                sharpMask: sharp > 0 ? prediction.confidenceMask(threshold: 0.5) : nil,
+                relation: rel > 0 ? relationInputs(prediction) : nil))
+        var total = Tensor(scalar: 0)
+        if soft > 0 { total = total + soft * sums.softDistillation(reduction: .local) }
+        if sharp > 0 { total = total + sharp * sums.sharpEntropy(reduction: .local) }
+        if rel > 0 { total = total + rel * sums.relationDistillation(reduction: .local) }
+        return total
+    }
+
+    /// The same terms each computed alone.
+    func gscAlone(_ new: Tensor, _ old: Tensor, soft: Float, sharp: Float, rel: Float) -> Tensor {
+        var total = Tensor(scalar: 0)
+        if soft > 0 { total = total + soft * softDistillation(new, old, temperature: 2) }
+        if sharp > 0 { total = total + sharp * sharpEntropy(new, old, confidence: 0.5) }
+        if rel > 0 { total = total + rel * relationDistillation(new, old) }
+        return total
+    }
+
+    func testGSCTermsTogetherMatchTheTermsAlone() {
+        var rng = SeededGenerator(seed: 17)
+        let old = Tensor.randn([2, 16, 20, 30], std: 3, rng: &rng)
+        // Then with the new classes' logits far above the old ones on some pixels: the softmax
+        // over the old channels cannot come from the exps over all channels there.
+        var far = Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng).array
+        for j in stride(from: 0, to: 600, by: 7) { far[(1 * 21 + 18) * 600 + j] += 150 }
+        for values in [Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng).array, far] {
+            let new = Tensor(shape: [2, 21, 20, 30], values: values), prediction = OldPrediction(old)
+            for (soft, sharp, rel): (Float, Float, Float) in [(0.25, 0.02, 0.25), (0, 1, 1), (1, 0, 1), (1, 1, 0)] {
+                let together = valueAndGradient(new) {
+                    self.gscTogether($0, old, prediction, soft: soft, sharp: sharp, rel: rel)
+                }
+                let alone = valueAndGradient(new) { self.gscAlone($0, old, soft: soft, sharp: sharp, rel: rel) }
+                assertClose(together, alone, "GSC terms \(soft) soft, \(sharp) sharp, \(rel) relation")
+            }
+        }
+    }
+
+    func testGSCTermsTogetherHaveFiniteDifferenceGradients() {
+        var rng = SeededGenerator(seed: 5)
+        let new = Tensor.randn([2, 6, 3, 4], rng: &rng), old = Tensor.randn([2, 4, 3, 4], rng: &rng)
+        let prediction = OldPrediction(old)
+        checkGradients([new]) { self.gscTogether($0[0], old, prediction, soft: 1, sharp: 1, rel: 1) }
+    }
+
     func testMaskedUnbiasedDistillationHasFiniteDifferenceGradients() {
         let new = randn([2, 6, 3, 4], seed: 1, std: 1.5), old = randn([2, 4, 3, 4], seed: 2, std: 1.5)
         let mask = Tensor(shape: [2, 1, 3, 4], values: (0..<24).map { Float($0 % 3 == 0 ? 0 : 1) })

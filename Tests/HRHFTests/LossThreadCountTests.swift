@@ -75,6 +75,27 @@ final class LossThreadCountTests: XCTestCase {
         XCTAssertGreaterThan(one.map { Swift.abs($0) }.max()!, 1e-4)
     }
 
+    func testGSCTermsTogetherDoNotDependOnThreadCount() {
+        let prediction = OldPrediction(old)
+        func valueAndGradients() -> (Float, [Float]) {
+            _ = Tensor(shape: new.shape, values: [Float](repeating: .nan, count: new.count))
+            return valueAndGradient(new) {
+                let sums = gscTermSums(
+                    $0, old, channels: 16,
+                    GSCTermRequest(
+                        softTemperature: 2, sharpMask: prediction.confidenceMask(threshold: 0.5),
+                        relation: relationInputs(prediction)))
+                return sums.softDistillation(reduction: .local) + sums.sharpEntropy(reduction: .local)
+                    + sums.relationDistillation(reduction: .local)
+            }
+        }
+        let one = onThreads(1, valueAndGradients), two = onThreads(2, valueAndGradients)
+        XCTAssertEqual(one.0, two.0)
+        XCTAssertEqual(one.1, two.1)
+        XCTAssertFalse(one.1.contains { $0.isNaN })
+        XCTAssertGreaterThan(one.1.map { Swift.abs($0) }.max()!, 1e-4)
+    }
+
     func testBatchSliceOfAMapLargerThanTheGrainIsExact() {
         // 3 x 21 x 40 x 60 = 151 200 elements: a slice of two images is copied in blocks on both cores.
         let x = Tensor(shape: [3, 21, 40, 60], values: (0..<151_200).map { Float($0) })

@@ -87,8 +87,8 @@ final class MethodPinTests: XCTestCase {
         "gsc": Pin(
             losses: [
                 ["ce": 5.012458, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034, "total": 6.293361],
-                ["ce": 3.4867167, "rel": 0.06156829, "sharp": 0.0, "soft": 4.4765325, "total": 4.621242],
-            ], weights: "fe83edb22b0745aee16b10c261269bb120c0deb0a09d4c6dd19175d573b0bdfa"),
+                ["ce": 3.4867156, "rel": 0.06156827, "sharp": 0.0, "soft": 4.4765325, "total": 4.621241],
+            ], weights: "dd7036abf649bc4b0016ecdef795d431acfeb1a8a19ae473459a83efea27e632"),
         "hrhf": Pin(
             losses: [
                 ["ce": 0.78900427, "fake_ce": 0.56710994, "fake_kd": 0.47695485, "kd": 0.4130956, "total": 10.2566185],
@@ -101,10 +101,10 @@ final class MethodPinTests: XCTestCase {
                     "sharp": 0.0, "soft": 4.5490556, "total": 15.004162,
                 ],
                 [
-                    "ce": 4.3692656, "fake_ce": 1.7460942, "fake_kd": 0.4021669, "kd": 0.4919127, "rel": 0.048350494,
-                    "sharp": 0.0, "soft": 4.157107, "total": 16.10752,
+                    "ce": 4.369266, "fake_ce": 1.7460921, "fake_kd": 0.40216658, "kd": 0.49191278, "rel": 0.048350535,
+                    "sharp": 0.0, "soft": 4.157105, "total": 16.107515,
                 ],
-            ], weights: "7b3ac7eba8f1efa6d72d4de4405192b4d35a9a281aa10b52f1c2b8deafedd40c"),
+            ], weights: "c94672b3b636805d69f5f8f7556a05c6bdacc4506392c222fae947336143c702"),
         "joint": Pin(
             losses: [["ce": 6.6249657, "total": 6.6249657], ["ce": 3.7512906, "total": 3.7512906]],
             weights: "4f0c8e79348f996b7ef416a1b99185dcd2fe25f428483ad3daf28e87540bb351"),
@@ -115,10 +115,10 @@ final class MethodPinTests: XCTestCase {
                     "kd": 0.4130956, "rel": 0.07018101, "sharp": 0.30640683, "soft": 4.5490556, "total": 15.353096,
                 ],
                 [
-                    "ce": 5.0872097, "fake_ce": 1.8400201, "fake_feat": 0.3827529, "fake_kd": 0.38379934,
-                    "kd": 0.51466703, "rel": 0.044398602, "sharp": 0.5255384, "soft": 4.202722, "total": 17.17556,
+                    "ce": 5.087202, "fake_ce": 1.8400173, "fake_feat": 0.38275307, "fake_kd": 0.38379928,
+                    "kd": 0.5146669, "rel": 0.044398636, "sharp": 0.52553856, "soft": 4.2027206, "total": 17.175549,
                 ],
-            ], weights: "7ab0cfa1aa935cdc6e57f9b8f53e5858cb50de785700c45bfe9babf4a203e097"),
+            ], weights: "6521d3f53ea5fff320422088117f5cbed35f0cd51e61dbe11fbe609dadb321c3"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [

@@ -147,9 +147,9 @@ public func plainDistillation(
 public func softDistillation(
     _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, reduction: BatchReduction = .local
 ) -> Tensor {
-    reduction.share(
-        ofMean: softDistillationLoss(newLogits, oldLogits, temperature: temperature),
-        count: Double(newLogits.count / newLogits.shape[1]))
+    gscTermSums(
+        newLogits, oldLogits, channels: oldLogits.shape[1], GSCTermRequest(softTemperature: temperature)
+    ).softDistillation(reduction: reduction)
 }
 
 /// GSC sharpness: the entropy of the new model's prediction, averaged over the pixels where
@@ -161,8 +161,10 @@ public func sharpEntropy(
 ) -> Tensor {
     let prediction = oldPrediction ?? OldPrediction(oldLogits)
     precondition(prediction.shape == oldLogits.shape, "sharp: prediction \(prediction.shape) for \(oldLogits.shape)")
-    let mask = prediction.confidenceMask(threshold: confidence)
-    return reduction.share(ofMean: maskedMeanEntropy(newLogits, mask: mask), count: Double(mask.array.reduce(0, +)))
+    return gscTermSums(
+        newLogits, oldLogits, channels: oldLogits.shape[1],
+        GSCTermRequest(sharpMask: prediction.confidenceMask(threshold: confidence))
+    ).sharpEntropy(reduction: reduction)
 }
 
 /// GSC relation distillation: for each old class the old model predicts in the batch, the mean
@@ -174,22 +176,43 @@ public func sharpEntropy(
 public func relationDistillation(
     _ newLogits: Tensor, _ oldLogits: Tensor, reduction: BatchReduction = .local, oldPrediction: OldPrediction? = nil
 ) -> Tensor {
-    let old = oldLogits.shape[1]
     let prediction = oldPrediction ?? OldPrediction(oldLogits)
     precondition(prediction.shape == oldLogits.shape, "relation: prediction \(prediction.shape) for \(oldLogits.shape)")
-    let means = softmaxClassMeans(
-        newLogits, channels: old, assignment: prediction.argmax, classes: old, alongside: prediction.probabilities)
-    let counts = means.counts.map { Double($0) }
-    let totals = reduction.total(counts)
-    let rows = totals.filter { $0 > 0 }.count
-    var (rowsNew, rowsOld) = (means.means, means.constantMeans!)
-    if !reduction.isLocal {
-        let part = Tensor(shape: [old, 1], values: zip(counts, totals).map { $1 > 0 ? Float($0 / $1) : 0 })
-        rowsNew = reduction.sum(rowsNew * part)
-        rowsOld = withNoGrad { reduction.sum(rowsOld * part) }
+    return gscTermSums(
+        newLogits, oldLogits, channels: oldLogits.shape[1], GSCTermRequest(relation: relationInputs(prediction))
+    ).relationDistillation(reduction: reduction)
+}
+
+/// What the relation term reads of the old model's prediction: its classes and softmax.
+func relationInputs(_ prediction: OldPrediction) -> (assignment: [Int32], classes: Int, constant: Tensor?) {
+    (prediction.argmax, prediction.shape[1], prediction.probabilities)
+}
+
+/// GSC's terms from their per-pixel sums (each computed by one `gscTermSums` for all that a
+/// step's half needs), over every rank's share of the batch.
+extension GSCTermSums {
+    func softDistillation(reduction: BatchReduction) -> Tensor {
+        reduction.share(ofMean: soft, count: Double(pixels))
     }
-    // Absent classes have zero rows in both, so they add nothing.
-    return reduction.share(ofReplicated: sum(abs(rowsNew - rowsOld)) * (1 / Float(max(rows, 1) * old)))
+
+    func sharpEntropy(reduction: BatchReduction) -> Tensor {
+        reduction.share(ofMean: entropy, count: Double(selected))
+    }
+
+    func relationDistillation(reduction: BatchReduction) -> Tensor {
+        let old = channels
+        let counts = counts.map { Double($0) }
+        let totals = reduction.total(counts)
+        let rows = totals.filter { $0 > 0 }.count
+        var (rowsNew, rowsOld) = (means, constantMeans!)
+        if !reduction.isLocal {
+            let part = Tensor(shape: [old, 1], values: zip(counts, totals).map { $1 > 0 ? Float($0 / $1) : 0 })
+            rowsNew = reduction.sum(rowsNew * part)
+            rowsOld = withNoGrad { reduction.sum(rowsOld * part) }
+        }
+        // Absent classes have zero rows in both, so they add nothing.
+        return reduction.share(ofReplicated: sum(abs(rowsNew - rowsOld)) * (1 / Float(max(rows, 1) * old)))
+    }
 }
 
 /// GSC step-aware gradient compensation: pixel weights for the cross-entropy. For a pixel of

@@ -42,8 +42,11 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
     /// 1, 2 and 4; the logits' distance weighs 1/20 of the others' (PLOP's 0.0005 beside 0.01).
     case pod
 
-    /// The term's value on `half` of what the step computed.
-    func value(on half: BatchHalf, _ batch: StepBatch) -> Tensor {
+    /// GSC's terms, which `StepBatch.gscSums` computes together on a half.
+    static let gsc: Set<LossTerm> = [.soft, .sharp, .rel]
+
+    /// The term's value on `half` of what the step computed (`gsc`: that half's GSC sums).
+    func value(on half: BatchHalf, _ batch: StepBatch, gsc: GSCTermSums?) -> Tensor {
         let (new, old) = batch.logits(half)
         let (options, reduction) = (batch.options, batch.reduction)
         switch self {
@@ -61,13 +64,11 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
             let difference = square(newFeatures - oldFeatures)
             return reduction.share(ofMean: mean(difference), count: Double(difference.count))
         case .soft:
-            return softDistillation(new, old, temperature: options.softTemperature, reduction: reduction)
+            return gsc!.softDistillation(reduction: reduction)
         case .sharp:
-            return sharpEntropy(
-                new, old, confidence: options.sharpConfidence, reduction: reduction,
-                oldPrediction: batch.oldPrediction(half))
+            return gsc!.sharpEntropy(reduction: reduction)
         case .rel:
-            return relationDistillation(new, old, reduction: reduction, oldPrediction: batch.oldPrediction(half))
+            return gsc!.relationDistillation(reduction: reduction)
         case .pod:
             let maps = batch.podMaps(half)
             return localPOD(
@@ -432,12 +433,29 @@ struct StepBatch {
             backgroundIncludes: backgroundIncludes, reduction: reduction, logSumExps: logSumExps)
     }
 
+    /// The per-pixel sums of GSC's `terms` on `half`, in one pass over its logits.
+    func gscSums(_ half: BatchHalf, _ terms: Set<LossTerm>) -> GSCTermSums {
+        let (new, old) = logits(half)
+        let prediction = terms.contains(.sharp) || terms.contains(.rel) ? oldPrediction(half) : nil
+        let request = GSCTermRequest(
+            softTemperature: terms.contains(.soft) ? options.softTemperature : nil,
+            sharpMask: terms.contains(.sharp) ? prediction!.confidenceMask(threshold: options.sharpConfidence) : nil,
+            relation: terms.contains(.rel) ? relationInputs(prediction!) : nil)
+        return gscTermSums(new, old, channels: old.shape[1], request)
+    }
+
     /// The method's loss: its terms' weighted sum, in the table's order, and each term's value.
     func loss() throws -> (total: Tensor, parts: [String: Float]) {
         var total: Tensor?
         var labels: [String] = [], values: [Double] = []
-        for t in options.method.terms where t.half != .fake || hasFake {
-            let value = t.term.value(on: t.half, self)
+        let terms = options.method.terms.filter { $0.half != .fake || hasFake }
+        var gsc: [BatchHalf: GSCTermSums] = [:]
+        for half in BatchHalf.allCases {
+            let read = Set(terms.filter { $0.half == half }.map(\.term)).intersection(LossTerm.gsc)
+            if !read.isEmpty { gsc[half] = gscSums(half, read) }
+        }
+        for t in terms {
+            let value = t.term.value(on: t.half, self, gsc: gsc[t.half])
             total = total.map { $0 + t.weight * value } ?? t.weight * value
             labels.append(t.label)
             values.append(Double(value.item))
