@@ -265,6 +265,26 @@ final class FusedLossTests: XCTestCase {
     /// The cross-entropies, the unbiased KD and the compensation weights read from log-sum-exps
     /// computed once per half give what each computes alone: the losses and gradients bit for bit
     /// (the same kernel makes them), the weights to 1e-5 relative (they took two log-sum-exps).
+    func testUnbiasedDistillationFromTheOldPredictionMatchesItAlone() {
+        var rng = SeededGenerator(seed: 19)
+        let logits = Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng)
+        // A batch of three images' old logits, of which the KD reads the last two (a fake half).
+        let batch = Tensor.randn([3, 16, 20, 30], std: 3, rng: &rng), old = sliceBatch(batch, 1..<3)
+        let prediction = OldPrediction(batch)
+        let mask = Tensor(shape: [2, 1, 20, 30], values: (0..<1200).map { _ in Float(rng.next() % 2) })
+        for mask in [nil, mask] {
+            let alone = valueAndGradient(logits) {
+                unbiasedDistillation($0, old, temperature: 1, mask: mask, reduction: .local, logSumExps: nil)
+            }
+            let given = valueAndGradient(logits) {
+                unbiasedDistillation(
+                    $0, old, temperature: 1, mask: mask, reduction: .local, logSumExps: nil,
+                    oldSoftmax: (prediction.wholeProbabilities, 1))
+            }
+            assertClose(given, alone, "unbiased KD from the old prediction, mask \(mask != nil)")
+        }
+    }
+
     func testTermsFromSharedLogSumExpsMatchTheTermsAlone() {
         var rng = SeededGenerator(seed: 15)
         let logits = Tensor.randn([2, 21, 20, 30], std: 3, rng: &rng)

@@ -119,15 +119,17 @@ public func unbiasedDistillation(
         newLogits, oldLogits, temperature: temperature, mask: mask, reduction: reduction, logSumExps: nil)
 }
 
-/// `unbiasedDistillation` from the new logits' log-sum-exps over `foldedBackground` at 1 / T, when given.
+/// `unbiasedDistillation` from the new logits' log-sum-exps over `foldedBackground` at 1 / T, when
+/// given, and the old softmax at T 1 (`unbiasedDistillationLoss`), when given.
 func unbiasedDistillation(
     _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?, reduction: BatchReduction,
-    logSumExps: ChannelSetLogSumExps?
+    logSumExps: ChannelSetLogSumExps?, oldSoftmax: (probabilities: Tensor, firstImage: Int)? = nil
 ) -> Tensor {
     precondition(oldLogits.shape[1] < newLogits.shape[1], "unbiased KD: the new model must have more classes")
     return reduction.share(
         ofMean: unbiasedDistillationLoss(
-            newLogits, oldLogits, temperature: temperature, mask: mask, logSumExps: logSumExps),
+            newLogits, oldLogits, temperature: temperature, mask: mask, logSumExps: logSumExps,
+            oldSoftmax: oldSoftmax),
         count: Double(mask?.array.reduce(0, +) ?? Float(newLogits.count / newLogits.shape[1])))
 }
 

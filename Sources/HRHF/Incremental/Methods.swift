@@ -56,7 +56,8 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
             let folded = foldedBackground(oldClasses: old.shape[1], classes: new.shape[1])
             return unbiasedDistillation(
                 new, old, temperature: options.kdTemperature, mask: nil, reduction: reduction,
-                logSumExps: batch.logSumExps(half, merged: folded, scale: 1 / options.kdTemperature))
+                logSumExps: batch.logSumExps(half, merged: folded, scale: 1 / options.kdTemperature),
+                oldSoftmax: options.kdTemperature == 1 ? batch.sharedOldSoftmax(half) : nil)
         case .lwfKD:
             return plainDistillation(new, old, temperature: options.kdTemperature, reduction: reduction)
         case .feat:
@@ -344,6 +345,20 @@ struct StepBatch {
         let offset = shared.images.lowerBound
         return shared.images == range
             ? shared.prediction : shared.prediction.images((range.lowerBound - offset)..<(range.upperBound - offset))
+    }
+
+    /// The old model's softmax on `half` when the step computed it anyway: the whole batch's
+    /// tensor and the half's first image in it.
+    func sharedOldSoftmax(_ half: BatchHalf) -> (probabilities: Tensor, firstImage: Int)? {
+        let range = Self.images(half, realCount, new.logits.shape[0])
+        guard let shared = sharedOldPrediction, shared.images.contains(range.lowerBound),
+            range.upperBound <= shared.images.upperBound
+        else { return nil }
+        let prediction = shared.prediction
+        return (
+            prediction.wholeProbabilities,
+            prediction.imageRange.lowerBound + range.lowerBound - shared.images.lowerBound
+        )
     }
 
     /// The log-sum-exps of `half`'s new logits computed once, when they are over `merged` at `scale`.

@@ -235,9 +235,11 @@ func channelSetLogSumExps(_ logits: Tensor, merged: [Range<Int>], scale: Float) 
 ///     + sum over old k >= 1 of q_k (x_k - logsumexp x);
 /// the loss is -(sum of l over the pixels where `mask` is 1) / (their count) / |old|, and
 /// dl/dx_k = q_0 [k background or new] softmax over those_k + [1 <= k < old] q_k - (sum q) s_k.
+/// `oldSoftmax`, at temperature 1, is q already computed: images `firstImage...` of its tensor
+/// (the old model's prediction on a whole batch, of which these logits are a part).
 func unbiasedDistillationLoss(
     _ newLogits: Tensor, _ oldLogits: Tensor, temperature: Float, mask: Tensor?,
-    logSumExps given: ChannelSetLogSumExps? = nil
+    logSumExps given: ChannelSetLogSumExps? = nil, oldSoftmax: (probabilities: Tensor, firstImage: Int)? = nil
 ) -> Tensor {
     let (n, c, inner) = channelLayout(newLogits, "unbiased KD")
     let old = oldLogits.shape[1]
@@ -245,6 +247,14 @@ func unbiasedDistillationLoss(
         oldLogits.shape[0] == n && oldLogits.count == n * old * inner && old < c,
         "unbiased KD: old logits \(oldLogits.shape) for new \(newLogits.shape)")
     if let mask { precondition(mask.count == n * inner, "unbiased KD: mask \(mask.shape) for \(newLogits.shape)") }
+    if let oldSoftmax {
+        let (q, first) = oldSoftmax
+        precondition(
+            temperature == 1 && q.shape.count == 4 && q.shape[1] == old && q.count / q.shape[0] == old * inner
+                && first >= 0 && first + n <= q.shape[0],
+            "unbiased KD: old softmax \(q.shape) from image \(first) for \(oldLogits.shape) at T \(temperature)")
+    }
+    let qs = oldSoftmax.map { $0.probabilities.pointer + $0.firstImage * old * inner }
     let inverse = 1 / temperature
     let merged = foldedBackground(oldClasses: old, classes: c)
     // Per pixel: logsumexp of x over all channels and over the merged ones, and of old / T.
@@ -256,16 +266,20 @@ func unbiasedDistillationLoss(
     let (pa, pm, pq, pl) = (lseAll.pointer, lseMerged.pointer, lseOld.pointer, perPixel.pointer)
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0, x = px + b * c * inner + i0, o = po + b * old * inner + i0
-        // With e_k = exp(old_k / T - peak), q_k = e_k / sum e: l = (sum_k e_k term_k) / sum e.
+        // With e_k = exp(old_k / T - peak), q_k = e_k / sum e: l = (sum_k e_k term_k) / sum e
+        // (or, with q given, e = q and sum e = 1).
+        let q = qs.map { $0 + b * old * inner + i0 }
         withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
             let peak = scratch.baseAddress!, sum = peak + paddedBlock, weighted = sum + paddedBlock
-            blockPeak(o, rows: 0..<old, scale: inverse, inner: inner, count: count, into: peak)
+            if q == nil { blockPeak(o, rows: 0..<old, scale: inverse, inner: inner, count: count, into: peak) }
             sum.update(repeating: 0, count: 2 * paddedBlock)
             for k in 0..<old {
                 var i = 0
                 while i < count {
                     let lanes = min(8, count - i), all = loadLanes(pa + j0 + i, lanes)
-                    let e = simdExp(loadLanes(o + k * inner + i, lanes) * inverse - load8(peak + i))
+                    let e =
+                        q.map { loadLanes($0 + k * inner + i, lanes) }
+                        ?? simdExp(loadLanes(o + k * inner + i, lanes) * inverse - load8(peak + i))
                     store8(load8(sum + i) + e, sum + i)
                     let term =
                         k == 0
@@ -277,8 +291,8 @@ func unbiasedDistillationLoss(
             var i = 0
             while i < count {
                 let lanes = min(8, count - i), m = load8(peak + i), total = load8(sum + i)
-                storeLanes(laneLogSumExp(peak: m, sum: total), pq + j0 + i, lanes)
-                storeLanes(load8(weighted + i) / total, pl + j0 + i, lanes)
+                if q == nil { storeLanes(laneLogSumExp(peak: m, sum: total), pq + j0 + i, lanes) }
+                storeLanes(q == nil ? load8(weighted + i) / total : load8(weighted + i), pl + j0 + i, lanes)
                 i += 8
             }
         }
@@ -292,9 +306,12 @@ func unbiasedDistillationLoss(
     let scale: Float = selected > 0 ? -1 / Float(selected) / Float(old) : 0
     let out = Tensor(scalar: Float(total) * scale)
     let xd = newLogits.detached(), od = oldLogits.detached(), md = mask?.detached()
+    // The given softmax's tensor is held until the backward has read it (its pointer alone is not).
+    let qd = oldSoftmax.map { ($0.probabilities.detached(), $0.firstImage) }
     record(out, "unbiased_kd", [newLogits]) { g in
         let gx = Tensor(uninitialized: xd.shape)
         let pgx = gx.pointer, pxd = xd.pointer, pod = od.pointer, pmd = md?.pointer
+        let qs = qd.map { $0.0.pointer + $0.1 * old * inner }
         let (pa, pm, pq) = (lseAll.pointer, lseMerged.pointer, lseOld.pointer)
         let upstream = g.item * scale * inverse
         forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
@@ -306,12 +323,15 @@ func unbiasedDistillationLoss(
                 for i in 0..<count { coefficient[i] = upstream * (pmd?[j0 + i] ?? 1) }
                 qSum.update(repeating: 0, count: paddedBlock)
                 // q_k into q0 and the gradient's rows 1..<old first, then q_k - (sum q) s_k once the sum is known.
+                let given = qs.map { $0 + b * old * inner + i0 }
                 for k in 0..<old {
                     let row = o + k * inner, out = k == 0 ? q0 : r + k * inner
                     var i = 0
                     while i < count {
                         let lanes = min(8, count - i)
-                        let q = simdExp(loadLanes(row + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes))
+                        let q =
+                            given.map { loadLanes($0 + k * inner + i, lanes) }
+                            ?? simdExp(loadLanes(row + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes))
                         storeLanes(q, out + i, lanes)
                         store8(load8(qSum + i) + q, qSum + i)
                         i += 8
