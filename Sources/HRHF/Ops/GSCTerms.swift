@@ -170,10 +170,10 @@ func gscTermSums(
     }
     if relation != nil { values.replaceSubrange(2..., with: means(0)) }
     let out = Tensor(shape: [2 + k * old], values: values)
-    let xd = logits.detached(), od = oldLogits?.detached(), md = mask?.detached()
+    let xd = logits.detached(), md = mask?.detached()
     record(out, "gsc_terms", [logits]) { g in
         let gx = Tensor(uninitialized: xd.shape)
-        let pgx = gx.pointer, pxd = xd.pointer, pod = od?.pointer, pmd = md?.pointer, pg = g.pointer
+        let pgx = gx.pointer, pxd = xd.pointer, pmd = md?.pointer, pg = g.pointer
         let softCoefficient = pg[0] * softScale * inverse, entropyUpstream = pg[1] * entropyScale
         // Each class-mean row's gradient shared by its pixels: G[a, k] / |a|.
         let share = (0..<(k * old)).map { e in counts[e / old] > 0 ? pg[2 + e] / counts[e / old] : 0 }
