@@ -334,31 +334,28 @@ struct StepBatch {
         half == .fake ? realCount..<n : 0..<(half == .real ? realCount : n)
     }
 
-    /// The old model's prediction on `half`: the shared one, or its part, or else computed here.
-    func oldPrediction(_ half: BatchHalf) -> OldPrediction {
+    /// The shared old prediction when it covers `half`, and the half's images within it.
+    func sharedPrediction(_ half: BatchHalf) -> (prediction: OldPrediction, images: Range<Int>)? {
         let range = Self.images(half, realCount, new.logits.shape[0])
         guard let shared = sharedOldPrediction,
             shared.images.lowerBound <= range.lowerBound && range.upperBound <= shared.images.upperBound
-        else {
-            return OldPrediction(logits(half).old)
-        }
+        else { return nil }
         let offset = shared.images.lowerBound
-        return shared.images == range
-            ? shared.prediction : shared.prediction.images((range.lowerBound - offset)..<(range.upperBound - offset))
+        return (shared.prediction, (range.lowerBound - offset)..<(range.upperBound - offset))
+    }
+
+    /// The old model's prediction on `half`: the shared one, or its part, or else computed here.
+    func oldPrediction(_ half: BatchHalf) -> OldPrediction {
+        guard let (prediction, images) = sharedPrediction(half) else { return OldPrediction(logits(half).old) }
+        return images == 0..<prediction.shape[0] ? prediction : prediction.images(images)
     }
 
     /// The old model's softmax on `half` when the step computed it anyway: the whole batch's
     /// tensor and the half's first image in it.
     func sharedOldSoftmax(_ half: BatchHalf) -> (probabilities: Tensor, firstImage: Int)? {
-        let range = Self.images(half, realCount, new.logits.shape[0])
-        guard let shared = sharedOldPrediction, shared.images.contains(range.lowerBound),
-            range.upperBound <= shared.images.upperBound
-        else { return nil }
-        let prediction = shared.prediction
-        return (
-            prediction.wholeProbabilities,
-            prediction.imageRange.lowerBound + range.lowerBound - shared.images.lowerBound
-        )
+        sharedPrediction(half).map {
+            ($0.prediction.wholeProbabilities, $0.prediction.imageRange.lowerBound + $0.images.lowerBound)
+        }
     }
 
     /// The log-sum-exps of `half`'s new logits computed once, when they are over `merged` at `scale`.

@@ -70,13 +70,14 @@ func gscTermSums(
     let inverse = 1 / (temperature ?? 1)
     let px = logits.pointer, po = oldLogits?.pointer
     let blocksPerImage = (inner + pixelBlock - 1) / pixelBlock
-    // Soft: the log-sum-exps of x / T and old / T over the old channels, and l, per pixel.
-    let softSums = temperature.map { _ in
-        (new: Tensor(uninitialized: [n * inner]), old: Tensor(uninitialized: [n * inner]))
+    // Soft: per pixel the log-sum-exp of x / T over the old channels and l, and q (kept for the
+    // backward, which would exponentiate the old logits again).
+    let soft = temperature.map { _ in
+        (
+            logSumExps: Tensor(uninitialized: [n * inner]), perPixel: Tensor(uninitialized: [n * inner]),
+            targets: Tensor(uninitialized: [n, old, inner])
+        )
     }
-    let softPerPixel = temperature.map { _ in Tensor(uninitialized: [n * inner]) }
-    // ...and q (kept for the backward, which would exponentiate the old logits again).
-    let softTargets = temperature.map { _ in Tensor(uninitialized: [n, old, inner]) }
     // Entropy: the log-sum-exp over all channels and H, per pixel.
     let entropySums = mask.map { _ in
         (all: Tensor(uninitialized: [n * inner]), entropy: Tensor(uninitialized: [n * inner]))
@@ -95,23 +96,26 @@ func gscTermSums(
         partial.withUnsafeMutableBufferPointer { partial in
             forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
                 let j0 = b * inner + i0, x = px + b * c * inner + i0
-                if let softSums, let pl = softPerPixel?.pointer, let po, let targets = softTargets?.pointer {
-                    let (pp, pq) = (softSums.new.pointer, softSums.old.pointer), o = po + b * old * inner + i0
-                    let q = targets + b * old * inner + i0
+                if let soft, let po {
+                    let (pp, pl) = (soft.logSumExps.pointer, soft.perPixel.pointer), o = po + b * old * inner + i0
+                    let q = soft.targets.pointer + b * old * inner + i0
                     blockLogSumExp(x, channels: [0..<old], scale: inverse, inner: inner, count: count, into: pp + j0)
-                    blockSoftmax(
-                        o, channels: old, scale: inverse, inner: inner, count: count, into: q, logSumExp: pq + j0)
-                    (pl + j0).update(repeating: 0, count: count)
-                    for k in 0..<old {
-                        var i = 0
-                        while i < count {
-                            let lanes = min(8, count - i)
-                            let logQ = loadLanes(o + k * inner + i, lanes) * inverse - loadLanes(pq + j0 + i, lanes)
-                            let logP = loadLanes(x + k * inner + i, lanes) * inverse - loadLanes(pp + j0 + i, lanes)
-                            storeLanes(
-                                loadLanes(pl + j0 + i, lanes) + loadLanes(q + k * inner + i, lanes) * (logQ - logP),
-                                pl + j0 + i, lanes)
-                            i += 8
+                    withUnsafeTemporaryAllocation(of: Float.self, capacity: paddedBlock) { pq in
+                        let pq = pq.baseAddress!
+                        blockSoftmax(
+                            o, channels: old, scale: inverse, inner: inner, count: count, into: q, logSumExp: pq)
+                        (pl + j0).update(repeating: 0, count: count)
+                        for k in 0..<old {
+                            var i = 0
+                            while i < count {
+                                let lanes = min(8, count - i)
+                                let logQ = loadLanes(o + k * inner + i, lanes) * inverse - loadLanes(pq + i, lanes)
+                                let logP = loadLanes(x + k * inner + i, lanes) * inverse - loadLanes(pp + j0 + i, lanes)
+                                storeLanes(
+                                    loadLanes(pl + j0 + i, lanes) + loadLanes(q + k * inner + i, lanes) * (logQ - logP),
+                                    pl + j0 + i, lanes)
+                                i += 8
+                            }
                         }
                     }
                 }
@@ -142,7 +146,7 @@ func gscTermSums(
     }
     var values = [Float](repeating: 0, count: 2 + k * old)
     let softScale = (temperature ?? 0) * (temperature ?? 0) / Float(n * inner)
-    if let pl = softPerPixel?.pointer {
+    if let pl = soft?.perPixel.pointer {
         var total = 0.0
         for j in 0..<(n * inner) { total += Double(pl[j]) }
         values[0] = Float(total) * softScale
@@ -181,10 +185,10 @@ func gscTermSums(
             forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
                 let j0 = b * inner + i0, x = pxd + b * c * inner + i0, r = pgx + b * c * inner + i0
                 var zeroFrom = 0
-                if let softSums, let targets = softTargets?.pointer {
+                if let soft {
                     softGradient(
-                        x, targets + b * old * inner + i0, channels: old, inner: inner, count: count,
-                        lseNew: softSums.new.pointer + j0, inverse: inverse, coefficient: softCoefficient, into: r)
+                        x, soft.targets.pointer + b * old * inner + i0, channels: old, inner: inner, count: count,
+                        lseNew: soft.logSumExps.pointer + j0, inverse: inverse, coefficient: softCoefficient, into: r)
                     zeroFrom = old
                 }
                 for ch in zeroFrom..<c { (r + ch * inner).update(repeating: 0, count: count) }
@@ -310,42 +314,6 @@ private func blockEntropy(
             }
         }
         return true
-    }
-}
-
-/// softmax's arithmetic over the first `channels` channels of a pixel block at `scale`:
-/// exp(scale x - max) per channel, then times 1 / their sum, into `y` (channel stride `inner`),
-/// with the log-sum-exp of scale x into `logSumExp` when given.
-private func blockSoftmax(
-    _ x: UnsafePointer<Float>, channels: Int, scale: Float, inner: Int, count: Int, into y: UnsafeMutablePointer<Float>,
-    logSumExp: UnsafeMutablePointer<Float>? = nil
-) {
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * paddedBlock) { scratch in
-        let peak = scratch.baseAddress!, sums = peak + paddedBlock
-        blockPeak(x, rows: 0..<channels, scale: scale, inner: inner, count: count, into: peak)
-        sums.update(repeating: 0, count: paddedBlock)
-        for ch in 0..<channels {
-            let row = y + ch * inner, source = x + ch * inner
-            var i = 0
-            while i < count {
-                let lanes = min(8, count - i), e = simdExp(loadLanes(source + i, lanes) * scale - load8(peak + i))
-                storeLanes(e, row + i, lanes)
-                store8(load8(sums + i) + e, sums + i)
-                i += 8
-            }
-        }
-        if let logSumExp {
-            var i = 0
-            while i < count {
-                storeLanes(laneLogSumExp(peak: load8(peak + i), sum: load8(sums + i)), logSumExp + i, min(8, count - i))
-                i += 8
-            }
-        }
-        for i in 0..<count { sums[i] = 1 / sums[i] }
-        for ch in 0..<channels {
-            let row = y + ch * inner
-            for i in 0..<count { row[i] *= sums[i] }
-        }
     }
 }
 

@@ -202,48 +202,72 @@ func softmaxForward(
     let px = x.pointer, po = out.pointer
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let base = b * c * inner + i0
-        withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
-            let peak = scratch.baseAddress!, sum = peak + paddedBlock, best = sum + paddedBlock
-            blockPeak(px + base, rows: 0..<c, scale: 1, inner: inner, count: count, into: peak)
-            sum.update(repeating: 0, count: paddedBlock)
+        blockSoftmax(px + base, channels: c, scale: 1, inner: inner, count: count, into: po + base)
+        guard let argmax else { return }
+        withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * paddedBlock) { scratch in
+            // The best probability so far and its channel as a float (exact below 2^24).
+            let best = scratch.baseAddress!, index = best + paddedBlock
             for k in 0..<c {
-                let src = px + base + k * inner, dst = po + base + k * inner
+                let row = po + base + k * inner
                 var i = 0
                 while i < count {
-                    let lanes = min(8, count - i), e = simdExp(loadLanes(src + i, lanes) - load8(peak + i))
-                    storeLanes(e, dst + i, lanes)
-                    store8(load8(sum + i) + e, sum + i)
+                    let y = loadLanes(row + i, min(8, count - i))
+                    var top = load8(best + i), channel = load8(index + i)
+                    let better = k == 0 ? SIMDMask(repeating: true) : y .> top
+                    top.replace(with: y, where: better)
+                    channel.replace(with: Float(k), where: better)
+                    store8(top, best + i)
+                    store8(channel, index + i)
                     i += 8
                 }
             }
+            let j = b * inner + i0
+            (argmax.values + j).update(from: best, count: count)
+            for i in 0..<count { argmax.indices[j + i] = Int32(index[i]) }
+        }
+    }
+}
+
+/// softmax's arithmetic over the first `channels` channels of a pixel block at `scale`:
+/// exp(scale x - max) per channel, then times 1 / their sum, into `y` (channel stride `inner`),
+/// with the log-sum-exp of scale x into `logSumExp` when given.
+func blockSoftmax(
+    _ x: UnsafePointer<Float>, channels: Int, scale: Float, inner: Int, count: Int, into y: UnsafeMutablePointer<Float>,
+    logSumExp: UnsafeMutablePointer<Float>? = nil
+) {
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: 2 * paddedBlock) { scratch in
+        let peak = scratch.baseAddress!, sums = peak + paddedBlock
+        blockPeak(x, rows: 0..<channels, scale: scale, inner: inner, count: count, into: peak)
+        sums.update(repeating: 0, count: paddedBlock)
+        for ch in 0..<channels {
+            let row = y + ch * inner, source = x + ch * inner
             var i = 0
-            while i < paddedBlock {
-                store8(1 / load8(sum + i), sum + i)
+            while i < count {
+                let lanes = min(8, count - i), e = simdExp(loadLanes(source + i, lanes) * scale - load8(peak + i))
+                storeLanes(e, row + i, lanes)
+                store8(load8(sums + i) + e, sums + i)
                 i += 8
             }
-            // The channel of the best probability so far as a float (exact below 2^24), in `peak`.
-            let index = peak
-            for k in 0..<c {
-                let dst = po + base + k * inner
-                i = 0
-                while i < count {
-                    let lanes = min(8, count - i), y = loadLanes(dst + i, lanes) * load8(sum + i)
-                    storeLanes(y, dst + i, lanes)
-                    if argmax != nil {
-                        var top = load8(best + i), channel = load8(index + i)
-                        let better = k == 0 ? SIMDMask(repeating: true) : y .> top
-                        top.replace(with: y, where: better)
-                        channel.replace(with: Float(k), where: better)
-                        store8(top, best + i)
-                        store8(channel, index + i)
-                    }
-                    i += 8
-                }
+        }
+        if let logSumExp {
+            var i = 0
+            while i < count {
+                storeLanes(laneLogSumExp(peak: load8(peak + i), sum: load8(sums + i)), logSumExp + i, min(8, count - i))
+                i += 8
             }
-            if let argmax {
-                let j = b * inner + i0
-                (argmax.values + j).update(from: best, count: count)
-                for i in 0..<count { argmax.indices[j + i] = Int32(index[i]) }
+        }
+        var i = 0
+        while i < count {
+            store8(1 / load8(sums + i), sums + i)
+            i += 8
+        }
+        for ch in 0..<channels {
+            let row = y + ch * inner
+            var i = 0
+            while i < count {
+                let lanes = min(8, count - i)
+                storeLanes(loadLanes(row + i, lanes) * load8(sums + i), row + i, lanes)
+                i += 8
             }
         }
     }
