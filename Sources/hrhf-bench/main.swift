@@ -147,6 +147,9 @@ struct Bench: ParsableCommand {
             "\n\(job.rawValue): one iteration by op kind (mean of \(max(repeats, 1)); "
                 + "backward counted with its forward's kind)")
         print(profileTable(perIteration))
+        let tally = Profiler.convolutionTally
+        print("\n\(job.rawValue): its convolutions by shape, per iteration (wall time of each kernel call)")
+        print(convolutionTable(tally, iterations: max(repeats, 1), sgemm: measureSgemmGFLOPS()))
     }
 }
 

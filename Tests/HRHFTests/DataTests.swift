@@ -241,6 +241,38 @@ final class DataTests: XCTestCase {
             resizeMask(IndexMask(width: 2, height: 1, values: [3, 9]), width: 4, height: 1).values, [3, 3, 9, 9])
     }
 
+    /// A window of a resize is bitwise the same pixels as the whole resize cropped: the
+    /// augmentation computes only its crop's window.
+    func testResizeWindowIsTheCropOfTheWholeResize() {
+        var rng = SeededGenerator(seed: 5)
+        let (w, h) = (23, 17)
+        let image = RGBImage(width: w, height: h, pixels: (0..<(w * h * 3)).map { _ in UInt8(rng.next() % 256) })
+        let mask = IndexMask(width: w, height: h, values: (0..<(w * h)).map { _ in UInt16(rng.next() % 21) })
+        for (width, height) in [(41, 30), (12, 9), (23, 17)] {
+            let whole = resizeImage(image, width: width, height: height)
+            let wholeMask = resizeMask(mask, width: width, height: height)
+            let (columns, rows) = (3..<(width - 2), 1..<(height - 4))
+            let window = resizeImage(image, width: width, height: height, columns: columns, rows: rows)
+            let windowMask = resizeMask(mask, width: width, height: height, columns: columns, rows: rows)
+            XCTAssertEqual(
+                [window.width, window.height, windowMask.width, windowMask.height],
+                [
+                    columns.count, rows.count, columns.count, rows.count,
+                ])
+            for (j, y) in rows.enumerated() {
+                for (i, x) in columns.enumerated() {
+                    XCTAssertEqual(windowMask.values[j * columns.count + i], wholeMask.values[y * width + x])
+                    for c in 0..<3 {
+                        XCTAssertEqual(
+                            window.pixels[(j * columns.count + i) * 3 + c], whole.pixels[(y * width + x) * 3 + c])
+                    }
+                }
+            }
+        }
+        // The same size through the formula is the image itself (weights 1 and 0).
+        XCTAssertEqual(resizeImage(image, width: w, height: h, columns: 0..<w, rows: 0..<h), image)
+    }
+
     func testBatchesAreDeterministicAndPrefetchingChangesNothing() throws {
         let ds = try VOCDataset(root: Self.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         func loader() -> BatchLoader {

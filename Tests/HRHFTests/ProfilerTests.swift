@@ -38,6 +38,39 @@ final class ProfilerTests: XCTestCase {
         XCTAssertEqual(Profiler.convolutionFlops, 3 * forward, "not counted once stopped")
     }
 
+    func testConvolutionsAreTalliedByShapeAndPass() {
+        let conv = Conv2d(3, 4, kernelSize: 3, padding: 1, bias: false, rng: &Self.rng)
+        let pointwise = Conv2d(4, 2, kernelSize: 1, bias: false, rng: &Self.rng)
+        let x = randn([2, 3, 8, 8], seed: 1)
+        x.requiresGrad = true
+        Profiler.start()
+        sum(pointwise(conv(x))).backward()
+        _ = conv(x)
+        _ = Profiler.stop()
+        let tally = Profiler.convolutionTally
+        XCTAssertEqual(tally.count, 2)
+        let shape = tally.keys.first { $0.geometry.kernelH == 3 }!
+        XCTAssertEqual(shape.label, "3x3 d1 s1 3->4 @8x8 b2")
+        XCTAssertEqual(shape.batch, 2)
+        let t = tally[shape]!
+        // Two forwards, one of each gradient; FLOPs as `testConvolutionFlopsAreCountedOnlyWhileAsked`.
+        XCTAssertEqual(t.calls, [2, 1, 1])
+        let forward = 2.0 * 4 * 3 * 484 * 2
+        XCTAssertEqual(t.flops, [2 * forward, forward, forward])
+        XCTAssertTrue(t.nanoseconds.allSatisfy { $0 > 0 })
+        // Rows slowest first, one per shape, and a total row.
+        let table = convolutionTable(tally, iterations: 2, sgemm: 100).split(separator: "\n")
+        XCTAssertEqual(table.count, 2 + 2 + 1)
+        XCTAssertTrue(table.last!.hasPrefix("total"))
+        let slowest = tally.max { $0.value.totalSeconds < $1.value.totalSeconds }!.key
+        XCTAssertTrue(table[2].hasPrefix(slowest.label))
+        // Calls per iteration: the 3x3's two forwards over two iterations.
+        XCTAssertEqual(table.first { $0.hasPrefix(shape.label) }!.split(separator: " ")[6], "1")
+        Profiler.start()
+        _ = Profiler.stop()
+        XCTAssertTrue(Profiler.convolutionTally.isEmpty, "start clears the tally")
+    }
+
     func testTimeCountsForTheInnermostRegionOnly() {
         Profiler.start()
         Profiler.region(.data) {

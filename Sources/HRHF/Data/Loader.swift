@@ -22,38 +22,62 @@ public struct Augmentation: Sendable {
     }
 }
 
-/// Bilinear resize of 8-bit RGB (align_corners false), as the float op does.
-public func resizeImage(_ image: RGBImage, width: Int, height: Int) -> RGBImage {
-    if width == image.width && height == image.height { return image }
+/// Bilinear resize of 8-bit RGB (align_corners false), as the float op does: the window
+/// `columns` x `rows` of the image resized to `width` x `height` (all of it by default), as an
+/// image of the window's size. A crop computes only the pixels it keeps.
+public func resizeImage(
+    _ image: RGBImage, width: Int, height: Int, columns: Range<Int>? = nil, rows: Range<Int>? = nil
+) -> RGBImage {
+    if width == image.width && height == image.height && columns == nil && rows == nil { return image }
+    let columns = columns ?? 0..<width, rows = rows ?? 0..<height
+    precondition(
+        columns.lowerBound >= 0 && columns.upperBound <= width && rows.lowerBound >= 0 && rows.upperBound <= height,
+        "resizeImage: window \(columns) x \(rows) outside \(width) x \(height)")
+    let outW = columns.count
+    var out = [UInt8](repeating: 0, count: outW * rows.count * 3)
     let ty = LinearTaps(inSize: image.height, outSize: height), tx = LinearTaps(inSize: image.width, outSize: width)
-    var out = [UInt8](repeating: 0, count: width * height * 3)
     image.pixels.withUnsafeBufferPointer { src in
-        for y in 0..<height {
-            for x in 0..<width {
-                for c in 0..<3 {
-                    func px(_ yy: Int, _ xx: Int) -> Float { Float(src[(yy * image.width + xx) * 3 + c]) }
-                    let v =
-                        ty.w0[y] * (tx.w0[x] * px(ty.i0[y], tx.i0[x]) + tx.w1[x] * px(ty.i0[y], tx.i1[x]))
-                        + ty.w1[y] * (tx.w0[x] * px(ty.i1[y], tx.i0[x]) + tx.w1[x] * px(ty.i1[y], tx.i1[x]))
-                    out[(y * width + x) * 3 + c] = UInt8(max(0, min(255, v.rounded())))
+        out.withUnsafeMutableBufferPointer { dst in
+            for (j, y) in rows.enumerated() {
+                let row0 = ty.i0[y] * image.width, row1 = ty.i1[y] * image.width
+                let (wy0, wy1) = (ty.w0[y], ty.w1[y])
+                for (i, x) in columns.enumerated() {
+                    let (a, b, wx0, wx1) = (3 * (row0 + tx.i0[x]), 3 * (row0 + tx.i1[x]), tx.w0[x], tx.w1[x])
+                    let (c, d) = (3 * (row1 + tx.i0[x]), 3 * (row1 + tx.i1[x]))
+                    let o = 3 * (j * outW + i)
+                    for ch in 0..<3 {
+                        let v =
+                            wy0 * (wx0 * Float(src[a + ch]) + wx1 * Float(src[b + ch]))
+                            + wy1 * (wx0 * Float(src[c + ch]) + wx1 * Float(src[d + ch]))
+                        dst[o + ch] = UInt8(max(0, min(255, v.rounded())))
+                    }
                 }
             }
         }
     }
-    return RGBImage(width: width, height: height, pixels: out)
+    return RGBImage(width: outW, height: rows.count, pixels: out)
 }
 
-/// Nearest-neighbour resize of a mask (PyTorch's "nearest": source = floor(dst * in / out)).
-public func resizeMask(_ mask: IndexMask, width: Int, height: Int) -> IndexMask {
-    if width == mask.width && height == mask.height { return mask }
-    var out = [UInt16](repeating: 0, count: width * height)
-    for y in 0..<height {
+/// Nearest-neighbour resize of a mask (PyTorch's "nearest": source = floor(dst * in / out)):
+/// the window `columns` x `rows` of the mask resized to `width` x `height` (all of it by default).
+public func resizeMask(
+    _ mask: IndexMask, width: Int, height: Int, columns: Range<Int>? = nil, rows: Range<Int>? = nil
+) -> IndexMask {
+    if width == mask.width && height == mask.height && columns == nil && rows == nil { return mask }
+    let columns = columns ?? 0..<width, rows = rows ?? 0..<height
+    precondition(
+        columns.lowerBound >= 0 && columns.upperBound <= width && rows.lowerBound >= 0 && rows.upperBound <= height,
+        "resizeMask: window \(columns) x \(rows) outside \(width) x \(height)")
+    var out = [UInt16](repeating: 0, count: columns.count * rows.count)
+    var o = 0
+    for y in rows {
         let sy = min(mask.height - 1, y * mask.height / height)
-        for x in 0..<width {
-            out[y * width + x] = mask.values[sy * mask.width + min(mask.width - 1, x * mask.width / width)]
+        for x in columns {
+            out[o] = mask.values[sy * mask.width + min(mask.width - 1, x * mask.width / width)]
+            o += 1
         }
     }
-    return IndexMask(width: width, height: height, values: out)
+    return IndexMask(width: columns.count, height: rows.count, values: out)
 }
 
 extension Augmentation {
@@ -61,11 +85,14 @@ extension Augmentation {
     public func apply(_ image: RGBImage, _ labels: IndexMask, rng: inout SeededGenerator) -> (RGBImage, IndexMask) {
         let s = scaleRange.lowerBound + (scaleRange.upperBound - scaleRange.lowerBound) * rng.nextUnitFloat()
         let w = max(1, Int((Float(image.width) * s).rounded())), h = max(1, Int((Float(image.height) * s).rounded()))
-        let scaled = resizeImage(image, width: w, height: h), scaledLabels = resizeMask(labels, width: w, height: h)
         let c = cropSize
         let x0 = w > c ? Int(rng.next() % UInt64(w - c + 1)) : 0
         let y0 = h > c ? Int(rng.next() % UInt64(h - c + 1)) : 0
         let mirror = flip && rng.nextUnitFloat() < 0.5
+        // Only the crop's window of the scaled image and labels.
+        let (columns, rows) = (x0..<(x0 + min(c, w)), y0..<(y0 + min(c, h)))
+        let scaled = resizeImage(image, width: w, height: h, columns: columns, rows: rows)
+        let scaledLabels = resizeMask(labels, width: w, height: h, columns: columns, rows: rows)
         // Padding: ImageNet's mean colour (zero after normalisation) and the ignore label.
         var pixels = [UInt8](repeating: 0, count: c * c * 3)
         for i in 0..<(c * c) {
@@ -76,10 +103,9 @@ extension Augmentation {
         var values = [UInt16](repeating: 255, count: c * c)
         for y in 0..<min(c, h) {
             for x in 0..<min(c, w) {
-                let sx = x0 + x, sy = y0 + y
-                let dx = mirror ? min(c, w) - 1 - x : x
-                for ch in 0..<3 { pixels[(y * c + dx) * 3 + ch] = scaled.pixels[(sy * w + sx) * 3 + ch] }
-                values[y * c + dx] = scaledLabels.values[sy * w + sx]
+                let dx = mirror ? min(c, w) - 1 - x : x, src = y * scaled.width + x
+                for ch in 0..<3 { pixels[(y * c + dx) * 3 + ch] = scaled.pixels[src * 3 + ch] }
+                values[y * c + dx] = scaledLabels.values[src]
             }
         }
         return (RGBImage(width: c, height: c, pixels: pixels), IndexMask(width: c, height: c, values: values))

@@ -6,7 +6,7 @@ import Foundation
 // needs no gradient (model inversion asks for the image gradient only).
 
 /// Geometry of one convolution.
-public struct Conv2dGeometry: Equatable, Sendable {
+public struct Conv2dGeometry: Hashable, Sendable {
     public var inChannels, outChannels, kernelH, kernelW: Int
     public var strideH, strideW, padH, padW, dilationH, dilationW, groups: Int
     public var inH, inW: Int
@@ -327,7 +327,9 @@ public func conv2d(
         dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
     precondition(geo.outH > 0 && geo.outW > 0, "conv2d: input \(h)x\(w) too small for the kernel")
     let out = Tensor(uninitialized: [n, cout, geo.outH, geo.outW])
-    conv2dForward(x.pointer, weight.pointer, bias?.pointer, geo, batch: n, out: out.pointer)
+    Profiler.convolutionPass(.forward, geo, batch: n) {
+        conv2dForward(x.pointer, weight.pointer, bias?.pointer, geo, batch: n, out: out.pointer)
+    }
 
     let xd = x.detached(), wd = weight.detached()
     var inputs = [x, weight]
@@ -336,12 +338,16 @@ public func conv2d(
         var grads: [Tensor?] = [nil, nil]
         if x.requiresGrad {
             let gx = Tensor(uninitialized: xd.shape)
-            conv2dBackwardInput(g.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
+            Profiler.convolutionPass(.inputGradient, geo, batch: n) {
+                conv2dBackwardInput(g.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
+            }
             grads[0] = gx
         }
         if weight.requiresGrad {
             let gw = Tensor(uninitialized: wd.shape)
-            conv2dBackwardWeight(g.pointer, xd.pointer, geo, batch: n, gradWeight: gw.pointer)
+            Profiler.convolutionPass(.weightGradient, geo, batch: n) {
+                conv2dBackwardWeight(g.pointer, xd.pointer, geo, batch: n, gradWeight: gw.pointer)
+            }
             grads[1] = gw
         }
         if let bias {
@@ -379,10 +385,12 @@ public func conv2dAffine(
         dilationH: dilation.0, dilationW: dilation.1, groups: groups, inH: h, inW: w)
     precondition(geo.outH > 0 && geo.outW > 0, "conv2d_affine: input \(h)x\(w) too small for the kernel")
     let out = Tensor(uninitialized: [n, cout, geo.outH, geo.outW])
-    conv2dForward(
-        x.pointer, weight.pointer,
-        epilogue: ConvEpilogue(scale: scale.pointer, shift: shift.pointer, negativeSlope: negativeSlope),
-        geo, batch: n, out: out.pointer)
+    Profiler.convolutionPass(.forward, geo, batch: n) {
+        conv2dForward(
+            x.pointer, weight.pointer,
+            epilogue: ConvEpilogue(scale: scale.pointer, shift: shift.pointer, negativeSlope: negativeSlope),
+            geo, batch: n, out: out.pointer)
+    }
     let xd = x.detached(), wd = weight.detached(), od = out.detached(), sd = scale.detached()
     record(out, "conv2d_affine", [x]) { g in
         // Through the activation (its sign is the output's: slope >= 0) and the scale, then the convolution.
@@ -400,7 +408,9 @@ public func conv2dAffine(
             }
         }
         let gx = Tensor(uninitialized: xd.shape)
-        conv2dBackwardInput(gs.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
+        Profiler.convolutionPass(.inputGradient, geo, batch: n) {
+            conv2dBackwardInput(gs.pointer, wd.pointer, geo, batch: n, gradInput: gx.pointer)
+        }
         return [gx]
     }
     return out

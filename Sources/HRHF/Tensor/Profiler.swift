@@ -33,6 +33,7 @@ public enum Profiler {
     public static func start() {
         nanoseconds = [UInt64](repeating: 0, count: ProfileKind.allCases.count)
         stack = [.other]
+        convolutionCalls = [:]
         mark = DispatchTime.now().uptimeNanoseconds
         isEnabled = true
     }
@@ -101,6 +102,85 @@ public enum Profiler {
 
     /// The kind a backward step of an op recorded now is charged to.
     static var recordingKind: ProfileKind { stack.last ?? .other }
+
+    /// Wall time of each convolution kernel call by shape and pass, while enabled (the second
+    /// table of `hrhf-bench --profile`: which layers the convolution time is).
+    nonisolated(unsafe) private static var convolutionCalls: [ConvolutionShape: ConvolutionTally] = [:]
+
+    /// Runs one convolution pass, timed under its shape while the profiler is on.
+    @inline(__always)
+    static func convolutionPass<T>(_ pass: ConvolutionPass, _ geo: Conv2dGeometry, batch: Int, _ body: () -> T) -> T {
+        guard isEnabled else { return body() }
+        let start = DispatchTime.now().uptimeNanoseconds
+        let result = body()
+        let shape = ConvolutionShape(geometry: geo, batch: batch)
+        convolutionCalls[shape, default: ConvolutionTally()].add(
+            pass, nanoseconds: DispatchTime.now().uptimeNanoseconds &- start, flops: geo.flopsPerImage * Double(batch))
+        return result
+    }
+
+    /// The convolution tally since `start`, cleared by the next `start`.
+    public static var convolutionTally: [ConvolutionShape: ConvolutionTally] { convolutionCalls }
+}
+
+/// The three kernels of a convolution.
+public enum ConvolutionPass: Int, CaseIterable, Sendable {
+    case forward, inputGradient, weightGradient
+}
+
+/// A convolution call's shape: its geometry and batch.
+public struct ConvolutionShape: Hashable, Sendable {
+    public let geometry: Conv2dGeometry
+    public let batch: Int
+
+    /// "3x3 d4 s1 128->128 @16x16 b16", with "per tap" when it runs one product per tap.
+    public var label: String {
+        let g = geometry
+        return "\(g.kernelH)x\(g.kernelW) d\(g.dilationH) s\(g.strideH) \(g.inChannels)->\(g.outChannels) "
+            + "@\(g.inH)x\(g.inW) b\(batch)" + (g.groups > 1 ? " g\(g.groups)" : "") + (g.runsPerTap ? " per tap" : "")
+    }
+}
+
+/// Calls, nanoseconds and FLOPs of one convolution shape, per pass.
+public struct ConvolutionTally: Sendable {
+    public private(set) var calls = [Int](repeating: 0, count: ConvolutionPass.allCases.count)
+    public private(set) var nanoseconds = [UInt64](repeating: 0, count: ConvolutionPass.allCases.count)
+    public private(set) var flops = [Double](repeating: 0, count: ConvolutionPass.allCases.count)
+
+    mutating func add(_ pass: ConvolutionPass, nanoseconds ns: UInt64, flops f: Double) {
+        calls[pass.rawValue] += 1
+        nanoseconds[pass.rawValue] += ns
+        flops[pass.rawValue] += f
+    }
+
+    public var totalSeconds: Double { Double(nanoseconds.reduce(0, +)) / 1e9 }
+}
+
+/// The convolutions of `iterations` profiled iterations by shape, slowest first: calls and
+/// milliseconds per iteration of each pass, and the rate over all three against `sgemm` GFLOP/s.
+public func convolutionTable(_ tally: [ConvolutionShape: ConvolutionTally], iterations: Int, sgemm: Double) -> String {
+    let per = 1 / Double(max(iterations, 1))
+    let total = tally.values.reduce(0) { $0 + $1.totalSeconds }
+    let rows = tally.sorted { $0.value.totalSeconds > $1.value.totalSeconds }.map { shape, t -> [String] in
+        let ms = ConvolutionPass.allCases.map { Double(t.nanoseconds[$0.rawValue]) / 1e6 * per }
+        let gflops = t.flops.reduce(0, +) / max(t.totalSeconds, 1e-12) / 1e9
+        return [
+            shape.label, String(format: "%.0f", Double(t.calls.max() ?? 0) * per),
+            String(format: "%.1f", ms[0]), String(format: "%.1f", ms[1]), String(format: "%.1f", ms[2]),
+            String(format: "%.1f", t.totalSeconds * 1e3 * per),
+            String(format: "%.0f%%", 100 * t.totalSeconds / max(total, 1e-12)),
+            String(format: "%.0f", gflops), String(format: "%.0f%%", 100 * gflops / sgemm),
+        ]
+    }
+    let allFlops = tally.values.reduce(0) { $0 + $1.flops.reduce(0, +) }
+    let totalRow = [
+        "total", "", "", "", "", String(format: "%.1f", total * 1e3 * per), "100%",
+        String(format: "%.0f", allFlops / max(total, 1e-12) / 1e9),
+        String(format: "%.0f%%", 100 * allFlops / max(total, 1e-12) / 1e9 / sgemm),
+    ]
+    return formatTable(
+        header: ["convolution", "calls", "fwd ms", "bwd in ms", "bwd w ms", "ms", "share", "GFLOP/s", "of sgemm"],
+        rows: rows + [totalRow])
 }
 
 /// The per-kind table of one profiled iteration, with each kind's share.
