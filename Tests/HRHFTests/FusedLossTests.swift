@@ -315,15 +315,17 @@ final class FusedLossTests: XCTestCase {
             (
                 "unbiased CE", realSums,
                 {
-                    unbiasedCrossEntropy(
-                        $0, real, oldClasses: 16, pixelWeights: weights, reduction: .local, logSumExps: $1)
+                    mergedBackgroundNLL(
+                        $0, real, merged: unbiased, kept: 21, pixelWeights: weights, reduction: .local,
+                        logSumExps: $1)
                 }
             ),
             (
                 "folded CE", fakeSums,
                 {
-                    foldedCrossEntropy(
-                        $0, fake, oldClasses: 16, pixelWeights: weights, reduction: .local, logSumExps: $1)
+                    mergedBackgroundNLL(
+                        $0, fake, merged: folded, kept: 16, pixelWeights: weights, reduction: .local,
+                        logSumExps: $1)
                 }
             ),
             (
@@ -346,9 +348,65 @@ final class FusedLossTests: XCTestCase {
         let folded = foldedBackground(oldClasses: 4, classes: 6)
         checkGradients([new]) {
             let sums = channelSetLogSumExps($0[0], merged: folded, scale: 1)
-            return foldedCrossEntropy(
-                $0[0], labels, oldClasses: 4, pixelWeights: nil, reduction: .local, logSumExps: sums)
+            return mergedBackgroundNLL(
+                $0[0], labels, merged: folded, kept: 4, pixelWeights: nil, reduction: .local, logSumExps: sums)
                 + unbiasedDistillation($0[0], old, temperature: 1, mask: nil, reduction: .local, logSumExps: sums)
+        }
+    }
+
+    /// The cross-entropy and the unbiased KD as one op give each op's value and the sum of their
+    /// gradients bit for bit: on the real half's sets (unbiased CE, the KD's own log-sum-exps) and
+    /// the fake half's (folded, shared), with the old softmax computed or given, with pixel weights.
+    func testCrossEntropyAndKDTogetherMatchTheOpsAlone() {
+        var rng = SeededGenerator(seed: 31)
+        let logits = Tensor.randn([3, 21, 20, 30], std: 2, rng: &rng)
+        let old = Tensor.randn([3, 16, 20, 30], std: 2, rng: &rng)
+        let real = Labels(
+            shape: [3, 20, 30], values: (0..<1800).map { _ in [0, 0, 3, 16, 20, 255][Int(rng.next() % 6)] })
+        let fake = Labels(shape: [3, 20, 30], values: (0..<1800).map { _ in [0, 1, 9, 15, 255][Int(rng.next() % 5)] })
+        let weights = Tensor.uniform([3, 20, 30], low: 0.2, high: 3, rng: &rng)
+        let unbiased = unbiasedBackground(oldClasses: 16), folded = foldedBackground(oldClasses: 16, classes: 21)
+        // The old model's softmax on a batch of 5 of which these are images 1-3.
+        let wider = concatBatch([randn([1, 16, 20, 30], seed: 7), old, randn([1, 16, 20, 30], seed: 8)])
+        let given = (softmax(wider), 1)
+        var cases = 0
+        for (labels, merged, kept, pixelWeights) in [(real, unbiased, 21, weights), (fake, folded, 16, nil)] {
+            for oldSoftmax in [nil, given] {
+                let sums = channelSetLogSumExps(logits, merged: merged, scale: 1)
+                let alone = valueAndGradient(logits) {
+                    channelSetNLL($0, labels, merged: merged, kept: kept, pixelWeights: pixelWeights, logSumExps: sums)
+                        + 10 * unbiasedDistillationLoss($0, old, temperature: 1, mask: nil, oldSoftmax: oldSoftmax)
+                }
+                var values: [Float] = []
+                let together = valueAndGradient(logits) {
+                    let both = channelSetNLLAndUnbiasedKD(
+                        $0, labels, merged: merged, kept: kept, pixelWeights: pixelWeights, logSumExps: sums,
+                        oldLogits: old, oldSoftmax: oldSoftmax)
+                    values = both.array
+                    return reshape(sliceBatch(both, 0..<1), []) + 10 * reshape(sliceBatch(both, 1..<2), [])
+                }
+                let ce = channelSetNLL(logits, labels, merged: merged, kept: kept, pixelWeights: pixelWeights)
+                let kd = unbiasedDistillationLoss(logits, old, temperature: 1, mask: nil, oldSoftmax: oldSoftmax)
+                XCTAssertEqual(values, [ce.item, kd.item], "\(merged)")
+                XCTAssertNotEqual(values[0] * values[1], 0)
+                XCTAssertEqual(together.0, alone.0)
+                XCTAssertEqual(together.1, alone.1, "\(merged), old softmax given: \(oldSoftmax != nil)")
+                cases += 1
+            }
+        }
+        XCTAssertEqual(cases, 4)
+    }
+
+    func testCrossEntropyAndKDTogetherHaveFiniteDifferenceGradients() {
+        let new = randn([2, 6, 3, 4], seed: 13, std: 1.5), old = randn([2, 4, 3, 4], seed: 14, std: 1.5)
+        let labels = Labels(shape: [2, 3, 4], values: (0..<24).map { [0, 1, 3, 5, 255][$0 % 5] })
+        var rng = SeededGenerator(seed: 15)
+        let weights = Tensor.uniform([2, 3, 4], low: 0.5, high: 2, rng: &rng)
+        checkGradients([new]) {
+            let both = channelSetNLLAndUnbiasedKD(
+                $0[0], labels, merged: unbiasedBackground(oldClasses: 4), kept: 6, pixelWeights: weights,
+                logSumExps: nil, oldLogits: old, oldSoftmax: nil)
+            return reshape(sliceBatch(both, 0..<1), []) + 3 * reshape(sliceBatch(both, 1..<2), [])
         }
     }
 

@@ -69,20 +69,11 @@ public func unbiasedCrossEntropy(
     _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil,
     reduction: BatchReduction = .local
 ) -> Tensor {
-    unbiasedCrossEntropy(
-        logits, target, oldClasses: oldClasses, pixelWeights: pixelWeights, reduction: reduction, logSumExps: nil)
-}
-
-/// `unbiasedCrossEntropy` from the logits' log-sum-exps over `unbiasedBackground`, when given.
-func unbiasedCrossEntropy(
-    _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor?, reduction: BatchReduction,
-    logSumExps: ChannelSetLogSumExps?
-) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "unbiased CE: \(oldClasses) old of \(c) classes")
     return mergedBackgroundNLL(
         logits, target, merged: unbiasedBackground(oldClasses: oldClasses), kept: c, pixelWeights: pixelWeights,
-        reduction: reduction, logSumExps: logSumExps)
+        reduction: reduction)
 }
 
 /// Cross-entropy of fake images (old classes only) with the new classes folded into background,
@@ -92,20 +83,11 @@ public func foldedCrossEntropy(
     _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor? = nil,
     reduction: BatchReduction = .local
 ) -> Tensor {
-    foldedCrossEntropy(
-        logits, target, oldClasses: oldClasses, pixelWeights: pixelWeights, reduction: reduction, logSumExps: nil)
-}
-
-/// `foldedCrossEntropy` from the logits' log-sum-exps over `foldedBackground`, when given.
-func foldedCrossEntropy(
-    _ logits: Tensor, _ target: Labels, oldClasses: Int, pixelWeights: Tensor?, reduction: BatchReduction,
-    logSumExps: ChannelSetLogSumExps?
-) -> Tensor {
     let c = logits.shape[1]
     precondition(oldClasses >= 1 && oldClasses < c, "folded CE: \(oldClasses) old of \(c) classes")
     return mergedBackgroundNLL(
         logits, target, merged: foldedBackground(oldClasses: oldClasses, classes: c), kept: oldClasses,
-        pixelWeights: pixelWeights, reduction: reduction, logSumExps: logSumExps)
+        pixelWeights: pixelWeights, reduction: reduction)
 }
 
 /// MiB's unbiased knowledge distillation: the new model's probabilities of background and the

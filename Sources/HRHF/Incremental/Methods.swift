@@ -45,14 +45,18 @@ public enum LossTerm: String, Codable, Sendable, CaseIterable {
     /// GSC's terms, which `StepBatch.gscSums` computes together on a half.
     static let gsc: Set<LossTerm> = [.soft, .sharp, .rel]
 
-    /// The term's value on `half` of what the step computed (`gsc`: that half's GSC sums).
-    func value(on half: BatchHalf, _ batch: StepBatch, gsc: GSCTermSums?) -> Tensor {
+    /// The term's value on `half` of what the step computed (`gsc`: that half's GSC sums;
+    /// `crossEntropyAndKD`: that half's cross-entropy and unbiased KD, when computed together).
+    func value(
+        on half: BatchHalf, _ batch: StepBatch, gsc: GSCTermSums?, crossEntropyAndKD: (ce: Tensor, kd: Tensor)?
+    ) -> Tensor {
         let (new, old) = batch.logits(half)
         let (options, reduction) = (batch.options, batch.reduction)
         switch self {
         case .ce:
-            return batch.crossEntropy(half)
+            return crossEntropyAndKD?.ce ?? batch.crossEntropy(half)
         case .kd:
+            if let crossEntropyAndKD { return crossEntropyAndKD.kd }
             let folded = foldedBackground(oldClasses: old.shape[1], classes: new.shape[1])
             return unbiasedDistillation(
                 new, old, temperature: options.kdTemperature, mask: nil, reduction: reduction,
@@ -396,29 +400,69 @@ struct StepBatch {
     /// background-or-old under the unbiased and prototype handlings, MiB), fake images on the old
     /// model's confident argmax (new classes folded into background unless the options say not).
     func crossEntropy(_ half: BatchHalf) -> Tensor {
+        if let ce = channelSetCrossEntropy(half) {
+            return mergedBackgroundNLL(
+                logits(half).new, ce.labels, merged: ce.merged, kept: ce.kept, pixelWeights: ce.pixelWeights,
+                reduction: reduction, logSumExps: ce.logSumExps)
+        }
         let new = logits(half).new
-        let classes = new.shape[1]
         if half == .real {
-            let unbiased = options.method.background == .unbiased || options.method.background == .proto
-            let sums = logSumExps(.real, merged: unbiasedBackground(oldClasses: oldClasses), scale: 1)
-            return unbiased
-                ? unbiasedCrossEntropy(
-                    new, labels, oldClasses: oldClasses,
-                    pixelWeights: compensation(new, labels, backgroundIncludes: 1..<oldClasses, logSumExps: sums),
-                    reduction: reduction, logSumExps: sums)
-                : plainCrossEntropy(
-                    new, labels,
-                    pixelWeights: product(realPixelWeights, compensation(new, labels, backgroundIncludes: nil)))
+            return plainCrossEntropy(
+                new, labels, pixelWeights: product(realPixelWeights, compensation(new, labels, backgroundIncludes: nil))
+            )
         }
         precondition(half == .fake, "validated: the cross-entropy reads one half")
         let fakeLabels = oldPrediction(.fake).confidentLabels(threshold: options.fakeConfidence)
-        let sums = logSumExps(.fake, merged: foldedBackground(oldClasses: oldClasses, classes: classes), scale: 1)
-        return options.fakeFoldsNewClasses
-            ? foldedCrossEntropy(
-                new, fakeLabels, oldClasses: oldClasses,
-                pixelWeights: compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes, logSumExps: sums),
-                reduction: reduction, logSumExps: sums)
-            : plainCrossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
+        return plainCrossEntropy(new, fakeLabels, pixelWeights: compensation(new, fakeLabels, backgroundIncludes: nil))
+    }
+
+    /// The cross-entropy of `half` when it scores label 0 as a set of channels (`channelSetNLL`):
+    /// the real half's under the unbiased and prototype handlings (background or old), the fake
+    /// half's with the new classes folded into background. Its labels, channels, pixel weights
+    /// and the logits' log-sum-exps when computed once.
+    func channelSetCrossEntropy(_ half: BatchHalf) -> (
+        labels: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?, logSumExps: ChannelSetLogSumExps?
+    )? {
+        let new = logits(half).new
+        let classes = new.shape[1]
+        if half == .real {
+            guard options.method.background == .unbiased || options.method.background == .proto else { return nil }
+            precondition(
+                oldClasses >= 1 && oldClasses < classes, "unbiased CE: \(oldClasses) old of \(classes) classes")
+            let merged = unbiasedBackground(oldClasses: oldClasses)
+            let sums = logSumExps(.real, merged: merged, scale: 1)
+            return (
+                labels, merged, classes,
+                compensation(new, labels, backgroundIncludes: 1..<oldClasses, logSumExps: sums), sums
+            )
+        }
+        precondition(half == .fake, "validated: the cross-entropy reads one half")
+        guard options.fakeFoldsNewClasses else { return nil }
+        precondition(oldClasses >= 1 && oldClasses < classes, "folded CE: \(oldClasses) old of \(classes) classes")
+        let fakeLabels = oldPrediction(.fake).confidentLabels(threshold: options.fakeConfidence)
+        let merged = foldedBackground(oldClasses: oldClasses, classes: classes)
+        let sums = logSumExps(.fake, merged: merged, scale: 1)
+        return (
+            fakeLabels, merged, oldClasses,
+            compensation(new, fakeLabels, backgroundIncludes: oldClasses..<classes, logSumExps: sums), sums
+        )
+    }
+
+    /// The cross-entropy and the unbiased KD of `half` as one op (`channelSetNLLAndUnbiasedKD`),
+    /// when the method has both there, the KD at temperature 1 and a channel-set cross-entropy.
+    func crossEntropyAndKD(_ half: BatchHalf, terms: [WeightedTerm]) -> (ce: Tensor, kd: Tensor)? {
+        let read = Set(terms.filter { $0.half == half }.map(\.term))
+        guard half != .both && read.contains(.ce) && read.contains(.kd) && options.kdTemperature == 1,
+            let ce = channelSetCrossEntropy(half)
+        else { return nil }
+        let (new, old) = logits(half)
+        let values = channelSetNLLAndUnbiasedKD(
+            new, ce.labels, merged: ce.merged, kept: ce.kept, pixelWeights: ce.pixelWeights,
+            logSumExps: ce.logSumExps, oldLogits: old, oldSoftmax: sharedOldSoftmax(half))
+        return (
+            reduction.share(ofMean: reshape(sliceBatch(values, 0..<1), []), count: labelledPixels(ce.labels)),
+            reduction.share(ofMean: reshape(sliceBatch(values, 1..<2), []), count: Double(new.count / new.shape[1]))
+        )
     }
 
     /// Cross-entropy averaged over the labelled pixels of every rank's share of the batch.
@@ -462,12 +506,15 @@ struct StepBatch {
         var labels: [String] = [], values: [Double] = []
         let terms = options.method.terms.filter { $0.half != .fake || hasFake }
         var gsc: [BatchHalf: GSCTermSums] = [:]
+        var crossEntropyAndKD: [BatchHalf: (ce: Tensor, kd: Tensor)] = [:]
         for half in BatchHalf.allCases {
             let read = Set(terms.filter { $0.half == half }.map(\.term)).intersection(LossTerm.gsc)
             if !read.isEmpty { gsc[half] = gscSums(half, read) }
         }
+        for half in BatchHalf.allCases { crossEntropyAndKD[half] = self.crossEntropyAndKD(half, terms: terms) }
         for t in terms {
-            let value = t.term.value(on: t.half, self, gsc: gsc[t.half])
+            let value = t.term.value(
+                on: t.half, self, gsc: gsc[t.half], crossEntropyAndKD: crossEntropyAndKD[t.half])
             total = total.map { $0 + t.weight * value } ?? t.weight * value
             labels.append(t.label)
             values.append(Double(value.item))
