@@ -397,6 +397,29 @@ final class FusedLossTests: XCTestCase {
         XCTAssertEqual(cases, 4)
     }
 
+    /// Log-sum-exps over two sets from one pass are each bit for bit the one computed alone,
+    /// also where a set lies far below the rest (its own peak then).
+    func testLogSumExpsOverTwoSetsMatchEachAlone() {
+        var rng = SeededGenerator(seed: 33)
+        var values = Tensor.randn([2, 21, 20, 30], std: 2, rng: &rng).array
+        // In some pixels the new channels (16..<21) stand 120 above the rest.
+        for j in 0..<600 where j % 7 == 0 {
+            for k in 16..<21 { values[(21 + k) * 600 + j] += 120 }
+        }
+        let logits = Tensor(shape: [2, 21, 20, 30], values: values)
+        let unbiased = unbiasedBackground(oldClasses: 16), folded = foldedBackground(oldClasses: 16, classes: 21)
+        for scale: Float in [1, 0.5] {
+            let both = channelSetLogSumExps(logits, merged: [unbiased, folded], scale: scale)
+            for (sums, merged) in zip(both, [unbiased, folded]) {
+                let alone = channelSetLogSumExps(logits, merged: merged, scale: scale)
+                XCTAssertTrue(sums.matches(logits, merged: merged, scale: scale))
+                XCTAssertEqual(sums.all.array, alone.all.array)
+                XCTAssertEqual(sums.union.array, alone.union.array, "\(merged) at \(scale)")
+                XCTAssertTrue(sums.union.array.allSatisfy(\.isFinite))
+            }
+        }
+    }
+
     func testCrossEntropyAndKDTogetherHaveFiniteDifferenceGradients() {
         let new = randn([2, 6, 3, 4], seed: 13, std: 1.5), old = randn([2, 4, 3, 4], seed: 14, std: 1.5)
         let labels = Labels(shape: [2, 3, 4], values: (0..<24).map { [0, 1, 3, 5, 255][$0 % 5] })

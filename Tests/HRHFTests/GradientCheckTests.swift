@@ -234,6 +234,44 @@ final class GradientCheckTests: XCTestCase {
         checkGradients([randn([5, 4, 3, 3], seed: 67), bn.weight, bn.bias]) { t in bn(t[0]) }
     }
 
+    /// The stem's max pool (3x3, stride 2, padding 1) takes whole-window columns eight at a time:
+    /// values, NaNs, ties (the first maximum in window order wins) and the gradient's routing are
+    /// those of the plain window loop, on maps of several widths (a group overlaps the one before
+    /// at the end of a row; odd widths clip the last window).
+    func testStemMaxPoolMatchesTheWindowLoop() {
+        var rng = SeededGenerator(seed: 72)
+        for (h, w) in [(64, 64), (17, 17), (9, 33), (20, 40), (5, 19), (6, 16)] {
+            // Quarter steps make many ties; a few NaNs.
+            var values = (0..<(2 * 3 * h * w)).map { _ in Float(Int(rng.next() % 16)) / 4 }
+            for _ in 0..<(values.count / 50) { values[Int(rng.next() % UInt64(values.count))] = .nan }
+            let x = Tensor(shape: [2, 3, h, w], values: values)
+            x.requiresGrad = true
+            let y = maxPool2d(x, kernel: 3, stride: 2, padding: 1)
+            let (oh, ow) = ((h - 1) / 2 + 1, (w - 1) / 2 + 1)
+            XCTAssertEqual(y.shape, [2, 3, oh, ow])
+            var expected = [Float](), expectedGrad = [Float](repeating: 0, count: values.count)
+            for plane in 0..<6 {
+                for oy in 0..<oh {
+                    for ox in 0..<ow {
+                        var best = Float.nan, at = -1
+                        for iy in max(2 * oy - 1, 0)..<min(2 * oy + 2, h) {
+                            for ix in max(2 * ox - 1, 0)..<min(2 * ox + 2, w) {
+                                let j = plane * h * w + iy * w + ix
+                                if at < 0 || values[j] > best || values[j].isNaN { (best, at) = (values[j], j) }
+                            }
+                        }
+                        expected.append(best)
+                        expectedGrad[at] += Float(expected.count)
+                    }
+                }
+            }
+            XCTAssertEqual(y.array.map(\.bitPattern), expected.map(\.bitPattern), "\(h)x\(w)")
+            // Each output's gradient is its own position + 1, so a misrouted one shows.
+            sum(y * Tensor(shape: y.shape, values: (1...y.count).map(Float.init))).backward()
+            XCTAssertEqual(x.grad!.array, expectedGrad, "\(h)x\(w): gradient")
+        }
+    }
+
     func testPoolingAndResize() {
         checkGradients([distinctValues([2, 3, 9, 8], seed: 70)]) { maxPool2d($0[0], kernel: 3, stride: 2, padding: 1) }
         checkGradients([distinctValues([1, 2, 6, 6], seed: 71)]) { maxPool2d($0[0], kernel: 2, stride: 2, padding: 0) }

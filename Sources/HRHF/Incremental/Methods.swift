@@ -285,8 +285,9 @@ struct StepBatch {
     let sharedOldPrediction: (images: Range<Int>, prediction: OldPrediction)?
     /// Per half, the new logits' log-sum-exps over all channels and over the background its
     /// cross-entropy merges, computed once for that cross-entropy, its compensation weights and
-    /// (at KD temperature 1, on the fake half) the unbiased KD, which would each exponentiate them again.
-    let sharedLogSumExps: [BatchHalf: ChannelSetLogSumExps]
+    /// (at KD temperature 1) the unbiased KD, which would each exponentiate them again; on the
+    /// real half, also over the KD's background from the same exps.
+    let sharedLogSumExps: [BatchHalf: [ChannelSetLogSumExps]]
 
     init(
         options: DistillationOptions, new: (logits: Tensor, features: Tensor), old: (logits: Tensor, features: Tensor),
@@ -318,16 +319,16 @@ struct StepBatch {
         sharedOldPrediction = shared.map { half in
             (Self.images(half, realCount, n), OldPrediction(half == .real ? real : half == .fake ? fake! : old.logits))
         }
-        var sums: [BatchHalf: ChannelSetLogSumExps] = [:]
+        var sums: [BatchHalf: [ChannelSetLogSumExps]] = [:]
         let unbiased = options.method.background == .unbiased || options.method.background == .proto
+        let folded = foldedBackground(oldClasses: oldClasses, classes: new.logits.shape[1])
+        let realKD = options.kdTemperature == 1 && options.method.terms.contains { $0.term == .kd && $0.half == .real }
         for t in options.method.terms where t.term == .ce {
             if t.half == .real && unbiased {
                 sums[.real] = channelSetLogSumExps(
-                    newReal, merged: unbiasedBackground(oldClasses: oldClasses), scale: 1)
+                    newReal, merged: [unbiasedBackground(oldClasses: oldClasses)] + (realKD ? [folded] : []), scale: 1)
             } else if t.half == .fake && hasFake && options.fakeFoldsNewClasses {
-                sums[.fake] = channelSetLogSumExps(
-                    newFake!, merged: foldedBackground(oldClasses: oldClasses, classes: new.logits.shape[1]),
-                    scale: 1)
+                sums[.fake] = [channelSetLogSumExps(newFake!, merged: folded, scale: 1)]
             }
         }
         sharedLogSumExps = sums
@@ -364,10 +365,7 @@ struct StepBatch {
 
     /// The log-sum-exps of `half`'s new logits computed once, when they are over `merged` at `scale`.
     func logSumExps(_ half: BatchHalf, merged: [Range<Int>], scale: Float) -> ChannelSetLogSumExps? {
-        guard let sums = sharedLogSumExps[half], sums.matches(logits(half).new, merged: merged, scale: scale) else {
-            return nil
-        }
-        return sums
+        sharedLogSumExps[half]?.first { $0.matches(logits(half).new, merged: merged, scale: scale) }
     }
 
     /// The new and the old model's logits on `half` (the fake half exists when `hasFake`).
@@ -458,7 +456,9 @@ struct StepBatch {
         let (new, old) = logits(half)
         let values = channelSetNLLAndUnbiasedKD(
             new, ce.labels, merged: ce.merged, kept: ce.kept, pixelWeights: ce.pixelWeights,
-            logSumExps: ce.logSumExps, oldLogits: old, oldSoftmax: sharedOldSoftmax(half))
+            logSumExps: ce.logSumExps, oldLogits: old, oldSoftmax: sharedOldSoftmax(half),
+            distillationLogSumExps: logSumExps(
+                half, merged: foldedBackground(oldClasses: oldClasses, classes: new.shape[1]), scale: 1))
         return (
             reduction.share(ofMean: reshape(sliceBatch(values, 0..<1), []), count: labelledPixels(ce.labels)),
             reduction.share(ofMean: reshape(sliceBatch(values, 1..<2), []), count: Double(new.count / new.shape[1]))

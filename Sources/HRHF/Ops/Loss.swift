@@ -125,16 +125,26 @@ struct ChannelSetLogSumExps {
 }
 
 func channelSetLogSumExps(_ logits: Tensor, merged: [Range<Int>], scale: Float) -> ChannelSetLogSumExps {
+    channelSetLogSumExps(logits, merged: [merged], scale: scale)[0]
+}
+
+/// The log-sum-exps over all channels and over each of the sets `merged` (one or two), from one
+/// exp per value: each bit for bit as if computed alone.
+func channelSetLogSumExps(_ logits: Tensor, merged: [[Range<Int>]], scale: Float) -> [ChannelSetLogSumExps] {
+    precondition(merged.count == 1 || merged.count == 2, "log-sum-exps over one or two sets, not \(merged.count)")
     let (n, c, inner) = channelLayout(logits, "log-sum-exps")
-    let all = Tensor(uninitialized: [n * inner]), union = Tensor(uninitialized: [n * inner])
-    let px = logits.pointer, pa = all.pointer, pu = union.pointer, runs = channelRuns(c: c, subset: merged)
+    let all = Tensor(uninitialized: [n * inner]), unions = merged.map { _ in Tensor(uninitialized: [n * inner]) }
+    let px = logits.pointer, pa = all.pointer, pu = unions.map(\.pointer), runs = channelRuns(c: c, subset: merged[0])
+    let member = merged.count == 2 ? (0..<c).map { k in merged[1].contains { $0.contains(k) } } : nil
     forEachPixelBlock(n: n, c: c, inner: inner) { b, i0, count in
         let j0 = b * inner + i0
         blockLogSumExps(
-            px + b * c * inner + i0, runs: runs, subset: merged, scale: scale, inner: inner, count: count,
-            all: pa + j0, union: pu + j0)
+            px + b * c * inner + i0, runs: runs, subset: merged[0], scale: scale, inner: inner, count: count,
+            all: pa + j0, union: pu[0] + j0, second: member.map { ($0, merged[1], pu[1] + j0) })
     }
-    return ChannelSetLogSumExps(all: all, union: union, shape: logits.shape, merged: merged, scale: scale)
+    return zip(merged, unions).map {
+        ChannelSetLogSumExps(all: all, union: $1, shape: logits.shape, merged: $0, scale: scale)
+    }
 }
 
 /// Negative log-likelihood of logits N x C x ... in which label 0 stands for the union of the
@@ -516,10 +526,12 @@ struct UnbiasedKD {
 /// [nll, kd]: a half's cross-entropy and unbiased KD both take the softmax over all channels, so
 /// the backward exponentiates each logit once and writes one gradient (the two ops' gradients
 /// summed, as the tape would add them) instead of two exps and two logits-sized gradients. Each
-/// term reads its part through a slice, as with `gscTermSums`.
+/// term reads its part through a slice, as with `gscTermSums`. `logSumExps` and
+/// `distillationLogSumExps`, when given, are over the cross-entropy's and the KD's sets.
 func channelSetNLLAndUnbiasedKD(
     _ logits: Tensor, _ target: Labels, merged: [Range<Int>], kept: Int, pixelWeights: Tensor?,
-    logSumExps: ChannelSetLogSumExps?, oldLogits: Tensor, oldSoftmax: (probabilities: Tensor, firstImage: Int)?
+    logSumExps: ChannelSetLogSumExps?, oldLogits: Tensor, oldSoftmax: (probabilities: Tensor, firstImage: Int)?,
+    distillationLogSumExps: ChannelSetLogSumExps? = nil
 ) -> Tensor {
     let nll = ChannelSetNLL(
         logits, target, merged: merged, kept: kept, ignoreIndex: 255, pixelWeights: pixelWeights,
@@ -527,7 +539,8 @@ func channelSetNLLAndUnbiasedKD(
     let folded = foldedBackground(oldClasses: oldLogits.shape[1], classes: logits.shape[1])
     let kd = UnbiasedKD(
         logits, oldLogits, temperature: 1, mask: nil,
-        logSumExps: nll.sums.matches(logits, merged: folded, scale: 1) ? nll.sums : nil, oldSoftmax: oldSoftmax)
+        logSumExps: nll.sums.matches(logits, merged: folded, scale: 1) ? nll.sums : distillationLogSumExps,
+        oldSoftmax: oldSoftmax)
     let out = Tensor(shape: [2], values: [nll.value, kd.value])
     let ld = logits.detached()
     record(out, "merged_background_nll_and_unbiased_kd", [logits]) { g in

@@ -20,7 +20,11 @@ public func maxPool2d(_ x: Tensor, kernel: Int = 3, stride: Int = 2, padding: In
                 for oy in 0..<oh {
                     // The window clipped to the image: never empty (padding is at most half the kernel).
                     let y0 = max(oy * stride - padding, 0), y1 = min(oy * stride - padding + kernel, h)
-                    for ox in 0..<ow {
+                    let vectorised =
+                        stridedMaxPoolRow(
+                            src, w: w, rows: y0..<y1, kernel: kernel, stride: stride, padding: padding, outWidth: ow,
+                            into: dst + oy * ow, indices: index.map { $0 + oy * ow })
+                    for ox in 0..<ow where !vectorised.contains(ox) {
                         let x0 = max(ox * stride - padding, 0), x1 = min(ox * stride - padding + kernel, w)
                         var bestIndex = y0 &* w &+ x0
                         var best = src[bestIndex]
@@ -58,6 +62,58 @@ public func maxPool2d(_ x: Tensor, kernel: Int = 3, stride: Int = 2, padding: In
         return [gx]
     }
     return out
+}
+
+/// One output row of the ResNet stem's max pool (3x3, stride 2, padding 1) on the output
+/// columns whose window lies inside the image, eight at a time: each window row's three columns
+/// are the odd, even and odd lanes of two 16-wide loads, taken in the scalar loop's order with
+/// the same rule (a later value wins when greater or NaN), so values and indices are the same.
+/// Returns the columns written (none for other pools or maps narrower than 17).
+@inline(__always)
+private func stridedMaxPoolRow(
+    _ src: UnsafePointer<Float>, w: Int, rows: Range<Int>, kernel: Int, stride: Int, padding: Int, outWidth ow: Int,
+    into dst: UnsafeMutablePointer<Float>, indices: UnsafeMutablePointer<Int32>?
+) -> Range<Int> {
+    // Columns 2 ox - 1 ... 2 ox + 1 inside for ox in 1...last; a group starting at ox reads 2 ox - 1 ... 2 ox + 15.
+    let last = min(ow - 1, (w - 2) / 2), lastStart = (w - 16) / 2
+    guard kernel == 3 && stride == 2 && padding == 1 && lastStart >= 1 && last >= 8 && !rows.isEmpty else {
+        return 0..<0
+    }
+    let lanes = SIMD8<Int32>(0, 2, 4, 6, 8, 10, 12, 14)
+    func group(_ ox: Int) {
+        var best = SIMD8<Float>(repeating: 0), at = SIMD8<Int32>(repeating: 0), first = true
+        for iy in rows {
+            let row = src + iy * w, column = Int32(iy * w + 2 * ox)
+            let left = UnsafeRawPointer(row + 2 * ox - 1).loadUnaligned(as: SIMD16<Float>.self).evenHalf
+            let pair = UnsafeRawPointer(row + 2 * ox).loadUnaligned(as: SIMD16<Float>.self)
+            func take(_ v: SIMD8<Float>, _ dx: Int32) {
+                let index = lanes &+ (column &+ dx)
+                if first {
+                    (best, at, first) = (v, index, false)
+                } else {
+                    let wins = (v .> best) .| (v .!= v)
+                    best.replace(with: v, where: wins)
+                    at.replace(with: index, where: wins)
+                }
+            }
+            take(left, -1)
+            take(pair.evenHalf, 0)
+            take(pair.oddHalf, 1)
+        }
+        UnsafeMutableRawPointer(dst + ox).storeBytes(of: best, as: SIMD8<Float>.self)
+        if let indices { UnsafeMutableRawPointer(indices + ox).storeBytes(of: at, as: SIMD8<Int32>.self) }
+    }
+    var ox = 1
+    while ox + 7 <= last && ox <= lastStart {
+        group(ox)
+        ox += 8
+    }
+    // The last columns as a group overlapping the one before (the same values again) where it can read them.
+    if ox <= last && last - 7 <= lastStart {
+        group(last - 7)
+        ox = last + 1
+    }
+    return 1..<ox
 }
 
 /// `F.adaptive_avg_pool2d(x, 1)`: the mean of each plane, N x C x 1 x 1.

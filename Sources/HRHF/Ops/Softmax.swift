@@ -88,23 +88,26 @@ func blockPeak(
 @inline(__always)
 func blockExpSums(
     _ p: UnsafePointer<Float>, runs: [(channels: Range<Int>, inSubset: Bool)], scale: Float, inner: Int, count: Int,
-    peak: UnsafeMutablePointer<Float>, sumAll: UnsafeMutablePointer<Float>, sumSubset: UnsafeMutablePointer<Float>?
+    peak: UnsafeMutablePointer<Float>, sumAll: UnsafeMutablePointer<Float>, sumSubset: UnsafeMutablePointer<Float>?,
+    second: (member: [Bool], sum: UnsafeMutablePointer<Float>)? = nil
 ) {
     let padded = (count + 7) / 8 * 8
     peak.update(repeating: -.infinity, count: padded)
     sumAll.update(repeating: 0, count: padded)
     sumSubset?.update(repeating: 0, count: padded)
+    second?.sum.update(repeating: 0, count: padded)
     for run in runs {
         blockPeak(p, rows: run.channels, scale: scale, inner: inner, count: count, into: peak, resetting: false)
     }
     for run in runs {
         for k in run.channels {
-            let row = p + k * inner
+            let row = p + k * inner, sumSecond = second.flatMap { $0.member[k] ? $0.sum : nil }
             var i = 0
             while i < count {
                 let e = simdExp(loadLanes(row + i, min(8, count - i)) * scale - load8(peak + i))
                 store8(load8(sumAll + i) + e, sumAll + i)
                 if run.inSubset, let sumSubset { store8(load8(sumSubset + i) + e, sumSubset + i) }
+                if let sumSecond { store8(load8(sumSecond + i) + e, sumSecond + i) }
                 i += 8
             }
         }
@@ -164,28 +167,38 @@ func channelRuns(c: Int, subset: [Range<Int>]) -> [(channels: Range<Int>, inSubs
 
 /// Log-sum-exp of `scale` x over all channels and over a subset of them (`runs` from
 /// `channelRuns`, `subset` its ranges) for a block of `count` pixels, into `all` and `union`,
-/// from one exp per value shifted by the overall peak. A group of pixels whose subset sum is
-/// not safely above underflow (the subset far below the peak) takes the subset's own peak, so
-/// both match separate log-sum-exps.
+/// from one exp per value shifted by the overall peak; with `second`, over another subset
+/// (`member`: per channel, whether in it) into its `union` from the same exps. A group of
+/// pixels whose subset sum is not safely above underflow (the subset far below the peak) takes
+/// the subset's own peak, so each matches a separate log-sum-exp bit for bit.
 @inline(__always)
 func blockLogSumExps(
     _ p: UnsafePointer<Float>, runs: [(channels: Range<Int>, inSubset: Bool)], subset: [Range<Int>], scale: Float,
-    inner: Int, count: Int, all: UnsafeMutablePointer<Float>, union: UnsafeMutablePointer<Float>
+    inner: Int, count: Int, all: UnsafeMutablePointer<Float>, union: UnsafeMutablePointer<Float>,
+    second: (member: [Bool], subset: [Range<Int>], union: UnsafeMutablePointer<Float>)? = nil
 ) {
-    withUnsafeTemporaryAllocation(of: Float.self, capacity: 3 * paddedBlock) { scratch in
+    withUnsafeTemporaryAllocation(of: Float.self, capacity: 4 * paddedBlock) { scratch in
         let peak = scratch.baseAddress!, sumAll = peak + paddedBlock, sumSubset = sumAll + paddedBlock
+        let sumSecond = sumSubset + paddedBlock
         blockExpSums(
-            p, runs: runs, scale: scale, inner: inner, count: count, peak: peak, sumAll: sumAll, sumSubset: sumSubset)
+            p, runs: runs, scale: scale, inner: inner, count: count, peak: peak, sumAll: sumAll, sumSubset: sumSubset,
+            second: second.map { ($0.member, sumSecond) })
         var i = 0
         while i < count {
-            let lanes = min(8, count - i), m = load8(peak + i), subsetSum = load8(sumSubset + i)
+            let lanes = min(8, count - i), m = load8(peak + i)
             storeLanes(laneLogSumExp(peak: m, sum: load8(sumAll + i)), all + i, lanes)
-            let underflowing = .!(subsetSum .>= 1e-25)
-            if any(underflowing) {
-                blockLogSumExp(p + i, channels: subset, scale: scale, inner: inner, count: lanes, into: union + i)
-            } else {
-                storeLanes(laneLogSumExp(peak: m, sum: subsetSum), union + i, lanes)
+            func finish(
+                _ sums: UnsafeMutablePointer<Float>, _ channels: [Range<Int>], _ out: UnsafeMutablePointer<Float>
+            ) {
+                let subsetSum = load8(sums + i)
+                if any(.!(subsetSum .>= 1e-25)) {
+                    blockLogSumExp(p + i, channels: channels, scale: scale, inner: inner, count: lanes, into: out + i)
+                } else {
+                    storeLanes(laneLogSumExp(peak: m, sum: subsetSum), out + i, lanes)
+                }
             }
+            finish(sumSubset, subset, union)
+            if let second { finish(sumSecond, second.subset, second.union) }
             i += 8
         }
     }
