@@ -21,7 +21,8 @@ final class MethodPinTests: XCTestCase {
         }
     }
 
-    /// The methods' presets and two ablations that reach the remaining loss branches.
+    /// The methods' presets, the pack-for-prototypes-only ablation and two variants that reach the
+    /// remaining loss branches.
     static func configurations() throws -> [(name: String, options: DistillationOptions)] {
         var featurePlain = try DistillationOptions.preset("hrhf+gsc")
         featurePlain.method.setWeight(.feat, on: .fake, 0.5)
@@ -30,7 +31,7 @@ final class MethodPinTests: XCTestCase {
         var pseudoKD = try DistillationOptions.preset("hrhf")
         pseudoKD.method.background = .pseudo
         pseudoKD.method.setWeight(.lwfKD, on: .real, 2)
-        let presets = try ["ft", "lwf", "mib", "plop", "gsc", "hrhf", "hrhf+gsc", "joint"].map {
+        let presets = try ["ft", "lwf", "mib", "plop", "gsc", "hrhf", "hrhf+gsc", "joint", "hrhf+gsc-no-fake"].map {
             ($0, try DistillationOptions.preset($0))
         }
         return presets + [
@@ -119,6 +120,19 @@ final class MethodPinTests: XCTestCase {
                     "kd": 0.5146669, "rel": 0.044398665, "sharp": 0.52553815, "soft": 4.2027216, "total": 17.175556,
                 ],
             ], weights: "87e0a027e85f92a88552e6efeaeb42067d4ebec4e7ea9e52c38586708b67fc2a"),
+        // Without fake images the real half is the whole batch: its cross-entropy, KD and GSC
+        // terms all read one logits tensor (pinned before they were fused, at 91dbc29).
+        "hrhf+gsc-no-fake": Pin(
+            losses: [
+                [
+                    "ce": 5.012458, "kd": 0.49254447, "rel": 0.072580844, "sharp": 0.0, "soft": 5.051034,
+                    "total": 11.218806,
+                ],
+                [
+                    "ce": 5.083296, "kd": 0.44680348, "rel": 0.060192794, "sharp": 0.0, "soft": 4.1384106,
+                    "total": 10.600982,
+                ],
+            ], weights: "c37a2b035afe36a586462fa90775d41febfc2c568dcc3ec0389dd14bf9743ea0"),
         "hrhf pseudo, plain KD": Pin(
             losses: [
                 [

@@ -447,10 +447,16 @@ struct StepBatch {
     }
 
     /// The cross-entropy and the unbiased KD of `half` as one op (`channelSetNLLAndUnbiasedKD`),
-    /// when the method has both there, the KD at temperature 1 and a channel-set cross-entropy.
+    /// when the method has both there, the KD at temperature 1 and a channel-set cross-entropy,
+    /// and no other term takes a gradient through the same logits: the op's one gradient is then
+    /// what the tape would have added from the two, bit for bit (with a third, the tape's adds
+    /// would run in another order). Without fake images the real half is the whole batch's logits.
     func crossEntropyAndKD(_ half: BatchHalf, terms: [WeightedTerm]) -> (ce: Tensor, kd: Tensor)? {
         let read = Set(terms.filter { $0.half == half }.map(\.term))
+        let logitsTerms: Set<LossTerm> = [.ce, .kd, .lwfKD, .soft, .sharp, .rel]
+        let sameLogits = terms.filter { $0.half == half || ($0.half == .both && !hasFake) }
         guard half != .both && read.contains(.ce) && read.contains(.kd) && options.kdTemperature == 1,
+            sameLogits.allSatisfy({ $0.term == .ce || $0.term == .kd || !logitsTerms.contains($0.term) }),
             let ce = channelSetCrossEntropy(half)
         else { return nil }
         let (new, old) = logits(half)
@@ -461,7 +467,8 @@ struct StepBatch {
                 half, merged: foldedBackground(oldClasses: oldClasses, classes: new.shape[1]), scale: 1))
         return (
             reduction.share(ofMean: reshape(sliceBatch(values, 0..<1), []), count: labelledPixels(ce.labels)),
-            reduction.share(ofMean: reshape(sliceBatch(values, 1..<2), []), count: Double(new.count / new.shape[1]))
+            reduction.share(
+                ofMean: reshape(sliceBatch(values, 1..<2), []), count: Double(Float(new.count / new.shape[1])))
         )
     }
 

@@ -174,7 +174,8 @@ func channelSetNLL(
                         upstream: upstream, labels: labels, b, i0, count, scratch: scratch.baseAddress!)
                     let base = b * c * inner + i0
                     for k in 0..<c {
-                        let row = px + base + k * inner, out = pgx + base + k * inner, channel = gradient.channel(k)
+                        let row = px + base + k * inner, out = pgx + base + k * inner
+                        let channel = gradient.channel(k, merged: nll.merged[k])
                         var i = 0
                         while i < count {
                             let lanes = min(8, count - i), x = loadLanes(row + i, lanes)
@@ -263,19 +264,20 @@ struct ChannelSetNLL {
         let all: UnsafePointer<Float>, union: UnsafePointer<Float>
         /// Whether the merged softmax takes its own exp (`subsetFactors`).
         let direct: Bool
-        let merged: [Bool]
 
-        /// Channel k's gradient.
+        /// Channel k's gradient (`merged`: whether k is among the merged channels). The block
+        /// holds pointers only, so its per-lane arithmetic inlines into the loops.
         @inline(__always)
-        func channel(_ k: Int) -> Channel { Channel(block: self, k: Float(k), merged: merged[k]) }
+        func channel(_ k: Int, merged: Bool) -> Channel { Channel(block: self, k: Float(k), merged: merged) }
 
         struct Channel {
             let block: BlockGradient
             let k: Float
             let merged: Bool
 
-            /// The gradient at pixels i..<i+lanes of the block, from their logits and softmax.
-            @inline(__always)
+            /// The gradient at pixels i..<i+lanes of the block, from their logits and softmax
+            /// (transparent: `@inline(__always)` left it a call per eight pixels).
+            @_transparent
             func callAsFunction(at i: Int, _ lanes: Int, x: SIMD8<Float>, s: SIMD8<Float>) -> SIMD8<Float> {
                 let y = load8(block.label + i)
                 var own = SIMD8<Float>(repeating: 0)
@@ -309,8 +311,7 @@ struct ChannelSetNLL {
         let all = sums.all.pointer + j0, union = sums.union.pointer + j0
         let direct = subsetFactors(all: all, subset: union, count: count, into: factor)
         return BlockGradient(
-            coefficient: coefficient, label: label, factor: factor, all: all, union: union, direct: direct,
-            merged: merged)
+            coefficient: coefficient, label: label, factor: factor, all: all, union: union, direct: direct)
     }
 }
 
@@ -469,7 +470,7 @@ struct UnbiasedKD {
 
             /// The gradient at pixels i..<i+lanes of the block, from x / T and s there; `row`
             /// is the channel's row of the block's gradient (q_k for an old channel k >= 1).
-            @inline(__always)
+            @_transparent
             func callAsFunction(at i: Int, _ lanes: Int, xs: SIMD8<Float>, s: SIMD8<Float>, row: UnsafePointer<Float>)
                 -> SIMD8<Float>
             {
@@ -560,7 +561,7 @@ func channelSetNLLAndUnbiasedKD(
                     // Both softmaxes over all channels are exp(x - the same log-sum-exp), bit for bit.
                     for k in 0..<c {
                         let row = px + base + k * inner, out = pgx + base + k * inner
-                        let (ce, kdChannel) = (ceGradient.channel(k), kdGradient.channel(k))
+                        let (ce, kdChannel) = (ceGradient.channel(k, merged: nll.merged[k]), kdGradient.channel(k))
                         var i = 0
                         while i < count {
                             let lanes = min(8, count - i), x = loadLanes(row + i, lanes)

@@ -68,7 +68,7 @@ public func maxPool2d(_ x: Tensor, kernel: Int = 3, stride: Int = 2, padding: In
 /// columns whose window lies inside the image, eight at a time: each window row's three columns
 /// are the odd, even and odd lanes of two 16-wide loads, taken in the scalar loop's order with
 /// the same rule (a later value wins when greater or NaN), so values and indices are the same.
-/// Returns the columns written (none for other pools or maps narrower than 17).
+/// Returns the columns written (none for other pools or maps narrower than 18).
 @inline(__always)
 private func stridedMaxPoolRow(
     _ src: UnsafePointer<Float>, w: Int, rows: Range<Int>, kernel: Int, stride: Int, padding: Int, outWidth ow: Int,
@@ -83,7 +83,7 @@ private func stridedMaxPoolRow(
     func group(_ ox: Int) {
         var best = SIMD8<Float>(repeating: 0), at = SIMD8<Int32>(repeating: 0), first = true
         for iy in rows {
-            let row = src + iy * w, column = Int32(iy * w + 2 * ox)
+            let row = src + iy * w, column = Int32(truncatingIfNeeded: iy * w + 2 * ox)
             let left = UnsafeRawPointer(row + 2 * ox - 1).loadUnaligned(as: SIMD16<Float>.self).evenHalf
             let pair = UnsafeRawPointer(row + 2 * ox).loadUnaligned(as: SIMD16<Float>.self)
             func take(_ v: SIMD8<Float>, _ dx: Int32) {
