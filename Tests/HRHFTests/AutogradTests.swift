@@ -63,6 +63,30 @@ final class AutogradTests: XCTestCase {
         XCTAssertEqual(x.grad!.array, [6, 8, -2], "second backward adds 4 to each, as PyTorch accumulates")
     }
 
+    /// A batch view reads its images in place, keeps their memory alive, adds no tensor bytes
+    /// and sends its gradient to its rows as `sliceBatch` does.
+    func testBatchViewSharesMemoryAndRoutesItsGradientToItsRows() {
+        let w = Tensor(shape: [2, 2, 3], values: (0..<12).map { Float($0 % 5) - 1 })
+        var view: Tensor?
+        var expected: [Float] = []
+        do {
+            let leaf = Tensor(shape: [3, 2, 3], values: (0..<18).map { Float($0) - 4 }).requiringGrad()
+            let x = leaf * 2
+            let bytes = TensorStorage.liveBytes
+            let v = batchView(x, 1..<3)
+            XCTAssertEqual(TensorStorage.liveBytes, bytes, "a view allocates nothing")
+            XCTAssertEqual(v.shape, [2, 2, 3])
+            XCTAssertEqual(v.array, sliceBatch(x, 1..<3).array)
+            XCTAssertEqual(v.pointer, x.pointer + 6)
+            sum(v * w).backward()
+            XCTAssertEqual(leaf.grad!.array, [Float](repeating: 0, count: 6) + w.array.map { 2 * $0 })
+            expected = v.array
+            view = withNoGrad { batchView(x, 1..<3) }
+        }
+        // The parent tensor is gone; its memory lives on in the view.
+        XCTAssertEqual(view!.array, expected)
+    }
+
     func testBatchSliceGradientsAreAddedAtTheirRowsInAnyOrder() {
         // Small integers: every sum is exact, so each order must give the same bits.
         let w = (1...4).map { k in Tensor(shape: [4, 3], values: (0..<12).map { Float(($0 * k) % 7) - 3 }) }

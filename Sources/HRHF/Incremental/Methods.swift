@@ -301,11 +301,11 @@ struct StepBatch {
         self.realCount = realCount
         let n = new.logits.shape[0]
         hasFake = realCount < n
-        // One slice per half, shared by every term that reads it.
-        newReal = hasFake ? sliceBatch(new.logits, 0..<realCount) : new.logits
-        oldReal = hasFake ? withNoGrad { sliceBatch(old.logits, 0..<realCount) } : old.logits
-        newFake = hasFake ? sliceBatch(new.logits, realCount..<n) : nil
-        oldFake = hasFake ? withNoGrad { sliceBatch(old.logits, realCount..<n) } : nil
+        // One view per half, shared by every term that reads it (the terms only read them).
+        newReal = hasFake ? batchView(new.logits, 0..<realCount) : new.logits
+        oldReal = hasFake ? withNoGrad { batchView(old.logits, 0..<realCount) } : old.logits
+        newFake = hasFake ? batchView(new.logits, realCount..<n) : nil
+        oldFake = hasFake ? withNoGrad { batchView(old.logits, realCount..<n) } : nil
         self.labels = labels
         self.oldClasses = oldClasses
         self.stepOfClass = stepOfClass

@@ -106,6 +106,21 @@ public func sliceBatch(_ x: Tensor, _ range: Range<Int>) -> Tensor {
     return out
 }
 
+/// Images `range` of `x` as a view of its memory, with `sliceBatch`'s gradient: for tensors the
+/// caller only reads (a step's halves of the logits), it spares the copy. A write into either
+/// shows in the other.
+func batchView(_ x: Tensor, _ range: Range<Int>) -> Tensor {
+    precondition(range.lowerBound >= 0 && range.upperBound <= x.shape[0], "batch view \(range) of \(x.shape)")
+    let per = x.count / max(x.shape[0], 1)
+    var shape = x.shape
+    shape[0] = range.count
+    let out = Tensor(
+        shape: shape,
+        storage: TensorStorage(viewing: x.storage, offset: range.lowerBound * per, count: range.count * per))
+    recordRows(out, "batch_view", of: x, rows: range)
+    return out
+}
+
 /// Concatenation along the batch axis (dim 0).
 public func concatBatch(_ xs: [Tensor]) -> Tensor {
     precondition(!xs.isEmpty, "concat of no tensors")

@@ -1,10 +1,13 @@
 import CMemory
 import Foundation
 
-/// Owned float32 memory. Tensors that are views of one another (reshape, detach) share it.
+/// Owned float32 memory. Tensors that are views of one another (reshape, detach) share it; a
+/// storage can also be a contiguous part of another (`batchView`), which it keeps alive.
 public final class TensorStorage: @unchecked Sendable {
     public let count: Int
     public let pointer: UnsafeMutablePointer<Float>
+    /// The storage this one is a part of; nil when this one owns its memory.
+    private let owner: TensorStorage?
 
     /// Zeroed memory, or with `zeroed: false` memory the caller writes in full before anything
     /// reads it (an op's output: calloc would zero reused heap blocks in one serial pass first).
@@ -18,6 +21,7 @@ public final class TensorStorage: @unchecked Sendable {
             fatalError("out of memory allocating \(count) floats")
         }
         pointer = raw.bindMemory(to: Float.self, capacity: max(count, 1))
+        owner = nil
         #if DEBUG
             // NaN where an op forgot to write: the tests then fail instead of reading old values.
             if !zeroed { pointer.update(repeating: .nan, count: max(count, 1)) }
@@ -25,7 +29,16 @@ public final class TensorStorage: @unchecked Sendable {
         hrhf_tensor_bytes_add(count * MemoryLayout<Float>.stride)
     }
 
+    /// Floats `offset..<offset + count` of `parent`, without a copy.
+    init(viewing parent: TensorStorage, offset: Int, count: Int) {
+        precondition(offset >= 0 && count >= 0 && offset + count <= parent.count, "storage view out of range")
+        self.count = count
+        pointer = parent.pointer + offset
+        owner = parent
+    }
+
     deinit {
+        guard owner == nil else { return }
         hrhf_tensor_bytes_add(-count * MemoryLayout<Float>.stride)
         free(pointer)
     }
