@@ -22,6 +22,18 @@ public struct Augmentation: Sendable {
     }
 }
 
+/// The window of a resize to `width` x `height`: all of it where not given; a window outside it
+/// is a caller's mistake (the augmentation computes it from the resized size).
+private func resizeWindow(
+    _ columns: Range<Int>?, _ rows: Range<Int>?, width: Int, height: Int, _ op: String
+) -> (columns: Range<Int>, rows: Range<Int>) {
+    let columns = columns ?? 0..<width, rows = rows ?? 0..<height
+    precondition(
+        columns.lowerBound >= 0 && columns.upperBound <= width && rows.lowerBound >= 0 && rows.upperBound <= height,
+        "\(op): window \(columns) x \(rows) outside \(width) x \(height)")
+    return (columns, rows)
+}
+
 /// Bilinear resize of 8-bit RGB (align_corners false), as the float op does: the window
 /// `columns` x `rows` of the image resized to `width` x `height` (all of it by default), as an
 /// image of the window's size. A crop computes only the pixels it keeps.
@@ -29,10 +41,7 @@ public func resizeImage(
     _ image: RGBImage, width: Int, height: Int, columns: Range<Int>? = nil, rows: Range<Int>? = nil
 ) -> RGBImage {
     if width == image.width && height == image.height && columns == nil && rows == nil { return image }
-    let columns = columns ?? 0..<width, rows = rows ?? 0..<height
-    precondition(
-        columns.lowerBound >= 0 && columns.upperBound <= width && rows.lowerBound >= 0 && rows.upperBound <= height,
-        "resizeImage: window \(columns) x \(rows) outside \(width) x \(height)")
+    let (columns, rows) = resizeWindow(columns, rows, width: width, height: height, "resizeImage")
     let outW = columns.count
     var out = [UInt8](repeating: 0, count: outW * rows.count * 3)
     let ty = LinearTaps(inSize: image.height, outSize: height), tx = LinearTaps(inSize: image.width, outSize: width)
@@ -64,10 +73,7 @@ public func resizeMask(
     _ mask: IndexMask, width: Int, height: Int, columns: Range<Int>? = nil, rows: Range<Int>? = nil
 ) -> IndexMask {
     if width == mask.width && height == mask.height && columns == nil && rows == nil { return mask }
-    let columns = columns ?? 0..<width, rows = rows ?? 0..<height
-    precondition(
-        columns.lowerBound >= 0 && columns.upperBound <= width && rows.lowerBound >= 0 && rows.upperBound <= height,
-        "resizeMask: window \(columns) x \(rows) outside \(width) x \(height)")
+    let (columns, rows) = resizeWindow(columns, rows, width: width, height: height, "resizeMask")
     var out = [UInt16](repeating: 0, count: columns.count * rows.count)
     var o = 0
     for y in rows {
