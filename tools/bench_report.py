@@ -3,7 +3,11 @@
 writes (bench/results/TASK-SETTING-METHOD-sSEED.json) and from nothing else.
 
     python3 tools/bench_report.py [--results bench/results] [--out bench/report.md]
-        [--images docs/images] [--no-plots]
+        [--images docs/images] [--no-plots] [--readme README.md [--check]]
+
+With --readme it also rewrites the README's generated blocks, each between
+`<!-- bench_report: KIND TASK SETTING -->` and `<!-- /bench_report -->` (KIND: table or comparisons), from
+the same files; with --check it writes nothing and fails where a block differs from the results.
 
 The tables give mean +- sample standard deviation over the seeds, with n. A method "beats"
 another where the difference of their means exceeds twice its standard error,
@@ -17,6 +21,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 from collections import defaultdict
 
@@ -37,6 +42,10 @@ KEY_PAIRS = [("hrhf+gsc", "mib"), ("hrhf+gsc", "plop"), ("hrhf", "mib"), ("hrhf"
              ("gsc", "plop"), ("hrhf+gsc", "hrhf"), ("hrhf+gsc", "gsc"), ("plop", "mib"), ("hrhf", "mib-batch16")]
 TASK_ORDER = [("15-5", "overlap"), ("15-1", "overlap"), ("10-1", "overlap"), ("15-1", "disjoint")]
 METRICS = ["old", "new", "all"]
+# How the README names the rows that are not plain methods.
+README_LABELS = {"gsc": "gsc (pack for prototypes only)", "joint": "joint (all data, upper reference)"}
+# References, not contenders: never marked best.
+REFERENCE_ROWS = {"joint"}
 
 
 class ResultError(Exception):
@@ -153,6 +162,58 @@ def step_table(runs_by_method):
         cells = [cell(metric(runs, "all", s)) for s in range(len(runs[0]["steps"]))]
         lines.append(f"| {m} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def readme_table(runs_by_method):
+    """The README's table of a task: old / new / all at the last step, n, the best mean of each column (not
+    counting the reference rows) in bold."""
+    methods = ordered_methods(runs_by_method)
+    values = {m: {k: metric(runs_by_method[m], k) for k in METRICS} for m in methods}
+    best = {}
+    for k in METRICS:
+        means = [round(mean_sd(values[m][k])[0], 1) for m in methods if m not in REFERENCE_ROWS and values[m][k]]
+        best[k] = max(means) if means else None
+    lines = ["| method | n | old | new | all |", "| --- | ---: | ---: | ---: | ---: |"]
+    for m in methods:
+        cells = []
+        for k in METRICS:
+            text = cell(values[m][k])
+            bold = m not in REFERENCE_ROWS and values[m][k] and round(mean_sd(values[m][k])[0], 1) == best[k]
+            cells.append(f"**{text}**" if bold else text)
+        lines.append(f"| {README_LABELS.get(m, m)} | {len(runs_by_method[m])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_block(groups, kind, task, setting):
+    """The text of one generated README block."""
+    runs_by_method = groups.get((task, setting))
+    if not runs_by_method:
+        raise ResultError(f"no results for {task_label(task, setting)}")
+    if kind == "table":
+        return readme_table(runs_by_method)
+    if kind == "comparisons":
+        return "\n".join(comparison_lines(runs_by_method))
+    raise ResultError(f"unknown block kind {kind!r} (table or comparisons)")
+
+
+README_BLOCK = re.compile(r"(<!-- bench_report: (\S+) (\S+) (\S+) -->\n)(.*?)(<!-- /bench_report -->)", re.S)
+
+
+def update_readme(text, groups):
+    """(new text, names of the blocks that changed) with every generated block rebuilt from groups."""
+    changed = []
+
+    def rebuild(match):
+        head, kind, task, setting, old, tail = match.groups()
+        new = readme_block(groups, kind, task, setting) + "\n"
+        if new != old:
+            changed.append(f"{kind} {task} {setting}")
+        return head + new + tail
+
+    updated = README_BLOCK.sub(rebuild, text)
+    if text.count("<!-- bench_report:") != len(README_BLOCK.findall(text)):
+        raise ResultError("a `<!-- bench_report: KIND TASK SETTING -->` marker has no `<!-- /bench_report -->`")
+    return updated, changed
 
 
 def comparison_lines(runs_by_method):
@@ -277,8 +338,13 @@ def main():
     parser.add_argument("--out", default="bench/report.md")
     parser.add_argument("--images", default="docs/images")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--readme", help="rewrite this README's generated blocks from the same results")
+    parser.add_argument("--check", action="store_true",
+                        help="with --readme: write nothing, fail where a README block differs from the results")
     args = parser.parse_args()
-    plots = not args.no_plots
+    if args.check and not args.readme:
+        parser.error("--check needs --readme")
+    plots = not args.no_plots and not args.check
     if plots:
         try:
             import matplotlib  # noqa: F401
@@ -290,6 +356,23 @@ def main():
         sys.exit(f"bench_report: {e}")
     if not groups:
         sys.exit(f"bench_report: no result files in {args.results}")
+    if args.readme:
+        try:
+            with open(args.readme) as f:
+                text = f.read()
+            updated, changed = update_readme(text, groups)
+        except (OSError, ResultError) as e:
+            sys.exit(f"bench_report: {args.readme}: {e}")
+        if args.check:
+            if changed:
+                sys.exit(f"bench_report: {args.readme}: these blocks differ from {args.results}: "
+                         + "; ".join(changed) + " (run tools/bench_report.py --readme " + args.readme + ")")
+            print(f"{args.readme}: every generated block matches {args.results}")
+            return
+        partial = args.readme + ".partial"
+        with open(partial, "w") as f:
+            f.write(updated)
+        os.replace(partial, args.readme)
     os.makedirs(args.images, exist_ok=True)
     text = report(groups, args.images, plots, os.path.dirname(os.path.abspath(args.out)))
     partial = args.out + ".partial"

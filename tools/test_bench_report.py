@@ -86,6 +86,43 @@ class BenchReportTests(unittest.TestCase):
                       "(+0.0, 2 SE 0.0)", text)
         self.assertIn("- **hrhf+gsc-no-proto** vs **hrhf+gsc**: all: no claim (n=1) (+4.0)", text)
 
+    def test_the_readme_table_marks_the_best_contender_of_each_column(self):
+        for seed in range(2):
+            write_result(self.results, "15-1", "overlap", "mib", seed, [0.5 + seed / 100], old=0.6, new=0.3)
+            write_result(self.results, "15-1", "overlap", "gsc", seed, [0.55], old=0.5, new=0.3)
+            write_result(self.results, "15-1", "overlap", "joint", seed, [0.7], old=0.8, new=0.6)
+        table = bench_report.readme_block(bench_report.load(self.results), "table", "15-1", "overlap")
+        self.assertEqual(table.splitlines()[2:], [
+            "| mib | 2 | **60.0 ± 0.0** | **30.0 ± 0.0** | 50.5 ± 0.7 |",
+            "| gsc (pack for prototypes only) | 2 | 50.0 ± 0.0 | **30.0 ± 0.0** | **55.0 ± 0.0** |",
+            "| joint (all data, upper reference) | 2 | 80.0 ± 0.0 | 60.0 ± 0.0 | 70.0 ± 0.0 |"])
+
+    def test_readme_blocks_are_rebuilt_and_a_stale_one_is_reported(self):
+        for seed in range(2):
+            write_result(self.results, "15-1", "overlap", "mib", seed, [0.5])
+            write_result(self.results, "15-1", "overlap", "plop", seed, [0.4 + seed / 100])
+        groups = bench_report.load(self.results)
+        readme = ("intro\n<!-- bench_report: comparisons 15-1 overlap -->\nstale\n<!-- /bench_report -->\nend\n")
+        updated, changed = bench_report.update_readme(readme, groups)
+        self.assertEqual(changed, ["comparisons 15-1 overlap"])
+        self.assertEqual(updated, "intro\n<!-- bench_report: comparisons 15-1 overlap -->\n- **plop** vs **mib**: "
+                         "all: is beaten by (-9.5, 2 SE 1.0); old: not distinguishable from (+0.0, 2 SE 0.0); new: "
+                         "not distinguishable from (+0.0, 2 SE 0.0)\n<!-- /bench_report -->\nend\n")
+        self.assertEqual(bench_report.update_readme(updated, groups), (updated, []))
+        with self.assertRaisesRegex(bench_report.ResultError, "no results for 10-1"):
+            bench_report.update_readme("<!-- bench_report: table 10-1 overlap -->\n<!-- /bench_report -->", groups)
+        with self.assertRaisesRegex(bench_report.ResultError, "has no `<!-- /bench_report -->`"):
+            bench_report.update_readme("<!-- bench_report: table 15-1 overlap -->\n", groups)
+
+    def test_the_readme_blocks_are_the_committed_results(self):
+        root = os.path.dirname(TOOLS)
+        groups = bench_report.load(os.path.join(root, "bench", "results"))
+        with open(os.path.join(root, "README.md")) as f:
+            readme = f.read()
+        self.assertGreaterEqual(readme.count("<!-- bench_report:"), 2)
+        self.assertEqual(bench_report.update_readme(readme, groups)[1], [],
+                         "run tools/bench_report.py --readme README.md after adding results")
+
     def test_runs_of_two_machines_are_flagged(self):
         write_result(self.results, "15-5", "overlap", "mib", 0, [0.5])
         path = write_result(self.results, "15-5", "overlap", "mib", 1, [0.5])
