@@ -164,6 +164,25 @@ def step_table(runs_by_method):
     return "\n".join(lines)
 
 
+def class_table(runs_by_method):
+    """IoU % of every seen class at the last step, mean over seeds, one column per main method: where a
+    method's old / new mean comes from. None when the files hold no per-class IoU."""
+    methods = [m for m in ordered_methods(runs_by_method) if m in MAIN]
+    last = {m: [r["steps"][-1] for r in runs_by_method[m]] for m in methods}
+    if not methods or any("perClass" not in s or "classNames" not in s for ss in last.values() for s in ss):
+        return None
+    names = last[methods[0]][0]["classNames"]
+    old = set(last[methods[0]][0].get("oldClasses", []))
+    if any(s["classNames"] != names or len(s["perClass"]) != len(names) for ss in last.values() for s in ss):
+        raise ResultError("runs of one task name different classes")
+    lines = ["| class | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
+    for i, name in enumerate(names):
+        kind = "old" if i in old else ("new" if i else "bg")
+        cells = [f"{100 * sum(s['perClass'][i] for s in last[m]) / len(last[m]):.1f}" for m in methods]
+        lines.append(f"| {i} {name} ({kind}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def readme_table(runs_by_method):
     """The README's table of a task: old / new / all at the last step, n, the best mean of each column (not
     counting the reference rows) in bold."""
@@ -326,6 +345,9 @@ def report(groups, image_dir, plots, out_dir):
                             ablations[m] = runs_by_method[m]
                     plot(task, setting, ablations, os.path.join(image_dir, name))
                     out += [image(name, task_label(task, setting) + " ablations"), ""]
+        classes = class_table(runs_by_method)
+        if classes:
+            out += ["IoU % of each class at the last step, mean over the seeds:", "", classes, ""]
         comparisons = comparison_lines(runs_by_method)
         if comparisons:
             out += ["Comparisons (difference of means A - B in points):", ""] + comparisons + [""]

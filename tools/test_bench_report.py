@@ -123,6 +123,21 @@ class BenchReportTests(unittest.TestCase):
         self.assertEqual(bench_report.update_readme(readme, groups)[1], [],
                          "run tools/bench_report.py --readme README.md after adding results")
 
+    def test_the_class_table_averages_each_class_over_the_seeds(self):
+        for seed in range(2):
+            path = write_result(self.results, "15-1", "overlap", "mib", seed, [0.5, 0.4])
+            with open(path) as f:
+                record = json.load(f)
+            record["steps"][-1] |= {"classNames": ["background", "disc", "chevron"], "oldClasses": [1],
+                                    "perClass": [0.9, 0.5 + seed / 10, 0.2]}
+            with open(path, "w") as f:
+                json.dump(record, f)
+        groups = bench_report.load(self.results)
+        self.assertEqual(bench_report.class_table(groups[("15-1", "overlap")]).splitlines()[2:],
+                         ["| 0 background (bg) | 90.0 |", "| 1 disc (old) | 55.0 |", "| 2 chevron (new) | 20.0 |"])
+        text = bench_report.report(groups, self.tmp.name, False, self.tmp.name)
+        self.assertIn("IoU % of each class at the last step, mean over the seeds:", text)
+
     def test_runs_of_two_machines_are_flagged(self):
         write_result(self.results, "15-5", "overlap", "mib", 0, [0.5])
         path = write_result(self.results, "15-5", "overlap", "mib", 1, [0.5])
