@@ -14,7 +14,8 @@
 #   PACK_COUNT=64 PACK_ITERATIONS=250 (the step-0 pack, one per seed) SYNTH_COUNT=16 SYNTH_ITERATIONS=150
 #   (the pack made after each step of a multi-step run).
 # Then tools/bench_report.py writes BENCH_DIR/report.md and the plots (docs/images for bench, else
-# BENCH_DIR/images) from BENCH_DIR/results; PYTHON names a Python with matplotlib (default python3).
+# BENCH_DIR/images) from BENCH_DIR/results, and for bench README.md's result tables; PYTHON names a
+# Python with matplotlib (default python3).
 # BIN: binaries to use instead of building .build/release. COMMIT_RESULTS=1: commit each result file
 # as it lands (BENCH_DIR inside this repository).
 set -euo pipefail
@@ -207,11 +208,13 @@ done
 wait
 python=${PYTHON:-python3}
 images=docs/images
-[ "$dir" = bench ] || images=$dir/images
+readme=(--readme README.md)
+[ "$dir" = bench ] || { images=$dir/images; readme=(); }
 plots=()
 "$python" -c 'import matplotlib' 2> /dev/null ||
   { plots=(--no-plots); echo "no plots: $python has no matplotlib (pip install matplotlib, or set PYTHON)"; }
-"$python" tools/bench_report.py --results "$results" --out "$dir/report.md" --images "$images" "${plots[@]}" > /dev/null
-echo "$dir/report.md written"
+"$python" tools/bench_report.py --results "$results" --out "$dir/report.md" --images "$images" "${plots[@]}" \
+  "${readme[@]}" > /dev/null
+if [ ${#readme[@]} -gt 0 ]; then echo "$dir/report.md and the result tables of README.md written"; else echo "$dir/report.md written"; fi
 echo "$(find "$results" -name '*.json' | wc -l) result files in $results; $(wc -l < "$failed") runs failed in this pass"
 [ ! -s "$failed" ]

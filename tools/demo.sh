@@ -2,7 +2,7 @@
 # The main job on the embedded default, end to end: the zoo's Shapes model (classes 0-15)
 # is inverted into a synthetic pack of its 15 old classes, then learns classes 16-20 from
 # real images of them plus the pack (half-real half-fake distillation with GSC), and is
-# evaluated on old and new classes. About 7 minutes on 2 cores once built (12 from a fresh clone).
+# evaluated on old and new classes. About 5 minutes on 2 cores once built (10 from a fresh clone).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/install-deps.sh

@@ -46,9 +46,20 @@ import HRHF
     struct FuzzReplay {
         static func main() {
             let arguments = CommandLine.arguments.dropFirst()
+            let targets = FuzzTarget.allCases.map(\.rawValue).joined(separator: "|")
+            let usage = """
+                usage: hrhf-fuzz \(targets) FILE...
+                Replays each FILE (a crash file, a corpus entry) through the reader's fuzz harness and prints
+                whether it was accepted, refused with an error naming the file, or broke a rule (exit status 1).
+                tools/fuzz.sh TARGET SECONDS builds the libFuzzer version and fuzzes.
+
+                """
+            if arguments.first == "--help" || arguments.first == "-h" {
+                print(usage, terminator: "")
+                return
+            }
             guard let first = arguments.first, let target = FuzzTarget(rawValue: first), arguments.count >= 2 else {
-                let targets = FuzzTarget.allCases.map(\.rawValue).joined(separator: "|")
-                FileHandle.standardError.write(Data("usage: hrhf-fuzz \(targets) FILE...\n".utf8))
+                FileHandle.standardError.write(Data(usage.utf8))
                 exit(2)
             }
             var failed = false
