@@ -175,10 +175,15 @@ def class_table(runs_by_method):
     old = set(last[methods[0]][0].get("oldClasses", []))
     if any(s["classNames"] != names or len(s["perClass"]) != len(names) for ss in last.values() for s in ss):
         raise ResultError("runs of one task name different classes")
+    def class_cell(steps, i):
+        # A class absent from the evaluated images has no IoU (null): the mean is over the seeds that have one.
+        values = [s["perClass"][i] for s in steps if s["perClass"][i] is not None]
+        return f"{100 * sum(values) / len(values):.1f}" if values else "-"
+
     lines = ["| class | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
     for i, name in enumerate(names):
         kind = "old" if i in old else ("new" if i else "bg")
-        cells = [f"{100 * sum(s['perClass'][i] for s in last[m]) / len(last[m]):.1f}" for m in methods]
+        cells = [class_cell(last[m], i) for m in methods]
         lines.append(f"| {i} {name} ({kind}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -16,6 +16,8 @@
 # Then tools/bench_report.py writes BENCH_DIR/report.md and the plots (docs/images for bench, else
 # BENCH_DIR/images) from BENCH_DIR/results, and for bench README.md's result tables; PYTHON names a
 # Python with matplotlib (default python3).
+# Prints how many runs this pass has to do, a line per run as it ends ([k/N], elapsed, runs per hour,
+# the time the rest should take), and ends with the summary table (all mIoU at each task's last step).
 # BIN: binaries to use instead of building .build/release. COMMIT_RESULTS=1: commit each result file
 # as it lands (BENCH_DIR inside this repository).
 set -euo pipefail
@@ -184,7 +186,7 @@ EOF
   local final
   final=$(python3 -c 'import json, sys
 print("%.1f" % (100 * json.load(open(sys.argv[1]))["steps"][-1]["all"]))' "$result")
-  echo "$name: all mIoU $final % after step $last, $wall s"
+  echo "$(progress) $name: all mIoU $final % after step $last, $wall s"
   if [ "${COMMIT_RESULTS:-0}" = 1 ]; then
     (flock -x 9; git add -f "$result" && git commit -q -m "bench: $name" -- "$result") 9> "$work/git.lock"
   fi
@@ -192,10 +194,40 @@ print("%.1f" % (100 * json.load(open(sys.argv[1]))["steps"][-1]["all"]))' "$resu
 
 failed=$work/failed-runs
 : > "$failed"
-queue() {  # like run, at most jobs_max at once; a failure is noted and the others go on
-  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
-  { run "$@" || echo "$*" >> "$failed"; } &
+finished=$work/finished-runs  # one line per run of this pass that ended, for the progress count
+: > "$finished"
+hms() { printf '%d:%02d:%02d' $(($1 / 3600)) $(($1 % 3600 / 60)) $(($1 % 60)); }
+# "[k/N]" for the run that just ended, with this pass's rate and the time the others should take.
+progress() {
+  local k elapsed
+  k=$( (flock -x 9; echo x >> "$finished"; wc -l < "$finished") 9> "$finished.lock")
+  elapsed=$((SECONDS - pass_start))
+  printf '[%d/%d, %s, %.1f runs/h, about %s left]' "$k" "$todo" "$(hms $elapsed)" \
+    "$(awk -v k="$k" -v t="$elapsed" 'BEGIN { print (t > 0 ? 3600 * k / t : 0) }')" \
+    "$(hms $((elapsed * (todo - k) / k)))"
 }
+queue() {  # like run, at most jobs_max at once; a failure is noted (and counted) and the others go on
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n || true; done
+  { run "$@" || { echo "$*" >> "$failed"; echo "$(progress) $* failed"; }; } &
+}
+# The runs this pass has to do: those without a result file, of methods this build has.
+todo=0 done_before=0
+for task in $tasks; do
+  for setting in $settings; do
+    for seed in $seeds; do
+      for row in $methods; do
+        row_spec "$row"
+        if [ -f "$results/$task-$setting-$row-s$seed.json" ]; then
+          done_before=$((done_before + 1))
+        elif grep -qxF -- "$method" <<< "$known_methods"; then
+          todo=$((todo + 1))
+        fi
+      done
+    done
+  done
+done
+echo "$todo runs to do, $done_before done before (skipped), $jobs_max at a time"
+pass_start=$SECONDS
 # Seeds outermost within a task, so that a stopped benchmark leaves whole seeds of every method.
 for task in $tasks; do
   task_last "$task" > /dev/null
@@ -217,4 +249,6 @@ plots=()
   "${readme[@]}" > /dev/null
 if [ ${#readme[@]} -gt 0 ]; then echo "$dir/report.md and the result tables of README.md written"; else echo "$dir/report.md written"; fi
 echo "$(find "$results" -name '*.json' | wc -l) result files in $results; $(wc -l < "$failed") runs failed in this pass"
+# The summary: all mIoU at the last step of every task, mean ± sd over the seeds (the report's first table).
+awk '/^## All mIoU at the last step/ { on = 1; next } on && /^## / { exit } on && NF' "$dir/report.md"
 [ ! -s "$failed" ]
