@@ -6,8 +6,9 @@ writes (bench/results/TASK-SETTING-METHOD-sSEED.json) and from nothing else.
         [--images docs/images] [--no-plots] [--readme README.md [--check]]
 
 With --readme it also rewrites the README's generated blocks, each between
-`<!-- bench_report: KIND TASK SETTING -->` and `<!-- /bench_report -->` (KIND: table or comparisons), from
-the same files; with --check it writes nothing and fails where a block differs from the results.
+`<!-- bench_report: KIND TASK SETTING -->` and `<!-- /bench_report -->` (KIND: table or comparisons of
+the main methods, ablation-table or ablation-comparisons of the ablation rows and their references),
+from the same files; with --check it writes nothing and fails where a block differs from the results.
 
 The tables give mean +- sample standard deviation over the seeds, with n. A method "beats"
 another where the difference of their means exceeds twice its standard error,
@@ -213,11 +214,21 @@ def readme_block(groups, kind, task, setting):
     runs_by_method = groups.get((task, setting))
     if not runs_by_method:
         raise ResultError(f"no results for {task_label(task, setting)}")
+    main = {m: r for m, r in runs_by_method.items() if m in MAIN}
+    pairs = ablation_pairs(runs_by_method)
+    # The ablation rows with the rows they are set against.
+    with_references = {m: runs_by_method[m] for m in ordered_methods({m for p in pairs for m in p})}
+    if kind in ("ablation-table", "ablation-comparisons") and not pairs:
+        raise ResultError(f"no ablation results for {task_label(task, setting)}")
     if kind == "table":
-        return readme_table(runs_by_method)
+        return readme_table(main)
     if kind == "comparisons":
-        return "\n".join(comparison_lines(runs_by_method))
-    raise ResultError(f"unknown block kind {kind!r} (table or comparisons)")
+        return "\n".join(comparison_lines(main))
+    if kind == "ablation-table":
+        return readme_table(with_references)
+    if kind == "ablation-comparisons":
+        return "\n".join(comparison_lines(runs_by_method, pairs))
+    raise ResultError(f"unknown block kind {kind!r} (table, comparisons, ablation-table or ablation-comparisons)")
 
 
 README_BLOCK = re.compile(r"(<!-- bench_report: (\S+) (\S+) (\S+) -->\n)(.*?)(<!-- /bench_report -->)", re.S)
@@ -240,10 +251,18 @@ def update_readme(text, groups):
     return updated, changed
 
 
-def comparison_lines(runs_by_method):
-    """Every key pair and ablation present, on all / old / new at the last step."""
-    pairs = [p for p in KEY_PAIRS if p[0] in runs_by_method and p[1] in runs_by_method]
-    pairs += [(a, ref) for a, ref in ABLATION_REFERENCE.items() if a in runs_by_method and ref in runs_by_method]
+def ablation_pairs(runs_by_method):
+    """Each ablation row against its reference, and the key pairs that hold an ablation row, as present."""
+    pairs = [(a, ref) for a, ref in ABLATION_REFERENCE.items()]
+    pairs += [p for p in KEY_PAIRS if p[0] in ABLATION_REFERENCE or p[1] in ABLATION_REFERENCE]
+    return [p for p in pairs if p[0] in runs_by_method and p[1] in runs_by_method]
+
+
+def comparison_lines(runs_by_method, pairs=None):
+    """The given pairs (default: every key pair and ablation present), on all / old / new at the last step."""
+    if pairs is None:
+        pairs = [p for p in KEY_PAIRS if p[0] in runs_by_method and p[1] in runs_by_method]
+        pairs += [p for p in ablation_pairs(runs_by_method) if p not in pairs]
     lines = []
     for a, b in pairs:
         parts = []

@@ -114,6 +114,27 @@ class BenchReportTests(unittest.TestCase):
         with self.assertRaisesRegex(bench_report.ResultError, "has no `<!-- /bench_report -->`"):
             bench_report.update_readme("<!-- bench_report: table 15-1 overlap -->\n", groups)
 
+    def test_readme_blocks_split_the_main_rows_from_the_ablations(self):
+        for seed in range(2):
+            for method, final in [("mib", 0.5), ("hrhf", 0.6), ("hrhf+gsc", 0.58), ("hrhf+gsc-no-proto", 0.6),
+                                  ("mib-batch16", 0.55)]:
+                write_result(self.results, "15-1", "overlap", method, seed, [final + seed / 1000])
+        groups = bench_report.load(self.results)
+        rows = lambda text: [line.split(" | ")[0][2:] for line in text.splitlines()[2:]]  # noqa: E731
+        self.assertEqual(rows(bench_report.readme_block(groups, "table", "15-1", "overlap")), ["mib", "hrhf", "hrhf+gsc"])
+        self.assertEqual(rows(bench_report.readme_block(groups, "ablation-table", "15-1", "overlap")),
+                         ["mib", "hrhf", "hrhf+gsc", "hrhf+gsc-no-proto", "mib-batch16"])
+        pairs = [line.split(":")[0] for line in
+                 bench_report.readme_block(groups, "ablation-comparisons", "15-1", "overlap").splitlines()]
+        self.assertEqual(pairs, ["- **hrhf+gsc-no-proto** vs **hrhf+gsc**", "- **mib-batch16** vs **mib**",
+                                 "- **hrhf** vs **mib-batch16**"])
+        main_pairs = bench_report.readme_block(groups, "comparisons", "15-1", "overlap")
+        self.assertNotIn("batch16", main_pairs)
+        self.assertNotIn("no-proto", main_pairs)
+        with self.assertRaisesRegex(bench_report.ResultError, "no ablation results for 15-5"):
+            write_result(self.results, "15-5", "overlap", "mib", 0, [0.5])
+            bench_report.readme_block(bench_report.load(self.results), "ablation-table", "15-5", "overlap")
+
     def test_the_readme_blocks_are_the_committed_results(self):
         root = os.path.dirname(TOOLS)
         groups = bench_report.load(os.path.join(root, "bench", "results"))
