@@ -19,6 +19,7 @@ per method with a band of +- one standard deviation) need matplotlib, in the too
 """
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -189,6 +190,47 @@ def class_table(runs_by_method):
     return "\n".join(lines)
 
 
+def read_step_packs(path):
+    """The rows tools/bench_step_packs.py wrote: one per pack made between two steps of a run."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        for r in rows:
+            for k in ("seed", "step", "class", "images"):
+                r[k] = int(r[k])
+            for k in ("area_correlation", "target_present"):
+                r[k] = float(r[k])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ResultError(f"{path}: not a step-pack table ({e})")
+    return rows
+
+
+def step_pack_table(task, setting, runs_by_method, step_packs, methods=("mib", "hrhf", "hrhf+gsc")):
+    """Each class a pack rehearsed from the step after its own: the pack methods' packs' mean area correlation
+    and share of images showing the class, beside each method's IoU of it at the last step. None without packs."""
+    packs = defaultdict(list)
+    for r in step_packs:
+        if (r["task"], r["setting"]) == (task, setting) and r["method"] in ("hrhf", "hrhf+gsc"):
+            packs[(r["step"], r["class"])].append(r)
+    methods = [m for m in methods if m in runs_by_method]
+    if not packs or not methods:
+        return None
+    names = runs_by_method[methods[0]][0]["steps"][-1].get("classNames")
+    lines = ["| step | class | packs | area correlation | images showing it | " +
+             " | ".join(f"{m} IoU" for m in methods) + " |", "| ---: | --- | ---: | ---: | ---: |" + " ---: |" * len(methods)]
+    for step, cls in sorted(packs):
+        ps = packs[(step, cls)]
+        ious = []
+        for m in methods:
+            values = [r["steps"][-1].get("perClass", [])[cls:cls + 1] for r in runs_by_method[m]]
+            values = [v[0] for v in values if v and v[0] is not None]
+            ious.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
+        name = f"{cls} {names[cls]}" if names and cls < len(names) else str(cls)
+        lines.append(f"| {step} | {name} | {len(ps)} | {sum(p['area_correlation'] for p in ps) / len(ps):.2f} | "
+                     f"{100 * sum(p['target_present'] for p in ps) / len(ps):.0f}% | " + " | ".join(ious) + " |")
+    return "\n".join(lines)
+
+
 def readme_table(runs_by_method):
     """The README's table of a task: old / new / all at the last step, n, the best mean of each column (not
     counting the reference rows) in bold."""
@@ -330,7 +372,7 @@ def provenance(runs_by_method):
     return text
 
 
-def report(groups, image_dir, plots, out_dir):
+def report(groups, image_dir, plots, out_dir, step_packs=None):
     """The markdown text (to be written into out_dir); writes the plots into image_dir when plots is true."""
 
     def image(name, caption):
@@ -372,6 +414,12 @@ def report(groups, image_dir, plots, out_dir):
         classes = class_table(runs_by_method)
         if classes:
             out += ["IoU % of each class at the last step, mean over the seeds:", "", classes, ""]
+        packs = step_pack_table(task, setting, runs_by_method, step_packs or [])
+        if packs:
+            out += ["The packs made between steps (hrhf's and hrhf+gsc's, from `bench/step-packs.csv`; a step's "
+                    "pack rehearses its class from the next step on): how well each class's areas were achieved "
+                    "(area correlation, target against achieved, 1 is exact) beside its IoU at the last step:", "",
+                    packs, ""]
         comparisons = comparison_lines(runs_by_method)
         if comparisons:
             out += ["Comparisons (difference of means A - B in points):", ""] + comparisons + [""]
@@ -384,6 +432,8 @@ def main():
     parser.add_argument("--out", default="bench/report.md")
     parser.add_argument("--images", default="docs/images")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--step-packs", help="tools/bench_step_packs.py's table (default: step-packs.csv beside "
+                        "the results folder, when there)")
     parser.add_argument("--readme", help="rewrite this README's generated blocks from the same results")
     parser.add_argument("--check", action="store_true",
                         help="with --readme: write nothing, fail where a README block differs from the results")
@@ -419,8 +469,13 @@ def main():
         with open(partial, "w") as f:
             f.write(updated)
         os.replace(partial, args.readme)
+    packs_path = args.step_packs or os.path.join(os.path.dirname(os.path.abspath(args.results)), "step-packs.csv")
+    try:
+        step_packs = read_step_packs(packs_path) if args.step_packs or os.path.exists(packs_path) else None
+    except (OSError, ResultError) as e:
+        sys.exit(f"bench_report: {e}")
     os.makedirs(args.images, exist_ok=True)
-    text = report(groups, args.images, plots, os.path.dirname(os.path.abspath(args.out)))
+    text = report(groups, args.images, plots, os.path.dirname(os.path.abspath(args.out)), step_packs)
     partial = args.out + ".partial"
     with open(partial, "w") as f:
         f.write(text)

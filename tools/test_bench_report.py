@@ -6,16 +6,19 @@ the 2-standard-error verdicts, n=1 without a claim, refused files, and the plots
 """
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import unittest
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import bench_report  # noqa: E402
+import bench_step_packs  # noqa: E402
 
 BUDGET = {"iterations_per_step": 200, "batch": 8, "eval_images": 200}
 
@@ -220,6 +223,70 @@ class BenchReportTests(unittest.TestCase):
         self.assertIn("![15-1 ablations](images/bench-15-1-overlap-ablations.png)", text)
         self.assertIn("| mib-batch16 | 3 | 50.0 ± 0.0 | - | 55.0 ± 0.0 |", text)
 
+
+
+def write_pack(path, target, achieved, quality, manifest_bytes=None):
+    """A step pack holding only its manifest: one record per achieved area, all targeting `target`."""
+    records = [{"targets": [target], "achievedAreas": [a], "targetAreas": [0.2]} for a in achieved]
+    data = manifest_bytes if manifest_bytes is not None else json.dumps({"images": records, "quality": quality}).encode()
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+QUALITY = {"areaCorrelation": -0.25, "areaMeanAbsoluteDifference": 0.2, "fidelity": 0, "meanConfidence": 0.8}
+
+
+class StepPackTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.work = os.path.join(self.tmp.name, "work")
+        self.run_dir = os.path.join(self.work, "15-1-overlap-hrhf-s2")
+        os.makedirs(self.run_dir)
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def test_each_step_pack_becomes_a_row(self):
+        write_pack(os.path.join(self.run_dir, "model-step4-pack.tar"), 19, [0.1, 0.0, 0.3, 0.2], QUALITY)
+        os.makedirs(os.path.join(self.work, "pack-1-15-s2.tar.d"))  # not a run folder: ignored
+        rows = bench_step_packs.collect(self.work)
+        self.assertEqual(rows, [{"task": "15-1", "setting": "overlap", "method": "hrhf", "seed": 2, "step": 4,
+                                 "class": 19, "images": 4, "area_correlation": -0.25, "area_mae": 0.2,
+                                 "fidelity": 0.0, "mean_confidence": 0.8, "target_present": 0.75}])
+
+    def test_a_pack_of_two_classes_or_without_a_manifest_is_refused_by_name(self):
+        path = os.path.join(self.run_dir, "model-step1-pack.tar")
+        with tarfile.open(path, "w") as tar:
+            info = tarfile.TarInfo("manifest.json")
+            info.type = tarfile.SYMTYPE
+            info.linkname = "/etc/passwd"
+            tar.addfile(info)
+        with self.assertRaisesRegex(bench_step_packs.PackError, r"model-step1-pack\.tar: manifest\.json is not a file"):
+            bench_step_packs.collect(self.work)
+        manifest = {"images": [{"targets": [16, 17], "achievedAreas": [0.1, 0.1]}], "quality": QUALITY}
+        write_pack(path, 0, [], {}, manifest_bytes=json.dumps(manifest).encode())
+        with self.assertRaisesRegex(bench_step_packs.PackError, r"model-step1-pack\.tar: a step pack targets one class"):
+            bench_step_packs.collect(self.work)
+
+    def test_the_report_sets_each_pack_beside_the_class_iou(self):
+        results = os.path.join(self.tmp.name, "results")
+        os.mkdir(results)
+        for seed in range(2):
+            for method, chevron in [("mib", 0.2), ("hrhf", 0.04)]:
+                path = write_result(results, "15-1", "overlap", method, seed, [0.5, 0.4])
+                with open(path) as f:
+                    record = json.load(f)
+                record["steps"][-1] |= {"classNames": ["background", "disc", "chevron"], "perClass": [0.9, 0.5, chevron]}
+                with open(path, "w") as f:
+                    json.dump(record, f)
+        packs = [{"task": "15-1", "setting": "overlap", "method": "hrhf", "seed": s, "step": 1, "class": 2,
+                  "area_correlation": c, "target_present": 1.0} for s, c in [(0, -0.2), (1, 0.0)]]
+        groups = bench_report.load(results)
+        table = bench_report.step_pack_table("15-1", "overlap", groups[("15-1", "overlap")], packs)
+        self.assertEqual(table.splitlines()[2:], ["| 1 | 2 chevron | 2 | -0.10 | 100% | 20.0 | 4.0 |"])
+        self.assertIsNone(bench_report.step_pack_table("10-1", "overlap", groups[("15-1", "overlap")], packs))
 
 if __name__ == "__main__":
     unittest.main()
