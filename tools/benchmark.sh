@@ -9,6 +9,8 @@
 #   hrhf-no-saa   hrhf with packs synthesised without Scale-Aware Aggregation (hrhf-synth --no-saa)
 #   hrhf-real16   hrhf with 16 real images per batch (and 16 fake)
 #   mib-batch16   MiB with 16 real images per batch (as many images as hrhf's 8 real + 8 fake)
+#   hrhf-reached50  hrhf whose fake half draws only pack images that reached half of every asked
+#                 area (hrhf-distill --fake-min-achieved 0.5): an experiment, not in `ablations`
 # Budget (the defaults are the benchmark's; a different budget belongs in another BENCH_DIR):
 #   ITERATIONS_15_5=400 ITERATIONS_PER_STEP=200 (15-1, 10-1) BATCH=8 LR=0.01 EVAL_LIMIT=200
 #   PACK_COUNT=64 PACK_ITERATIONS=250 (the step-0 pack, one per seed) SYNTH_COUNT=16 SYNTH_ITERATIONS=150
@@ -81,13 +83,15 @@ task_last() {
   case $1 in 15-5) echo 1 ;; 15-1) echo 5 ;; 10-1) echo 10 ;; *) echo "unknown task $1" >&2; return 1 ;; esac
 }
 
-# A row's hrhf-distill method and extra options; sets method, row_batch, saa (synthesis option) and packs_needed.
+# A row's hrhf-distill method and extra options; sets method, row_batch, saa (synthesis option), extra
+# (distillation options) and packs_needed.
 row_spec() {
-  method=$1 row_batch=$batch saa=()
+  method=$1 row_batch=$batch saa=() extra=()
   case $1 in
     hrhf-no-saa) method=hrhf saa=(--no-saa) ;;
     hrhf-real16) method=hrhf row_batch=16 ;;
     mib-batch16) method=mib row_batch=16 ;;
+    hrhf-reached50) method=hrhf extra=(--fake-min-achieved 0.5) ;;
   esac
   case $method in hrhf* | gsc*) packs_needed=1 ;; *) packs_needed=0 ;; esac
 }
@@ -111,7 +115,7 @@ run() {  # task setting row seed
   local name="$task-$setting-$row-s$seed"
   local result="$results/$name.json" rundir="$work/$name"
   [ -f "$result" ] && return 0
-  local method row_batch saa packs_needed
+  local method row_batch saa extra packs_needed
   row_spec "$row"
   if ! grep -qxF -- "$method" <<< "$known_methods"; then
     echo "$name: skipped, $method is not a method of this build (hrhf-distill --list-methods)"
@@ -134,6 +138,7 @@ run() {  # task setting row seed
   local cmd=("$bin/hrhf-distill" --old "$model" "${packs[@]}" --data $data --dataset shapes --setting "$setting"
     --task "$task" --step 1 --last-step "$last" --method "$method" --iterations "$its" --batch "$row_batch"
     --lr "$lr" --seed "$seed" --synth-count "$synth_count" --synth-iterations "$synth_iterations" "${saa[@]}"
+    "${extra[@]}"
     --eval-limit "$eval_limit" --threads 1 --out "$rundir/model.safetensors" --json "$rundir/steps.json")
   local start=$SECONDS
   "${cmd[@]}" >> "$rundir/log" 2>&1 || { echo "$name failed: see $rundir/log"; return 1; }

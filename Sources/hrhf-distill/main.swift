@@ -26,6 +26,12 @@ struct Distill: ParsableCommand {
         name: .customLong("fake-ratio"),
         help: "Override the share of each batch from the packs (0.5: as many fake images as real ones).")
     var fakeRatio: Float?
+    @Option(
+        name: .customLong("fake-min-achieved"),
+        help: .init(
+            "Fake half: only pack images whose every target class the teacher gave at least this share of "
+                + "the area asked of it (e.g. 0.5; default: every image)."))
+    var fakeMinAchieved: Float?
     @Option(name: .customLong("kd"), help: "Override the unbiased KD weight on real images (0 drops the term).")
     var kd: Float?
     @Option(name: .customLong("fake-kd"), help: "Override the KD weight on fake images.") var fakeKD: Float?
@@ -117,6 +123,7 @@ struct Distill: ParsableCommand {
             options.method.background = b
         }
         if let fakeRatio { options.fakeRatio = fakeRatio }
+        options.fakeMinimumAchievedShare = fakeMinAchieved
         if let kd { options.method.setWeight(.kd, on: .real, kd) }
         if let fakeKD { options.method.setWeight(.kd, on: .fake, fakeKD) }
         if let featureWeight { options.method.setWeight(.feat, on: .fake, featureWeight) }
@@ -225,6 +232,10 @@ struct Distill: ParsableCommand {
                 progress?.finish()
                 progress = nil
                 print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")
+            case .fakeImagesKept(let s, let kept, let offered):
+                print(
+                    "step \(s) fake half: \(kept) of the packs' \(offered) images show their classes on at least "
+                        + "\(fakeMinAchieved ?? 0) of the asked area")
             }
         }
         if communicator.size > 1 {

@@ -365,18 +365,66 @@ final class DistillationTests: XCTestCase {
         XCTAssertEqual(try run(interrupt: false), try run(interrupt: true))
     }
 
+    /// The tiny teacher of classes 0-5 and a pack of `count` 24-pixel images of its classes 1-5, with
+    /// the synthesis options that made it.
+    static func tinyTeacherAndPack(count: Int) throws -> (teacher: URL, pack: URL, options: InversionOptions) {
+        let (url, model, card) = try SynthesisTests.tinyTeacher()
+        var o = SynthesisTests.smallOptions()
+        o.resolution = 24
+        let pack = temporaryDirectory().appendingPathComponent("p0.tar")
+        _ = try SynthesisJob(
+            teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: count, options: o, seed: 1,
+            out: pack
+        ).run(resume: false)
+        return (url, pack, o)
+    }
+
+    /// `--fake-min-achieved`: a step's fake half draws only the pack images whose classes reached
+    /// that share of their asked areas, and says how many of how many it kept.
+    func testTheFakeHalfKeepsOnlyImagesThatReachedTheirAreas() throws {
+        let (url, pack, _) = try Self.tinyTeacherAndPack(count: 4)
+        // Say image 2 reached 0.9 of every area it was asked and the others a quarter, rebuilt as a valid pack.
+        let made = try SyntheticPack(url: pack)
+        var manifest = made.manifest
+        for i in manifest.images.indices {
+            manifest.images[i].achievedAreas = manifest.images[i].targetAreas.map { i == 2 ? 0.9 * $0 : 0.25 * $0 }
+        }
+        manifest.quality = SynthesisQuality(records: manifest.images, imagesPerMinute: nil)
+        var entries: [HostilePackTests.Entry] = [("manifest.json", try manifest.encoded(), .file)]
+        for r in manifest.images {
+            entries.append((r.image, try ImageIO.encodePNG(try made.image(r)), .file))
+            entries.append((r.label, try ImageIO.encodePalettePNG(try made.label(r)), .file))
+        }
+        let edited = try HostilePackTests.write(entries, name: "edited.tar")
+        let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
+        func step(keepingShare share: Float) throws -> IncrementalRun {
+            var options = try DistillationOptions.preset("hrhf")
+            options.fakeMinimumAchievedShare = share
+            return IncrementalRun(
+                old: url, train: train, val: nil, task: try IncrementalTask.named("1-5,6", foreground: 20),
+                firstStep: 1, lastStep: 1, setting: .overlap, packs: [edited], options: options,
+                config: TrainingConfig(iterations: 2, batchSize: 2, cropSize: 24, learningRate: 0.01, seed: 5),
+                stepPackClasses: .none, synthesize: { _ in },
+                out: temporaryDirectory().appendingPathComponent("m.safetensors"))
+        }
+        var kept: [Int: [Int]] = [:]
+        _ = try step(keepingShare: 0.5).run {
+            if case .fakeImagesKept(let step, let k, let offered) = $0 { kept[step] = [k, offered] }
+        }
+        XCTAssertEqual(kept, [1: [1, 4]], "image 2 alone reached half of its areas")
+        let none = try step(keepingShare: 1)
+        XCTAssertThrowsError(try none.run { _ in }) { e in
+            XCTAssertTrue(
+                "\(e)".hasPrefix(edited.path) && "\(e)".contains("none of the 4 images shows its classes on 1.0"),
+                "\(e)")
+        }
+    }
+
     /// Two steps of one class each in one run: the pack made after step 1 holds step 1's class
     /// (earlier packs kept) or every old class (replacing them), or none at all; a second run skips
     /// both steps.
     func testMultiStepRunMakesAPackAfterEachStep() throws {
-        let (url, model, card) = try SynthesisTests.tinyTeacher()
-        var o = SynthesisTests.smallOptions()
-        o.resolution = 24
-        let firstPack = temporaryDirectory().appendingPathComponent("p0.tar")
-        _ = try SynthesisJob(
-            teacherURL: url, model: model, card: card, classes: [1, 2, 3, 4, 5], count: 2, options: o, seed: 1,
-            out: firstPack
-        ).run(resume: false)
+        let (url, firstPack, o) = try Self.tinyTeacherAndPack(count: 2)
         let train = try VOCDataset(root: DataTests.shapesRoot, split: "train", classNames: DatasetClasses.shapes)
         let task = try IncrementalTask.named("1-5,6,7", foreground: 20)
         let config = TrainingConfig(

@@ -458,6 +458,42 @@ final class HostilePackTests: XCTestCase {
         XCTAssertEqual(try sampler.batch(3).shape, [2, 3, 4, 4])
     }
 
+    func testTheFakeHalfCanLeaveOutImagesThatMissedTheirAreas() throws {
+        // Image 0 got 0.25 of its asked 0.2 and 0.05 of 0.1; image 1 only 0.02 of its first class's 0.2.
+        let url = try Self.pack { m in
+            m.images[1].achievedAreas = [0.02, 0.1]
+            m.quality = SynthesisQuality(records: m.images, imagesPerMinute: nil)
+        }
+        let pack = try SyntheticPack(url: url)
+        XCTAssertTrue(pack.manifest.images[0].reaches(0.5))
+        XCTAssertFalse(pack.manifest.images[0].reaches(0.6), "0.05 is under 0.6 of 0.1")
+        XCTAssertFalse(pack.manifest.images[1].reaches(0.5), "0.02 is under 0.5 of 0.2")
+        XCTAssertTrue(pack.manifest.images[1].reaches(0.09))
+        func sampler(_ share: Float?) throws -> PackSampler {
+            try PackSampler(
+                packs: [pack], batchSize: 2, augmentation: Augmentation(cropSize: 4), normalization: .imagenet,
+                seed: 1, minimumAchievedShare: share)
+        }
+        let kept = try sampler(0.5)
+        XCTAssertEqual(kept.images.map(\.record.index), [0])
+        XCTAssertEqual(kept.offered, 2)
+        XCTAssertEqual(try kept.batch(0).shape, [2, 3, 4, 4], "the batch draws its two slots from the one image")
+        XCTAssertEqual(try sampler(nil).images.map(\.record.index), [0, 1])
+        XCTAssertThrowsError(try sampler(0.9)) { e in
+            XCTAssertTrue(
+                "\(e)".hasPrefix(url.path) && "\(e)".contains("none of the 2 images shows its classes on 0.9"), "\(e)")
+        }
+        var options = try DistillationOptions.preset("hrhf")
+        for bad: Float in [0, -0.5, 1.5, .nan] {
+            options.fakeMinimumAchievedShare = bad
+            XCTAssertThrowsError(try options.validate()) { e in
+                XCTAssertTrue("\(e)".contains("fake min achieved"), "\(e)")
+            }
+        }
+        options.fakeMinimumAchievedShare = 1
+        XCTAssertNoThrow(try options.validate())
+    }
+
     func testCommandsRefuseLyingPacksAndPlantedLinks() throws {
         let dir = temporaryDirectory()
         let good = try Self.write(try Self.entries())

@@ -22,6 +22,10 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
     /// Share of each batch drawn from the synthetic packs, added to the real images of the batch,
     /// for a method with terms on the fake half (0: real images only).
     public var fakeRatio: Float = 0.5
+    /// Fake half: only pack images in which the teacher gave every target class at least this
+    /// share of the area it was asked for (nil: every image). A pack that failed to show its
+    /// class (its images rehearse other classes where the class was meant) then rehearses nothing.
+    public var fakeMinimumAchievedShare: Float?
     public var kdTemperature: Float = 1
     /// Fake half: the old model's argmax is a label where its probability is at least this.
     public var fakeConfidence: Float = 0.7
@@ -73,6 +77,9 @@ public struct DistillationOptions: Codable, Equatable, Sendable {
         try method.validate()
         guard fakeRatio.isFinite && fakeRatio >= 0 && fakeRatio < 1 else {
             throw OptionError(option: "fake ratio", "\(fakeRatio): a share of the batch from 0 up to (not including) 1")
+        }
+        if let share = fakeMinimumAchievedShare, !(share > 0 && share <= 1) {
+            throw OptionError(option: "fake min achieved", "\(share): a share of the asked area above 0, at most 1")
         }
         guard compensationMin > 0 && compensationMin <= compensationMax && compensationMax.isFinite else {
             throw OptionError(option: "compensation range", "\(compensationMin),\(compensationMax): 0 < MIN <= MAX")

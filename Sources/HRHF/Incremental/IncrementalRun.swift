@@ -90,6 +90,9 @@ public struct IncrementalRun {
         case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
         /// The re-labelling audit of a step's iterations (those run in this process).
         case relabelAudit(step: Int, audit: RelabelAudit)
+        /// The fake half of a step draws from `kept` of the packs' `offered` images
+        /// (`DistillationOptions.fakeMinimumAchievedShare`).
+        case fakeImagesKept(step: Int, kept: Int, offered: Int)
     }
 
     public func run(_ event: @escaping (Event) -> Void) throws -> [IoUReport] {
@@ -119,6 +122,9 @@ public struct IncrementalRun {
                         step: step, images: runner.data.indices.count, packs: loaded.count,
                         iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
                         resumedAt: trainer.iteration))
+                if options.fakeMinimumAchievedShare != nil, let sampler = runner.data.fakeSampler {
+                    event(.fakeImagesKept(step: step, kept: sampler.count, offered: sampler.offered))
+                }
                 let start = Date()
                 var parts: [String: Float] = [:]
                 try trainer.run(loss: { it in

@@ -52,7 +52,8 @@ public struct StepData {
             usesPacks
             ? try PackSampler(
                 packs: packs, batchSize: fake, augmentation: augmentation,
-                normalization: normalization, seed: config.seed, firstSlot: perBatch) : nil
+                normalization: normalization, seed: config.seed, firstSlot: perBatch,
+                minimumAchievedShare: options.fakeMinimumAchievedShare) : nil
     }
 }
 

@@ -84,6 +84,12 @@ public struct SynthesisRecord: Codable, Equatable, Sendable {
 
     /// Every target is present in the prediction and no absent old class covers over 1%.
     public var faithful: Bool { achievedAreas.allSatisfy { $0 > 0 } && absentMaxArea <= 0.01 }
+
+    /// The teacher gave every target at least `share` of the area asked of it.
+    public func reaches(_ share: Float) -> Bool {
+        targetAreas.count == achievedAreas.count && !targetAreas.isEmpty
+            && zip(targetAreas, achievedAreas).allSatisfy { $1 >= Double(share) * $0 }
+    }
 }
 
 /// One synthesised image with its teacher pseudo-label.

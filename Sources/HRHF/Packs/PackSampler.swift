@@ -18,15 +18,27 @@ public final class PackSampler: @unchecked Sendable {
     }
     private let prefetcher = Prefetcher<Tensor>(label: "hrhf.pack-sampler")
 
+    /// Images the packs hold, before `minimumAchievedShare` left some out.
+    public let offered: Int
+
     /// `firstSlot`: the slots of a batch before the pack images' (the real images of a step's
     /// batch), so that their augmentation is keyed on their place in the whole batch.
+    /// `minimumAchievedShare`: only images whose every target class the teacher gave at least
+    /// this share of its asked area (`SynthesisRecord.reaches`); nil for all.
     public init(
         packs: [SyntheticPack], batchSize: Int, augmentation: Augmentation, normalization: Normalization,
-        seed: UInt64, firstSlot: Int = 0
+        seed: UInt64, firstSlot: Int = 0, minimumAchievedShare: Float? = nil
     ) throws {
-        images = packs.flatMap { p in p.manifest.images.map { (p, $0) } }
+        let all = packs.flatMap { p in p.manifest.images.map { (pack: p, record: $0) } }
+        offered = all.count
+        images = all.filter { minimumAchievedShare.map($0.record.reaches) ?? true }
         guard !images.isEmpty else {
-            throw PackError(file: packs.map(\.url.path).joined(separator: ", "), "the packs hold no images")
+            let files = packs.map(\.url.path).joined(separator: ", ")
+            if let share = minimumAchievedShare, !all.isEmpty {
+                throw PackError(
+                    file: files, "none of the \(all.count) images shows its classes on \(share) of the asked area")
+            }
+            throw PackError(file: files, "the packs hold no images")
         }
         guard batchSize >= 1 else { throw PackError(file: packs[0].url.path, "a batch of \(batchSize) pack images") }
         self.batchSize = batchSize
