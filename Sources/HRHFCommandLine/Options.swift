@@ -9,7 +9,12 @@ public struct ComputeOptions: ParsableArguments {
 
     public init() {}
 
-    public func apply() { setComputeThreads(threads) }
+    /// Sets the threads, and makes standard output line-buffered: redirected into one file with the
+    /// progress lines (standard error), each log line then lands where it happened, not at exit.
+    public func apply() {
+        setvbuf(stdout, nil, _IOLBF, 0)
+        setComputeThreads(threads)
+    }
 }
 
 /// Parses "16,1,1,1,1".
