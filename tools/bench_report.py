@@ -2,8 +2,8 @@
 """Builds the benchmark's tables, comparisons and plots from the result files tools/benchmark.sh
 writes (bench/results/TASK-SETTING-METHOD-sSEED.json) and from nothing else.
 
-    python3 tools/bench_report.py [--results bench/results] [--out bench/report.md]
-        [--images docs/images] [--no-plots] [--readme README.md [--check]]
+    python3 tools/bench_report.py [--results bench/results [MORE ...]] [--out bench/report.md]
+        [--images docs/images] [--no-plots] [--tasks TASK ...] [--readme README.md [--check]]
 
 With --readme it also rewrites the README's generated blocks, each between
 `<!-- bench_report: KIND TASK SETTING -->` and `<!-- /bench_report -->` (KIND: table or comparisons of
@@ -55,13 +55,18 @@ class ResultError(Exception):
     pass
 
 
-def load(folder):
-    """{(task, setting): {method: [result, ...]}} from every *.json in folder, checked."""
+def load(*folders):
+    """{(task, setting): {method: [result, ...]}} from every *.json in the folders, checked (a run in two
+    folders is refused)."""
     groups = defaultdict(lambda: defaultdict(list))
-    for name in sorted(os.listdir(folder)):
+    seen = {}
+    for folder, name in [(f, n) for f in folders for n in sorted(os.listdir(f))]:
         if not name.endswith(".json"):
             continue
         path = os.path.join(folder, name)
+        if name in seen:
+            raise ResultError(f"{path}: the same run as {seen[name]}")
+        seen[name] = path
         try:
             with open(path) as f:
                 r = json.load(f)
@@ -134,9 +139,9 @@ def task_label(task, setting):
 
 
 def summary_table(groups):
-    """The README table: all mIoU at the last step of each task, main methods."""
+    """All mIoU at the last step of each task: every row, the main methods first."""
     tasks = ordered_tasks(groups)
-    methods = ordered_methods({m for t in tasks for m in groups[t] if m in MAIN})
+    methods = ordered_methods({m for t in tasks for m in groups[t]})
     lines = ["| method | " + " | ".join(task_label(*t) + " all" for t in tasks) + " |",
              "| --- |" + " ---: |" * len(tasks)]
     for m in methods:
@@ -429,10 +434,12 @@ def report(groups, image_dir, plots, out_dir, step_packs=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--results", default="bench/results")
+    parser.add_argument("--results", nargs="+", default=["bench/results"],
+                        help="result folders (an experiment's beside the benchmark's, to compare with its rows)")
     parser.add_argument("--out", default="bench/report.md")
     parser.add_argument("--images", default="docs/images")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--tasks", nargs="+", help="only these tasks (e.g. 15-1), all settings")
     parser.add_argument("--step-packs", help="tools/bench_step_packs.py's table (default: step-packs.csv beside "
                         "the results folder, when there)")
     parser.add_argument("--readme", help="rewrite this README's generated blocks from the same results")
@@ -448,11 +455,13 @@ def main():
         except ImportError:
             sys.exit("bench_report: matplotlib is missing (pip install matplotlib, or --no-plots)")
     try:
-        groups = load(args.results)
+        groups = load(*args.results)
+        if args.tasks:
+            groups = {k: v for k, v in groups.items() if k[0] in args.tasks}
     except (OSError, ResultError) as e:
         sys.exit(f"bench_report: {e}")
     if not groups:
-        sys.exit(f"bench_report: no result files in {args.results}")
+        sys.exit(f"bench_report: no result files in {' '.join(args.results)}")
     if args.readme:
         try:
             with open(args.readme) as f:
@@ -462,15 +471,15 @@ def main():
             sys.exit(f"bench_report: {args.readme}: {e}")
         if args.check:
             if changed:
-                sys.exit(f"bench_report: {args.readme}: these blocks differ from {args.results}: "
+                sys.exit(f"bench_report: {args.readme}: these blocks differ from {' '.join(args.results)}: "
                          + "; ".join(changed) + " (run tools/bench_report.py --readme " + args.readme + ")")
-            print(f"{args.readme}: every generated block matches {args.results}")
+            print(f"{args.readme}: every generated block matches {' '.join(args.results)}")
             return
         partial = args.readme + ".partial"
         with open(partial, "w") as f:
             f.write(updated)
         os.replace(partial, args.readme)
-    packs_path = args.step_packs or os.path.join(os.path.dirname(os.path.abspath(args.results)), "step-packs.csv")
+    packs_path = args.step_packs or os.path.join(os.path.dirname(os.path.abspath(args.results[0])), "step-packs.csv")
     try:
         step_packs = read_step_packs(packs_path) if args.step_packs or os.path.exists(packs_path) else None
     except (OSError, ResultError) as e:

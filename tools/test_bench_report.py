@@ -162,6 +162,17 @@ class BenchReportTests(unittest.TestCase):
         text = bench_report.report(groups, self.tmp.name, False, self.tmp.name)
         self.assertIn("IoU % of each class at the last step, mean over the seeds:", text)
 
+    def test_an_experiment_folder_joins_the_benchmark_and_may_not_repeat_a_run(self):
+        other = os.path.join(self.tmp.name, "experiment")
+        os.mkdir(other)
+        write_result(self.results, "15-1", "overlap", "hrhf", 0, [0.57])
+        write_result(other, "15-1", "overlap", "hrhf-reached50", 0, [0.56])
+        groups = bench_report.load(self.results, other)
+        self.assertEqual(sorted(groups[("15-1", "overlap")]), ["hrhf", "hrhf-reached50"])
+        write_result(other, "15-1", "overlap", "hrhf", 0, [0.57])
+        with self.assertRaisesRegex(bench_report.ResultError, r"hrhf-s0\.json: the same run as .*results"):
+            bench_report.load(self.results, other)
+
     def test_runs_of_two_machines_are_flagged(self):
         write_result(self.results, "15-5", "overlap", "mib", 0, [0.5])
         path = write_result(self.results, "15-5", "overlap", "mib", 1, [0.5])
