@@ -11,6 +11,7 @@
 #   mib-batch16   MiB with 16 real images per batch (as many images as hrhf's 8 real + 8 fake)
 #   hrhf-reached50  hrhf whose fake half draws only pack images that reached half of every asked
 #                 area (hrhf-distill --fake-min-achieved 0.5): an experiment, not in `ablations`
+#   hrhf-no-fake-ce  hrhf without the fake half's cross-entropy (--fake-ce 0; its KD stays): an experiment
 # Budget (the defaults are the benchmark's; a different budget belongs in another BENCH_DIR):
 #   ITERATIONS_15_5=400 ITERATIONS_PER_STEP=200 (15-1, 10-1) BATCH=8 LR=0.01 EVAL_LIMIT=200
 #   PACK_COUNT=64 PACK_ITERATIONS=250 (the step-0 pack, one per seed) SYNTH_COUNT=16 SYNTH_ITERATIONS=150
@@ -92,6 +93,7 @@ row_spec() {
     hrhf-real16) method=hrhf row_batch=16 ;;
     mib-batch16) method=mib row_batch=16 ;;
     hrhf-reached50) method=hrhf extra=(--fake-min-achieved 0.5) ;;
+    hrhf-no-fake-ce) method=hrhf extra=(--fake-ce 0) ;;
   esac
   case $method in hrhf* | gsc*) packs_needed=1 ;; *) packs_needed=0 ;; esac
 }
