@@ -173,6 +173,14 @@ def step_table(runs_by_method):
     return "\n".join(lines)
 
 
+def class_iou_cell(runs, cls):
+    """IoU % of class `cls` at the last step, mean over the seeds that have one ("-" for none): a class
+    absent from the evaluated images has no IoU (null), and a run without per-class IoU has none."""
+    values = [r["steps"][-1].get("perClass", [])[cls:cls + 1] for r in runs]
+    values = [v[0] for v in values if v and v[0] is not None]
+    return f"{100 * sum(values) / len(values):.1f}" if values else "-"
+
+
 def class_table(runs_by_method):
     """IoU % of every seen class at the last step, mean over seeds, one column per main method: where a
     method's old / new mean comes from. None when the files hold no per-class IoU."""
@@ -184,15 +192,10 @@ def class_table(runs_by_method):
     old = set(last[methods[0]][0].get("oldClasses", []))
     if any(s["classNames"] != names or len(s["perClass"]) != len(names) for ss in last.values() for s in ss):
         raise ResultError("runs of one task name different classes")
-    def class_cell(steps, i):
-        # A class absent from the evaluated images has no IoU (null): the mean is over the seeds that have one.
-        values = [s["perClass"][i] for s in steps if s["perClass"][i] is not None]
-        return f"{100 * sum(values) / len(values):.1f}" if values else "-"
-
     lines = ["| class | " + " | ".join(methods) + " |", "| --- |" + " ---: |" * len(methods)]
     for i, name in enumerate(names):
         kind = "old" if i in old else ("new" if i else "bg")
-        cells = [class_cell(last[m], i) for m in methods]
+        cells = [class_iou_cell(runs_by_method[m], i) for m in methods]
         lines.append(f"| {i} {name} ({kind}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -227,11 +230,7 @@ def step_pack_table(task, setting, runs_by_method, step_packs, methods=("mib", "
              " | ".join(f"{m} IoU" for m in methods) + " |", "| ---: | --- | ---: | ---: | ---: |" + " ---: |" * len(methods)]
     for step, cls in sorted(packs):
         ps = packs[(step, cls)]
-        ious = []
-        for m in methods:
-            values = [r["steps"][-1].get("perClass", [])[cls:cls + 1] for r in runs_by_method[m]]
-            values = [v[0] for v in values if v and v[0] is not None]
-            ious.append(f"{100 * sum(values) / len(values):.1f}" if values else "-")
+        ious = [class_iou_cell(runs_by_method[m], cls) for m in methods]
         name = f"{cls} {names[cls]}" if names and cls < len(names) else str(cls)
         lines.append(f"| {step} | {name} | {len(ps)} | {sum(p['area_correlation'] for p in ps) / len(ps):.2f} | "
                      f"{100 * sum(p['target_present'] for p in ps) / len(ps):.0f}% | " + " | ".join(ious) + " |")

@@ -232,10 +232,10 @@ struct Distill: ParsableCommand {
                 progress?.finish()
                 progress = nil
                 print("step \(s) re-labelling audit against the full training masks: \(audit.summary())")
-            case .fakeImagesKept(let s, let kept, let offered):
+            case .fakeImagesKept(let s, let kept, let offered, let share):
                 print(
                     "step \(s) fake half: \(kept) of the packs' \(offered) images show their classes on at least "
-                        + "\(fakeMinAchieved ?? 0) of the asked area")
+                        + "\(share) of the asked area")
             }
         }
         if communicator.size > 1 {

@@ -409,7 +409,10 @@ final class DistillationTests: XCTestCase {
         }
         var kept: [Int: [Int]] = [:]
         _ = try step(keepingShare: 0.5).run {
-            if case .fakeImagesKept(let step, let k, let offered) = $0 { kept[step] = [k, offered] }
+            if case .fakeImagesKept(let step, let k, let offered, let share) = $0 {
+                XCTAssertEqual(share, 0.5)
+                kept[step] = [k, offered]
+            }
         }
         XCTAssertEqual(kept, [1: [1, 4]], "image 2 alone reached half of its areas")
         let none = try step(keepingShare: 1)

@@ -90,9 +90,9 @@ public struct IncrementalRun {
         case stepFinished(step: Int, report: IoUReport?, seconds: Double, model: URL)
         /// The re-labelling audit of a step's iterations (those run in this process).
         case relabelAudit(step: Int, audit: RelabelAudit)
-        /// The fake half of a step draws from `kept` of the packs' `offered` images
-        /// (`DistillationOptions.fakeMinimumAchievedShare`).
-        case fakeImagesKept(step: Int, kept: Int, offered: Int)
+        /// The fake half of a step draws from `kept` of the packs' `offered` images: those that
+        /// reached `share` of their asked areas (`DistillationOptions.fakeMinimumAchievedShare`).
+        case fakeImagesKept(step: Int, kept: Int, offered: Int, share: Float)
     }
 
     public func run(_ event: @escaping (Event) -> Void) throws -> [IoUReport] {
@@ -122,8 +122,8 @@ public struct IncrementalRun {
                         step: step, images: runner.data.indices.count, packs: loaded.count,
                         iterations: stepConfig.iterations, checkpoint: resumed ? checkpoint : nil,
                         resumedAt: trainer.iteration))
-                if options.fakeMinimumAchievedShare != nil, let sampler = runner.data.fakeSampler {
-                    event(.fakeImagesKept(step: step, kept: sampler.count, offered: sampler.offered))
+                if let share = options.fakeMinimumAchievedShare, let sampler = runner.data.fakeSampler {
+                    event(.fakeImagesKept(step: step, kept: sampler.count, offered: sampler.offered, share: share))
                 }
                 let start = Date()
                 var parts: [String: Float] = [:]
