@@ -47,7 +47,17 @@ KEY_PAIRS = [("hrhf+gsc", "mib"), ("hrhf+gsc", "plop"), ("hrhf", "mib"), ("hrhf"
 TASK_ORDER = [("15-5", "overlap"), ("15-1", "overlap"), ("10-1", "overlap"), ("15-1", "disjoint")]
 METRICS = ["old", "new", "all"]
 # How the README names the rows that are not plain methods.
-README_LABELS = {"gsc": "gsc (pack for prototypes only)", "joint": "joint (all data, upper reference)"}
+README_LABELS = {
+    "gsc": "gsc (pack for prototypes only)", "joint": "joint (all data, upper reference)",
+    "hrhf+gsc-no-compensation": "hrhf+gsc-no-compensation (gradient compensation off)",
+    "hrhf+gsc-no-soft-sharp": "hrhf+gsc-no-soft-sharp (soft and sharp terms off)",
+    "hrhf+gsc-no-relation": "hrhf+gsc-no-relation (relation term off)",
+    "hrhf+gsc-no-proto": "hrhf+gsc-no-proto (prototype re-labelling off)",
+    "hrhf+gsc-no-fake": "hrhf+gsc-no-fake (pack for prototypes only)",
+    "hrhf-no-saa": "hrhf-no-saa (packs without Scale-Aware Aggregation)",
+    "hrhf-real16": "hrhf-real16 (16 real + 16 fake images)",
+    "mib-batch16": "mib-batch16 (16 real images)",
+}
 # References, not contenders: never marked best.
 REFERENCE_ROWS = {"joint"}
 

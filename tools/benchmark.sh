@@ -75,10 +75,14 @@ simd=baseline
 grep -qw avx2 /proc/cpuinfo && simd=avx2
 grep -qw avx512f /proc/cpuinfo && simd=avx512
 
-# The step-0 model and its classes, and the last step, of each task.
-task_model() {
-  case $1 in 10-1) echo zoo/shapes-10-1-step0.safetensors ;; *) echo zoo/shapes-15-5-step0.safetensors ;; esac
+# The step-0 model of a task and setting (a disjoint step 0 never saw an image holding a later class;
+# 15-5 and 15-1 share theirs), its classes, and the last step, of each task.
+task_model() {  # task setting
+  local base=15-5
+  [ "$1" = 10-1 ] && base=10-1
+  echo "zoo/shapes-$base$(setting_tag "$2")-step0.safetensors"
 }
+setting_tag() { [ "$1" = overlap ] || echo "-$1"; }  # in the names of a setting's zoo model and packs
 task_base() { case $1 in 10-1) echo 1-10 ;; *) echo 1-15 ;; esac; }
 task_last() {
   case $1 in 15-5) echo 1 ;; 15-1) echo 5 ;; 10-1) echo 10 ;; *) echo "unknown task $1" >&2; return 1 ;; esac
@@ -124,13 +128,13 @@ run() {  # task setting row seed
     return 0
   fi
   local model last its
-  model=$(task_model "$task") last=$(task_last "$task")
+  model=$(task_model "$task" "$setting") last=$(task_last "$task")
   [ -f "$model" ] || { echo "$name: $model is missing (see docs/benchmark.md)"; return 1; }
   its=$itstep
   [ "$task" = 15-5 ] && its=$it155
   local packs=() pack_command=""
   if [ "$packs_needed" = 1 ]; then
-    local pack="$work/pack-$(task_base "$task")${saa:+-no-saa}-s$seed.tar"
+    local pack="$work/pack-$(task_base "$task")$(setting_tag "$setting")${saa:+-no-saa}-s$seed.tar"
     ensure_pack "$pack" "$(task_base "$task")" "$model" "$seed" "${saa[@]}" || return 1
     packs=(--pack "$pack") pack_command=$(cat "$pack.command")
   fi

@@ -126,7 +126,8 @@ class BenchReportTests(unittest.TestCase):
         rows = lambda text: [line.split(" | ")[0][2:] for line in text.splitlines()[2:]]  # noqa: E731
         self.assertEqual(rows(bench_report.readme_block(groups, "table", "15-1", "overlap")), ["mib", "hrhf", "hrhf+gsc"])
         self.assertEqual(rows(bench_report.readme_block(groups, "ablation-table", "15-1", "overlap")),
-                         ["mib", "hrhf", "hrhf+gsc", "hrhf+gsc-no-proto", "mib-batch16"])
+                         ["mib", "hrhf", "hrhf+gsc", "hrhf+gsc-no-proto (prototype re-labelling off)",
+                          "mib-batch16 (16 real images)"])
         pairs = [line.split(":")[0] for line in
                  bench_report.readme_block(groups, "ablation-comparisons", "15-1", "overlap").splitlines()]
         self.assertEqual(pairs, ["- **hrhf+gsc-no-proto** vs **hrhf+gsc**", "- **mib-batch16** vs **mib**",
