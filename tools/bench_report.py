@@ -218,7 +218,7 @@ def read_step_packs(path):
         for r in rows:
             for k in ("seed", "step", "class", "images"):
                 r[k] = int(r[k])
-            for k in ("area_correlation", "target_present"):
+            for k in ("target_area", "achieved_area", "area_correlation", "target_present"):
                 r[k] = float(r[k])
     except (KeyError, TypeError, ValueError) as e:
         raise ResultError(f"{path}: not a step-pack table ({e})")
@@ -236,14 +236,17 @@ def step_pack_table(task, setting, runs_by_method, step_packs, methods=("mib", "
     if not packs or not methods:
         return None
     names = runs_by_method[methods[0]][0]["steps"][-1].get("classNames")
-    lines = ["| step | class | packs | area correlation | images showing it | " +
-             " | ".join(f"{m} IoU" for m in methods) + " |", "| ---: | --- | ---: | ---: | ---: |" + " ---: |" * len(methods)]
+    lines = ["| step | class | packs | area asked | area achieved | area correlation | images showing it | " +
+             " | ".join(f"{m} IoU" for m in methods) + " |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(methods)]
     for step, cls in sorted(packs):
         ps = packs[(step, cls)]
+        mean = lambda key: sum(p[key] for p in ps) / len(ps)  # noqa: E731
         ious = [class_iou_cell(runs_by_method[m], cls) for m in methods]
         name = f"{cls} {names[cls]}" if names and cls < len(names) else str(cls)
-        lines.append(f"| {step} | {name} | {len(ps)} | {sum(p['area_correlation'] for p in ps) / len(ps):.2f} | "
-                     f"{100 * sum(p['target_present'] for p in ps) / len(ps):.0f}% | " + " | ".join(ious) + " |")
+        lines.append(f"| {step} | {name} | {len(ps)} | {100 * mean('target_area'):.0f}% | "
+                     f"{100 * mean('achieved_area'):.0f}% | {mean('area_correlation'):.2f} | "
+                     f"{100 * mean('target_present'):.0f}% | " + " | ".join(ious) + " |")
     return "\n".join(lines)
 
 

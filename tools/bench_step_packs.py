@@ -6,7 +6,7 @@ runs kept of each class: the evidence for why the pack methods keep some late cl
 
 Reads the manifest of every `model-stepN-pack.tar` in the run folders tools/benchmark.sh leaves under
 --work (TASK-SETTING-METHOD-sSEED/, not in git) and writes one CSV row per pack, committed: the class it
-was made for, its area correlation (target against achieved area, over its images), mean absolute area
+was made for, the mean share of an image its class was asked to cover and did, its area correlation (target against achieved area, over its images), mean absolute area
 difference, class fidelity, the teacher's mean confidence and the share of images in which the target
 class appears at all. tools/bench_report.py sets these beside each class's IoU at the last step.
 """
@@ -22,8 +22,8 @@ import tarfile
 RUN = re.compile(r"^(?P<task>\d+-\d+)-(?P<setting>overlap|disjoint)-(?P<method>.+)-s(?P<seed>\d+)$")
 PACK = re.compile(r"^model-step(?P<step>\d+)-pack\.tar$")
 MANIFEST_LIMIT = 16 << 20  # a manifest of 16 images is a few kB: anything near this is not one
-FIELDS = ["task", "setting", "method", "seed", "step", "class", "images", "area_correlation", "area_mae",
-          "fidelity", "mean_confidence", "target_present"]
+FIELDS = ["task", "setting", "method", "seed", "step", "class", "images", "target_area", "achieved_area",
+          "area_correlation", "area_mae", "fidelity", "mean_confidence", "target_present"]
 
 
 class PackError(Exception):
@@ -50,7 +50,10 @@ def pack_row(run, step, m, path):
         if len(targets) != 1:
             raise PackError(f"{path}: a step pack targets one class, this one {sorted(targets)}")
         present = sum(1 for record in images if all(a > 0 for a in record["achievedAreas"]))
+        count = max(len(images), 1)
         return dict(run, step=step, **{"class": targets.pop()}, images=len(images),
+                    target_area=round(sum(sum(r["targetAreas"]) for r in images) / count, 4),
+                    achieved_area=round(sum(sum(r["achievedAreas"]) for r in images) / count, 4),
                     area_correlation=round(quality["areaCorrelation"], 4),
                     area_mae=round(quality["areaMeanAbsoluteDifference"], 4), fidelity=round(quality["fidelity"], 4),
                     mean_confidence=round(quality["meanConfidence"], 4),

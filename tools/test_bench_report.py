@@ -265,7 +265,8 @@ class StepPackTests(unittest.TestCase):
         os.makedirs(os.path.join(self.work, "pack-1-15-s2.tar.d"))  # not a run folder: ignored
         rows = bench_step_packs.collect(self.work)
         self.assertEqual(rows, [{"task": "15-1", "setting": "overlap", "method": "hrhf", "seed": 2, "step": 4,
-                                 "class": 19, "images": 4, "area_correlation": -0.25, "area_mae": 0.2,
+                                 "class": 19, "images": 4, "target_area": 0.2, "achieved_area": 0.15,
+                                 "area_correlation": -0.25, "area_mae": 0.2,
                                  "fidelity": 0.0, "mean_confidence": 0.8, "target_present": 0.75}])
 
     def test_a_pack_of_two_classes_or_without_a_manifest_is_refused_by_name(self):
@@ -294,10 +295,11 @@ class StepPackTests(unittest.TestCase):
                 with open(path, "w") as f:
                     json.dump(record, f)
         packs = [{"task": "15-1", "setting": "overlap", "method": "hrhf", "seed": s, "step": 1, "class": 2,
-                  "area_correlation": c, "target_present": 1.0} for s, c in [(0, -0.2), (1, 0.0)]]
+                  "target_area": 0.28, "achieved_area": a, "area_correlation": c, "target_present": 1.0}
+                 for s, c, a in [(0, -0.2, 0.02), (1, 0.0, 0.08)]]
         groups = bench_report.load(results)
         table = bench_report.step_pack_table("15-1", "overlap", groups[("15-1", "overlap")], packs)
-        self.assertEqual(table.splitlines()[2:], ["| 1 | 2 chevron | 2 | -0.10 | 100% | 20.0 | 4.0 |"])
+        self.assertEqual(table.splitlines()[2:], ["| 1 | 2 chevron | 2 | 28% | 5% | -0.10 | 100% | 20.0 | 4.0 |"])
         self.assertIsNone(bench_report.step_pack_table("10-1", "overlap", groups[("15-1", "overlap")], packs))
 
 if __name__ == "__main__":
