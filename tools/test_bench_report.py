@@ -131,7 +131,7 @@ class BenchReportTests(unittest.TestCase):
         pairs = [line.split(":")[0] for line in
                  bench_report.readme_block(groups, "ablation-comparisons", "15-1", "overlap").splitlines()]
         self.assertEqual(pairs, ["- **hrhf+gsc-no-proto** vs **hrhf+gsc**", "- **mib-batch16** vs **mib**",
-                                 "- **hrhf** vs **mib-batch16**"])
+                                 "- **hrhf** vs **mib-batch16**", "- **hrhf+gsc** vs **mib-batch16**"])
         main_pairs = bench_report.readme_block(groups, "comparisons", "15-1", "overlap")
         self.assertNotIn("batch16", main_pairs)
         self.assertNotIn("no-proto", main_pairs)
