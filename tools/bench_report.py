@@ -48,17 +48,13 @@ KEY_PAIRS = [("hrhf+gsc", "mib"), ("hrhf+gsc", "plop"), ("hrhf", "mib"), ("hrhf"
              ("hrhf", "mib-batch16"), ("hrhf+gsc", "mib-batch16"), ("hrhf-real16", "mib-batch16")]
 TASK_ORDER = [("15-5", "overlap"), ("15-1", "overlap"), ("10-1", "overlap"), ("15-1", "disjoint")]
 METRICS = ["old", "new", "all"]
-# How the README names the rows that are not plain methods.
-README_LABELS = {
-    "gsc": "gsc (pack for prototypes only)", "joint": "joint (all data, upper reference)",
-    "hrhf+gsc-no-compensation": "hrhf+gsc-no-compensation (gradient compensation off)",
-    "hrhf+gsc-no-soft-sharp": "hrhf+gsc-no-soft-sharp (soft and sharp terms off)",
-    "hrhf+gsc-no-relation": "hrhf+gsc-no-relation (relation term off)",
-    "hrhf+gsc-no-proto": "hrhf+gsc-no-proto (prototype re-labelling off)",
-    "hrhf+gsc-no-fake": "hrhf+gsc-no-fake (pack for prototypes only)",
-    "hrhf-no-saa": "hrhf-no-saa (packs without Scale-Aware Aggregation)",
-    "hrhf-real16": "hrhf-real16 (16 real + 16 fake images)",
-    "mib-batch16": "mib-batch16 (16 real images)",
+# What the README adds to the name of a row that is not a plain method.
+README_NOTES = {
+    "gsc": "pack for prototypes only", "joint": "all data, upper reference",
+    "hrhf+gsc-no-compensation": "gradient compensation off", "hrhf+gsc-no-soft-sharp": "soft and sharp terms off",
+    "hrhf+gsc-no-relation": "relation term off", "hrhf+gsc-no-proto": "prototype re-labelling off",
+    "hrhf+gsc-no-fake": "pack for prototypes only", "hrhf-no-saa": "packs without Scale-Aware Aggregation",
+    "hrhf-real16": "16 real + 16 fake images", "mib-batch16": "16 real images",
 }
 # References, not contenders: never marked best.
 REFERENCE_ROWS = {"joint"}
@@ -268,7 +264,8 @@ def readme_table(runs_by_method):
             text = cell(values[m][k])
             bold = m not in REFERENCE_ROWS and values[m][k] and round(mean_sd(values[m][k])[0], 1) == best[k]
             cells.append(f"**{text}**" if bold else text)
-        lines.append(f"| {README_LABELS.get(m, m)} | {len(runs_by_method[m])} | " + " | ".join(cells) + " |")
+        label = f"{m} ({README_NOTES[m]})" if m in README_NOTES else m
+        lines.append(f"| {label} | {len(runs_by_method[m])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

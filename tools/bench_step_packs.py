@@ -6,9 +6,9 @@ runs kept of each class: the evidence for why the pack methods keep some late cl
 
 Reads the manifest of every `model-stepN-pack.tar` in the run folders tools/benchmark.sh leaves under
 --work (TASK-SETTING-METHOD-sSEED/, not in git) and writes one CSV row per pack, committed: the class it
-was made for, the mean share of an image its class was asked to cover and did, its area correlation (target against achieved area, over its images), mean absolute area
-difference, class fidelity, the teacher's mean confidence and the share of images in which the target
-class appears at all. tools/bench_report.py sets these beside each class's IoU at the last step.
+was made for, the mean share of an image its class was asked to cover and did cover, its area
+correlation (target against achieved area, over its images), mean absolute area difference, class
+fidelity, the teacher's mean confidence and the share of images in which the target class appears at all. tools/bench_report.py sets these beside each class's IoU at the last step.
 """
 
 import argparse
@@ -57,7 +57,7 @@ def pack_row(run, step, m, path):
                     area_correlation=round(quality["areaCorrelation"], 4),
                     area_mae=round(quality["areaMeanAbsoluteDifference"], 4), fidelity=round(quality["fidelity"], 4),
                     mean_confidence=round(quality["meanConfidence"], 4),
-                    target_present=round(present / max(len(images), 1), 4))
+                    target_present=round(present / count, 4))
     except (KeyError, TypeError) as e:
         raise PackError(f"{path}: not a pack manifest ({e})")
 
