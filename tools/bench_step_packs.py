@@ -8,7 +8,8 @@ Reads the manifest of every `model-stepN-pack.tar` in the run folders tools/benc
 --work (TASK-SETTING-METHOD-sSEED/, not in git) and writes one CSV row per pack, committed: the class it
 was made for, the mean share of an image its class was asked to cover and did cover, its area
 correlation (target against achieved area, over its images), mean absolute area difference, class
-fidelity, the teacher's mean confidence and the share of images in which the target class appears at all. tools/bench_report.py sets these beside each class's IoU at the last step.
+fidelity, the teacher's mean confidence and the share of images in which the target class appears at
+all. tools/bench_report.py sets these beside each class's IoU at the last step.
 """
 
 import argparse
